@@ -1,0 +1,206 @@
+"""The queue contract: the one source of truth, with more than one implementation.
+
+Every change to a recipient's state happens in one committed transaction, so any
+process may die at any instruction: nothing that got a 250 is lost, and nothing stays
+"in progress" forever (claims are leases that expire).
+
+The dataclasses here are what crosses the contract; the SQLite backend implements it
+today and a PostgreSQL backend will run the same contract tests later.
+"""
+
+from __future__ import annotations
+
+import abc
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ferry.envelope import EnvelopeIn, Priority, Reply, Status
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """A short, time-sortable, unguessable id: 11 hex digits of ms + 8 random."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return f"{ms:011X}{secrets.token_hex(4).upper()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One delivery attempt for one recipient (the recipient's history)."""
+
+    at: float
+    reply: Reply | None
+    outcome: Status
+    next_hop: str | None = None  # e.g. "mx1.example.com[192.0.2.1]:25" or "smarthost:sendgrid"
+    tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" or None for plain text
+
+
+@dataclass(slots=True)
+class RecipientInfo:
+    """A recipient as the queue holds it."""
+
+    id: int
+    message_id: str
+    address: str
+    orcpt: str | None
+    notify: str | None
+    status: Status
+    attempts: int
+    next_attempt: float | None
+    last_reply: Reply | None
+    route: str | None
+    history: list[Attempt] = field(default_factory=list)
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2].lower()
+
+
+@dataclass(slots=True)
+class MessageInfo:
+    """A message with its envelope; ``recipients`` is filled by ``get``."""
+
+    id: str
+    sender: str
+    size: int
+    priority: Priority
+    arrival: float
+    expires: float
+    status: Status
+    client_address: str | None
+    client_helo: str | None
+    auth_user: str | None
+    envid: str | None
+    ret: str | None
+    smtputf8: bool
+    recipients: list[RecipientInfo] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ClaimedRecipient:
+    """A due recipient leased to a delivery worker, with what delivery needs."""
+
+    recipient: RecipientInfo
+    message: MessageInfo
+    lease_until: float
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """What a worker reports for one claimed recipient.
+
+    ``status`` is the recipient's new state: Delivered / Failed / Expired are final;
+    Deferred needs ``next_attempt``. ``counts_as_attempt`` is False when the worker
+    gave the recipient back untouched (e.g. throttled), so no retry is spent.
+    """
+
+    recipient_id: int
+    status: Status
+    reply: Reply | None
+    next_attempt: float | None = None
+    next_hop: str | None = None
+    route: str | None = None
+    tls: str | None = None
+    counts_as_attempt: bool = True
+
+
+@dataclass(slots=True)
+class QueueStats:
+    """Zetian's queue statistics fields."""
+
+    total_messages: int = 0
+    queued_messages: int = 0
+    in_progress_messages: int = 0
+    deferred_messages: int = 0
+    delivered_messages: int = 0
+    partially_delivered_messages: int = 0
+    failed_messages: int = 0
+    expired_messages: int = 0
+    cancelled_messages: int = 0
+    total_size: int = 0
+    oldest_message_time: float | None = None
+    oldest_pending_recipient_time: float | None = None
+    average_queue_time: float | None = None
+    average_retry_count: float | None = None
+    messages_by_priority: dict[str, int] = field(default_factory=dict)
+    messages_by_smart_host: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+class Queue(abc.ABC):
+    """The durable queue contract. All methods are coroutine functions."""
+
+    @abc.abstractmethod
+    async def enqueue(
+        self, envelope: EnvelopeIn, *, queue_id: str | None = None, expires: float | None = None
+    ) -> str:
+        """Store a message durably (fsynced) and return its queue id.
+
+        ``queue_id`` lets intake name the id in the Received: header it prepends.
+        ``expires`` defaults to four days after arrival.
+        """
+
+    @abc.abstractmethod
+    async def claim(
+        self, owner: str, *, now: float, limit: int, lease: float
+    ) -> list[ClaimedRecipient]:
+        """Lease up to ``limit`` due recipients: highest priority first, then oldest."""
+
+    @abc.abstractmethod
+    async def record(self, owner: str, results: list[AttemptResult], *, now: float) -> None:
+        """Record outcomes for leased recipients and release their leases."""
+
+    @abc.abstractmethod
+    async def read_message(self, message_id: str) -> bytes | None:
+        """The stored message bytes (with Ferry's Received: header)."""
+
+    @abc.abstractmethod
+    async def get(self, message_id: str) -> MessageInfo | None:
+        """One message with its recipients and their attempt history."""
+
+    @abc.abstractmethod
+    async def list(
+        self,
+        *,
+        status: Status | None = None,
+        domain: str | None = None,
+        sender: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[MessageInfo]:
+        """Messages, newest first, filtered; recipients included (without history)."""
+
+    @abc.abstractmethod
+    async def retry(self, message_id: str, *, now: float) -> int:
+        """Make every pending recipient of the message due now; returns how many."""
+
+    @abc.abstractmethod
+    async def cancel(self, message_id: str, *, now: float) -> int:
+        """Cancel every not-yet-final recipient; returns how many."""
+
+    @abc.abstractmethod
+    async def remove(self, message_id: str) -> bool:
+        """Delete the message and everything about it."""
+
+    @abc.abstractmethod
+    async def clear_expired(self) -> int:
+        """Delete messages whose every recipient is final and at least one expired."""
+
+    @abc.abstractmethod
+    async def release_leases(self, owner: str | None = None) -> int:
+        """Return leased recipients to the due queue (all owners when None)."""
+
+    @abc.abstractmethod
+    async def next_due(self) -> float | None:
+        """When the earliest pending recipient becomes due (None: nothing pending)."""
+
+    @abc.abstractmethod
+    async def statistics(self, *, now: float) -> QueueStats:
+        """Counts and ages, in Zetian's shape."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish pending writes and release resources."""

@@ -1,0 +1,675 @@
+"""The SQLite queue: WAL, synchronous=FULL, one writer thread with group commit.
+
+Every operation is a function run on the writer thread's connection. The thread takes
+whatever jobs are waiting (up to ``batch``), runs each inside its own SAVEPOINT (so one
+failing job does not undo its neighbours) and commits them with one fsync. Concurrent
+SMTP sessions therefore share fsyncs: durability costs little throughput, and a 250 is
+only sent after the commit that holds the message has returned.
+
+Message bytes live in the database too, so one fsync covers message and metadata.
+Other processes (the CLI while ``ferry serve`` runs) open their own connection; WAL
+lets them read freely and SQLite's lock serialises their short writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import os
+import queue as _stdqueue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ferry.envelope import (
+    FINAL_STATUSES,
+    EnvelopeIn,
+    Priority,
+    Reply,
+    Status,
+    message_status,
+)
+from ferry.queue.base import (
+    Attempt,
+    AttemptResult,
+    ClaimedRecipient,
+    MessageInfo,
+    Queue,
+    QueueStats,
+    RecipientInfo,
+    new_queue_id,
+)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    arrival REAL NOT NULL,
+    expires REAL NOT NULL,
+    status TEXT NOT NULL,
+    client_address TEXT,
+    client_helo TEXT,
+    auth_user TEXT,
+    envid TEXT,
+    ret TEXT,
+    smtputf8 INTEGER NOT NULL DEFAULT 0,
+    body_8bit INTEGER NOT NULL DEFAULT 0,
+    extra TEXT
+);
+CREATE INDEX IF NOT EXISTS messages_status ON messages(status);
+CREATE INDEX IF NOT EXISTS messages_sender ON messages(sender);
+CREATE TABLE IF NOT EXISTS bodies (
+    message_id TEXT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS recipients (
+    id INTEGER PRIMARY KEY,
+    message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    address TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    orcpt TEXT,
+    notify TEXT,
+    status TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    arrival REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL,
+    lease_owner TEXT,
+    lease_until REAL,
+    last_code INTEGER,
+    last_enhanced TEXT,
+    last_text TEXT,
+    route TEXT
+);
+-- The claim query walks this index: pending recipients by due time.
+CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt)
+    WHERE status IN ('Queued', 'Deferred', 'InProgress');
+CREATE INDEX IF NOT EXISTS recipients_message ON recipients(message_id);
+CREATE INDEX IF NOT EXISTS recipients_domain ON recipients(domain);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY,
+    recipient_id INTEGER NOT NULL REFERENCES recipients(id) ON DELETE CASCADE,
+    at REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    code INTEGER,
+    enhanced TEXT,
+    text TEXT,
+    next_hop TEXT,
+    tls TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_recipient ON attempts(recipient_id);
+"""
+
+PENDING_SQL = "('Queued', 'Deferred', 'InProgress')"
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open the database with the settings every connection must share."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: the WAL is fsynced at every commit -- a 250 must survive power loss.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class _Writer(threading.Thread):
+    """The one thread that runs jobs against the database, committing in groups."""
+
+    def __init__(self, path: Path, batch: int) -> None:
+        super().__init__(name="ferry-queue-writer", daemon=True)
+        self.conn = connect(path)
+        self.batch = batch
+        self.jobs: _stdqueue.SimpleQueue[
+            tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future[Any]] | None
+        ] = _stdqueue.SimpleQueue()
+        self.commits = 0
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self.jobs.put((fn, fut))
+        return fut
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.join()
+        self.conn.close()
+
+    def run(self) -> None:
+        while True:
+            first = self.jobs.get()
+            if first is None:
+                return
+            group = [first]
+            stop = False
+            while len(group) < self.batch:
+                try:
+                    nxt = self.jobs.get_nowait()
+                except _stdqueue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                group.append(nxt)
+            self._run_group(group)
+            if stop:
+                return
+
+    def _run_group(
+        self,
+        group: list[tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future[Any]]],
+    ) -> None:
+        conn = self.conn
+        results: list[tuple[concurrent.futures.Future[Any], bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, fut in group:
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                conn.execute("SAVEPOINT job")
+                try:
+                    value = fn(conn)
+                except BaseException as exc:  # the job's error is the caller's
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    results.append((fut, False, exc))
+                else:
+                    conn.execute("RELEASE job")
+                    results.append((fut, True, value))
+            conn.execute("COMMIT")
+            self.commits += 1
+        except BaseException as exc:  # the commit itself failed: nobody succeeded
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            for _fn, fut in group:
+                if fut.running():
+                    fut.set_exception(exc)
+            return
+        # Only now, after the fsync, do callers learn their outcome.
+        for fut, ok, value in results:
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+
+def _reply(code: int | None, enhanced: str | None, text: str | None) -> Reply | None:
+    if code is None:
+        return None
+    return Reply(code, enhanced, text or "")
+
+
+class SqliteQueue(Queue):
+    """The SQLite implementation of the queue contract."""
+
+    def __init__(self, path: str | os.PathLike[str], *, batch: int = 256) -> None:
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.db_path = directory / "queue.db"
+        self._writer = _Writer(self.db_path, batch)
+        self._writer.conn.executescript(SCHEMA)
+        self._writer.conn.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+        self._writer.start()
+        self._closed = False
+
+    # -- plumbing ---------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.wrap_future(self._writer.submit(fn))
+
+    def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a job from a thread with no event loop (tools, tests)."""
+        return self._writer.submit(fn).result()
+
+    @property
+    def commits(self) -> int:
+        """How many group commits the writer has made (for stats and benchmarks)."""
+        return self._writer.commits
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await asyncio.to_thread(self._writer.stop)
+
+    # -- intake -----------------------------------------------------------------
+
+    async def enqueue(
+        self, envelope: EnvelopeIn, *, queue_id: str | None = None, expires: float | None = None
+    ) -> str:
+        now = time.time()
+        qid = queue_id or new_queue_id(now)
+        exp = expires if expires is not None else now + 4 * 86400
+        prio = int(envelope.priority)
+
+        def job(conn: sqlite3.Connection) -> str:
+            conn.execute(
+                "INSERT INTO messages(id, sender, size, priority, arrival, expires, status,"
+                " client_address, client_helo, auth_user, envid, ret, smtputf8, body_8bit,"
+                " extra) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    qid,
+                    envelope.sender,
+                    len(envelope.data),
+                    prio,
+                    now,
+                    exp,
+                    Status.QUEUED.value,
+                    envelope.client_address,
+                    envelope.client_helo,
+                    envelope.auth_user,
+                    envelope.envid,
+                    envelope.ret,
+                    int(envelope.smtputf8),
+                    int(envelope.body_8bit),
+                    json.dumps(envelope.extra) if envelope.extra else None,
+                ),
+            )
+            conn.execute("INSERT INTO bodies(message_id, data) VALUES (?, ?)", (qid, envelope.data))
+            conn.executemany(
+                "INSERT INTO recipients(message_id, address, domain, orcpt, notify, status,"
+                " priority, arrival, next_attempt) VALUES (?,?,?,?,?,?,?,?,?)",
+                [
+                    (qid, r.address, r.domain, r.orcpt, r.notify, "Queued", prio, now, now)
+                    for r in envelope.recipients
+                ],
+            )
+            return qid
+
+        return await self._run(job)
+
+    # -- delivery ---------------------------------------------------------------
+
+    async def claim(
+        self, owner: str, *, now: float, limit: int, lease: float
+    ) -> list[ClaimedRecipient]:
+        def job(conn: sqlite3.Connection) -> list[ClaimedRecipient]:
+            # Pending and due, or leased by a worker whose lease ran out (it crashed).
+            rows = conn.execute(
+                "SELECT id FROM recipients WHERE status IN ('Queued','Deferred')"
+                " AND next_attempt <= ?"
+                " UNION ALL SELECT id FROM recipients WHERE status = 'InProgress'"
+                " AND lease_until <= ?",
+                (now, now),
+            ).fetchall()
+            if not rows:
+                return []
+            ids = [r[0] for r in rows]
+            # Highest priority first, then oldest (SQLite sorts the small due set).
+            ordered = _select_in(
+                conn,
+                "SELECT id FROM recipients WHERE id IN ({}) ORDER BY priority DESC, arrival, id",
+                ids,
+            )
+            chosen = [r[0] for r in ordered[:limit]]
+            until = now + lease
+            _exec_in(
+                conn,
+                "UPDATE recipients SET status='InProgress', lease_owner=?, lease_until=?"
+                " WHERE id IN ({})",
+                chosen,
+                prefix=(owner, until),
+            )
+            recips = _load_recipients(conn, chosen)
+            msg_ids = sorted({r.message_id for r in recips})
+            messages = {m.id: m for m in _load_messages(conn, msg_ids)}
+            _refresh_message_status(conn, msg_ids)
+            return [ClaimedRecipient(r, messages[r.message_id], until) for r in recips]
+
+        return await self._run(job)
+
+    async def record(self, owner: str, results: list[AttemptResult], *, now: float) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            touched: set[str] = set()
+            for res in results:
+                row = conn.execute(
+                    "SELECT message_id, lease_owner, status FROM recipients WHERE id=?",
+                    (res.recipient_id,),
+                ).fetchone()
+                if row is None:
+                    continue  # removed by an operator meanwhile
+                message_id, lease_owner, status = row
+                if status != Status.IN_PROGRESS.value or lease_owner != owner:
+                    # Cancelled meanwhile, or our lease expired and another worker owns it.
+                    continue
+                reply = res.reply
+                code, enh, text = (
+                    (reply.code, reply.enhanced, reply.text) if reply else (None, None, None)
+                )
+                if res.status == Status.DEFERRED or not res.status.is_final:
+                    new_status = Status.DEFERRED if res.counts_as_attempt else Status.QUEUED
+                    next_attempt = res.next_attempt if res.next_attempt is not None else now
+                else:
+                    new_status = res.status
+                    next_attempt = None
+                conn.execute(
+                    "UPDATE recipients SET status=?, next_attempt=?, lease_owner=NULL,"
+                    " lease_until=NULL, attempts=attempts+?,"
+                    " last_code=COALESCE(?, last_code), last_enhanced=CASE WHEN ? IS NULL"
+                    " THEN last_enhanced ELSE ? END, last_text=COALESCE(?, last_text),"
+                    " route=COALESCE(?, route) WHERE id=?",
+                    (
+                        new_status.value,
+                        next_attempt,
+                        1 if res.counts_as_attempt else 0,
+                        code,
+                        code,
+                        enh,
+                        text,
+                        res.route,
+                        res.recipient_id,
+                    ),
+                )
+                if res.counts_as_attempt:
+                    conn.execute(
+                        "INSERT INTO attempts(recipient_id, at, outcome, code, enhanced, text,"
+                        " next_hop, tls) VALUES (?,?,?,?,?,?,?,?)",
+                        (
+                            res.recipient_id,
+                            now,
+                            res.status.value,
+                            code,
+                            enh,
+                            text,
+                            res.next_hop,
+                            res.tls,
+                        ),
+                    )
+                touched.add(message_id)
+            _refresh_message_status(conn, sorted(touched))
+
+        await self._run(job)
+
+    async def read_message(self, message_id: str) -> bytes | None:
+        def job(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute(
+                "SELECT data FROM bodies WHERE message_id=?", (message_id,)
+            ).fetchone()
+            return bytes(row[0]) if row else None
+
+        return await self._run(job)
+
+    async def release_leases(self, owner: str | None = None) -> int:
+        def job(conn: sqlite3.Connection) -> int:
+            where = "status='InProgress'" + (" AND lease_owner=?" if owner else "")
+            args: tuple[Any, ...] = (owner,) if owner else ()
+            ids = [
+                r[0] for r in conn.execute(f"SELECT message_id FROM recipients WHERE {where}", args)
+            ]
+            cur = conn.execute(
+                "UPDATE recipients SET status=CASE WHEN attempts>0 THEN 'Deferred'"
+                f" ELSE 'Queued' END, lease_owner=NULL, lease_until=NULL WHERE {where}",
+                args,
+            )
+            _refresh_message_status(conn, sorted(set(ids)))
+            return cur.rowcount
+
+        return await self._run(job)
+
+    async def next_due(self) -> float | None:
+        def job(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT MIN(t) FROM (SELECT MIN(next_attempt) AS t FROM recipients"
+                " WHERE status IN ('Queued','Deferred') UNION ALL SELECT MIN(lease_until)"
+                " FROM recipients WHERE status='InProgress')"
+            ).fetchone()
+            return row[0] if row else None
+
+        return await self._run(job)
+
+    # -- operators --------------------------------------------------------------
+
+    async def get(self, message_id: str) -> MessageInfo | None:
+        def job(conn: sqlite3.Connection) -> MessageInfo | None:
+            msgs = _load_messages(conn, [message_id])
+            if not msgs:
+                return None
+            msg = msgs[0]
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM recipients WHERE message_id=? ORDER BY id", (message_id,)
+                )
+            ]
+            msg.recipients = _load_recipients(conn, ids, history=True)
+            return msg
+
+        return await self._run(job)
+
+    async def list(
+        self,
+        *,
+        status: Status | None = None,
+        domain: str | None = None,
+        sender: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[MessageInfo]:
+        def job(conn: sqlite3.Connection) -> list[MessageInfo]:
+            where, args = [], []
+            if status is not None:
+                where.append("status=?")
+                args.append(status.value)
+            if sender is not None:
+                where.append("sender=?")
+                args.append(sender)
+            if domain is not None:
+                where.append("id IN (SELECT message_id FROM recipients WHERE domain=?)")
+                args.append(domain.lower())
+            sql = "SELECT id FROM messages"
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            sql += " ORDER BY arrival DESC, id DESC LIMIT ? OFFSET ?"
+            ids = [r[0] for r in conn.execute(sql, (*args, limit, offset))]
+            msgs = _load_messages(conn, ids)
+            by_id = {m.id: m for m in msgs}
+            rids = _select_in(
+                conn, "SELECT id FROM recipients WHERE message_id IN ({}) ORDER BY id", ids
+            )
+            for r in _load_recipients(conn, [x[0] for x in rids]):
+                by_id[r.message_id].recipients.append(r)
+            return [by_id[i] for i in ids]
+
+        return await self._run(job)
+
+    async def retry(self, message_id: str, *, now: float) -> int:
+        def job(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "UPDATE recipients SET next_attempt=? WHERE message_id=?"
+                " AND status IN ('Queued','Deferred')",
+                (now, message_id),
+            )
+            return cur.rowcount
+
+        return await self._run(job)
+
+    async def cancel(self, message_id: str, *, now: float) -> int:
+        def job(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "UPDATE recipients SET status='Cancelled', next_attempt=NULL, lease_owner=NULL,"
+                f" lease_until=NULL WHERE message_id=? AND status IN {PENDING_SQL}",
+                (message_id,),
+            )
+            _refresh_message_status(conn, [message_id])
+            return cur.rowcount
+
+        return await self._run(job)
+
+    async def remove(self, message_id: str) -> bool:
+        def job(conn: sqlite3.Connection) -> bool:
+            return conn.execute("DELETE FROM messages WHERE id=?", (message_id,)).rowcount > 0
+
+        return await self._run(job)
+
+    async def clear_expired(self) -> int:
+        def job(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "DELETE FROM messages WHERE id IN (SELECT message_id FROM recipients"
+                " GROUP BY message_id HAVING SUM(status='Expired') > 0"
+                f" AND SUM(status IN {PENDING_SQL}) = 0)"
+            ).rowcount
+
+        return await self._run(job)
+
+    async def statistics(self, *, now: float) -> QueueStats:
+        def job(conn: sqlite3.Connection) -> QueueStats:
+            st = QueueStats()
+            counts = dict(conn.execute("SELECT status, COUNT(*) FROM messages GROUP BY status"))
+            st.total_messages = sum(counts.values())
+            st.queued_messages = counts.get("Queued", 0)
+            st.in_progress_messages = counts.get("InProgress", 0)
+            st.deferred_messages = counts.get("Deferred", 0)
+            st.delivered_messages = counts.get("Delivered", 0)
+            st.partially_delivered_messages = counts.get("PartiallyDelivered", 0)
+            st.failed_messages = counts.get("Failed", 0)
+            st.expired_messages = counts.get("Expired", 0)
+            st.cancelled_messages = counts.get("Cancelled", 0)
+            size, oldest = conn.execute("SELECT SUM(size), MIN(arrival) FROM messages").fetchone()
+            st.total_size = size or 0
+            st.oldest_message_time = oldest
+            st.oldest_pending_recipient_time = conn.execute(
+                f"SELECT MIN(arrival) FROM recipients WHERE status IN {PENDING_SQL}"
+            ).fetchone()[0]
+            avg_age = conn.execute(
+                f"SELECT AVG(? - arrival) FROM messages WHERE status IN {PENDING_SQL}", (now,)
+            ).fetchone()[0]
+            st.average_queue_time = avg_age
+            st.average_retry_count = conn.execute(
+                "SELECT AVG(CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END) FROM recipients"
+            ).fetchone()[0]
+            st.messages_by_priority = {
+                Priority(p).name.capitalize(): n
+                for p, n in conn.execute(
+                    "SELECT priority, COUNT(*) FROM messages GROUP BY priority"
+                )
+            }
+            st.messages_by_smart_host = {
+                route: n
+                for route, n in conn.execute(
+                    "SELECT route, COUNT(DISTINCT message_id) FROM recipients"
+                    " WHERE route IS NOT NULL GROUP BY route"
+                )
+            }
+            return st
+
+        return await self._run(job)
+
+
+# -- helpers run on the writer thread --------------------------------------------
+
+_CHUNK = 500  # stay well under SQLite's bound-parameter limit
+
+
+def _select_in(conn: sqlite3.Connection, sql: str, ids: list[Any]) -> list[tuple[Any, ...]]:
+    out: list[tuple[Any, ...]] = []
+    for i in range(0, len(ids), _CHUNK):
+        part = ids[i : i + _CHUNK]
+        out.extend(conn.execute(sql.format(",".join("?" * len(part))), part).fetchall())
+    return out
+
+
+def _exec_in(
+    conn: sqlite3.Connection, sql: str, ids: list[Any], prefix: tuple[Any, ...] = ()
+) -> None:
+    for i in range(0, len(ids), _CHUNK):
+        part = ids[i : i + _CHUNK]
+        conn.execute(sql.format(",".join("?" * len(part))), (*prefix, *part))
+
+
+_MSG_COLS = (
+    "id, sender, size, priority, arrival, expires, status, client_address, client_helo,"
+    " auth_user, envid, ret, smtputf8"
+)
+
+
+def _load_messages(conn: sqlite3.Connection, ids: list[str]) -> list[MessageInfo]:
+    rows = _select_in(conn, f"SELECT {_MSG_COLS} FROM messages WHERE id IN ({{}})", ids)
+    by_id = {
+        r[0]: MessageInfo(
+            id=r[0],
+            sender=r[1],
+            size=r[2],
+            priority=Priority(r[3]),
+            arrival=r[4],
+            expires=r[5],
+            status=Status(r[6]),
+            client_address=r[7],
+            client_helo=r[8],
+            auth_user=r[9],
+            envid=r[10],
+            ret=r[11],
+            smtputf8=bool(r[12]),
+        )
+        for r in rows
+    }
+    return [by_id[i] for i in ids if i in by_id]
+
+
+_RCPT_COLS = (
+    "id, message_id, address, orcpt, notify, status, attempts, next_attempt,"
+    " last_code, last_enhanced, last_text, route"
+)
+
+
+def _load_recipients(
+    conn: sqlite3.Connection, ids: list[int], history: bool = False
+) -> list[RecipientInfo]:
+    rows = _select_in(conn, f"SELECT {_RCPT_COLS} FROM recipients WHERE id IN ({{}})", ids)
+    by_id = {
+        r[0]: RecipientInfo(
+            id=r[0],
+            message_id=r[1],
+            address=r[2],
+            orcpt=r[3],
+            notify=r[4],
+            status=Status(r[5]),
+            attempts=r[6],
+            next_attempt=r[7],
+            last_reply=_reply(r[8], r[9], r[10]),
+            route=r[11],
+        )
+        for r in rows
+    }
+    if history and by_id:
+        for rid, at, outcome, code, enh, text, hop, tls in _select_in(
+            conn,
+            "SELECT recipient_id, at, outcome, code, enhanced, text, next_hop, tls"
+            " FROM attempts WHERE recipient_id IN ({}) ORDER BY at, id",
+            list(by_id),
+        ):
+            by_id[rid].history.append(
+                Attempt(at, _reply(code, enh, text), Status(outcome), hop, tls)
+            )
+    return [by_id[i] for i in ids if i in by_id]
+
+
+def _refresh_message_status(conn: sqlite3.Connection, message_ids: list[str]) -> None:
+    """Keep messages.status equal to what its recipients' statuses derive (same txn)."""
+    if not message_ids:
+        return
+    statuses: dict[str, list[Status]] = {m: [] for m in message_ids}
+    for mid, status in _select_in(
+        conn, "SELECT message_id, status FROM recipients WHERE message_id IN ({})", message_ids
+    ):
+        statuses[mid].append(Status(status))
+    conn.executemany(
+        "UPDATE messages SET status=? WHERE id=?",
+        [(message_status(s).value, mid) for mid, s in statuses.items()],
+    )
+
+
+__all__ = ["FINAL_STATUSES", "SqliteQueue", "connect"]

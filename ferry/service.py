@@ -1,0 +1,111 @@
+"""Wiring: configuration in, a running relay out (queue, TLS, intake, later delivery).
+
+``ferry serve`` and the Python API both build a ``Service``; nothing else knows how
+the stages are put together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+import ssl
+from pathlib import Path
+from typing import IO
+
+from ferry.config import RelayConfig
+from ferry.events import emit
+from ferry.intake.server import IntakeServer
+from ferry.queue.sqlite import SqliteQueue
+from ferry.tls import ensure_self_signed, server_context
+
+
+class AlreadyRunning(RuntimeError):
+    """Another ``ferry serve`` holds this queue directory."""
+
+
+def open_queue(config: RelayConfig) -> SqliteQueue:
+    """The queue backend named by the configuration."""
+    return SqliteQueue(config.queue.path, batch=config.queue.commit_batch)
+
+
+def load_tls(config: RelayConfig) -> ssl.SSLContext:
+    """The configured certificate, or the self-signed one made on first run."""
+    s = config.server
+    if s.tls_cert and s.tls_key:
+        return server_context(s.tls_cert, s.tls_key)
+    cert, key = ensure_self_signed(config.data_dir, s.hostname)
+    return server_context(cert, key)
+
+
+class Service:
+    """The whole relay in one process."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.queue: SqliteQueue | None = None
+        self.intake: IntakeServer | None = None
+        self._lock: IO[str] | None = None
+
+    async def start(self) -> None:
+        self._take_lock()
+        try:
+            self.queue = open_queue(self.config)
+            # One server per queue directory: leases left by a previous (crashed) run of
+            # this node are ours to hand back at once instead of waiting for them to expire.
+            released = await self.queue.release_leases()
+            if released:
+                emit("leases_released", count=released)
+            self.intake = IntakeServer(self.config, self.queue, ssl_context=load_tls(self.config))
+            await self.intake.start()
+        except BaseException:
+            await self.stop()
+            raise
+        emit(
+            "started",
+            hostname=self.config.server.hostname,
+            mode=self.config.delivery.mode,
+            queue=str(Path(self.config.queue.path).resolve()),
+        )
+
+    async def stop(self) -> None:
+        if self.intake is not None:
+            await self.intake.stop()
+            self.intake = None
+        if self.queue is not None:
+            await self.queue.close()
+            self.queue = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _take_lock(self) -> None:
+        path = Path(self.config.queue.path)
+        path.mkdir(parents=True, exist_ok=True)
+        fh = open(path / "serve.lock", "a+")  # noqa: SIM115 -- held for the service's life
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise AlreadyRunning(f"another ferry serve is using {path.resolve()}") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._lock = fh
+
+    async def run_forever(self) -> None:
+        """Start, then run until SIGINT/SIGTERM; stop cleanly."""
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            emit("stopping")
+            await self.stop()

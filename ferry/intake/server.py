@@ -54,7 +54,6 @@ COMMAND_LINE_LIMIT = 512
 # RFC 4954 §4: an AUTH response line may be longer (12288 octets is the usual bound).
 AUTH_LINE_LIMIT = 12288
 
-R_BAD_SEQUENCE_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 
 
 class _Closed(Exception):
@@ -553,9 +552,8 @@ class SmtpConnection(asyncio.Protocol):
         return text
 
     def smtp_MAIL(self, arg: str | None) -> None:
-        if self.helo is None:
-            self.error(*_r(R_BAD_SEQUENCE_HELO))
-            return
+        # Like Postfix (smtpd_helo_required = no), MAIL without HELO is tolerated:
+        # printers and old scripts do it, and refusing buys nothing.
         if self.listener.mode == "submission" and self.auth_user is None:
             self.reject(Reply(530, "5.7.0", "Authentication required"))
             return
@@ -706,9 +704,9 @@ class SmtpConnection(asyncio.Protocol):
         if count_received(block) > MAX_HOPS:
             self.reject(Reply(554, "5.4.6", "Error: too many hops (mail loop?)"), size=size)
             return
-        priority = (
-            txn.priority or priority_from_headers(block) or self.user_priority or Priority.NORMAL
-        )
+        # Priority.LOW is 0, so test for None rather than truthiness.
+        candidates = (txn.priority, priority_from_headers(block), self.user_priority)
+        priority = next((p for p in candidates if p is not None), Priority.NORMAL)
         qid = new_queue_id()
         now = time.time()
         protocol = protocol_name(
@@ -792,7 +790,3 @@ def _b64decode(text: str) -> bytes:
     except (binascii.Error, ValueError, UnicodeEncodeError):
         # RFC 4954 §4: 501 when the response cannot be BASE64 decoded.
         raise CommandError(501, "5.5.2", "Cannot decode base64 response") from None
-
-
-def _r(reply: Reply) -> tuple[int, str, str]:
-    return reply.code, reply.enhanced or "", reply.text

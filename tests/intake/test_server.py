@@ -1,0 +1,513 @@
+"""The SMTP intake against real clients on real sockets (smtplib, aiosmtplib, raw)."""
+
+from __future__ import annotations
+
+import base64
+import smtplib
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+
+from ferry.config import RelayConfig
+from ferry.envelope import Priority, Status
+from ferry.intake.users import UserDB
+from tests.harness import ThreadedService, wait_until
+
+MSG = (
+    b"From: Alice <alice@example.org>\r\n"
+    b"To: Bob <bob@example.net>\r\n"
+    b"Subject: hello\r\n"
+    b"Message-ID: <1@example.org>\r\n"
+    b"\r\n"
+    b"Hello Bob.\r\n"
+)
+PASSWORD = "s3cret-passw0rd"
+
+
+def make_config(tmp_path: Path, tls: Any, **server: Any) -> RelayConfig:
+    base: dict[str, Any] = {
+        "hostname": "mx.ferry.test",
+        "listen": [
+            {"address": "127.0.0.1", "port": 0, "mode": "mta"},
+            {"address": "127.0.0.1", "port": 0, "mode": "submission"},
+            {"address": "127.0.0.1", "port": 0, "mode": "smtps"},
+        ],
+        "tls_cert": str(tls.cert_file),
+        "tls_key": str(tls.key_file),
+        "users_file": str(tmp_path / "users"),
+        "local_domains": ["local.test"],
+        "relay_domains": ["partner.test"],
+        "relay_networks": ["127.0.0.0/8", "::1/128"],
+        "max_recipients": 5,
+        "max_message_size": 20_000,
+    }
+    base.update(server)
+    return RelayConfig.model_validate(
+        {
+            "server": base,
+            "queue": {"path": str(tmp_path / "data")},
+            "aliases": {
+                "info@local.test": ["a@example.net", "b@example.com"],
+                "postmaster@local.test": "info@local.test",
+            },
+        }
+    )
+
+
+@pytest.fixture
+def relay_factory(tmp_path: Path, tls_files: Any) -> Iterator[Any]:
+    started: list[ThreadedService] = []
+
+    def start(**server: Any) -> ThreadedService:
+        cfg = make_config(tmp_path, tls_files, **server)
+        users = UserDB(cfg.server.users_file)
+        if not users.list():
+            users.add("alice", PASSWORD, Priority.HIGH)
+        svc = ThreadedService(cfg).__enter__()
+        started.append(svc)
+        return svc
+
+    yield start
+    for svc in started:
+        svc.__exit__(None, None, None)
+
+
+@pytest.fixture
+def relay(relay_factory: Any) -> ThreadedService:
+    return relay_factory()
+
+
+def queued(svc: ThreadedService) -> list[Any]:
+    return svc.call(svc.queue.list(limit=1000))
+
+
+def body_of(svc: ThreadedService, qid: str) -> bytes:
+    return svc.call(svc.queue.read_message(qid))
+
+
+def strip_received(data: bytes) -> bytes:
+    """Remove the Received: header Ferry prepended (it and its folded lines)."""
+    assert data.startswith(b"Received: ")
+    lines = data.split(b"\r\n")
+    i = 1
+    while lines[i].startswith((b"\t", b" ")):
+        i += 1
+    return b"\r\n".join(lines[i:])
+
+
+class Wire:
+    """A raw SMTP client: send exact bytes, read exact replies."""
+
+    def __init__(self, port: int, source: str | None = None) -> None:
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=10, source_address=(source, 0) if source else None
+        )
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.reply()
+
+    def reply(self) -> tuple[int, str]:
+        lines = []
+        while True:
+            line = self.file.readline()
+            if not line:
+                return (0, "")
+            lines.append(line.decode().rstrip("\r\n"))
+            if line[3:4] == b" ":
+                break
+        return int(lines[-1][:3]), "\n".join(x[4:] for x in lines)
+
+    def cmd(self, line: bytes | str) -> tuple[int, str]:
+        self.send(line if isinstance(line, bytes) else line.encode())
+        return self.reply()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data if data.endswith(b"\n") else data + b"\r\n")
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+# -- happy paths -------------------------------------------------------------------
+
+
+def test_smtplib_delivery_is_queued_byte_identical(relay: ThreadedService) -> None:
+    with smtplib.SMTP("127.0.0.1", relay.port()) as c:
+        code, caps = c.ehlo("client.example.org")
+        assert code == 250
+        for ext in (b"PIPELINING", b"SIZE 20000", b"8BITMIME", b"SMTPUTF8",
+                    b"ENHANCEDSTATUSCODES", b"DSN", b"STARTTLS", b"MT-PRIORITY"):
+            assert ext in caps
+        assert b"AUTH" not in caps  # never offered before TLS on an mta listener
+        refused = c.sendmail("alice@example.org", ["bob@example.net"], MSG)
+        assert refused == {}
+    [m] = queued(relay)
+    assert m.sender == "alice@example.org"
+    assert [r.address for r in m.recipients] == ["bob@example.net"]
+    assert m.status is Status.QUEUED
+    data = body_of(relay, m.id)
+    assert strip_received(data) == MSG
+    assert f"id {m.id}".encode() in data.split(b"\r\n\r\n")[0]
+    assert b"by mx.ferry.test (Ferry)" in data
+
+
+def test_starttls_and_auth_plain_and_login(relay: ThreadedService, tls_files: Any) -> None:
+    for mech in ("PLAIN", "LOGIN"):
+        with smtplib.SMTP("127.0.0.1", relay.port()) as c:
+            c.starttls(context=tls_files.client_context())
+            code, caps = c.ehlo("client")
+            assert b"AUTH PLAIN LOGIN" in caps
+            assert b"STARTTLS" not in caps
+            c.user, c.password = "alice", PASSWORD
+            code, text = c.auth(mech, getattr(c, f"auth_{mech.lower()}"), initial_response_ok=False)
+            assert (code, text) == (235, b"2.7.0 Authentication successful")
+            c.sendmail("alice@example.org", ["x@elsewhere.example"], MSG)
+    msgs = queued(relay)
+    assert len(msgs) == 2
+    assert all(m.auth_user == "alice" for m in msgs)
+    # alice's default priority comes from the users file
+    assert all(m.priority is Priority.HIGH for m in msgs)
+    assert b"with ESMTPSA" in body_of(relay, msgs[0].id)
+
+
+def test_bad_password_is_refused(relay: ThreadedService, tls_files: Any) -> None:
+    with smtplib.SMTP("127.0.0.1", relay.port()) as c:
+        c.starttls(context=tls_files.client_context())
+        with pytest.raises(smtplib.SMTPAuthenticationError) as err:
+            c.login("alice", "wrong")
+        assert err.value.smtp_code == 535
+        assert b"5.7.8" in err.value.smtp_error
+
+
+def test_auth_before_tls_is_refused_on_mta(relay: ThreadedService) -> None:
+    w = Wire(relay.port())
+    w.cmd("EHLO c")
+    blob = base64.b64encode(b"\0alice\0" + PASSWORD.encode()).decode()
+    assert w.cmd(f"AUTH PLAIN {blob}") == (
+        538, "5.7.11 Encryption required for requested authentication mechanism")
+    w.close()
+
+
+def test_submission_requires_tls_then_auth(relay: ThreadedService, tls_files: Any) -> None:
+    port = relay.port("submission")
+    w = Wire(port)
+    w.cmd("EHLO c")
+    assert w.cmd("MAIL FROM:<alice@example.org>") == (530, "5.7.0 Must issue a STARTTLS command first")
+    w.close()
+    with smtplib.SMTP("127.0.0.1", port) as c:
+        c.starttls(context=tls_files.client_context())
+        c.ehlo("c")
+        code, text = c.mail("alice@example.org")
+        assert (code, text) == (530, b"5.7.0 Authentication required")
+        c.rset()
+        c.login("alice", PASSWORD)
+        c.sendmail("alice@example.org", ["x@elsewhere.example"], MSG)
+    assert len(queued(relay)) == 1
+
+
+def test_smtps_implicit_tls(relay: ThreadedService, tls_files: Any) -> None:
+    with smtplib.SMTP_SSL("127.0.0.1", relay.port("smtps"),
+                          context=tls_files.client_context()) as c:
+        assert isinstance(c.sock, ssl.SSLSocket)
+        c.login("alice", PASSWORD)
+        c.sendmail("alice@example.org", ["x@elsewhere.example"], MSG)
+    [m] = queued(relay)
+    assert b"with ESMTPSA" in body_of(relay, m.id)
+
+
+async def _aiosmtplib_send(port: int, ca: Any) -> Any:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return await aiosmtplib.send(
+        MSG, sender="alice@example.org", recipients=["bob@example.net"],
+        hostname="127.0.0.1", port=port, start_tls=True, tls_context=ctx,
+        username="alice", password=PASSWORD,
+    )
+
+
+def test_aiosmtplib_with_starttls_and_auth(relay: ThreadedService, tls_files: Any) -> None:
+    import asyncio
+
+    errors, reply = asyncio.run(_aiosmtplib_send(relay.port(), tls_files.ca))
+    assert errors == {}
+    assert reply.startswith("2.0.0 Ok: queued as ")
+    assert len(queued(relay)) == 1
+
+
+def test_pipelined_commands_answered_in_order(relay: ThreadedService) -> None:
+    w = Wire(relay.port())
+    w.cmd("EHLO c")
+    w.send(
+        b"MAIL FROM:<alice@example.org>\r\n"
+        b"RCPT TO:<bob@example.net>\r\n"
+        b"RCPT TO:<bad@@example.net>\r\n"
+        b"RCPT TO:<carol@example.net>\r\n"
+        b"DATA\r\n"
+    )
+    assert w.reply()[0] == 250
+    assert w.reply()[0] == 250
+    assert w.reply()[0] == 501
+    assert w.reply()[0] == 250
+    assert w.reply()[0] == 354
+    assert w.cmd(MSG + b".\r\n")[0] == 250
+    w.send(b"MAIL FROM:<>\r\nRCPT TO:<x@example.net>\r\nDATA\r\n")
+    assert [w.reply()[0] for _ in range(3)] == [250, 250, 354]
+    assert w.cmd(MSG + b".\r\n")[0] == 250
+    w.close()
+    msgs = queued(relay)
+    assert sorted(len(m.recipients) for m in msgs) == [1, 2]
+    assert {m.sender for m in msgs} == {"", "alice@example.org"}
+
+
+# -- relay policy ----------------------------------------------------------------
+
+
+def _try_rcpt(port: int, rcpt: str, source: str | None = None) -> tuple[int, str]:
+    w = Wire(port, source)
+    w.cmd("EHLO c")
+    assert w.cmd("MAIL FROM:<s@example.org>")[0] == 250
+    result = w.cmd(f"RCPT TO:<{rcpt}>")
+    w.close()
+    return result
+
+
+def test_open_relay_is_refused(relay_factory: Any, tls_files: Any) -> None:
+    svc = relay_factory(relay_networks=["127.0.0.2/32"])
+    port = svc.port()
+    # 127.0.0.1 is outside relay_networks and unauthenticated
+    assert _try_rcpt(port, "x@external.example") == (
+        554, "5.7.1 <x@external.example>: Relay access denied")
+    assert _try_rcpt(port, "x@partner.test") == (250, "2.1.5 Ok")  # a relay domain
+    assert _try_rcpt(port, "x@external.example", source="127.0.0.2")[0] == 250
+    with smtplib.SMTP("127.0.0.1", port) as c:  # authenticated
+        c.starttls(context=tls_files.client_context())
+        c.login("alice", PASSWORD)
+        assert c.sendmail("s@example.org", ["x@external.example"], MSG) == {}
+    msgs = queued(svc)
+    assert [r.address for m in msgs for r in m.recipients] == ["x@external.example"]
+
+
+def test_local_domain_aliases(relay: ThreadedService) -> None:
+    port = relay.port()
+    assert _try_rcpt(port, "nobody@local.test") == (
+        550, "5.1.1 <nobody@local.test>: Recipient address rejected: User unknown")
+    with smtplib.SMTP("127.0.0.1", port) as c:
+        c.sendmail("s@example.org", ["postmaster@local.test"], MSG)
+    [m] = queued(relay)
+    assert [(r.address, r.orcpt) for r in m.recipients] == [
+        ("a@example.net", "rfc822;postmaster@local.test"),
+        ("b@example.com", "rfc822;postmaster@local.test"),
+    ]
+
+
+# -- DSN and priority parameters -----------------------------------------------------
+
+
+def test_dsn_and_mt_priority_parameters_are_stored(relay: ThreadedService) -> None:
+    w = Wire(relay.port())
+    w.cmd("EHLO c")
+    assert w.cmd("MAIL FROM:<s@example.org> RET=HDRS ENVID=abc+2Bdef MT-PRIORITY=6")[0] == 250
+    assert w.cmd("RCPT TO:<a@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;A+40b")[0] == 250
+    assert w.cmd("RCPT TO:<b@example.net> NOTIFY=NEVER")[0] == 250
+    assert w.cmd("DATA")[0] == 354
+    assert w.cmd(MSG + b".\r\n")[0] == 250
+    w.close()
+    [m] = queued(relay)
+    assert (m.ret, m.envid, m.priority) == ("HDRS", "abc+def", Priority.URGENT)
+    got = {r.address: (r.notify, r.orcpt) for r in m.recipients}
+    assert got == {
+        "a@example.net": ("SUCCESS,FAILURE", "rfc822;A@b"),
+        "b@example.net": ("NEVER", None),
+    }
+
+
+def test_priority_from_headers(relay: ThreadedService) -> None:
+    with smtplib.SMTP("127.0.0.1", relay.port()) as c:
+        c.sendmail("s@example.org", ["a@example.net"], b"X-Priority: 5 (Lowest)\r\n" + MSG)
+    [m] = queued(relay)
+    assert m.priority is Priority.LOW
+
+
+# -- bad input: exact reply, nothing queued ---------------------------------------
+
+BAD_COMMANDS = [
+    # (setup commands, the bad command, expected reply prefix)
+    ([], "RCPT TO:<a@example.net>", (503, "5.5.1 Error: need MAIL command")),
+    (["MAIL FROM:<s@example.org>"], "DATA", (503, "5.5.1 Error: need RCPT command")),
+    ([], "MAIL FROM:<s@example.org> SIZE=999999", (552, "5.3.4 Message size exceeds fixed maximum")),
+    (["MAIL FROM:<s@example.org>"], "RCPT TO:<a@b@c>", (501, "5.1.3 Bad recipient address syntax")),
+    ([], "MAIL FROM:s@example.org", (501, "5.5.4 Syntax: MAIL FROM:<address>")),
+    (["MAIL FROM:<s@example.org>"], "RCPT TO:a@example.net", (501, "5.5.4 Syntax: RCPT TO:<address>")),
+    (["MAIL FROM:<s@example.org>"], "RCPT TO:<" + "x" * 300 + "@example.net>",
+     (501, "5.5.4 Path longer than 256 octets")),
+    (["MAIL FROM:<s@example.org>"], "RCPT TO:<" + "x" * 65 + "@example.net>",
+     (501, "5.1.3 Bad recipient address syntax: local part longer than 64 octets")),
+    ([], "MAIL FROM:<s@example.org> FOO=bar", (555, "5.5.4 MAIL FROM parameter FOO not recognized")),
+    (["MAIL FROM:<s@example.org>"], "RCPT TO:<a@example.net> BAR=1",
+     (555, "5.5.4 RCPT TO parameter BAR not recognized")),
+    ([], "MAIL FROM:<s@example.org> " + "X" * 600, (500, "5.5.2 Error: command line too long")),
+    ([], "AUTH PLAIN !!!notbase64", (538, "5.7.11")),  # before TLS: refused first
+    ([], "BDAT 10", (500, "5.5.2 Error: command not recognized")),
+    (["MAIL FROM:<s@example.org>"], "MAIL FROM:<s@example.org>", (503, "5.5.1 Error: nested MAIL")),
+]
+
+
+@pytest.mark.parametrize(("setup", "bad", "expected"), BAD_COMMANDS,
+                         ids=[b[1][:30] for b in BAD_COMMANDS])
+def test_bad_command_gets_exact_reply(relay: ThreadedService, setup: list[str], bad: str,
+                                      expected: tuple[int, str]) -> None:
+    w = Wire(relay.port())
+    w.cmd("EHLO c")
+    for line in setup:
+        assert w.cmd(line)[0] == 250, line
+    code, text = w.cmd(bad)
+    assert code == expected[0]
+    assert text.startswith(expected[1])
+    assert w.cmd("NOOP")[0] == 250  # the session survives
+    w.close()
+    assert queued(relay) == []
+
+
+def test_auth_with_broken_base64_after_tls(relay: ThreadedService, tls_files: Any) -> None:
+    with smtplib.SMTP("127.0.0.1", relay.port()) as c:
+        c.starttls(context=tls_files.client_context())
+        c.ehlo("c")
+        assert c.docmd("AUTH PLAIN !!!notbase64") == (501, b"5.5.2 Cannot decode base64 response")
+        assert c.docmd("AUTH LOGIN") == (334, b"VXNlcm5hbWU6")
+        assert c.docmd("%%%") == (501, b"5.5.2 Cannot decode base64 response")
+
+
+def _data_exchange(port: int, body: bytes, rcpts: int = 1) -> tuple[int, str]:
+    w = Wire(port)
+    w.cmd("EHLO c")
+    w.cmd("MAIL FROM:<s@example.org>")
+    for i in range(rcpts):
+        w.cmd(f"RCPT TO:<r{i}@example.net>")
+    assert w.cmd("DATA")[0] == 354
+    result = w.cmd(body)
+    assert w.cmd("NOOP")[0] == 250
+    w.close()
+    return result
+
+
+def test_oversize_message_is_refused(relay: ThreadedService) -> None:
+    body = MSG + (b"x" * 998 + b"\r\n") * 25 + b".\r\n"
+    assert _data_exchange(relay.port(), body) == (552, "5.3.4 Error: message too big")
+    assert queued(relay) == []
+
+
+def test_too_many_recipients(relay: ThreadedService) -> None:
+    w = Wire(relay.port())
+    w.cmd("EHLO c")
+    w.cmd("MAIL FROM:<s@example.org>")
+    codes = [w.cmd(f"RCPT TO:<r{i}@example.net>")[0] for i in range(6)]
+    assert codes == [250] * 5 + [452]
+    w.close()
+
+
+def test_too_many_recipients_reply_text(relay: ThreadedService) -> None:
+    w = Wire(relay.port())
+    w.cmd("EHLO c")
+    w.cmd("MAIL FROM:<s@example.org>")
+    for i in range(5):
+        w.cmd(f"RCPT TO:<r{i}@example.net>")
+    assert w.cmd("RCPT TO:<r9@example.net>") == (452, "4.5.3 Error: too many recipients")
+    w.close()
+
+
+def test_smuggling_payload_stays_one_message(relay: ThreadedService) -> None:
+    smuggled = (
+        b"Subject: smuggle\r\n\r\nfirst part\n.\nMAIL FROM:<evil@example.org>\n"
+        b"RCPT TO:<victim@example.net>\nDATA\nspoofed\r\n.\r\n"
+    )
+    w = Wire(relay.port())
+    w.cmd("EHLO c")
+    w.cmd("MAIL FROM:<s@example.org>")
+    w.cmd("RCPT TO:<a@example.net>")
+    w.cmd("DATA")
+    # Bare LFs are refused by default: the whole thing is one (rejected) message.
+    assert w.cmd(smuggled)[0] == 554
+    assert w.cmd("NOOP")[0] == 250
+    w.close()
+    assert queued(relay) == []
+
+
+def test_smuggling_with_normalize_stays_one_message(relay_factory: Any) -> None:
+    svc = relay_factory(bare_lf="normalize")
+    smuggled = (
+        b"Subject: smuggle\r\n\r\nfirst part\n.\nMAIL FROM:<evil@example.org>\r\n"
+        b"RCPT TO:<victim@example.net>\r\nDATA\r\nspoofed\r.\r\nend\r\n.\r\n"
+    )
+    assert _data_exchange(svc.port(), smuggled)[0] == 250
+    [m] = queued(svc)
+    assert m.sender == "s@example.org"
+    assert [r.address for r in m.recipients] == ["r0@example.net"]
+    data = strip_received(body_of(svc, m.id))
+    assert b"MAIL FROM:<evil@example.org>\r\n" in data
+    assert b"\n" not in data.replace(b"\r\n", b"")  # every line ending normalised
+
+
+def test_dot_stuffing_is_removed(relay: ThreadedService) -> None:
+    body = b"Subject: dots\r\n\r\n..leading dot\r\n...two\r\n.\r\n"
+    assert _data_exchange(relay.port(), body)[0] == 250
+    [m] = queued(relay)
+    assert strip_received(body_of(relay, m.id)) == b"Subject: dots\r\n\r\n.leading dot\r\n..two\r\n"
+
+
+def test_disconnect_mid_data_queues_nothing(relay: ThreadedService) -> None:
+    w = Wire(relay.port())
+    w.cmd("EHLO c")
+    w.cmd("MAIL FROM:<s@example.org>")
+    w.cmd("RCPT TO:<a@example.net>")
+    w.cmd("DATA")
+    w.send(MSG + b"half a message")
+    w.close()
+    assert wait_until(lambda: not relay.service.intake.connections, what="session end")
+    assert queued(relay) == []
+
+
+def test_mail_loop_is_refused(relay: ThreadedService) -> None:
+    body = b"Received: from x by y; Mon, 1 Jan 2024 00:00:00 +0000\r\n" * 31 + MSG + b".\r\n"
+    assert _data_exchange(relay.port(), body) == (554, "5.4.6 Error: too many hops (mail loop?)")
+    assert queued(relay) == []
+
+
+def test_too_many_connections_per_ip(relay_factory: Any) -> None:
+    svc = relay_factory(max_connections_per_ip=2)
+    a, b = Wire(svc.port()), Wire(svc.port())
+    c = Wire(svc.port())
+    assert c.greeting[0] == 421
+    assert "4.7.0" in c.greeting[1]
+    for w in (a, b, c):
+        w.close()
+
+
+def test_concurrent_sessions_share_commits(relay: ThreadedService) -> None:
+    import threading
+
+    n_threads, per_thread = 8, 10
+    errors: list[BaseException] = []
+
+    def sender() -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", relay.port()) as c:
+                for _ in range(per_thread):
+                    c.sendmail("s@example.org", ["a@example.net"], MSG)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    commits_before = relay.queue.commits
+    threads = [threading.Thread(target=sender) for _ in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert len(queued(relay)) == n_threads * per_thread
+    # Every message was committed (fsynced) before its 250; group commit shares fsyncs.
+    assert relay.queue.commits - commits_before <= n_threads * per_thread

@@ -1,0 +1,171 @@
+"""The queue contract, run against every backend (SQLite today, PostgreSQL later)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply, Status
+from ferry.queue.base import AttemptResult, Queue
+from ferry.queue.sqlite import SqliteQueue
+
+BACKENDS = ["sqlite"]
+
+
+@pytest.fixture(params=BACKENDS)
+async def queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Queue]:
+    q = SqliteQueue(tmp_path / "q")
+    yield q
+    await q.close()
+
+
+def env(*rcpts: str, sender: str = "s@example.org", priority: Priority = Priority.NORMAL,
+        data: bytes = b"Subject: x\r\n\r\nbody\r\n") -> EnvelopeIn:
+    return EnvelopeIn(sender=sender, recipients=[RecipientIn(r) for r in rcpts], data=data,
+                      priority=priority)
+
+
+OK = Reply(250, "2.0.0", "ok")
+TEMP = Reply(451, "4.3.0", "try later")
+PERM = Reply(550, "5.1.1", "no such user")
+
+
+async def test_enqueue_then_get_is_byte_identical(queue: Queue) -> None:
+    data = bytes(range(256)) * 10 + b"\r\n"
+    qid = await queue.enqueue(env("a@x.test", "b@y.test", data=data))
+    assert await queue.read_message(qid) == data
+    m = await queue.get(qid)
+    assert m is not None
+    assert (m.sender, m.size, m.status) == ("s@example.org", len(data), Status.QUEUED)
+    assert [r.address for r in m.recipients] == ["a@x.test", "b@y.test"]
+    assert await queue.get("nope") is None
+
+
+async def test_claim_orders_by_priority_then_age(queue: Queue) -> None:
+    low = await queue.enqueue(env("a@x.test", priority=Priority.LOW))
+    normal = await queue.enqueue(env("b@x.test"))
+    urgent = await queue.enqueue(env("c@x.test", priority=Priority.URGENT))
+    normal2 = await queue.enqueue(env("d@x.test"))
+    claimed = await queue.claim("w1", now=9e9, limit=10, lease=60)
+    assert [c.message.id for c in claimed] == [urgent, normal, normal2, low]
+    # leased recipients are not claimed twice
+    assert await queue.claim("w2", now=9e9, limit=10, lease=60) == []
+    assert (await queue.get(urgent)).status is Status.IN_PROGRESS  # type: ignore[union-attr]
+
+
+async def test_claim_limit_and_due_time(queue: Queue) -> None:
+    for i in range(5):
+        await queue.enqueue(env(f"r{i}@x.test"))
+    first = await queue.claim("w", now=9e9, limit=2, lease=60)
+    assert len(first) == 2
+    assert await queue.claim("w", now=0, limit=10, lease=60) == []  # nothing due yet at t=0
+
+
+async def test_expired_lease_is_reclaimed(queue: Queue) -> None:
+    await queue.enqueue(env("a@x.test"))
+    [c] = await queue.claim("dead-worker", now=1e10, limit=10, lease=60)
+    assert await queue.claim("w2", now=1e10 + 59, limit=10, lease=60) == []
+    [again] = await queue.claim("w2", now=1e10 + 61, limit=10, lease=60)
+    assert again.recipient.id == c.recipient.id
+    # the dead worker's late report is ignored: w2 owns the lease now
+    await queue.record("dead-worker", [AttemptResult(c.recipient.id, Status.DELIVERED, OK)],
+                       now=1e10 + 62)
+    assert (await queue.get(c.message.id)).status is Status.IN_PROGRESS  # type: ignore[union-attr]
+
+
+async def test_record_outcomes_history_and_derived_status(queue: Queue) -> None:
+    qid = await queue.enqueue(env("a@x.test", "b@x.test", "c@x.test"))
+    claimed = {c.recipient.address: c for c in await queue.claim("w", now=9e9, limit=9, lease=60)}
+    await queue.record("w", [
+        AttemptResult(claimed["a@x.test"].recipient.id, Status.DELIVERED, OK,
+                      next_hop="mx.x.test[127.0.0.1]:25", tls="TLSv1.3 X"),
+        AttemptResult(claimed["b@x.test"].recipient.id, Status.FAILED, PERM),
+        AttemptResult(claimed["c@x.test"].recipient.id, Status.DEFERRED, TEMP,
+                      next_attempt=9e9 + 60),
+    ], now=9e9)
+    m = await queue.get(qid)
+    assert m is not None
+    assert m.status is Status.PARTIALLY_DELIVERED
+    by = {r.address: r for r in m.recipients}
+    assert by["a@x.test"].status is Status.DELIVERED
+    assert by["a@x.test"].history[0].next_hop == "mx.x.test[127.0.0.1]:25"
+    assert by["a@x.test"].history[0].tls == "TLSv1.3 X"
+    assert by["b@x.test"].last_reply == PERM
+    assert by["c@x.test"].status is Status.DEFERRED
+    assert by["c@x.test"].attempts == 1
+    assert by["c@x.test"].next_attempt == 9e9 + 60
+    assert await queue.next_due() == 9e9 + 60
+    # the deferred recipient comes back when due
+    assert await queue.claim("w", now=9e9 + 30, limit=9, lease=60) == []
+    [again] = await queue.claim("w", now=9e9 + 60, limit=9, lease=60)
+    assert again.recipient.address == "c@x.test"
+
+
+async def test_operator_actions(queue: Queue) -> None:
+    a = await queue.enqueue(env("a@x.test"))
+    b = await queue.enqueue(env("b@x.test"))
+    [ca, cb] = await queue.claim("w", now=9e9, limit=9, lease=60)
+    await queue.record("w", [AttemptResult(ca.recipient.id, Status.DEFERRED, TEMP,
+                                           next_attempt=9e9 + 3600),
+                             AttemptResult(cb.recipient.id, Status.EXPIRED, TEMP)], now=9e9)
+    assert await queue.retry(a, now=9e9 + 1) == 1
+    assert (await queue.claim("w", now=9e9 + 1, limit=9, lease=60))[0].message.id == a
+    assert await queue.release_leases() == 1
+    assert await queue.cancel(a, now=9e9) == 1
+    assert (await queue.get(a)).status is Status.CANCELLED  # type: ignore[union-attr]
+    assert await queue.clear_expired() == 1
+    assert await queue.get(b) is None
+    assert await queue.remove(a) is True
+    assert await queue.remove(a) is False
+
+
+async def test_list_filters_and_pagination(queue: Queue) -> None:
+    ids = [await queue.enqueue(env(f"r@d{i % 2}.test", sender=f"s{i % 3}@x.test"))
+           for i in range(6)]
+    assert [m.id for m in await queue.list()] == ids[::-1]
+    assert len(await queue.list(domain="d0.test")) == 3
+    assert len(await queue.list(sender="s0@x.test")) == 2
+    assert len(await queue.list(status=Status.QUEUED, limit=2, offset=1)) == 2
+    assert await queue.list(status=Status.DELIVERED) == []
+
+
+async def test_statistics(queue: Queue) -> None:
+    a = await queue.enqueue(env("a@x.test", data=b"x" * 100, priority=Priority.HIGH))
+    await queue.enqueue(env("b@x.test", data=b"y" * 50))
+    claimed = await queue.claim("w", now=9e9, limit=1, lease=60)
+    assert claimed[0].message.id == a
+    await queue.record("w", [AttemptResult(claimed[0].recipient.id, Status.DELIVERED, OK,
+                                           route="smarthost:sendgrid")], now=9e9)
+    st = await queue.statistics(now=9e9)
+    assert st.total_messages == 2
+    assert (st.delivered_messages, st.queued_messages) == (1, 1)
+    assert st.total_size == 150
+    assert st.messages_by_priority == {"High": 1, "Normal": 1}
+    assert st.messages_by_smart_host == {"smarthost:sendgrid": 1}
+    assert st.oldest_message_time is not None
+
+
+async def test_concurrent_enqueues_are_group_committed(tmp_path: Path) -> None:
+    q = SqliteQueue(tmp_path / "g")
+    try:
+        before = q.commits
+        ids = await asyncio.gather(*(q.enqueue(env(f"r{i}@x.test")) for i in range(200)))
+        assert len(set(ids)) == 200
+        assert q.commits - before < 200  # fsyncs were shared
+        assert len(await q.list(limit=1000)) == 200
+    finally:
+        await q.close()
+
+
+async def test_data_survives_reopen(tmp_path: Path) -> None:
+    q = SqliteQueue(tmp_path / "r")
+    qid = await q.enqueue(env("a@x.test", data=b"persist me\r\n"))
+    await q.close()
+    q2 = SqliteQueue(tmp_path / "r")
+    try:
+        assert await q2.read_message(qid) == b"persist me\r\n"
+    finally:
+        await q2.close()

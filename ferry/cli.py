@@ -53,6 +53,15 @@ def _with_queue(ctx: click.Context, fn: Callable[[SqliteQueue], Awaitable[T]]) -
     return asyncio.run(run())
 
 
+def run_async(coro: Awaitable[T]) -> T:
+    """Run on uvloop when it is installed (about 1.5x faster accept), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    return uvloop.run(coro)  # type: ignore[no-any-return]
+
+
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
@@ -84,7 +93,7 @@ def serve(ctx: click.Context) -> None:
     config = _load(ctx)
     setup_logging(config.log.level, config.log.format)
     try:
-        asyncio.run(Service(config).run_forever())
+        run_async(Service(config).run_forever())
     except AlreadyRunning as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

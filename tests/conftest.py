@@ -39,3 +39,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsFiles]:
         for blob in cert.cert_chain_pems:
             fh.write(blob.bytes())
     yield TlsFiles(ca, ca_file, cert_file, key_file)
+
+
+# The test world: a real DNS server, scripted MX servers, a test CA (tests/world/).
+from tests.world.fixtures import dns_server, mx_factory, world_ca  # noqa: E402, F401

@@ -69,8 +69,19 @@ def queued_count(tmp: Path) -> int:
 
 
 def smtp_source(port: int, messages: int, sessions: int, size: int, reuse: bool) -> float:
-    args = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
-            "-f", "sender@example.org", "-t", "rcpt@example.net"]
+    args = [
+        "smtp-source",
+        "-s",
+        str(sessions),
+        "-m",
+        str(messages),
+        "-l",
+        str(size),
+        "-f",
+        "sender@example.org",
+        "-t",
+        "rcpt@example.net",
+    ]
     if reuse:
         args.append("-d")
     t0 = time.perf_counter()
@@ -78,8 +89,9 @@ def smtp_source(port: int, messages: int, sessions: int, size: int, reuse: bool)
     return time.perf_counter() - t0
 
 
-async def python_client(port: int, messages: int, sessions: int, size: int,
-                        latencies: list[float], reuse: bool = True) -> float:
+async def python_client(
+    port: int, messages: int, sessions: int, size: int, latencies: list[float], reuse: bool = True
+) -> float:
     body = b"Subject: bench\r\n\r\n" + (b"x" * 78 + b"\r\n") * max(1, size // 80) + b".\r\n"
     per = messages // sessions
 
@@ -144,14 +156,17 @@ def main() -> None:
                     tool = "smtp-source"
                 else:
                     lat: list[float] = []
-                    secs = asyncio.run(python_client(port, args.messages, args.sessions,
-                                                     args.size, lat, reuse))
+                    secs = asyncio.run(
+                        python_client(port, args.messages, args.sessions, args.size, lat, reuse)
+                    )
                     tool = "python client"
                 n = queued_count(tmp)
                 rate = n / secs
                 results[f"accept_{label}_msgs_per_s"] = round(rate)
-                print(f"{label:>15}: {n} messages of {args.size} B from {args.sessions} sessions"
-                      f" in {secs:.2f} s = {rate:,.0f} msgs/s ({tool})")
+                print(
+                    f"{label:>15}: {n} messages of {args.size} B from {args.sessions} sessions"
+                    f" in {secs:.2f} s = {rate:,.0f} msgs/s ({tool})"
+                )
             finally:
                 proc.terminate()
                 proc.wait(20)
@@ -165,9 +180,11 @@ def main() -> None:
             secs = asyncio.run(python_client(port, n, args.sessions, args.size, lat))
             results["latency_p50_ms"] = round(pct(lat, 0.50) * 1000, 2)
             results["latency_p99_ms"] = round(pct(lat, 0.99) * 1000, 2)
-            print(f"        latency: {len(lat)} messages from {args.sessions} pipelining Python"
-                  f" sessions ({len(lat) / secs:,.0f} msgs/s): p50 {results['latency_p50_ms']} ms,"
-                  f" p99 {results['latency_p99_ms']} ms (end of DATA -> 250, fsynced)")
+            print(
+                f"        latency: {len(lat)} messages from {args.sessions} pipelining Python"
+                f" sessions ({len(lat) / secs:,.0f} msgs/s): p50 {results['latency_p50_ms']} ms,"
+                f" p99 {results['latency_p99_ms']} ms (end of DATA -> 250, fsynced)"
+            )
         finally:
             proc.terminate()
             proc.wait(20)

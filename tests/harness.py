@@ -136,7 +136,9 @@ class ServeProcess:
                 self.proc.wait(10)
 
 
-def run_cli(config_path: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    config_path: Path, *args: str, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the ``ferry`` CLI as a subprocess."""
     return subprocess.run(
         [sys.executable, "-m", "ferry.cli", "--config", str(config_path), *args],

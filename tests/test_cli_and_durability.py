@@ -13,19 +13,24 @@ from tests.harness import ServeProcess, cli_json, free_port, run_cli, write_toml
 
 
 def _config(tmp_path: Path, port: int) -> Path:
-    return write_toml(tmp_path / "ferry.toml", f"""
+    return write_toml(
+        tmp_path / "ferry.toml",
+        f"""
 [server]
 hostname = "mx.ferry.test"
 listen = [{{ address = "127.0.0.1", port = {port}, mode = "mta" }}]
 users_file = "{tmp_path}/users"
 [queue]
 path = "{tmp_path}/data"
-""")
+""",
+    )
 
 
 def _msg(i: int) -> bytes:
-    return (f"From: s@example.org\r\nTo: r@example.net\r\nMessage-ID: <{i}@t>\r\n"
-            f"Subject: message {i}\r\n\r\nbody {i}\r\n" + "x" * (i % 97) + "\r\n").encode()
+    return (
+        f"From: s@example.org\r\nTo: r@example.net\r\nMessage-ID: <{i}@t>\r\n"
+        f"Subject: message {i}\r\n\r\nbody {i}\r\n" + "x" * (i % 97) + "\r\n"
+    ).encode()
 
 
 @pytest.fixture

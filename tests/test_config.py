@@ -62,12 +62,15 @@ def test_toml_file(tmp_path: Path) -> None:
 def test_ferry_env_overrides_file(tmp_path: Path) -> None:
     p = tmp_path / "ferry.toml"
     p.write_text(TOML)
-    c = RelayConfig.load(p, env={
-        "FERRY_DELIVERY__MODE": "relay",
-        "FERRY_SERVER__MAX_MESSAGE_SIZE": "2048",
-        "FERRY_SERVER__RELAY_DOMAINS": '["partner.com"]',
-        "FERRY_DNS__NAMESERVERS": '["127.0.0.2"]',
-    })
+    c = RelayConfig.load(
+        p,
+        env={
+            "FERRY_DELIVERY__MODE": "relay",
+            "FERRY_SERVER__MAX_MESSAGE_SIZE": "2048",
+            "FERRY_SERVER__RELAY_DOMAINS": '["partner.com"]',
+            "FERRY_DNS__NAMESERVERS": '["127.0.0.2"]',
+        },
+    )
     assert c.delivery.mode == "relay"
     assert c.server.max_message_size == 2048
     assert c.server.relay_domains == ["partner.com"]
@@ -77,28 +80,37 @@ def test_ferry_env_overrides_file(tmp_path: Path) -> None:
 def test_config_path_from_env(tmp_path: Path) -> None:
     p = tmp_path / "ferry.toml"
     p.write_text(TOML)
-    assert RelayConfig.load(None, env={"FERRY_CONFIG": str(p)}).server.hostname == \
-        "mail.example.com"
+    assert (
+        RelayConfig.load(None, env={"FERRY_CONFIG": str(p)}).server.hostname == "mail.example.com"
+    )
 
 
 def test_seed_variables() -> None:
-    c = RelayConfig.load(None, env={
-        "SMTP_HOSTNAME": "mail.smtpy.fr",
-        "SMTP_DELIVERY_MODE": "Hybrid",
-        "SMTP_ENABLE_DKIM": "false",
-        "SMTP_HOST": "smtp.gmail.com",
-        "SMTP_PORT": "587",
-        "SMTP_USER": "me@gmail.com",
-        "SMTP_PASSWORD": "app-password",
-        "SMTP_USE_TLS": "true",
-        "SMTP_USE_SSL": "false",
-    })
+    c = RelayConfig.load(
+        None,
+        env={
+            "SMTP_HOSTNAME": "mail.smtpy.fr",
+            "SMTP_DELIVERY_MODE": "Hybrid",
+            "SMTP_ENABLE_DKIM": "false",
+            "SMTP_HOST": "smtp.gmail.com",
+            "SMTP_PORT": "587",
+            "SMTP_USER": "me@gmail.com",
+            "SMTP_PASSWORD": "app-password",
+            "SMTP_USE_TLS": "true",
+            "SMTP_USE_SSL": "false",
+        },
+    )
     assert c.server.hostname == "mail.smtpy.fr"
     assert c.delivery.mode == "hybrid"
     assert c.dkim.enabled is False
     [h] = c.smart_hosts
     assert (h.name, h.host, h.port, h.username, h.tls) == (
-        "default", "smtp.gmail.com", 587, "me@gmail.com", "starttls")
+        "default",
+        "smtp.gmail.com",
+        587,
+        "me@gmail.com",
+        "starttls",
+    )
     ssl_host = RelayConfig.load(None, env={"SMTP_HOST": "smtp.x", "SMTP_USE_SSL": "true"})
     assert (ssl_host.smart_hosts[0].port, ssl_host.smart_hosts[0].tls) == (465, "implicit")
 
@@ -108,16 +120,31 @@ def test_ferry_env_wins_over_seed_env() -> None:
     assert c.delivery.mode == "smart"
 
 
-@pytest.mark.parametrize(("text", "key", "problem"), [
-    ('[server]\nlisten = [{ address = "127.0.0.1", port = 99999 }]', "server.listen.0.port",
-     "less than or equal to 65535"),
-    ('[delivery]\nmode = "teleport"', "delivery.mode", "'direct', 'relay', 'hybrid' or 'smart'"),
-    ('[server]\nrelay_networks = ["10.0.0.0/33"]', "server.relay_networks", "not a network"),
-    ('[server]\nhostnme = "x"', "server.hostnme", "unknown key"),
-    ('[server]\nlisten = [{ address = "localhost" }]', "server.listen.0.address", "does not appear"),
-])
-def test_invalid_config_names_key_and_problem(tmp_path: Path, text: str, key: str,
-                                              problem: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        (
+            '[server]\nlisten = [{ address = "127.0.0.1", port = 99999 }]',
+            "server.listen.0.port",
+            "less than or equal to 65535",
+        ),
+        (
+            '[delivery]\nmode = "teleport"',
+            "delivery.mode",
+            "'direct', 'relay', 'hybrid' or 'smart'",
+        ),
+        ('[server]\nrelay_networks = ["10.0.0.0/33"]', "server.relay_networks", "not a network"),
+        ('[server]\nhostnme = "x"', "server.hostnme", "unknown key"),
+        (
+            '[server]\nlisten = [{ address = "localhost" }]',
+            "server.listen.0.address",
+            "does not appear",
+        ),
+    ],
+)
+def test_invalid_config_names_key_and_problem(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
     p = tmp_path / "bad.toml"
     p.write_text(text)
     with pytest.raises(ConfigError) as err:

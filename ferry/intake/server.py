@@ -55,7 +55,6 @@ COMMAND_LINE_LIMIT = 512
 AUTH_LINE_LIMIT = 12288
 
 
-
 class _Closed(Exception):
     """The client went away (or we closed the connection)."""
 

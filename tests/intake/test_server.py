@@ -140,8 +140,16 @@ def test_smtplib_delivery_is_queued_byte_identical(relay: ThreadedService) -> No
     with smtplib.SMTP("127.0.0.1", relay.port()) as c:
         code, caps = c.ehlo("client.example.org")
         assert code == 250
-        for ext in (b"PIPELINING", b"SIZE 20000", b"8BITMIME", b"SMTPUTF8",
-                    b"ENHANCEDSTATUSCODES", b"DSN", b"STARTTLS", b"MT-PRIORITY"):
+        for ext in (
+            b"PIPELINING",
+            b"SIZE 20000",
+            b"8BITMIME",
+            b"SMTPUTF8",
+            b"ENHANCEDSTATUSCODES",
+            b"DSN",
+            b"STARTTLS",
+            b"MT-PRIORITY",
+        ):
             assert ext in caps
         assert b"AUTH" not in caps  # never offered before TLS on an mta listener
         refused = c.sendmail("alice@example.org", ["bob@example.net"], MSG)
@@ -189,7 +197,9 @@ def test_auth_before_tls_is_refused_on_mta(relay: ThreadedService) -> None:
     w.cmd("EHLO c")
     blob = base64.b64encode(b"\0alice\0" + PASSWORD.encode()).decode()
     assert w.cmd(f"AUTH PLAIN {blob}") == (
-        538, "5.7.11 Encryption required for requested authentication mechanism")
+        538,
+        "5.7.11 Encryption required for requested authentication mechanism",
+    )
     w.close()
 
 
@@ -197,7 +207,10 @@ def test_submission_requires_tls_then_auth(relay: ThreadedService, tls_files: An
     port = relay.port("submission")
     w = Wire(port)
     w.cmd("EHLO c")
-    assert w.cmd("MAIL FROM:<alice@example.org>") == (530, "5.7.0 Must issue a STARTTLS command first")
+    assert w.cmd("MAIL FROM:<alice@example.org>") == (
+        530,
+        "5.7.0 Must issue a STARTTLS command first",
+    )
     w.close()
     with smtplib.SMTP("127.0.0.1", port) as c:
         c.starttls(context=tls_files.client_context())
@@ -211,8 +224,9 @@ def test_submission_requires_tls_then_auth(relay: ThreadedService, tls_files: An
 
 
 def test_smtps_implicit_tls(relay: ThreadedService, tls_files: Any) -> None:
-    with smtplib.SMTP_SSL("127.0.0.1", relay.port("smtps"),
-                          context=tls_files.client_context()) as c:
+    with smtplib.SMTP_SSL(
+        "127.0.0.1", relay.port("smtps"), context=tls_files.client_context()
+    ) as c:
         assert isinstance(c.sock, ssl.SSLSocket)
         c.login("alice", PASSWORD)
         c.sendmail("alice@example.org", ["x@elsewhere.example"], MSG)
@@ -224,9 +238,15 @@ async def _aiosmtplib_send(port: int, ca: Any) -> Any:
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
     return await aiosmtplib.send(
-        MSG, sender="alice@example.org", recipients=["bob@example.net"],
-        hostname="127.0.0.1", port=port, start_tls=True, tls_context=ctx,
-        username="alice", password=PASSWORD,
+        MSG,
+        sender="alice@example.org",
+        recipients=["bob@example.net"],
+        hostname="127.0.0.1",
+        port=port,
+        start_tls=True,
+        tls_context=ctx,
+        username="alice",
+        password=PASSWORD,
     )
 
 
@@ -281,7 +301,9 @@ def test_open_relay_is_refused(relay_factory: Any, tls_files: Any) -> None:
     port = svc.port()
     # 127.0.0.1 is outside relay_networks and unauthenticated
     assert _try_rcpt(port, "x@external.example") == (
-        554, "5.7.1 <x@external.example>: Relay access denied")
+        554,
+        "5.7.1 <x@external.example>: Relay access denied",
+    )
     assert _try_rcpt(port, "x@partner.test") == (250, "2.1.5 Ok")  # a relay domain
     assert _try_rcpt(port, "x@external.example", source="127.0.0.2")[0] == 250
     with smtplib.SMTP("127.0.0.1", port) as c:  # authenticated
@@ -295,7 +317,9 @@ def test_open_relay_is_refused(relay_factory: Any, tls_files: Any) -> None:
 def test_local_domain_aliases(relay: ThreadedService) -> None:
     port = relay.port()
     assert _try_rcpt(port, "nobody@local.test") == (
-        550, "5.1.1 <nobody@local.test>: Recipient address rejected: User unknown")
+        550,
+        "5.1.1 <nobody@local.test>: Recipient address rejected: User unknown",
+    )
     with smtplib.SMTP("127.0.0.1", port) as c:
         c.sendmail("s@example.org", ["postmaster@local.test"], MSG)
     [m] = queued(relay)
@@ -339,17 +363,38 @@ BAD_COMMANDS = [
     # (setup commands, the bad command, expected reply prefix)
     ([], "RCPT TO:<a@example.net>", (503, "5.5.1 Error: need MAIL command")),
     (["MAIL FROM:<s@example.org>"], "DATA", (503, "5.5.1 Error: need RCPT command")),
-    ([], "MAIL FROM:<s@example.org> SIZE=999999", (552, "5.3.4 Message size exceeds fixed maximum")),
+    (
+        [],
+        "MAIL FROM:<s@example.org> SIZE=999999",
+        (552, "5.3.4 Message size exceeds fixed maximum"),
+    ),
     (["MAIL FROM:<s@example.org>"], "RCPT TO:<a@b@c>", (501, "5.1.3 Bad recipient address syntax")),
     ([], "MAIL FROM:s@example.org", (501, "5.5.4 Syntax: MAIL FROM:<address>")),
-    (["MAIL FROM:<s@example.org>"], "RCPT TO:a@example.net", (501, "5.5.4 Syntax: RCPT TO:<address>")),
-    (["MAIL FROM:<s@example.org>"], "RCPT TO:<" + "x" * 300 + "@example.net>",
-     (501, "5.5.4 Path longer than 256 octets")),
-    (["MAIL FROM:<s@example.org>"], "RCPT TO:<" + "x" * 65 + "@example.net>",
-     (501, "5.1.3 Bad recipient address syntax: local part longer than 64 octets")),
-    ([], "MAIL FROM:<s@example.org> FOO=bar", (555, "5.5.4 MAIL FROM parameter FOO not recognized")),
-    (["MAIL FROM:<s@example.org>"], "RCPT TO:<a@example.net> BAR=1",
-     (555, "5.5.4 RCPT TO parameter BAR not recognized")),
+    (
+        ["MAIL FROM:<s@example.org>"],
+        "RCPT TO:a@example.net",
+        (501, "5.5.4 Syntax: RCPT TO:<address>"),
+    ),
+    (
+        ["MAIL FROM:<s@example.org>"],
+        "RCPT TO:<" + "x" * 300 + "@example.net>",
+        (501, "5.5.4 Path longer than 256 octets"),
+    ),
+    (
+        ["MAIL FROM:<s@example.org>"],
+        "RCPT TO:<" + "x" * 65 + "@example.net>",
+        (501, "5.1.3 Bad recipient address syntax: local part longer than 64 octets"),
+    ),
+    (
+        [],
+        "MAIL FROM:<s@example.org> FOO=bar",
+        (555, "5.5.4 MAIL FROM parameter FOO not recognized"),
+    ),
+    (
+        ["MAIL FROM:<s@example.org>"],
+        "RCPT TO:<a@example.net> BAR=1",
+        (555, "5.5.4 RCPT TO parameter BAR not recognized"),
+    ),
     ([], "MAIL FROM:<s@example.org> " + "X" * 600, (500, "5.5.2 Error: command line too long")),
     ([], "AUTH PLAIN !!!notbase64", (538, "5.7.11")),  # before TLS: refused first
     ([], "BDAT 10", (500, "5.5.2 Error: command not recognized")),
@@ -357,10 +402,12 @@ BAD_COMMANDS = [
 ]
 
 
-@pytest.mark.parametrize(("setup", "bad", "expected"), BAD_COMMANDS,
-                         ids=[b[1][:30] for b in BAD_COMMANDS])
-def test_bad_command_gets_exact_reply(relay: ThreadedService, setup: list[str], bad: str,
-                                      expected: tuple[int, str]) -> None:
+@pytest.mark.parametrize(
+    ("setup", "bad", "expected"), BAD_COMMANDS, ids=[b[1][:30] for b in BAD_COMMANDS]
+)
+def test_bad_command_gets_exact_reply(
+    relay: ThreadedService, setup: list[str], bad: str, expected: tuple[int, str]
+) -> None:
     w = Wire(relay.port())
     w.cmd("EHLO c")
     for line in setup:

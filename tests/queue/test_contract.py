@@ -22,10 +22,15 @@ async def queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await q.close()
 
 
-def env(*rcpts: str, sender: str = "s@example.org", priority: Priority = Priority.NORMAL,
-        data: bytes = b"Subject: x\r\n\r\nbody\r\n") -> EnvelopeIn:
-    return EnvelopeIn(sender=sender, recipients=[RecipientIn(r) for r in rcpts], data=data,
-                      priority=priority)
+def env(
+    *rcpts: str,
+    sender: str = "s@example.org",
+    priority: Priority = Priority.NORMAL,
+    data: bytes = b"Subject: x\r\n\r\nbody\r\n",
+) -> EnvelopeIn:
+    return EnvelopeIn(
+        sender=sender, recipients=[RecipientIn(r) for r in rcpts], data=data, priority=priority
+    )
 
 
 OK = Reply(250, "2.0.0", "ok")
@@ -71,21 +76,32 @@ async def test_expired_lease_is_reclaimed(queue: Queue) -> None:
     [again] = await queue.claim("w2", now=1e10 + 61, limit=10, lease=60)
     assert again.recipient.id == c.recipient.id
     # the dead worker's late report is ignored: w2 owns the lease now
-    await queue.record("dead-worker", [AttemptResult(c.recipient.id, Status.DELIVERED, OK)],
-                       now=1e10 + 62)
+    await queue.record(
+        "dead-worker", [AttemptResult(c.recipient.id, Status.DELIVERED, OK)], now=1e10 + 62
+    )
     assert (await queue.get(c.message.id)).status is Status.IN_PROGRESS  # type: ignore[union-attr]
 
 
 async def test_record_outcomes_history_and_derived_status(queue: Queue) -> None:
     qid = await queue.enqueue(env("a@x.test", "b@x.test", "c@x.test"))
     claimed = {c.recipient.address: c for c in await queue.claim("w", now=9e9, limit=9, lease=60)}
-    await queue.record("w", [
-        AttemptResult(claimed["a@x.test"].recipient.id, Status.DELIVERED, OK,
-                      next_hop="mx.x.test[127.0.0.1]:25", tls="TLSv1.3 X"),
-        AttemptResult(claimed["b@x.test"].recipient.id, Status.FAILED, PERM),
-        AttemptResult(claimed["c@x.test"].recipient.id, Status.DEFERRED, TEMP,
-                      next_attempt=9e9 + 60),
-    ], now=9e9)
+    await queue.record(
+        "w",
+        [
+            AttemptResult(
+                claimed["a@x.test"].recipient.id,
+                Status.DELIVERED,
+                OK,
+                next_hop="mx.x.test[127.0.0.1]:25",
+                tls="TLSv1.3 X",
+            ),
+            AttemptResult(claimed["b@x.test"].recipient.id, Status.FAILED, PERM),
+            AttemptResult(
+                claimed["c@x.test"].recipient.id, Status.DEFERRED, TEMP, next_attempt=9e9 + 60
+            ),
+        ],
+        now=9e9,
+    )
     m = await queue.get(qid)
     assert m is not None
     assert m.status is Status.PARTIALLY_DELIVERED
@@ -108,9 +124,14 @@ async def test_operator_actions(queue: Queue) -> None:
     a = await queue.enqueue(env("a@x.test"))
     b = await queue.enqueue(env("b@x.test"))
     [ca, cb] = await queue.claim("w", now=9e9, limit=9, lease=60)
-    await queue.record("w", [AttemptResult(ca.recipient.id, Status.DEFERRED, TEMP,
-                                           next_attempt=9e9 + 3600),
-                             AttemptResult(cb.recipient.id, Status.EXPIRED, TEMP)], now=9e9)
+    await queue.record(
+        "w",
+        [
+            AttemptResult(ca.recipient.id, Status.DEFERRED, TEMP, next_attempt=9e9 + 3600),
+            AttemptResult(cb.recipient.id, Status.EXPIRED, TEMP),
+        ],
+        now=9e9,
+    )
     assert await queue.retry(a, now=9e9 + 1) == 1
     assert (await queue.claim("w", now=9e9 + 1, limit=9, lease=60))[0].message.id == a
     assert await queue.release_leases() == 1
@@ -123,8 +144,9 @@ async def test_operator_actions(queue: Queue) -> None:
 
 
 async def test_list_filters_and_pagination(queue: Queue) -> None:
-    ids = [await queue.enqueue(env(f"r@d{i % 2}.test", sender=f"s{i % 3}@x.test"))
-           for i in range(6)]
+    ids = [
+        await queue.enqueue(env(f"r@d{i % 2}.test", sender=f"s{i % 3}@x.test")) for i in range(6)
+    ]
     assert [m.id for m in await queue.list()] == ids[::-1]
     assert len(await queue.list(domain="d0.test")) == 3
     assert len(await queue.list(sender="s0@x.test")) == 2
@@ -137,8 +159,11 @@ async def test_statistics(queue: Queue) -> None:
     await queue.enqueue(env("b@x.test", data=b"y" * 50))
     claimed = await queue.claim("w", now=9e9, limit=1, lease=60)
     assert claimed[0].message.id == a
-    await queue.record("w", [AttemptResult(claimed[0].recipient.id, Status.DELIVERED, OK,
-                                           route="smarthost:sendgrid")], now=9e9)
+    await queue.record(
+        "w",
+        [AttemptResult(claimed[0].recipient.id, Status.DELIVERED, OK, route="smarthost:sendgrid")],
+        now=9e9,
+    )
     st = await queue.statistics(now=9e9)
     assert st.total_messages == 2
     assert (st.delivered_messages, st.queued_messages) == (1, 1)

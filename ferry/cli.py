@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -54,10 +55,15 @@ def _with_queue(ctx: click.Context, fn: Callable[[SqliteQueue], Awaitable[T]]) -
 
 
 def run_async(coro: Awaitable[T]) -> T:
-    """Run on uvloop when it is installed (about 1.5x faster accept), else asyncio."""
+    """Run on uvloop when it is installed (faster accept), else asyncio.
+
+    ``FERRY_EVENT_LOOP=asyncio`` forces the standard loop (profilers see into it).
+    """
     try:
         import uvloop
     except ImportError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    if os.environ.get("FERRY_EVENT_LOOP") == "asyncio":
         return asyncio.run(coro)  # type: ignore[arg-type]
     return uvloop.run(coro)  # type: ignore[no-any-return]
 

@@ -99,6 +99,7 @@ class DeliveryConfig(_Model):
     """Outbound delivery."""
 
     mode: DeliveryMode = "direct"
+    hold: bool = False
     mx_port: int = Field(25, ge=1, le=65535)
     source_address: str = ""
     max_concurrent_deliveries: int = Field(20, ge=1)

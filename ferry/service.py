@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO
 
 from ferry.config import RelayConfig
+from ferry.delivery.scheduler import Scheduler
 from ferry.events import emit
 from ferry.intake.server import IntakeServer
 from ferry.queue.sqlite import SqliteQueue
@@ -47,6 +48,7 @@ class Service:
         self.config = config
         self.queue: SqliteQueue | None = None
         self.intake: IntakeServer | None = None
+        self.scheduler: Scheduler | None = None
         self._lock: IO[str] | None = None
 
     async def start(self) -> None:
@@ -58,7 +60,15 @@ class Service:
             released = await self.queue.release_leases()
             if released:
                 emit("leases_released", count=released)
-            self.intake = IntakeServer(self.config, self.queue, ssl_context=load_tls(self.config))
+            if not self.config.delivery.hold:
+                self.scheduler = Scheduler(self.config, self.queue)
+                await self.scheduler.start()
+            self.intake = IntakeServer(
+                self.config,
+                self.queue,
+                ssl_context=load_tls(self.config),
+                on_accept=lambda _qid: self.scheduler.notify() if self.scheduler else None,
+            )
             await self.intake.start()
         except BaseException:
             await self.stop()
@@ -74,6 +84,10 @@ class Service:
         if self.intake is not None:
             await self.intake.stop()
             self.intake = None
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+            emit("delivery_stats", **self.scheduler.stats())
+            self.scheduler = None
         if self.queue is not None:
             await self.queue.close()
             self.queue = None

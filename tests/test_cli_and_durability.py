@@ -22,6 +22,8 @@ listen = [{{ address = "127.0.0.1", port = {port}, mode = "mta" }}]
 users_file = "{tmp_path}/users"
 [queue]
 path = "{tmp_path}/data"
+[delivery]
+hold = true   # these tests look at the queue; nothing may leave this machine
 """,
     )
 

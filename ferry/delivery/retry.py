@@ -60,8 +60,9 @@ class RetryPolicy:
     """How often and for how long a temporarily failing recipient is retried.
 
     ``schedule[i]`` is the delay after attempt ``i + 1``; the last entry repeats.
-    ``max_retries`` bounds the number of *attempts* (the first included): after
-    that many attempts the recipient expires. ``message_lifetime`` bounds the
+    ``max_retries`` bounds the number of *retries* (Zetian's MaxRetryCount): the
+    first attempt plus ``max_retries`` more, then the recipient expires; 0 means
+    a single attempt. ``message_lifetime`` bounds the
     time since arrival. ``jitter`` spreads retries by ±that fraction so that a
     burst deferred together does not come back together.
     """
@@ -74,8 +75,8 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if not self.schedule or any(not (d > 0 and math.isfinite(d)) for d in self.schedule):
             raise ValueError(f"schedule needs positive finite delays: {self.schedule!r}")
-        if self.max_retries < 1:
-            raise ValueError(f"max_retries must be at least 1: {self.max_retries!r}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must not be negative: {self.max_retries!r}")
         if not (self.message_lifetime > 0 and math.isfinite(self.message_lifetime)):
             raise ValueError(f"message_lifetime must be positive: {self.message_lifetime!r}")
         # jitter < 1 keeps every delay strictly positive.
@@ -133,7 +134,7 @@ def after_temporary_failure(
 ) -> RetryDecision:
     """Decide the fate of a recipient whose latest attempt failed temporarily.
 
-    Expires once ``attempts`` reaches ``max_retries`` or the message has lived
+    Expires once ``attempts`` exceeds ``max_retries`` (all retries spent) or the message has lived
     ``message_lifetime`` since ``arrival``. Otherwise retries after
     :func:`next_delay`, but never later than the expiry time: a retry that
     would land past it is pulled back to exactly the expiry time, so the
@@ -141,7 +142,7 @@ def after_temporary_failure(
     through it and expiring untried. (Postfix likewise bounces an old message
     only when an attempt fails after ``maximal_queue_lifetime``.)
     """
-    if attempts >= policy.max_retries:
+    if attempts > policy.max_retries:
         return RetryDecision("expire", None, "max_retries")
     expires = arrival + policy.message_lifetime
     if now >= expires:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from ferry.config import Listener, RelayConfig
+from ferry.delivery.retry import parse_duration
 from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply
 from ferry.events import emit
 from ferry.intake.aliases import AliasTable
@@ -93,6 +94,7 @@ class IntakeServer:
         self.policy = RelayPolicy.build(s.local_domains, s.relay_domains, s.relay_networks)
         self.aliases = AliasTable(config.aliases, s.local_domains)
         self.throttle = AuthThrottle()
+        self.lifetime = parse_duration(config.delivery.message_lifetime)
         self.on_accept = on_accept
         self.servers: list[asyncio.Server] = []
         self.connections: set[SmtpConnection] = set()
@@ -738,7 +740,9 @@ class SmtpConnection(asyncio.Protocol):
             body_8bit=txn.body_8bit or not data.isascii(),
         )
         try:
-            await self.server.queue.enqueue(envelope, queue_id=qid)
+            await self.server.queue.enqueue(
+                envelope, queue_id=qid, expires=now + self.server.lifetime
+            )
         except Exception as exc:
             logging.getLogger("ferry.intake").exception("enqueue failed")
             self.reject(

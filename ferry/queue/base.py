@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import secrets
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,7 @@ class RecipientInfo:
     next_attempt: float | None
     last_reply: Reply | None
     route: str | None
+    delay_warned: bool = False
     history: list[Attempt] = field(default_factory=list)
 
     @property
@@ -103,6 +105,7 @@ class AttemptResult:
     route: str | None = None
     tls: str | None = None
     counts_as_attempt: bool = True
+    delay_warned: bool = False  # a "delayed" DSN has been sent for this recipient
 
 
 @dataclass(slots=True)
@@ -145,9 +148,19 @@ class Queue(abc.ABC):
 
     @abc.abstractmethod
     async def claim(
-        self, owner: str, *, now: float, limit: int, lease: float
+        self,
+        owner: str,
+        *,
+        now: float,
+        limit: int,
+        lease: float,
+        exclude_domains: Collection[str] = (),
     ) -> list[ClaimedRecipient]:
-        """Lease up to ``limit`` due recipients: highest priority first, then oldest."""
+        """Lease up to ``limit`` due recipients: highest priority first, then oldest.
+
+        ``exclude_domains`` skips destinations the caller cannot serve right now
+        (throttled or with enough work in hand), so their work stays in the queue.
+        """
 
     @abc.abstractmethod
     async def record(self, owner: str, results: list[AttemptResult], *, now: float) -> None:
@@ -194,7 +207,7 @@ class Queue(abc.ABC):
         """Return leased recipients to the due queue (all owners when None)."""
 
     @abc.abstractmethod
-    async def next_due(self) -> float | None:
+    async def next_due(self, *, exclude_domains: Collection[str] = ()) -> float | None:
         """When the earliest pending recipient becomes due (None: nothing pending)."""
 
     @abc.abstractmethod

@@ -22,7 +22,7 @@ import queue as _stdqueue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -90,10 +90,13 @@ CREATE TABLE IF NOT EXISTS recipients (
     last_code INTEGER,
     last_enhanced TEXT,
     last_text TEXT,
-    route TEXT
+    route TEXT,
+    delay_warned INTEGER NOT NULL DEFAULT 0
 );
 -- The claim query walks this index: pending recipients by due time.
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt)
+    WHERE status IN ('Queued', 'Deferred', 'InProgress');
+CREATE INDEX IF NOT EXISTS recipients_order ON recipients(priority DESC, arrival, id)
     WHERE status IN ('Queued', 'Deferred', 'InProgress');
 CREATE INDEX IF NOT EXISTS recipients_message ON recipients(message_id);
 CREATE INDEX IF NOT EXISTS recipients_domain ON recipients(domain);
@@ -226,11 +229,32 @@ class SqliteQueue(Queue):
         )
         self._writer.start()
         self._closed = False
+        # Reads run on their own connections in worker threads: WAL lets them proceed
+        # while the writer is busy, so a read never waits behind someone else's fsync.
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
 
     # -- plumbing ---------------------------------------------------------------
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.wrap_future(self._writer.submit(fn))
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.to_thread(self._read_sync, fn)
+
+    def _read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.db_path)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        conn.execute("BEGIN")  # one consistent snapshot per read job
+        try:
+            return fn(conn)
+        finally:
+            conn.execute("COMMIT")
 
     def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a job from a thread with no event loop (tools, tests)."""
@@ -245,6 +269,12 @@ class SqliteQueue(Queue):
         if not self._closed:
             self._closed = True
             await asyncio.to_thread(self._writer.stop)
+            with self._readers_lock:
+                for conn in self._readers:
+                    # Reader threads are idle now; closing from here is safe because
+                    # connections are opened with check_same_thread=False.
+                    conn.close()
+                self._readers.clear()
 
     # -- intake -----------------------------------------------------------------
 
@@ -295,27 +325,34 @@ class SqliteQueue(Queue):
     # -- delivery ---------------------------------------------------------------
 
     async def claim(
-        self, owner: str, *, now: float, limit: int, lease: float
+        self,
+        owner: str,
+        *,
+        now: float,
+        limit: int,
+        lease: float,
+        exclude_domains: Collection[str] = (),
     ) -> list[ClaimedRecipient]:
+        excluded = sorted(set(exclude_domains))
+
         def job(conn: sqlite3.Connection) -> list[ClaimedRecipient]:
-            # Pending and due, or leased by a worker whose lease ran out (it crashed).
+            # Due and pending, or leased by a worker whose lease ran out (it crashed);
+            # highest priority first, then oldest. The recipients_order index lets
+            # SQLite walk in that order and stop at the limit.
+            skip = ""
+            if excluded:
+                skip = f" AND domain NOT IN ({','.join('?' * len(excluded))})"
             rows = conn.execute(
-                "SELECT id FROM recipients WHERE status IN ('Queued','Deferred')"
-                " AND next_attempt <= ?"
-                " UNION ALL SELECT id FROM recipients WHERE status = 'InProgress'"
-                " AND lease_until <= ?",
-                (now, now),
+                "SELECT id FROM recipients INDEXED BY recipients_order"
+                " WHERE status IN ('Queued','Deferred','InProgress')"
+                " AND ((status != 'InProgress' AND next_attempt <= ?)"
+                f" OR (status = 'InProgress' AND lease_until <= ?)){skip}"
+                " ORDER BY priority DESC, arrival, id LIMIT ?",
+                (now, now, *excluded, limit),
             ).fetchall()
             if not rows:
                 return []
-            ids = [r[0] for r in rows]
-            # Highest priority first, then oldest (SQLite sorts the small due set).
-            ordered = _select_in(
-                conn,
-                "SELECT id FROM recipients WHERE id IN ({}) ORDER BY priority DESC, arrival, id",
-                ids,
-            )
-            chosen = [r[0] for r in ordered[:limit]]
+            chosen = [r[0] for r in rows]
             until = now + lease
             _exec_in(
                 conn,
@@ -337,12 +374,12 @@ class SqliteQueue(Queue):
             touched: set[str] = set()
             for res in results:
                 row = conn.execute(
-                    "SELECT message_id, lease_owner, status FROM recipients WHERE id=?",
+                    "SELECT message_id, lease_owner, status, attempts FROM recipients WHERE id=?",
                     (res.recipient_id,),
                 ).fetchone()
                 if row is None:
                     continue  # removed by an operator meanwhile
-                message_id, lease_owner, status = row
+                message_id, lease_owner, status, attempts_before = row
                 if status != Status.IN_PROGRESS.value or lease_owner != owner:
                     # Cancelled meanwhile, or our lease expired and another worker owns it.
                     continue
@@ -351,7 +388,9 @@ class SqliteQueue(Queue):
                     (reply.code, reply.enhanced, reply.text) if reply else (None, None, None)
                 )
                 if res.status == Status.DEFERRED or not res.status.is_final:
-                    new_status = Status.DEFERRED if res.counts_as_attempt else Status.QUEUED
+                    new_status = Status.DEFERRED
+                    if not res.counts_as_attempt and attempts_before == 0:
+                        new_status = Status.QUEUED
                     next_attempt = res.next_attempt if res.next_attempt is not None else now
                 else:
                     new_status = res.status
@@ -361,7 +400,7 @@ class SqliteQueue(Queue):
                     " lease_until=NULL, attempts=attempts+?,"
                     " last_code=COALESCE(?, last_code), last_enhanced=CASE WHEN ? IS NULL"
                     " THEN last_enhanced ELSE ? END, last_text=COALESCE(?, last_text),"
-                    " route=COALESCE(?, route) WHERE id=?",
+                    " route=COALESCE(?, route), delay_warned=MAX(delay_warned, ?) WHERE id=?",
                     (
                         new_status.value,
                         next_attempt,
@@ -371,6 +410,7 @@ class SqliteQueue(Queue):
                         enh,
                         text,
                         res.route,
+                        int(res.delay_warned),
                         res.recipient_id,
                     ),
                 )
@@ -401,7 +441,7 @@ class SqliteQueue(Queue):
             ).fetchone()
             return bytes(row[0]) if row else None
 
-        return await self._run(job)
+        return await self._read(job)
 
     async def release_leases(self, owner: str | None = None) -> int:
         def job(conn: sqlite3.Connection) -> int:
@@ -420,16 +460,20 @@ class SqliteQueue(Queue):
 
         return await self._run(job)
 
-    async def next_due(self) -> float | None:
+    async def next_due(self, *, exclude_domains: Collection[str] = ()) -> float | None:
+        excluded = sorted(set(exclude_domains))
+        skip = f" AND domain NOT IN ({','.join('?' * len(excluded))})" if excluded else ""
+
         def job(conn: sqlite3.Connection) -> float | None:
             row = conn.execute(
                 "SELECT MIN(t) FROM (SELECT MIN(next_attempt) AS t FROM recipients"
-                " WHERE status IN ('Queued','Deferred') UNION ALL SELECT MIN(lease_until)"
-                " FROM recipients WHERE status='InProgress')"
+                f" WHERE status IN ('Queued','Deferred'){skip} UNION ALL"
+                f" SELECT MIN(lease_until) FROM recipients WHERE status='InProgress'{skip})",
+                (*excluded, *excluded),
             ).fetchone()
             return row[0] if row else None
 
-        return await self._run(job)
+        return await self._read(job)
 
     # -- operators --------------------------------------------------------------
 
@@ -448,7 +492,7 @@ class SqliteQueue(Queue):
             msg.recipients = _load_recipients(conn, ids, history=True)
             return msg
 
-        return await self._run(job)
+        return await self._read(job)
 
     async def list(
         self,
@@ -484,7 +528,7 @@ class SqliteQueue(Queue):
                 by_id[r.message_id].recipients.append(r)
             return [by_id[i] for i in ids]
 
-        return await self._run(job)
+        return await self._read(job)
 
     async def retry(self, message_id: str, *, now: float) -> int:
         def job(conn: sqlite3.Connection) -> int:
@@ -566,7 +610,7 @@ class SqliteQueue(Queue):
             }
             return st
 
-        return await self._run(job)
+        return await self._read(job)
 
 
 # -- helpers run on the writer thread --------------------------------------------
@@ -621,7 +665,7 @@ def _load_messages(conn: sqlite3.Connection, ids: list[str]) -> list[MessageInfo
 
 _RCPT_COLS = (
     "id, message_id, address, orcpt, notify, status, attempts, next_attempt,"
-    " last_code, last_enhanced, last_text, route"
+    " last_code, last_enhanced, last_text, route, delay_warned"
 )
 
 
@@ -641,6 +685,7 @@ def _load_recipients(
             next_attempt=r[7],
             last_reply=_reply(r[8], r[9], r[10]),
             route=r[11],
+            delay_warned=bool(r[12]),
         )
         for r in rows
     }

@@ -80,8 +80,8 @@ def test_jitter_applies_to_retry_time() -> None:
     assert early.at == pytest.approx(54)
 
 
-@pytest.mark.parametrize(("attempts", "kind"), [(9, "retry"), (10, "expire"), (11, "expire")])
-def test_max_retries_counts_attempts(attempts: int, kind: str) -> None:
+@pytest.mark.parametrize(("attempts", "kind"), [(10, "retry"), (11, "expire"), (12, "expire")])
+def test_max_retries_counts_retries(attempts: int, kind: str) -> None:
     decision = after_temporary_failure(DEFAULT, attempts=attempts, arrival=0, now=60, rand=0.5)
     assert decision.kind == kind
     assert decision.reason == (None if kind == "retry" else "max_retries")
@@ -117,9 +117,9 @@ def _life(policy: RetryPolicy) -> tuple[list[float], RetryDecision]:
         times.append(decision.at)
 
 
-def test_default_life_is_ten_attempts() -> None:
+def test_default_life_is_one_attempt_and_ten_retries() -> None:
     times, decision = _life(DEFAULT)
-    assert times == [0, 60, 180, 420, 900, 1860, 3780, 7380, 14580, 28980]
+    assert times == [0, 60, 180, 420, 900, 1860, 3780, 7380, 14580, 28980, 43380]
     assert decision.reason == "max_retries"
 
 
@@ -169,7 +169,7 @@ def test_parse_duration_rejects_junk(junk: str | float) -> None:
         {"schedule": (60, 0)},
         {"schedule": (60, -1)},
         {"schedule": (float("inf"),)},
-        {"max_retries": 0},
+        {"max_retries": -1},
         {"message_lifetime": 0},
         {"jitter": -0.1},
         {"jitter": 1.0},

@@ -1,0 +1,238 @@
+"""The scheduler (Postfix's qmgr): claims due recipients and hands them to sessions.
+
+Loop: claim due recipients from the queue (highest priority first, then oldest), group
+them per destination and per message, and start delivery sessions where the limits
+allow: ``max_concurrent_deliveries`` in total, ``connections_per_destination`` and
+``connections_per_minute`` per destination. A throttled destination simply waits --
+its work is not claimed meanwhile (``exclude_domains``) -- and never delays another.
+New mail wakes the loop at once (``notify``); otherwise it sleeps until the next
+recipient is due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from ferry.config import RelayConfig
+from ferry.delivery.mx import MxResolver
+from ferry.delivery.routes import direct_hop
+from ferry.delivery.shaping import DestinationShaper
+from ferry.delivery.worker import Delivery, Destination, WorkItem
+from ferry.queue.base import ClaimedRecipient, Queue
+
+# Longest sleep with nothing due: picks up operator changes made from another process
+# (`ferry queue retry`) and expires idle connections.
+IDLE_POLL_SECONDS = 2.0
+
+
+class Scheduler:
+    """Claims work and runs delivery sessions until stopped."""
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        queue: Queue,
+        *,
+        resolver: MxResolver | None = None,
+        owner: str | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        ca_file: str | None = None,
+    ) -> None:
+        d = config.delivery
+        self.config = config
+        self.queue = queue
+        self.owner = owner or f"{config.server.hostname}:{uuid.uuid4().hex[:12]}"
+        self.clock = clock
+        self.resolver = resolver or MxResolver(
+            config.dns.nameservers, timeout=config.dns.timeout, max_ttl=config.dns.mx_cache_ttl
+        )
+        self.delivery = Delivery(
+            config,
+            queue,
+            self.resolver,
+            owner=self.owner,
+            clock=clock,
+            rng=rng,
+            ca_file=ca_file,
+            on_enqueue=self.notify,
+        )
+        self.max_concurrent = d.max_concurrent_deliveries
+        # Work held in memory (claimed, not yet sent): enough to keep every session busy,
+        # small enough that nothing sits leased for long.
+        self.max_backlog = max(200, d.max_concurrent_deliveries * d.messages_per_connection)
+        self.per_destination_backlog = d.connections_per_destination * d.messages_per_connection
+        self.destinations: dict[str, Destination] = {}
+        self.sessions: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # -- control -------------------------------------------------------------------
+
+    def notify(self) -> None:
+        """New work may be due (a message was accepted): look at once."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="ferry-scheduler")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for task in list(self.sessions):
+            task.cancel()
+        if self.sessions:
+            await asyncio.gather(*self.sessions, return_exceptions=True)
+        await self.delivery.flush()
+        await self.delivery.pool.close()
+        # Whatever was claimed but not finished goes back to the queue now.
+        await self.queue.release_leases(self.owner)
+
+    # -- the loop ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                await self._claim()
+                self._dispatch()
+                self.delivery.pool.expire()
+                timeout = await self._sleep_time()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logging.getLogger("ferry.delivery").exception("scheduler error")
+                timeout = 1.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _backlog(self) -> int:
+        return sum(len(d.pending) for d in self.destinations.values())
+
+    def _full(self) -> list[str]:
+        """Domains with enough work in hand: leave the rest of theirs in the queue."""
+        return [
+            d.hop.name
+            for d in self.destinations.values()
+            if len(d.pending) >= self.per_destination_backlog
+        ]
+
+    async def _claim(self) -> None:
+        room = self.max_backlog - self._backlog()
+        if room <= 0:
+            return
+        claimed = await self.queue.claim(
+            self.owner,
+            now=self.clock(),
+            limit=room,
+            lease=self.config.queue.lease_seconds,
+            exclude_domains=self._full(),
+        )
+        self._add(claimed)
+
+    def _add(self, claimed: list[ClaimedRecipient]) -> None:
+        # Group per destination, then per message: one transaction per message there.
+        held = self.delivery.held
+        groups: dict[tuple[str, str], WorkItem] = {}
+        for c in claimed:
+            if c.recipient.id in held:
+                continue  # its lease ran out while it waited here; we still have it
+            held.add(c.recipient.id)
+            domain = c.recipient.domain
+            key = (domain, c.message.id)
+            item = groups.get(key)
+            if item is None:
+                item = groups[key] = WorkItem(c.message, [])
+                self._destination(domain).pending.append(item)
+            item.claims.append(c)
+
+    def _destination(self, domain: str) -> Destination:
+        hop = direct_hop(domain, self.config.delivery.mx_port)
+        dest = self.destinations.get(hop.label)
+        if dest is None:
+            d = self.config.delivery
+            dest = Destination(
+                hop, DestinationShaper(d.connections_per_destination, d.connections_per_minute)
+            )
+            self.destinations[hop.label] = dest
+        return dest
+
+    def _dispatch(self) -> None:
+        now = self.clock()
+        for dest in list(self.destinations.values()):
+            # More sessions for a destination only when its backlog calls for them.
+            while (
+                dest.pending
+                and len(self.sessions) < self.max_concurrent
+                and dest.shaper.active < dest.shaper.max_connections
+                and (dest.shaper.active == 0 or len(dest.pending) > 10 * dest.shaper.active)
+                and (dest.shaper.can_open(now) or self.delivery.pool.has_idle(dest.key))
+            ):
+                self._start_session(dest)
+            if not dest.pending and dest.shaper.active == 0 and len(self.destinations) > 1000:
+                del self.destinations[dest.key]
+
+    def _start_session(self, dest: Destination) -> None:
+        dest.shaper.session_started()
+        task = asyncio.get_running_loop().create_task(self.delivery.run_session(dest))
+        self.sessions.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self.sessions.discard(t)
+            dest.shaper.session_ended()
+            if not t.cancelled() and t.exception() is not None:
+                logging.getLogger("ferry.delivery").error(
+                    "delivery session failed", exc_info=t.exception()
+                )
+            self._wake.set()
+
+        task.add_done_callback(done)
+
+    async def _sleep_time(self) -> float:
+        now = self.clock()
+        waits = [IDLE_POLL_SECONDS]
+        for dest in self.destinations.values():
+            if dest.pending:
+                w = dest.shaper.open_wait(now)
+                if not math.isinf(w):
+                    waits.append(max(0.0, w))
+        due = await self.queue.next_due(exclude_domains=self._full())
+        if due is not None:
+            waits.append(max(0.0, due - now))
+        return max(0.0, min(waits))
+
+    # -- statistics ------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """The SMTPy seed's ``direct_service`` block, plus scheduler state."""
+        s = self.delivery.stats
+        mx = self.resolver.stats()
+        return {
+            "sent": s.sent,
+            "failed": s.failed,
+            "deferred": s.deferred,
+            "expired": s.expired,
+            "bounced": s.bounced,
+            "dsn_dropped": s.dsn_dropped,
+            "connections": s.connections,
+            "connections_reused": self.delivery.pool.reused,
+            "tls_fallbacks": s.tls_fallbacks,
+            "mx_lookups": mx.get("mx_lookups", 0),
+            "mx_cache_hits": mx.get("mx_cache_hits", 0),
+            "mx_cache_size": mx.get("mx_cache_size", 0),
+            "active_sessions": len(self.sessions),
+            "backlog": self._backlog(),
+        }

@@ -1,0 +1,396 @@
+"""End to end: mail into `ferry serve`, out to the test world's MX servers, DSNs back."""
+
+from __future__ import annotations
+
+import smtplib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ferry.config import RelayConfig
+from ferry.dsn import parse_dsn
+from ferry.envelope import EnvelopeIn, RecipientIn, Status
+from tests.harness import ThreadedService, wait_until
+
+SENDER = "alice@sender.test"
+
+
+def msg(subject: str = "hello", extra: bytes = b"") -> bytes:
+    return (
+        f"From: Alice <{SENDER}>\r\nTo: someone\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{subject.replace(' ', '.')}@sender.test>\r\n".encode()
+        + extra
+        + b"\r\nHello.\r\n"
+    )
+
+
+class World:
+    """DNS + MX servers + a Ferry relay wired to them."""
+
+    def __init__(self, tmp_path: Path, dns: Any, mx: Any) -> None:
+        self.tmp_path, self.dns, self.mx = tmp_path, dns, mx
+        self.relays: list[ThreadedService] = []
+        # The sender's own domain, where DSNs arrive.
+        self.bounce_mx = mx("mx.sender.test").publish(dns, "sender.test")
+
+    def config(self, **delivery: Any) -> RelayConfig:
+        d = {
+            "mx_port": self.mx.port,
+            "retry_schedule": ["1s"],
+            "connect_timeout": 5,
+            "command_timeout": 5,
+        }
+        d.update(delivery)
+        return RelayConfig.model_validate(
+            {
+                "server": {
+                    "hostname": "relay.ferry.test",
+                    "listen": [{"address": "127.0.0.1", "port": 0, "mode": "mta"}],
+                    "users_file": str(self.tmp_path / "users"),
+                },
+                "queue": {"path": str(self.tmp_path / "data"), "lease_seconds": 30},
+                "delivery": d,
+                "dns": {"nameservers": [self.dns.address], "timeout": 2},
+            }
+        )
+
+    def relay(self, **delivery: Any) -> ThreadedService:
+        svc = ThreadedService(self.config(**delivery)).__enter__()
+        self.relays.append(svc)
+        return svc
+
+    def stop(self, svc: ThreadedService) -> None:
+        self.relays.remove(svc)
+        svc.__exit__(None, None, None)
+
+    def send(
+        self,
+        svc: ThreadedService,
+        rcpts: list[str],
+        data: bytes | None = None,
+        sender: str = SENDER,
+        **opts: Any,
+    ) -> str:
+        with smtplib.SMTP("127.0.0.1", svc.port()) as c:
+            c.ehlo("client.test")
+            code, text = c.mail(sender, opts.get("mail_options", []))
+            assert code == 250, text
+            for r in rcpts:
+                code, text = c.rcpt(r, opts.get("rcpt_options", []))
+                assert code == 250, text
+            code, text = c.data(data or msg())
+            assert code == 250, text
+            return text.decode().rsplit(" ", 1)[1]
+
+    @staticmethod
+    def message(svc: ThreadedService, qid: str) -> Any:
+        return svc.call(svc.queue.get(qid))
+
+    def wait_status(
+        self, svc: ThreadedService, qid: str, *statuses: Status, timeout: float = 15
+    ) -> Any:
+        return wait_until(
+            lambda: (m := self.message(svc, qid)) is not None and m.status in statuses and m,
+            timeout,
+            f"{qid} to reach {statuses}",
+        )
+
+    def dsns(self, n: int = 1, timeout: float = 15) -> list[Any]:
+        assert self.bounce_mx.wait_for_messages(n, timeout), "no DSN arrived"
+        return self.bounce_mx.messages
+
+
+@pytest.fixture
+def world(tmp_path: Path, dns_server: Any, mx_factory: Any) -> Iterator[World]:
+    w = World(tmp_path, dns_server, mx_factory)
+    yield w
+    for svc in list(w.relays):
+        w.stop(svc)
+
+
+def test_delivers_to_most_preferred_mx(world: World) -> None:
+    mx1 = world.mx("mx1.a.test").publish(world.dns, "a.test", preference=10)
+    mx2 = world.mx("mx2.a.test").publish(world.dns, "a.test", preference=20)
+    svc = world.relay()
+    qid = world.send(svc, ["bob@a.test"])
+    assert mx1.wait_for_messages(1, 15)
+    [got] = mx1.messages
+    assert got.mail_from == SENDER
+    assert list(got.rcpt_tos) == ["bob@a.test"]
+    assert got.data.endswith(msg())  # byte-identical after our Received: header
+    assert got.data.startswith(b"Received: from client.test")
+    m = world.wait_status(svc, qid, Status.DELIVERED)
+    [h] = m.recipients[0].history
+    assert h.next_hop == f"mx1.a.test[{mx1.host}]:{world.mx.port}"
+    assert h.outcome is Status.DELIVERED
+    assert mx2.messages == []
+
+
+def test_second_mx_when_first_refuses(world: World) -> None:
+    world.mx.refusing("mx1.b.test").publish(world.dns, "b.test", preference=10)
+    mx2 = world.mx("mx2.b.test").publish(world.dns, "b.test", preference=20)
+    svc = world.relay()
+    qid = world.send(svc, ["bob@b.test"])
+    assert mx2.wait_for_messages(1, 15)
+    world.wait_status(svc, qid, Status.DELIVERED)
+
+
+def test_starttls_is_used_and_recorded(world: World) -> None:
+    mx1 = world.mx("mx1.tls.test", starttls=True).publish(world.dns, "tls.test")
+    svc = world.relay()
+    qid = world.send(svc, ["bob@tls.test"])
+    assert mx1.wait_for_messages(1, 15)
+    assert mx1.messages[0].tls
+    m = world.wait_status(svc, qid, Status.DELIVERED)
+    assert m.recipients[0].history[0].tls.startswith("TLS")
+
+
+def test_null_mx_and_nxdomain_bounce_without_connecting(world: World) -> None:
+    world.dns.null_mx("nullmx.test")
+    world.dns.nxdomain("nowhere.test")
+    svc = world.relay()
+    a = world.send(svc, ["x@nullmx.test"], msg("null"))
+    b = world.send(svc, ["y@nowhere.test"], msg("nx"))
+    ma = world.wait_status(svc, a, Status.FAILED)
+    mb = world.wait_status(svc, b, Status.FAILED)
+    assert ma.recipients[0].last_reply.enhanced == "5.1.10"
+    assert mb.recipients[0].last_reply.enhanced == "5.1.2"
+    dsns = world.dsns(2)
+    statuses = sorted(parse_dsn(d.data)[1][0]["status"] for d in dsns)
+    assert statuses == ["5.1.10", "5.1.2"]
+    assert all(d.mail_from == "" and list(d.rcpt_tos) == [SENDER] for d in dsns)
+
+
+def test_servfail_defers(world: World) -> None:
+    world.dns.servfail("broken.test")
+    svc = world.relay(retry_schedule=["1h"])
+    qid = world.send(svc, ["x@broken.test"])
+    m = world.wait_status(svc, qid, Status.DEFERRED)
+    assert m.recipients[0].last_reply.enhanced == "4.4.3"
+    assert m.recipients[0].next_attempt is not None
+
+
+def test_temporary_failure_then_success_on_retry(world: World) -> None:
+    mx1 = world.mx("mx1.retry.test").publish(world.dns, "retry.test")
+    mx1.on("rcpt", "451 4.3.0 try again later", times=1)
+    svc = world.relay(retry_schedule=["1s"])
+    qid = world.send(svc, ["bob@retry.test"])
+    assert mx1.wait_for_messages(1, 20)
+    m = world.wait_status(svc, qid, Status.DELIVERED)
+    history = m.recipients[0].history
+    assert [h.outcome for h in history] == [Status.DEFERRED, Status.DELIVERED]
+    assert history[0].reply.code == 451
+
+
+def test_permanent_failure_sends_rfc3464_dsn(world: World) -> None:
+    mx1 = world.mx("mx1.perm.test").publish(world.dns, "perm.test")
+    mx1.on("rcpt", "550 5.1.1 no such user here", rcpt="ghost@perm.test")
+    svc = world.relay()
+    qid = world.send(
+        svc, ["ghost@perm.test"], rcpt_options=["NOTIFY=FAILURE", "ORCPT=rfc822;ghost@perm.test"]
+    )
+    world.wait_status(svc, qid, Status.FAILED)
+    [dsn] = world.dsns(1)
+    parsed = dsn.parsed
+    assert parsed.get_content_type() == "multipart/report"
+    assert parsed.get_param("report-type") == "delivery-status"
+    per_msg, per_rcpt = parse_dsn(dsn.data)
+    assert per_msg["reporting-mta"] == "dns; relay.ferry.test"
+    [r] = per_rcpt
+    assert r["action"] == "failed"
+    assert r["status"] == "5.1.1"
+    assert r["final-recipient"] == "rfc822; ghost@perm.test"
+    assert r["original-recipient"] == "rfc822;ghost@perm.test"
+    assert "no such user here" in r["diagnostic-code"]
+    assert r["remote-mta"] == "dns; mx1.perm.test"
+
+
+def test_mixed_outcomes_in_one_message(world: World) -> None:
+    world.mx("mx.ok.test").publish(world.dns, "ok.test")
+    world.mx("mx.bad.test").publish(world.dns, "bad.test").on("rcpt", "550 5.1.1 unknown")
+    world.mx("mx.slow.test").publish(world.dns, "slow.test").on("rcpt", "451 4.2.1 busy")
+    svc = world.relay(retry_schedule=["1h"])
+    qid = world.send(svc, ["a@ok.test", "b@bad.test", "c@slow.test"])
+
+    def settled() -> Any:
+        m = world.message(svc, qid)
+        states = {r.address: r.status for r in m.recipients}
+        return (
+            states
+            if Status.IN_PROGRESS not in states.values() and Status.QUEUED not in states.values()
+            else None
+        )
+
+    states = wait_until(settled, 15, "all three attempted")
+    assert states == {
+        "a@ok.test": Status.DELIVERED,
+        "b@bad.test": Status.FAILED,
+        "c@slow.test": Status.DEFERRED,
+    }
+    assert world.message(svc, qid).status is Status.PARTIALLY_DELIVERED
+    [dsn] = world.dsns(1)
+    [r] = parse_dsn(dsn.data)[1]
+    assert (r["final-recipient"], r["action"]) == ("rfc822; b@bad.test", "failed")
+
+
+def test_expiry_sends_dsn_with_4_4_7(world: World) -> None:
+    world.mx("mx.down.test").publish(world.dns, "down.test").on("rcpt", "451 4.4.5 full")
+    svc = world.relay(retry_schedule=["1s"], message_lifetime="2s", max_retries=100)
+    qid = world.send(svc, ["x@down.test"])
+    m = world.wait_status(svc, qid, Status.EXPIRED, timeout=20)
+    assert m.recipients[0].attempts >= 2
+    [dsn] = world.dsns(1)
+    [r] = parse_dsn(dsn.data)[1]
+    assert (r["action"], r["status"]) == ("failed", "4.4.7")
+
+
+def test_bounce_of_a_bounce_is_never_sent(world: World) -> None:
+    world.mx("mx.reject.test").publish(world.dns, "reject.test").on("rcpt", "550 5.1.1 no")
+    svc = world.relay()
+    qid = world.send(svc, ["x@reject.test"], sender="")
+    world.wait_status(svc, qid, Status.FAILED)
+    assert wait_until(lambda: svc.service.scheduler.stats()["dsn_dropped"] == 1)
+    assert [m.id for m in svc.call(svc.queue.list())] == [qid]  # no DSN queued
+    assert world.bounce_mx.messages == []
+
+
+def test_dsn_notify_never_and_success_relayed(world: World) -> None:
+    world.mx("mx.n.test").publish(world.dns, "n.test").on(
+        "rcpt", "550 5.1.1 no", rcpt="gone@n.test"
+    )
+    svc = world.relay()
+    world.send(svc, ["gone@n.test"], rcpt_options=["NOTIFY=NEVER"])
+    q2 = world.send(svc, ["ok@n.test"], rcpt_options=["NOTIFY=SUCCESS"])
+    world.wait_status(svc, q2, Status.DELIVERED)
+    [dsn] = world.dsns(1)  # only the success report: NEVER suppressed the failure
+    [r] = parse_dsn(dsn.data)[1]
+    assert (r["final-recipient"], r["action"], r["status"]) == (
+        "rfc822; ok@n.test",
+        "relayed",
+        "2.0.0",
+    )
+
+
+def test_delay_warning_is_sent_once(world: World) -> None:
+    world.mx("mx.late.test").publish(world.dns, "late.test").on("rcpt", "451 4.2.1 later")
+    svc = world.relay(retry_schedule=["1s"], delay_warning_after="0s")
+    qid = world.send(svc, ["x@late.test"])
+    wait_until(lambda: world.message(svc, qid).recipients[0].attempts >= 3, 20, "3 attempts")
+    [dsn] = world.dsns(1)
+    [r] = parse_dsn(dsn.data)[1]
+    assert r["action"] == "delayed"
+    assert "will-retry-until" in r
+    assert len(world.bounce_mx.messages) == 1
+
+
+def test_restart_resumes_the_queue(world: World) -> None:
+    mx1 = world.mx("mx.later.test").publish(world.dns, "later.test")
+    mx1.on("rcpt", "451 4.3.0 not now")
+    svc = world.relay(retry_schedule=["1h"])
+    qid = world.send(svc, ["x@later.test"])
+    world.wait_status(svc, qid, Status.DEFERRED)
+    world.stop(svc)
+    mx1.reset()
+    svc2 = world.relay(retry_schedule=["1h"])
+    assert svc2.call(svc2.queue.retry(qid, now=0)) == 1
+    svc2.service.scheduler.notify()
+    assert mx1.wait_for_messages(1, 15)
+    world.wait_status(svc2, qid, Status.DELIVERED)
+
+
+def test_killed_relay_resumes_in_flight_delivery(world: World) -> None:
+    """SIGKILL `ferry serve` while a delivery is in flight; the restart delivers it."""
+    import sqlite3
+
+    from tests.harness import ServeProcess, free_port, write_toml
+
+    mx1 = world.mx("mx.kill.test").publish(world.dns, "kill.test")
+    mx1.on("data", "354 go ahead", delay=30)  # hold the transaction open
+    port = free_port()
+    data = world.tmp_path / "data"
+    cfg = write_toml(
+        world.tmp_path / "ferry.toml",
+        f"""
+[server]
+hostname = "relay.ferry.test"
+listen = [{{ address = "127.0.0.1", port = {port}, mode = "mta" }}]
+users_file = "{world.tmp_path}/users"
+[queue]
+path = "{data}"
+[delivery]
+mx_port = {world.mx.port}
+command_timeout = 60
+[dns]
+nameservers = ["{world.dns.address}"]
+""",
+    )
+    proc = ServeProcess(cfg, port).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            c.sendmail(SENDER, ["x@kill.test"], msg("kill"))
+
+        def in_flight() -> bool:
+            db = sqlite3.connect(data / "queue.db")
+            try:
+                row = db.execute("SELECT status, lease_owner FROM recipients").fetchone()
+            finally:
+                db.close()
+            return bool(row and row[0] == "InProgress" and row[1])
+
+        wait_until(in_flight, 15, "the delivery to be in flight")
+        wait_until(
+            lambda: mx1.commands and any(c.startswith("DATA") for c in mx1.commands),
+            15,
+            "DATA at the MX",
+        )
+        proc.kill()
+    finally:
+        proc.stop()
+    assert mx1.messages == []
+    mx1.reset()
+    proc2 = ServeProcess(cfg, port).start()
+    try:
+        assert mx1.wait_for_messages(1, 20)
+    finally:
+        proc2.stop()
+
+
+def test_rate_limited_destination_holds_while_others_flow(world: World) -> None:
+    slow = world.mx("mx.slowrate.test").publish(world.dns, "slowrate.test")
+    fast = [world.mx(f"mx.f{i}.test").publish(world.dns, f"f{i}.test") for i in range(3)]
+    svc = world.relay(
+        connections_per_minute=1, connections_per_destination=1, messages_per_connection=1
+    )
+    for i in range(3):
+        world.send(svc, [f"x{i}@slowrate.test"], msg(f"slow {i}"))
+    for i in range(3):
+        world.send(svc, [f"y@f{i}.test"], msg(f"fast {i}"))
+    for server in fast:
+        assert server.wait_for_messages(1, 15)
+    # One connection per minute to slowrate.test, one message per connection: one got
+    # through; the others wait for the window while every other destination flowed.
+    assert len(slow.messages) == 1
+    assert slow.connections == 1
+
+
+def test_mail_loop_fails_with_5_4_6(world: World) -> None:
+    world.mx("mx.loop.test").publish(world.dns, "loop.test")
+    svc = world.relay()
+    looping = b"Received: from a by b; Mon, 1 Jan 2024 00:00:00 +0000\r\n" * 31 + msg("loop")
+    qid = svc.call(svc.queue.enqueue(EnvelopeIn(SENDER, [RecipientIn("x@loop.test")], looping)))
+    svc.service.scheduler.notify()
+    m = world.wait_status(svc, qid, Status.FAILED)
+    assert m.recipients[0].last_reply.enhanced == "5.4.6"
+
+
+def test_connection_reuse_across_messages(world: World) -> None:
+    mx1 = world.mx("mx.reuse.test").publish(world.dns, "reuse.test")
+    svc = world.relay()
+    ids = [world.send(svc, [f"u{i}@reuse.test"], msg(f"m{i}")) for i in range(5)]
+    assert mx1.wait_for_messages(5, 15)
+    for qid in ids:
+        world.wait_status(svc, qid, Status.DELIVERED)
+    assert mx1.connections < 5
+    assert svc.service.scheduler.stats()["sent"] == 5

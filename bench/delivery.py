@@ -130,10 +130,11 @@ def run_ferry(tmp: Path, dns: DnsServer, sink_port: int, args: argparse.Namespac
         f'[dns]\nnameservers = ["{dns.address}"]\n'
     )
     log = tmp / "serve.log"
-    # FERRY_BENCH_WRAP="py-spy record -o prof.txt --format raw --" profiles the server.
-    wrap = os.environ.get("FERRY_BENCH_WRAP", "").split()
+    # FERRY_BENCH_PYFLAGS="-m cProfile -o /tmp/ferry.prof" profiles the server (with
+    # FERRY_EVENT_LOOP=asyncio so the profile sees inside the loop).
+    pyflags = os.environ.get("FERRY_BENCH_PYFLAGS", "").split()
     proc = subprocess.Popen(
-        [*wrap, sys.executable, "-m", "ferry.cli", "--config", str(cfg), "serve"],
+        [sys.executable, *pyflags, "-m", "ferry.cli", "--config", str(cfg), "serve"],
         stdout=open(log, "wb"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
         cwd=tmp,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -28,10 +29,20 @@ def subscribe(fn: Subscriber) -> Callable[[], None]:
     return lambda: _subscribers.remove(fn) if fn in _subscribers else None
 
 
+_secret_keys: dict[str, bool] = {}
+
+
+def _is_secret(key: str) -> bool:
+    known = _secret_keys.get(key)
+    if known is None:
+        known = _secret_keys[key] = any(word in key.lower() for word in _SECRET_WORDS)
+    return known
+
+
 def emit(event: str, level: int = logging.INFO, **fields: Any) -> None:
     """Record one event."""
     for key in fields:
-        if any(word in key.lower() for word in _SECRET_WORDS):
+        if _is_secret(key):
             fields[key] = "********"
     if logger.isEnabledFor(level):
         logger.log(level, event, extra={"ferry_fields": fields})
@@ -42,11 +53,15 @@ def emit(event: str, level: int = logging.INFO, **fields: Any) -> None:
             logger.exception("event subscriber failed")
 
 
+# Printable ASCII except space, '"', '=' and backslash: written as is, else JSON-quoted.
+_BARE = re.compile(r'[!#-<>-\[\]-~]+')
+
+
 def _fmt_value(value: Any) -> str:
-    text = str(value)
-    if text == "" or any(c in text for c in ' "=\\') or not text.isprintable():
-        return json.dumps(text, ensure_ascii=False)
-    return text
+    text = value if type(value) is str else str(value)
+    if _BARE.fullmatch(text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
 
 
 class TextFormatter(logging.Formatter):
@@ -58,7 +73,10 @@ class TextFormatter(logging.Formatter):
         fields = getattr(record, "ferry_fields", None)
         line = f"{ts}.{ms:03d}Z {record.levelname.lower()} {record.getMessage()}"
         if fields:
-            line += " " + " ".join(f"{k}={_fmt_value(v)}" for k, v in fields.items())
+            # Absent values (None) are left out: shorter lines, same information.
+            line += " " + " ".join(
+                f"{k}={_fmt_value(v)}" for k, v in fields.items() if v is not None
+            )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

@@ -41,5 +41,22 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsFiles]:
     yield TlsFiles(ca, ca_file, cert_file, key_file)
 
 
+@pytest.fixture
+def serve_factory() -> Iterator[object]:
+    """Start `ferry serve` subprocesses; every one is stopped at teardown, pass or fail."""
+    from tests.harness import ServeProcess
+
+    started: list[ServeProcess] = []
+
+    def start(config_path: Path, port: int) -> ServeProcess:
+        proc = ServeProcess(config_path, port)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
 # The test world: a real DNS server, scripted MX servers, a test CA (tests/world/).
 from tests.world.fixtures import dns_server, mx_factory, world_ca  # noqa: E402, F401

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ServeProcess, cli_json, free_port, run_cli, write_toml
+from tests.harness import cli_json, free_port, run_cli, write_toml
 
 
 def _config(tmp_path: Path, port: int) -> Path:
@@ -36,12 +36,10 @@ def _msg(i: int) -> bytes:
 
 
 @pytest.fixture
-def served(tmp_path: Path):  # type: ignore[no-untyped-def]
+def served(tmp_path: Path, serve_factory):  # type: ignore[no-untyped-def]
     port = free_port()
     cfg = _config(tmp_path, port)
-    proc = ServeProcess(cfg, port).start()
-    yield cfg, port, proc
-    proc.stop()
+    return cfg, port, serve_factory(cfg, port)
 
 
 def test_cli_works_while_serving(served) -> None:  # type: ignore[no-untyped-def]
@@ -84,10 +82,10 @@ def test_user_commands(tmp_path: Path) -> None:
     assert run_cli(cfg, "user", "remove", "alice").returncode == 1
 
 
-def test_sigkill_loses_nothing_that_got_250(tmp_path: Path) -> None:
+def test_sigkill_loses_nothing_that_got_250(tmp_path: Path, serve_factory) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     cfg = _config(tmp_path, port)
-    proc = ServeProcess(cfg, port).start()
+    proc = serve_factory(cfg, port)
     acked: dict[str, bytes] = {}  # queue id -> message bytes
     sent: dict[bytes, bytes] = {}  # Message-ID -> bytes
     lock = threading.Lock()
@@ -139,9 +137,6 @@ def test_sigkill_loses_nothing_that_got_250(tmp_path: Path) -> None:
         assert recipients.get(qid) == 1
 
     # After a restart the queue is intact and served.
-    proc2 = ServeProcess(cfg, port).start()
-    try:
-        listing = cli_json(cfg, "queue", "list", "--limit", "100000")
-        assert {m["id"] for m in listing} >= set(acked)
-    finally:
-        proc2.stop()
+    serve_factory(cfg, port)
+    listing = cli_json(cfg, "queue", "list", "--limit", "100000")
+    assert {m["id"] for m in listing} >= set(acked)

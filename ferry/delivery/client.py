@@ -199,9 +199,12 @@ def _buffered(reader: asyncio.StreamReader) -> int:
     return len(getattr(reader, "_buffer", b""))
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _unsafe(address: str) -> bool:
     """An address that would break the command line (CR, LF, NUL, controls)."""
-    return any(ord(c) < 32 or ord(c) == 127 for c in address)
+    return _CONTROL.search(address) is not None
 
 
 def _parse_ehlo(reply: Reply) -> dict[str, str]:

@@ -300,11 +300,11 @@ def test_restart_resumes_the_queue(world: World) -> None:
     world.wait_status(svc2, qid, Status.DELIVERED)
 
 
-def test_killed_relay_resumes_in_flight_delivery(world: World) -> None:
+def test_killed_relay_resumes_in_flight_delivery(world: World, serve_factory: Any) -> None:
     """SIGKILL `ferry serve` while a delivery is in flight; the restart delivers it."""
     import sqlite3
 
-    from tests.harness import ServeProcess, free_port, write_toml
+    from tests.harness import free_port, write_toml
 
     mx1 = world.mx("mx.kill.test").publish(world.dns, "kill.test")
     mx1.on("data", "354 go ahead", delay=30)  # hold the transaction open
@@ -326,35 +326,29 @@ command_timeout = 60
 nameservers = ["{world.dns.address}"]
 """,
     )
-    proc = ServeProcess(cfg, port).start()
-    try:
-        with smtplib.SMTP("127.0.0.1", port) as c:
-            c.sendmail(SENDER, ["x@kill.test"], msg("kill"))
+    proc = serve_factory(cfg, port)
+    with smtplib.SMTP("127.0.0.1", port) as c:
+        c.sendmail(SENDER, ["x@kill.test"], msg("kill"))
 
-        def in_flight() -> bool:
-            db = sqlite3.connect(data / "queue.db")
-            try:
-                row = db.execute("SELECT status, lease_owner FROM recipients").fetchone()
-            finally:
-                db.close()
-            return bool(row and row[0] == "InProgress" and row[1])
+    def in_flight() -> bool:
+        db = sqlite3.connect(data / "queue.db")
+        try:
+            row = db.execute("SELECT status, lease_owner FROM recipients").fetchone()
+        finally:
+            db.close()
+        return bool(row and row[0] == "InProgress" and row[1])
 
-        wait_until(in_flight, 15, "the delivery to be in flight")
-        wait_until(
-            lambda: mx1.commands and any(c.startswith("DATA") for c in mx1.commands),
-            15,
-            "DATA at the MX",
-        )
-        proc.kill()
-    finally:
-        proc.stop()
+    wait_until(in_flight, 15, "the delivery to be in flight")
+    wait_until(
+        lambda: mx1.commands and any(c.startswith("DATA") for c in mx1.commands),
+        15,
+        "DATA at the MX",
+    )
+    proc.kill()
     assert mx1.messages == []
     mx1.reset()
-    proc2 = ServeProcess(cfg, port).start()
-    try:
-        assert mx1.wait_for_messages(1, 20)
-    finally:
-        proc2.stop()
+    serve_factory(cfg, port)
+    assert mx1.wait_for_messages(1, 20)
 
 
 def test_rate_limited_destination_holds_while_others_flow(world: World) -> None:

@@ -275,18 +275,27 @@ class Delivery:
                 body_8bit=not data.isascii(),
             )
         except SmtpError as exc:
-            outcomes = [
-                Outcome(
-                    c,
-                    Status.DEFERRED,
-                    exc.reply,
-                    remote,
-                    name,
-                    client.tls,
-                    synthetic=exc.kind != "reply",
-                )
-                for c in item.claims
-            ]
+            # Replies already final when the session died (a RCPT refused) stand; the
+            # rest are deferred with the session's error.
+            partial = exc.partial or [None] * len(item.claims)
+            outcomes = []
+            for c, got in zip(item.claims, partial, strict=True):
+                if got is None:
+                    outcomes.append(
+                        Outcome(
+                            c,
+                            Status.DEFERRED,
+                            exc.reply,
+                            remote,
+                            name,
+                            client.tls,
+                            synthetic=exc.kind != "reply",
+                        )
+                    )
+                else:
+                    outcomes.append(
+                        Outcome(c, _status_for(got, final=False), got, remote, name, client.tls)
+                    )
             await self.finish(item, outcomes)
             return
         dsn_capable = "DSN" in client.extensions

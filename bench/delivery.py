@@ -189,6 +189,7 @@ def run_postfix(tmp: Path, sink_port: int, args: argparse.Namespace) -> dict | N
     from postfix_instance import PostfixInstance
 
     port = free_port()
+    tmp.chmod(0o755)  # Postfix's unprivileged daemons must reach their directories
     with PostfixInstance(
         tmp / "postfix", listen=("127.0.0.1", port), relay_to=(SINK_HOST, sink_port)
     ) as pf:

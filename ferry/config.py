@@ -100,6 +100,7 @@ class DeliveryConfig(_Model):
 
     mode: DeliveryMode = "direct"
     hold: bool = False
+    workers: int = Field(1, ge=0, le=16)
     mx_port: int = Field(25, ge=1, le=65535)
     source_address: str = ""
     max_concurrent_deliveries: int = Field(20, ge=1)

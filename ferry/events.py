@@ -54,7 +54,7 @@ def emit(event: str, level: int = logging.INFO, **fields: Any) -> None:
 
 
 # Printable ASCII except space, '"', '=' and backslash: written as is, else JSON-quoted.
-_BARE = re.compile(r'[!#-<>-\[\]-~]+')
+_BARE = re.compile(r"[!#-<>-\[\]-~]+")
 
 
 def _fmt_value(value: Any) -> str:

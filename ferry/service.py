@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import IO
 
 from ferry.config import RelayConfig
-from ferry.delivery.scheduler import Scheduler
+from ferry.delivery.process import DeliveryProcess
+from ferry.delivery.scheduler import Scheduler, stats_dir
 from ferry.events import emit
 from ferry.intake.server import IntakeServer
 from ferry.queue.sqlite import SqliteQueue
@@ -41,6 +42,14 @@ def load_tls(config: RelayConfig) -> ssl.SSLContext:
     return server_context(cert, key)
 
 
+def _clear_stats(config: RelayConfig) -> None:
+    """Statistics are per run: the previous run's files go when a new run starts."""
+    d = stats_dir(config)
+    if d.is_dir():
+        for f in d.glob("*.json"):
+            f.unlink(missing_ok=True)
+
+
 class Service:
     """The whole relay in one process."""
 
@@ -49,6 +58,7 @@ class Service:
         self.queue: SqliteQueue | None = None
         self.intake: IntakeServer | None = None
         self.scheduler: Scheduler | None = None
+        self.workers: list[DeliveryProcess] = []
         self._lock: IO[str] | None = None
 
     async def start(self) -> None:
@@ -60,14 +70,23 @@ class Service:
             released = await self.queue.release_leases()
             if released:
                 emit("leases_released", count=released)
-            if not self.config.delivery.hold:
-                self.scheduler = Scheduler(self.config, self.queue)
+            _clear_stats(self.config)
+            d = self.config.delivery
+            if d.hold:
+                pass
+            elif d.workers == 0:
+                self.scheduler = Scheduler(self.config, self.queue, owner=self._owner(0))
                 await self.scheduler.start()
+            else:
+                for n in range(d.workers):
+                    worker = DeliveryProcess(self.config, self._owner(n))
+                    await worker.start()
+                    self.workers.append(worker)
             self.intake = IntakeServer(
                 self.config,
                 self.queue,
                 ssl_context=load_tls(self.config),
-                on_accept=lambda _qid: self.scheduler.notify() if self.scheduler else None,
+                on_accept=self._accepted,
             )
             await self.intake.start()
         except BaseException:
@@ -80,10 +99,22 @@ class Service:
             queue=str(Path(self.config.queue.path).resolve()),
         )
 
+    def _owner(self, n: int) -> str:
+        return f"{self.config.server.hostname}:{os.getpid()}:{n}"
+
+    def _accepted(self, _queue_id: str) -> None:
+        if self.scheduler is not None:
+            self.scheduler.notify()
+        for worker in self.workers:
+            worker.notify()
+
     async def stop(self) -> None:
         if self.intake is not None:
             await self.intake.stop()
             self.intake = None
+        for worker in self.workers:
+            await worker.stop()
+        self.workers.clear()
         if self.scheduler is not None:
             await self.scheduler.stop()
             emit("delivery_stats", **self.scheduler.stats())

@@ -37,6 +37,7 @@ class World:
 
     def config(self, **delivery: Any) -> RelayConfig:
         d = {
+            "workers": 0,  # in this process, so tests can look at the scheduler
             "mx_port": self.mx.port,
             "retry_schedule": ["1s"],
             "connect_timeout": 5,
@@ -161,6 +162,26 @@ def test_null_mx_and_nxdomain_bounce_without_connecting(world: World) -> None:
     statuses = sorted(parse_dsn(d.data)[1][0]["status"] for d in dsns)
     assert statuses == ["5.1.10", "5.1.2"]
     assert all(d.mail_from == "" and list(d.rcpt_tos) == [SENDER] for d in dsns)
+
+
+def test_delivery_in_a_worker_process(world: World) -> None:
+    mx1 = world.mx("mx1.proc.test").publish(world.dns, "proc.test")
+    svc = world.relay(workers=1)
+    assert svc.service.scheduler is None and len(svc.service.workers) == 1
+    ids = [world.send(svc, [f"u{i}@proc.test"], msg(f"p{i}")) for i in range(3)]
+    assert mx1.wait_for_messages(3, 15)
+    for qid in ids:
+        world.wait_status(svc, qid, Status.DELIVERED)
+    # the worker publishes its statistics for `ferry stats`
+    import json
+
+    from ferry.delivery.scheduler import stats_dir
+
+    def published() -> Any:
+        files = list(stats_dir(svc.config).glob("*.json"))
+        return files and json.loads(files[0].read_text())["sent"] == 3
+
+    wait_until(published, 10, "worker statistics")
 
 
 def test_servfail_defers(world: World) -> None:

@@ -20,7 +20,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ferry.delivery.outcomes import DEFAULT_BLOCK_PATTERNS
 
 ListenMode = Literal["mta", "submission", "smtps"]
 DeliveryMode = Literal["direct", "relay", "hybrid", "smart"]
@@ -117,6 +127,14 @@ class DeliveryConfig(_Model):
     command_timeout: float = Field(300.0, gt=0)
     bounces: bool = True
     bounce_sender: str = ""
+    messages_per_minute: int = Field(0, ge=0)  # per destination; 0 = no limit
+    messages_per_hour: int = Field(0, ge=0)
+    # Hybrid and smart modes: 5xx replies that blame our reputation go to the relay.
+    block_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_BLOCK_PATTERNS))
+    smart_window: int = Field(20, ge=2)
+    smart_min_samples: int = Field(5, ge=1)
+    smart_threshold: float = Field(0.5, gt=0, le=1)
+    smart_cooldown: str = "30m"
 
 
 class DnsConfig(_Model):
@@ -154,10 +172,32 @@ class SmartHost(_Model):
     tls: Literal["starttls", "implicit", "none"] = "starttls"
     require_tls: bool = True
     verify_certificate: bool = True
+    ca_file: str = ""  # extra CA certificate(s) to trust, PEM (a private relay's CA)
+    auth: Literal["auto", "plain", "login", "xoauth2"] = "auto"
+    oauth_token_file: str = ""  # XOAUTH2: a file holding the current access token
+    oauth_token_command: str = ""  # XOAUTH2: a command printing the current token
     priority: int = 10
     weight: int = Field(100, ge=1)
     max_connections: int = Field(10, ge=1)
     max_messages_per_connection: int = Field(100, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or any(c in v for c in " ,:*") or v == "direct":
+            raise ValueError(
+                "a smart host name has no spaces, commas, colons or '*' and is not 'direct'"
+            )
+        return v
+
+
+class DestinationLimits(_Model):
+    """Traffic shaping for one destination (a recipient domain or an MX group)."""
+
+    connections: int | None = Field(None, ge=1)
+    connections_per_minute: int | None = Field(None, ge=1)
+    messages_per_minute: int | None = Field(None, ge=1)
+    messages_per_hour: int | None = Field(None, ge=1)
 
 
 class RelayConfig(_Model):
@@ -172,6 +212,30 @@ class RelayConfig(_Model):
     log: LogConfig = Field(default_factory=LogConfig)
     smart_hosts: list[SmartHost] = Field(default_factory=list)
     routes: dict[str, str | list[str]] = Field(default_factory=dict)
+    shaping: dict[str, DestinationLimits] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RelayConfig:
+        names = [h.name for h in self.smart_hosts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"smart_hosts: duplicate name(s) {', '.join(dupes)}")
+        if self.delivery.mode == "relay" and not self.smart_hosts:
+            raise ValueError(
+                "delivery.mode: 'relay' needs at least one [[smart_hosts]] (or SMTP_HOST)"
+            )
+        for domain, target in self.routes.items():
+            for item in [target] if isinstance(target, str) else target:
+                if item == "direct" or item.startswith("mx:"):
+                    if item.startswith("mx:") and not item[3:].split(":")[0]:
+                        raise ValueError(f"routes.{domain}: 'mx:' needs a host")
+                    continue
+                if item not in names:
+                    raise ValueError(
+                        f"routes.{domain}: {item!r} is not 'direct', 'mx:host[:port]'"
+                        " or the name of a smart host"
+                    )
+        return self
 
     @classmethod
     def load(
@@ -226,8 +290,11 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     """Turn pydantic's error list into lines of ``key: problem`` (no traceback)."""
     lines = [f"invalid configuration ({source}):"]
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(root)"
-        msg = err["msg"]
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if not key:  # a whole-model check: its message starts with the key itself
+            lines.append(f"  {msg}")
+            continue
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"  {key}: {msg}")

@@ -1,8 +1,14 @@
-"""Traffic shaping per destination: concurrent connections and new connections per minute.
+"""Traffic shaping per destination: connections, connection rate, message rates, backoff.
 
-Pure and clock-injected: the scheduler asks "may I open a connection now, and if not,
-when?" and never sleeps while holding anything, so a throttled destination waits
-without stalling any other (the seed's code held one global lock while sleeping).
+Pure and clock-injected: the scheduler asks "may I open a connection / send a message
+now, and if not, when?" and never sleeps while holding anything, so a throttled
+destination waits without stalling any other (the seed's code held one global lock
+while sleeping).
+
+When a destination answers ``421`` or ``452`` "too many ..." it is telling us to slow
+down: the shaper halves its connection allowance and pauses new work for a while
+(doubling on repeats), then ramps back up one connection per ``ramp_after`` clean
+transactions -- additive increase, multiplicative decrease, as TCP does.
 """
 
 from __future__ import annotations
@@ -44,22 +50,46 @@ class RateWindow:
 
 
 class DestinationShaper:
-    """The limits of one destination (a recipient domain)."""
+    """The limits of one destination (a recipient domain or an MX group)."""
 
-    def __init__(self, max_connections: int, connections_per_minute: int) -> None:
+    def __init__(
+        self,
+        max_connections: int,
+        connections_per_minute: int,
+        *,
+        messages_per_minute: int = 0,
+        messages_per_hour: int = 0,
+        backoff_base: float = 30.0,
+        backoff_cap: float = 600.0,
+        ramp_after: int = 20,
+    ) -> None:
         self.max_connections = max_connections
+        self.allowed_connections = max_connections  # lowered by backoff, ramps back up
         self.new_connections = RateWindow(connections_per_minute, 60.0)
+        self.message_windows = [
+            RateWindow(n, period)
+            for n, period in ((messages_per_minute, 60.0), (messages_per_hour, 3600.0))
+            if n > 0
+        ]
         self.active = 0
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.ramp_after = ramp_after
+        self.paused_until = 0.0
+        self.backoffs = 0  # consecutive throttle replies
+        self._clean = 0  # clean transactions since the last change
+
+    # -- connections ------------------------------------------------------------
 
     def can_open(self, now: float) -> bool:
         """May a new connection be opened now?"""
-        return self.active < self.max_connections and self.new_connections.allowed(now)
+        return self.open_wait(now) <= 0
 
     def open_wait(self, now: float) -> float:
         """Seconds until a new connection may open; ``inf`` when only a close can free one."""
-        if self.active >= self.max_connections:
+        if self.active >= self.allowed_connections:
             return math.inf
-        return self.new_connections.next_allowed(now) - now
+        return max(self.paused_until, self.new_connections.next_allowed(now)) - now
 
     def opened(self, now: float) -> None:
         self.new_connections.record(now)
@@ -69,3 +99,46 @@ class DestinationShaper:
 
     def session_ended(self) -> None:
         self.active = max(0, self.active - 1)
+
+    # -- messages ---------------------------------------------------------------
+
+    def send_wait(self, now: float) -> float:
+        """Seconds until one more message may be sent (0: now)."""
+        until = max([self.paused_until, *(w.next_allowed(now) for w in self.message_windows)])
+        return max(0.0, until - now)
+
+    def sent(self, now: float) -> None:
+        """A transaction went through (whatever the recipients' fates)."""
+        for window in self.message_windows:
+            window.record(now)
+        self._clean += 1
+        if self.backoffs and self._clean >= self.ramp_after:
+            self.backoffs = 0
+        if self.allowed_connections < self.max_connections and self._clean >= self.ramp_after:
+            self.allowed_connections += 1
+            self._clean = 0
+
+    def throttled(self, now: float) -> float:
+        """The destination said "too many" (421 / 452): back off. Returns the pause."""
+        self.backoffs += 1
+        self._clean = 0
+        self.allowed_connections = max(1, self.allowed_connections // 2)
+        pause = min(self.backoff_cap, self.backoff_base * 2 ** (self.backoffs - 1))
+        self.paused_until = max(self.paused_until, now + pause)
+        return pause
+
+    def state(self, now: float) -> dict[str, float | int]:
+        """For statistics."""
+        return {
+            "active_connections": self.active,
+            "allowed_connections": self.allowed_connections,
+            "paused_for": round(max(0.0, self.paused_until - now), 1),
+            "backoffs": self.backoffs,
+        }
+
+
+def is_throttle_reply(code: int, text: str) -> bool:
+    """421 (service closing / too many connections) or 452 "too many ..." (RFC 5321)."""
+    if code == 421:
+        return True
+    return code == 452 and "too many" in text.lower()

@@ -17,7 +17,7 @@ from typing import IO
 
 from ferry.config import RelayConfig
 from ferry.delivery.process import DeliveryProcess
-from ferry.delivery.scheduler import Scheduler, stats_dir
+from ferry.delivery.scheduler import Scheduler, flat_stats, stats_dir
 from ferry.events import emit
 from ferry.intake.server import IntakeServer
 from ferry.queue.sqlite import SqliteQueue
@@ -117,7 +117,7 @@ class Service:
         self.workers.clear()
         if self.scheduler is not None:
             await self.scheduler.stop()
-            emit("delivery_stats", **self.scheduler.stats())
+            emit("delivery_stats", **flat_stats(self.scheduler.stats()))
             self.scheduler = None
         if self.queue is not None:
             await self.queue.close()

@@ -45,8 +45,11 @@ def oauth_token(host: SmartHost, *, now: float | None = None) -> str | None:
         return cached[1]
     try:
         out = subprocess.run(
-            shlex.split(host.oauth_token_command), capture_output=True, text=True,
-            timeout=30, check=True,
+            shlex.split(host.oauth_token_command),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError) as exc:
         raise CredentialError(

@@ -216,6 +216,28 @@ class MxResolver:
         keys = ("mx_lookups", "mx_cache_hits", "mx_joined", "address_lookups", "address_cache_hits")
         return {key: self._stats[key] for key in keys} | {"mx_cache_size": size}
 
+    async def host_addresses(self, host: str) -> list[str]:
+        """A host's addresses (IP literals pass through); raises :class:`MxError`.
+
+        For fixed next hops (smart hosts, ``mx:host`` routes), where no MX lookup applies.
+        """
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return [host]
+        try:
+            name = to_a_labels(host)
+        except ValueError as exc:
+            raise MxError(True, "5.1.2", str(exc)) from None
+        addresses, failure = await self._addresses(name)
+        if addresses:
+            return list(addresses)
+        if failure:
+            raise MxError(False, "4.4.3", f"address lookup for {name} failed: {failure}")
+        raise MxError(False, "4.4.4", f"host {name} has no address")
+
     async def _addresses(self, host: str) -> tuple[tuple[str, ...], str | None]:
         """A host's IPv6 and IPv4 addresses (looked up together), and any failure."""
         v6, v4 = await asyncio.gather(self._query(host, "AAAA"), self._query(host, "A"))

@@ -133,7 +133,7 @@ class DeliveryProcess:
 
 
 async def _worker(config: RelayConfig, owner: str, notify_fd: int) -> None:
-    from ferry.delivery.scheduler import Scheduler
+    from ferry.delivery.scheduler import Scheduler, flat_stats
     from ferry.service import open_queue
 
     queue = open_queue(config)
@@ -163,7 +163,7 @@ async def _worker(config: RelayConfig, owner: str, notify_fd: int) -> None:
         with contextlib.suppress(Exception):
             loop.remove_reader(notify_fd)
         await scheduler.stop()
-        emit("delivery_stats", **scheduler.stats())
+        emit("delivery_stats", **flat_stats(scheduler.stats()))
         await queue.close()
 
 

@@ -26,7 +26,6 @@ from typing import Any
 
 from ferry.config import RelayConfig
 from ferry.delivery.mx import MxResolver
-from ferry.delivery.routes import direct_hop
 from ferry.delivery.shaping import DestinationShaper
 from ferry.delivery.worker import Delivery, Destination, WorkItem
 from ferry.queue.base import ClaimedRecipient, Queue
@@ -40,6 +39,11 @@ LOOP_INTERVAL = 0.005
 # Longest sleep with nothing due: picks up operator changes made from another process
 # (`ferry queue retry`) and expires idle connections.
 IDLE_POLL_SECONDS = 2.0
+
+
+def flat_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """The counters of ``Scheduler.stats()`` without the nested tables (for a log line)."""
+    return {k: v for k, v in stats.items() if not isinstance(v, dict)}
 
 
 def stats_dir(config: RelayConfig) -> Path:
@@ -150,7 +154,7 @@ class Scheduler:
     def _full(self) -> list[str]:
         """Domains with enough work in hand: leave the rest of theirs in the queue."""
         return [
-            d.hop.name
+            d.domain
             for d in self.destinations.values()
             if len(d.pending) >= self.per_destination_backlog
         ]
@@ -185,29 +189,43 @@ class Scheduler:
             item.claims.append(c)
 
     def _destination(self, domain: str) -> Destination:
-        hop = direct_hop(domain, self.config.delivery.mx_port)
-        dest = self.destinations.get(hop.label)
+        dest = self.destinations.get(domain)
         if dest is None:
             d = self.config.delivery
-            dest = Destination(
-                hop, DestinationShaper(d.connections_per_destination, d.connections_per_minute)
+            limits = self.config.shaping.get(domain)
+
+            def pick(name: str, default: int) -> int:
+                value = getattr(limits, name, None) if limits is not None else None
+                return default if value is None else int(value)
+
+            shaper = DestinationShaper(
+                pick("connections", d.connections_per_destination),
+                pick("connections_per_minute", d.connections_per_minute),
+                messages_per_minute=pick("messages_per_minute", d.messages_per_minute),
+                messages_per_hour=pick("messages_per_hour", d.messages_per_hour),
             )
-            self.destinations[hop.label] = dest
+            dest = Destination(domain, shaper, relayed=self.delivery.is_relayed(domain))
+            self.destinations[domain] = dest
         return dest
 
     def _dispatch(self) -> None:
         now = self.clock()
         for dest in list(self.destinations.values()):
+            shaper = dest.shaper
             # More sessions for a destination only when its backlog calls for them.
             while (
                 dest.pending
                 and len(self.sessions) < self.max_concurrent
-                and dest.shaper.active < dest.shaper.max_connections
-                and (dest.shaper.active == 0 or len(dest.pending) > 10 * dest.shaper.active)
-                and (dest.shaper.can_open(now) or self.delivery.pool.has_idle(dest.key))
+                and (dest.relayed or shaper.active < shaper.allowed_connections)
+                and (shaper.active == 0 or len(dest.pending) > 10 * shaper.active)
+                and (
+                    dest.relayed
+                    or (shaper.can_open(now) and shaper.send_wait(now) <= 0)
+                    or self.delivery.pool.has_idle(f"mx:{dest.domain}")
+                )
             ):
                 self._start_session(dest)
-            if not dest.pending and dest.shaper.active == 0 and len(self.destinations) > 1000:
+            if not dest.pending and shaper.active == 0 and len(self.destinations) > 1000:
                 del self.destinations[dest.key]
 
     def _start_session(self, dest: Destination) -> None:
@@ -230,8 +248,8 @@ class Scheduler:
         now = self.clock()
         waits = [IDLE_POLL_SECONDS]
         for dest in self.destinations.values():
-            if dest.pending:
-                w = dest.shaper.open_wait(now)
+            if dest.pending and not dest.relayed:
+                w = max(dest.shaper.open_wait(now), dest.shaper.send_wait(now))
                 if not math.isinf(w):
                     waits.append(max(0.0, w))
         due = await self.queue.next_due(exclude_domains=self._full())
@@ -267,9 +285,29 @@ class Scheduler:
             "connections": s.connections,
             "connections_reused": self.delivery.pool.reused,
             "tls_fallbacks": s.tls_fallbacks,
+            "direct_sent": s.direct_sent,
+            "direct_failed": s.direct_failed,
+            "relay_sent": s.relay_sent,
+            "relay_failed": s.relay_failed,
+            "fallbacks": s.fallbacks,
             "mx_lookups": mx.get("mx_lookups", 0),
             "mx_cache_hits": mx.get("mx_cache_hits", 0),
             "mx_cache_size": mx.get("mx_cache_size", 0),
             "active_sessions": len(self.sessions),
             "backlog": self._backlog(),
+            "smart_hosts": self.delivery.smart_hosts.stats(),
+            "smart_routing": self.delivery.router.stats(),
+            "destinations": self._destination_stats(),
         }
+
+    def _destination_stats(self) -> dict[str, Any]:
+        now = self.clock()
+        counts = self.delivery.recorder.destination_stats()
+        out: dict[str, Any] = {}
+        for domain in sorted(set(counts) | set(self.destinations)):
+            entry: dict[str, Any] = dict(counts.get(domain, {}))
+            dest = self.destinations.get(domain)
+            if dest is not None:
+                entry.update(dest.shaper.state(now), pending=len(dest.pending))
+            out[domain] = entry
+        return out

@@ -1,9 +1,12 @@
-"""One delivery session: a connection to a destination carrying queued work.
+"""Delivery sessions: queued work for one destination, carried over the plan's next hops.
 
-The scheduler hands a ``Destination`` (its pending work and limits) to ``run_session``;
-the session resolves the next hop, connects to the first MX host that answers, sends
-message after message over that connection, and turns every reply into an outcome.
-Outcomes become queue records, retries, expiries and DSNs in ``Delivery.finish``.
+The scheduler hands a ``Destination`` (a recipient domain: its pending work and limits)
+to ``run_session``. For each message the session asks the routing plan where to go --
+the domain's MX hosts, a fixed host, the smart host set, in order -- and moves each
+recipient on to the next hop only when the plan allows it (hybrid mode: a deferral or a
+blocklisting at the MX goes on through the relay in the same attempt; a 550 "user
+unknown" does not). Connections are opened lazily, reused while the session lasts and
+returned to the pool afterwards. Outcomes go to the ``Recorder``.
 """
 
 from __future__ import annotations
@@ -16,19 +19,29 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ferry.config import RelayConfig
-from ferry.delivery.bounces import Report, dsn_envelope
+from ferry.config import RelayConfig, SmartHost
+from ferry.delivery import credentials
 from ferry.delivery.client import ClientOptions, RcptSpec, SmtpClient, SmtpError
-from ferry.delivery.mx import MxError, MxResolver
-from ferry.delivery.outcomes import transport_failure_reply
+from ferry.delivery.mx import MxError, MxHost, MxResolver
+from ferry.delivery.outcomes import is_blocked_reply, transport_failure_reply
 from ferry.delivery.pool import ConnectionPool
-from ferry.delivery.retry import RetryPolicy, after_temporary_failure, parse_duration
+from ferry.delivery.recorder import DeliveryStats, Outcome, Recorder
+from ferry.delivery.retry import parse_duration
 from ferry.delivery.routes import NextHop
-from ferry.delivery.shaping import DestinationShaper
+from ferry.delivery.routing import (
+    RoutePlan,
+    hop_smart_host_names,
+    match_route,
+    plan_route,
+    should_fall_back,
+)
+from ferry.delivery.shaping import DestinationShaper, is_throttle_reply
+from ferry.delivery.smart import SmartRouter, destination_group
+from ferry.delivery.smarthosts import SmartHostSet
 from ferry.envelope import Reply, Status
 from ferry.events import emit
 from ferry.intake.message import MAX_HOPS, count_received, header_block
-from ferry.queue.base import AttemptResult, ClaimedRecipient, MessageInfo, Queue
+from ferry.queue.base import ClaimedRecipient, MessageInfo, Queue
 
 # How long a host whose TLS handshake failed is spoken to in plain text (opportunistic
 # TLS only: a broken STARTTLS must not block delivery forever, nor be retried each time).
@@ -37,7 +50,7 @@ TLS_FALLBACK_SECONDS = 3600.0
 
 @dataclass(slots=True)
 class WorkItem:
-    """One message's recipients at one destination: one SMTP transaction."""
+    """One message's recipients at one destination."""
 
     message: MessageInfo
     claims: list[ClaimedRecipient]
@@ -45,15 +58,16 @@ class WorkItem:
 
 @dataclass(slots=True)
 class Destination:
-    """Work waiting for one next hop, and that hop's limits."""
+    """Work waiting for one recipient domain, and that domain's limits."""
 
-    hop: NextHop
+    domain: str
     shaper: DestinationShaper
+    relayed: bool = False  # its route starts at a smart host: domain limits do not apply
     pending: collections.deque[WorkItem] = field(default_factory=collections.deque)
 
     @property
     def key(self) -> str:
-        return self.hop.label
+        return self.domain
 
     def take_all(self) -> list[WorkItem]:
         items = list(self.pending)
@@ -62,31 +76,26 @@ class Destination:
 
 
 @dataclass(slots=True)
-class Outcome:
-    """What happened to one recipient in one attempt."""
+class _Conn:
+    """A connection held by a session."""
 
-    claim: ClaimedRecipient
-    status: Status  # Delivered / Failed / Deferred (Deferred may become Expired)
-    reply: Reply
-    remote: str | None = None  # "mx1.example.com[192.0.2.1]:25"
-    remote_name: str | None = None  # "mx1.example.com", for the DSN's Remote-MTA
-    tls: str | None = None
-    synthetic: bool = False
-    relayed_without_dsn: bool = False  # delivered to a hop that does not speak DSN
+    client: SmtpClient
+    key: tuple[object, ...]
+    name: str  # the server's host name
+    remote: str  # "name[ip]:port"
+    route: str
+    limit: int  # messages per connection
+    smart_host: str | None = None
+
+
+class _Stop(Exception):
+    """End the session now (throttled); the current item has been put back."""
 
 
 @dataclass
-class DeliveryStats:
-    """Counters in the SMTPy seed's ``direct_service`` shape, plus a few more."""
-
-    sent: int = 0
-    failed: int = 0
-    deferred: int = 0
-    expired: int = 0
-    bounced: int = 0  # DSNs queued
-    dsn_dropped: int = 0  # DSNs (sender <>) that could not be delivered
-    connections: int = 0
-    tls_fallbacks: int = 0
+class _Session:
+    conns: dict[str, _Conn] = field(default_factory=dict)
+    dead: dict[str, Reply] = field(default_factory=dict)  # hops that could not connect
 
 
 class Delivery:
@@ -110,123 +119,435 @@ class Delivery:
         self.resolver = resolver
         self.owner = owner
         self.clock = clock
-        self.rng = rng or random.Random()
         self.ca_file = ca_file
-        self.on_enqueue = on_enqueue
-        self.policy = RetryPolicy.from_config(
-            d.retry_schedule, max_retries=d.max_retries, message_lifetime=d.message_lifetime
-        )
-        self.delay_warning_after = parse_duration(d.delay_warning_after)
         self.pool = ConnectionPool(max_transactions=d.messages_per_connection)
-        self.stats = DeliveryStats()
         self.tls_fallback: dict[str, float] = {}
         self.hostname = config.server.hostname
-        self.bounce_from = d.bounce_sender or f"MAILER-DAEMON@{self.hostname}"
+        self.smart_hosts = SmartHostSet(config.smart_hosts)
+        self.smart_host_names = [h.name for h in config.smart_hosts]
+        self.smart_slots = {
+            h.name: asyncio.Semaphore(h.max_connections) for h in config.smart_hosts
+        }
+        self.router = SmartRouter(
+            window=d.smart_window,
+            min_samples=d.smart_min_samples,
+            threshold=d.smart_threshold,
+            cooldown=parse_duration(d.smart_cooldown),
+        )
+        self.block_patterns = tuple(d.block_patterns)
         self._bodies: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self.held: set[int] = set()  # recipient ids claimed and not yet recorded
-        self._outbox: list[
-            tuple[MessageInfo, list[AttemptResult], list[Report], list[Report], list[Report], float]
-        ] = []
-        self._recorder: asyncio.Task[None] | None = None
+        self.recorder = Recorder(
+            config,
+            queue,
+            owner=owner,
+            read_body=self._body,
+            clock=clock,
+            rng=rng,
+            on_enqueue=on_enqueue,
+        )
+
+    # The scheduler's view -----------------------------------------------------------
+
+    @property
+    def stats(self) -> DeliveryStats:
+        return self.recorder.stats
+
+    @property
+    def held(self) -> set[int]:
+        return self.recorder.held
+
+    async def flush(self) -> None:
+        await self.recorder.flush()
+
+    def is_relayed(self, domain: str) -> bool:
+        """Does this domain's route start at a smart host (known without DNS)?"""
+        plan = self._base_plan(domain)
+        return plan.hops[0].kind == "smarthost"
 
     # -- the session ---------------------------------------------------------------
 
     async def run_session(self, dest: Destination) -> None:
-        """Drain ``dest.pending`` over one connection at a time.
+        """Deliver ``dest.pending`` until it is empty or the destination is throttled.
 
         If the session is cancelled (shutdown), what it still holds stays leased in the
         queue and is handed back when the scheduler releases its leases.
         """
-        while dest.pending:
-            try:
-                hosts = await self.resolver.resolve(dest.hop.name)
-            except MxError as exc:
-                status = Status.FAILED if exc.permanent else Status.DEFERRED
-                await self._finish_all(dest.take_all(), status, exc.reply, synthetic=True)
-                return
-            targets = [(h.name, a) for h in hosts for a in h.addresses]
-            connected = await self._connect(dest, targets)
-            if isinstance(connected, Reply):
-                # Every host failed: the destination is down for this round.
-                await self._finish_all(
-                    dest.take_all(), Status.DEFERRED, connected, synthetic=connected.code == 451
-                )
-                return
-            client, key, name, remote = connected
-            try:
-                limit = self.config.delivery.messages_per_connection
-                while dest.pending and client.usable and client.transactions < limit:
-                    item = dest.pending.popleft()
-                    await self._transfer(client, item, name, remote)
-            finally:
-                self.pool.give(key, client)
+        session = _Session()
+        try:
+            while dest.pending:
+                item = dest.pending.popleft()
+                try:
+                    await self._deliver(dest, item, session)
+                except _Stop:
+                    return
+        finally:
+            for conn in session.conns.values():
+                self.pool.give(conn.key, conn.client)
 
-    async def _connect(
-        self, dest: Destination, targets: list[tuple[str, str]]
-    ) -> tuple[SmtpClient, tuple[object, ...], str, str] | Reply:
-        """The first MX address that gives us a session (RFC 5321 §5.1 order)."""
-        last: Reply = transport_failure_reply("refused", f"no usable address for {dest.hop.name}")
+    def _base_plan(self, domain: str, **kw: object) -> RoutePlan:
+        d = self.config.delivery
+        return plan_route(
+            domain,
+            mode=d.mode,
+            routes=self.config.routes,
+            smart_hosts=self.smart_host_names,
+            mx_port=d.mx_port,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    async def _plan(
+        self, domain: str
+    ) -> tuple[RoutePlan, list[MxHost] | None, str | None] | Outcome:
+        """The route for one message at ``domain`` (an Outcome template when none)."""
+        plan = self._base_plan(domain)
+        smart = (
+            self.config.delivery.mode == "smart"
+            and match_route(domain, self.config.routes) is None
+            and bool(self.smart_host_names)
+        )
+        if not smart and not any(h.kind == "mx" for h in plan.hops):
+            return plan, None, None
+        try:
+            mx_hosts = await self.resolver.resolve(domain)
+        except MxError as exc:
+            if exc.permanent:  # NXDOMAIN, null MX: answers, not failures
+                return _template(Status.FAILED, exc.reply)
+            fallback = self._base_plan(domain, mx_failed=True)
+            if any(h.kind == "mx" for h in fallback.hops):
+                return _template(Status.DEFERRED, exc.reply)
+            emit("route", domain=domain, reason=fallback.reason)
+            return fallback, None, None
+        group = None
+        if smart:
+            group = destination_group([h.name for h in mx_hosts])
+            choice, why = self.router.choose(group, self.clock())
+            plan = self._base_plan(domain, smart_choice=choice, smart_reason=why)
+        return plan, mx_hosts, group
+
+    async def _deliver(self, dest: Destination, item: WorkItem, session: _Session) -> None:
+        message = item.message
+        data = await self._body(message.id)
+        if data is None:  # removed by an operator meanwhile
+            self.recorder.drop(item.claims)
+            return
+        if count_received(header_block(data)) > MAX_HOPS:
+            # RFC 5321 §6.3: a message that has crossed this many relays is looping.
+            reply = Reply(554, "5.4.6", "Too many hops (mail loop detected)")
+            self._finish(
+                item, [Outcome(c, Status.FAILED, reply, synthetic=True) for c in item.claims]
+            )
+            return
+        planned = await self._plan(dest.domain)
+        if isinstance(planned, Outcome):
+            self._finish(
+                item,
+                [Outcome(c, planned.status, planned.reply, synthetic=True) for c in item.claims],
+            )
+            return
+        plan, mx_hosts, group = planned
         now = self.clock()
-        for name, ip in targets:
-            plain = self.tls_fallback.get(ip, 0) > now
-            key = (dest.key, ip, dest.hop.port, plain)
-            pooled = self.pool.take(key)
-            remote = f"{name}[{ip}]:{dest.hop.port}"
-            if pooled is not None:
-                return pooled, key, name, remote  # type: ignore[return-value]
-            try:
-                client = await self._open(ip, dest.hop.port, name, plain)
-            except SmtpError as exc:
-                if exc.tls_handshake_failed and not plain:
-                    # Opportunistic TLS: retry this host in clear and remember it.
-                    self.tls_fallback[ip] = now + TLS_FALLBACK_SECONDS
-                    self.stats.tls_fallbacks += 1
-                    emit(
-                        "tls_fallback",
-                        level=logging.WARNING,
-                        host=remote,
-                        reason=exc.reply.text[:200],
+        if plan.hops[0].kind != "smarthost" and dest.shaper.send_wait(now) > 0:
+            dest.pending.appendleft(item)  # over this destination's message rate
+            raise _Stop
+        open_claims = list(item.claims)
+        final: list[Outcome] = []
+        for i, hop in enumerate(plan.hops):
+            last = i == len(plan.hops) - 1
+            results = await self._via(hop, dest, item, open_claims, data, mx_hosts, session)
+            if hop.kind == "mx" and group is not None:
+                self.router.record_direct(
+                    group, self.clock(), _summary(results, self.block_patterns)
+                )
+            carried = []
+            for o in results:
+                if (
+                    not last
+                    and o.status is not Status.DELIVERED
+                    and should_fall_back(
+                        plan,
+                        transport_failure=o.transport,
+                        reply=None if o.transport else o.reply,
+                        block_patterns=self.block_patterns,
                     )
-                    key = (dest.key, ip, dest.hop.port, True)
-                    try:
-                        client = await self._open(ip, dest.hop.port, name, True)
-                    except SmtpError as exc2:
-                        last = exc2.reply
-                        self._log_connect_failure(remote, exc2)
-                        continue
+                ):
+                    carried.append(o.claim)
+                    self.stats.fallbacks += 1
+                    emit(
+                        "fallback",
+                        id=message.id,
+                        rcpt=o.claim.recipient.address,
+                        route=o.route,
+                        reply=str(o.reply)[:200],
+                        next=plan.hops[i + 1].label,
+                        reason=plan.reason,
+                    )
                 else:
+                    final.append(o)
+            open_claims = carried
+            if not open_claims:
+                break
+        self._finish(item, final)
+        if any(
+            is_throttle_reply(o.reply.code, o.reply.text) and o.route == "direct" for o in final
+        ):
+            pause = dest.shaper.throttled(self.clock())
+            emit(
+                "throttled",
+                level=logging.WARNING,
+                destination=dest.domain,
+                pause=round(pause, 1),
+                connections=dest.shaper.allowed_connections,
+            )
+            raise _Stop
+        dest.shaper.sent(self.clock())
+
+    def _finish(self, item: WorkItem, outcomes: list[Outcome]) -> None:
+        self.recorder.finish(item.message, outcomes)
+
+    # -- one hop -------------------------------------------------------------------
+
+    async def _via(
+        self,
+        hop: NextHop,
+        dest: Destination,
+        item: WorkItem,
+        claims: list[ClaimedRecipient],
+        data: bytes,
+        mx_hosts: list[MxHost] | None,
+        session: _Session,
+    ) -> list[Outcome]:
+        if hop.kind == "smarthost":
+            return await self._via_smart_hosts(hop, item, claims, data, session)
+        route = "direct" if hop.kind == "mx" else hop.label
+        if hop.kind == "mx":
+            targets = [(h.name, a) for h in (mx_hosts or []) for a in h.addresses]
+        else:
+            try:
+                targets = [(hop.name, a) for a in await self.resolver.host_addresses(hop.name)]
+            except MxError as exc:
+                return _all(claims, Status.DEFERRED, exc.reply, route=route, transport=True)
+        conn = await self._mx_conn(hop, route, dest, targets, session)
+        if isinstance(conn, Reply):
+            return _all(claims, Status.DEFERRED, conn, route=route, transport=True)
+        return await self._transfer(conn, item, claims, data, session, hop.label)
+
+    async def _mx_conn(
+        self,
+        hop: NextHop,
+        route: str,
+        dest: Destination,
+        targets: list[tuple[str, str]],
+        session: _Session,
+    ) -> _Conn | Reply:
+        """The session's connection for this hop, or the first MX address that answers."""
+        held = session.conns.get(hop.label)
+        if held is not None:
+            if held.client.usable and held.client.transactions < held.limit:
+                return held
+            del session.conns[hop.label]
+            self.pool.give(held.key, held.client)
+        if hop.label in session.dead:
+            return session.dead[hop.label]
+        last: Reply = transport_failure_reply("refused", f"no usable address for {hop.name}")
+        now = self.clock()
+        limit = self.config.delivery.messages_per_connection
+        for name, ip in targets:  # RFC 5321 §5.1: in preference order
+            plain = self.tls_fallback.get(ip, 0) > now
+            key = (hop.label, ip, hop.port, plain)
+            remote = f"{name}[{ip}]:{hop.port}"
+            pooled = self.pool.take(key)
+            if pooled is not None:
+                conn = _Conn(pooled, key, name, remote, route, limit)  # type: ignore[arg-type]
+                session.conns[hop.label] = conn
+                return conn
+            if not (dest.shaper.new_connections.allowed(now) and now >= dest.shaper.paused_until):
+                raise _Stop  # the connection rate is spent: wait, as the scheduler will
+            try:
+                client = await self._open(ip, hop.port, name, plain)
+            except SmtpError as exc:
+                if not (exc.tls_handshake_failed and not plain):
                     last = exc.reply
                     self._log_connect_failure(remote, exc)
                     continue
+                # Opportunistic TLS: retry this host in clear and remember it.
+                self.tls_fallback[ip] = now + TLS_FALLBACK_SECONDS
+                self.stats.tls_fallbacks += 1
+                emit(
+                    "tls_fallback", level=logging.WARNING, host=remote, reason=exc.reply.text[:200]
+                )
+                key = (hop.label, ip, hop.port, True)
+                try:
+                    client = await self._open(ip, hop.port, name, True)
+                except SmtpError as exc2:
+                    last = exc2.reply
+                    self._log_connect_failure(remote, exc2)
+                    continue
             dest.shaper.opened(self.clock())
-            return client, key, name, remote
+            conn = _Conn(client, key, name, remote, route, limit)
+            session.conns[hop.label] = conn
+            return conn
+        session.dead[hop.label] = last
         return last
 
-    async def _open(self, ip: str, port: int, name: str, plain: bool) -> SmtpClient:
+    async def _via_smart_hosts(
+        self,
+        hop: NextHop,
+        item: WorkItem,
+        claims: list[ClaimedRecipient],
+        data: bytes,
+        session: _Session,
+    ) -> list[Outcome]:
+        """Through the smart host set: by priority and weight, failing over on transport
+        errors (which open that host's circuit breaker)."""
+        names = hop_smart_host_names(hop, self.smart_host_names)
+        last = transport_failure_reply("refused", "no smart host is available")
+        for host in self.smart_hosts.order(self.clock(), names):
+            label = f"smarthost:{host.name}"
+            conn = await self._smart_conn(host, session)
+            if isinstance(conn, Reply):
+                last = conn
+                continue
+            async with self.smart_slots[host.name]:
+                outcomes = await self._transfer(conn, item, claims, data, session, label)
+            now = self.clock()
+            broken = [o for o in outcomes if o.transport]
+            if broken:
+                self.smart_hosts.report(
+                    host.name,
+                    now,
+                    ok=False,
+                    transport_failure=True,
+                    error=str(broken[0].reply)[:200],
+                )
+            else:
+                self.smart_hosts.report(host.name, now, ok=True)
+            for o in outcomes:
+                self.smart_hosts.count(
+                    host.name,
+                    "sent"
+                    if o.status is Status.DELIVERED
+                    else "failed"
+                    if o.status is Status.FAILED
+                    else "deferred",
+                )
+            return outcomes
+        return _all(claims, Status.DEFERRED, last, route=f"smarthost:{hop.name}", transport=True)
+
+    async def _smart_conn(self, host: SmartHost, session: _Session) -> _Conn | Reply:
+        label = f"smarthost:{host.name}"
+        held = session.conns.get(label)
+        if held is not None:
+            if held.client.usable and held.client.transactions < held.limit:
+                return held
+            del session.conns[label]
+            self.pool.give(held.key, held.client)
+        if label in session.dead:
+            return session.dead[label]
+        now = self.clock()
+        try:
+            addresses = await self.resolver.host_addresses(host.host)
+        except MxError as exc:
+            self.smart_hosts.report(
+                host.name, now, ok=False, transport_failure=True, error=exc.text
+            )
+            session.dead[label] = exc.reply
+            return exc.reply
+        last: Reply = transport_failure_reply("refused", f"no address for {host.host}")
+        for ip in addresses:
+            key = (label, ip, host.port)
+            remote = f"{host.host}[{ip}]:{host.port}"
+            pooled = self.pool.take(key)
+            if pooled is not None:
+                conn = _Conn(
+                    pooled,
+                    key,
+                    host.host,
+                    remote,
+                    label,  # type: ignore[arg-type]
+                    host.max_messages_per_connection,
+                    host.name,
+                )
+                session.conns[label] = conn
+                return conn
+            try:
+                client = await self._open_smart(ip, host)
+            except credentials.CredentialError as exc:
+                last = transport_failure_reply("protocol", str(exc))
+                emit("smarthost_failed", level=logging.ERROR, host=host.name, reason=str(exc))
+                break
+            except SmtpError as exc:
+                last = exc.reply
+                # The reply and the host, never the credentials (they are not in exc).
+                emit(
+                    "smarthost_failed",
+                    level=logging.WARNING,
+                    host=host.name,
+                    remote=remote,
+                    stage=exc.stage,
+                    kind=exc.kind,
+                    reply=str(exc.reply)[:300],
+                )
+                continue
+            conn = _Conn(
+                client, key, host.host, remote, label, host.max_messages_per_connection, host.name
+            )
+            session.conns[label] = conn
+            return conn
+        self.smart_hosts.report(
+            host.name, now, ok=False, transport_failure=True, error=str(last)[:200]
+        )
+        session.dead[label] = last
+        return last
+
+    def _options(self, **kw: object) -> ClientOptions:
         d = self.config.delivery
+        base: dict[str, object] = {
+            "helo_name": self.hostname,
+            "source_address": d.source_address or None,
+            "connect_timeout": d.connect_timeout,
+            "greeting_timeout": d.command_timeout,
+            "command_timeout": d.command_timeout,
+            # RFC 5321 §4.5.3.2: DATA initiation 2 min, data block 3 min, final dot
+            # 10 min -- shortened only when the operator asked for shorter timeouts.
+            "data_init_timeout": min(d.command_timeout, 120.0),
+            "data_block_timeout": min(d.command_timeout, 180.0),
+            "final_timeout": 600.0 if d.command_timeout >= 300 else d.command_timeout,
+        }
+        base.update(kw)
+        return ClientOptions(**base)  # type: ignore[arg-type]
+
+    async def _open(self, ip: str, port: int, name: str, plain: bool) -> SmtpClient:
         self.stats.connections += 1
-        options = ClientOptions(
-            helo_name=self.hostname,
+        options = self._options(
             tls="none" if plain else "opportunistic",
             verify_certificate=False,
             ca_file=self.ca_file,
             server_name=name,
-            source_address=d.source_address or None,
-            connect_timeout=d.connect_timeout,
-            greeting_timeout=d.command_timeout,
-            command_timeout=d.command_timeout,
-            data_init_timeout=min(d.command_timeout, 120.0),
-            data_block_timeout=min(d.command_timeout, 180.0),
-            final_timeout=max(d.command_timeout, 600.0)
-            if d.command_timeout >= 300
-            else d.command_timeout,
         )
         return await SmtpClient.connect(ip, port, options)
+
+    async def _open_smart(self, ip: str, host: SmartHost) -> SmtpClient:
+        self.stats.connections += 1
+        tls = {"implicit": "implicit", "none": "none"}.get(host.tls) or (
+            "required" if host.require_tls else "opportunistic"
+        )
+        mechanisms = {"plain": ("PLAIN",), "login": ("LOGIN",), "xoauth2": ("XOAUTH2",)}
+        token = credentials.oauth_token(host)
+        options = self._options(
+            tls=tls,
+            verify_certificate=host.verify_certificate,
+            ca_file=host.ca_file or self.ca_file,
+            server_name=host.host,
+            username=host.username or None,
+            password=credentials.password(host),
+            oauth_token=token,
+            auth_mechanisms=mechanisms.get(host.auth, ("PLAIN", "LOGIN")),
+        )
+        return await SmtpClient.connect(ip, host.port, options)
 
     def _log_connect_failure(self, remote: str, exc: SmtpError) -> None:
         emit(
             "connect_failed",
-            level=logging.INFO,
             host=remote,
             stage=exc.stage,
             kind=exc.kind,
@@ -244,24 +565,24 @@ class Delivery:
                 self._bodies.popitem(last=False)
         return data
 
-    async def _transfer(self, client: SmtpClient, item: WorkItem, name: str, remote: str) -> None:
-        """One SMTP transaction for one message's recipients at this destination."""
+    # -- one transaction -------------------------------------------------------------
+
+    async def _transfer(
+        self,
+        conn: _Conn,
+        item: WorkItem,
+        claims: list[ClaimedRecipient],
+        data: bytes,
+        session: _Session,
+        label: str,
+    ) -> list[Outcome]:
+        """One SMTP transaction for these recipients of one message."""
         message = item.message
-        data = await self._body(message.id)
-        if data is None:  # removed by an operator meanwhile
-            self.held.difference_update(c.recipient.id for c in item.claims)
-            return
-        if count_received(header_block(data)) > MAX_HOPS:
-            # RFC 5321 §6.3: a message that has crossed this many relays is looping.
-            reply = Reply(554, "5.4.6", "Too many hops (mail loop detected)")
-            await self.finish(
-                item, [Outcome(c, Status.FAILED, reply, synthetic=True) for c in item.claims]
-            )
-            return
+        client = conn.client
         specs = [
-            RcptSpec(c.recipient.address, c.recipient.notify, c.recipient.orcpt)
-            for c in item.claims
+            RcptSpec(c.recipient.address, c.recipient.notify, c.recipient.orcpt) for c in claims
         ]
+        common = {"remote": conn.remote, "remote_name": conn.name, "route": conn.route}
         try:
             result = await client.send(
                 message.sender,
@@ -275,205 +596,69 @@ class Delivery:
                 body_8bit=not data.isascii(),
             )
         except SmtpError as exc:
+            session.conns.pop(label, None)
+            self.pool.give(conn.key, client)  # not usable: the pool closes it
             # Replies already final when the session died (a RCPT refused) stand; the
-            # rest are deferred with the session's error.
-            partial = exc.partial or [None] * len(item.claims)
+            # rest are deferred with the session's error and may try the next hop.
+            partial = exc.partial or [None] * len(claims)
+            transport = exc.kind != "reply" or exc.reply.code == 421
             outcomes = []
-            for c, got in zip(item.claims, partial, strict=True):
+            for c, got in zip(claims, partial, strict=True):
                 if got is None:
                     outcomes.append(
                         Outcome(
                             c,
                             Status.DEFERRED,
                             exc.reply,
-                            remote,
-                            name,
-                            client.tls,
+                            tls=client.tls,
                             synthetic=exc.kind != "reply",
+                            transport=transport,
+                            **common,
                         )
-                    )
+                    )  # type: ignore[arg-type]
                 else:
                     outcomes.append(
-                        Outcome(c, _status_for(got, final=False), got, remote, name, client.tls)
-                    )
-            await self.finish(item, outcomes)
-            return
+                        Outcome(c, _status_for(got, final=False), got, tls=client.tls, **common)
+                    )  # type: ignore[arg-type]
+            return outcomes
         dsn_capable = "DSN" in client.extensions
         outcomes = []
-        for claim, reply in zip(item.claims, result.replies, strict=True):
-            status = _status_for(reply, final=reply == result.data_reply)
+        for claim, reply, stage in zip(claims, result.replies, result.stages, strict=True):
+            status = _status_for(reply, final=stage == "dot")
             outcomes.append(
                 Outcome(
                     claim,
                     status,
                     reply,
-                    remote,
-                    name,
-                    client.tls,
+                    tls=client.tls,
                     relayed_without_dsn=status is Status.DELIVERED and not dsn_capable,
+                    **common,  # type: ignore[arg-type]
                 )
             )
-        await self.finish(item, outcomes)
+        return outcomes
 
-    async def _finish_all(
-        self, items: list[WorkItem], status: Status, reply: Reply, *, synthetic: bool
-    ) -> None:
-        for item in items:
-            await self.finish(
-                item, [Outcome(c, status, reply, synthetic=synthetic) for c in item.claims]
-            )
 
-    # -- outcomes → queue, retries, DSNs --------------------------------------------
+def _all(
+    claims: list[ClaimedRecipient], status: Status, reply: Reply, *, route: str, transport: bool
+) -> list[Outcome]:
+    return [
+        Outcome(c, status, reply, synthetic=True, transport=transport, route=route) for c in claims
+    ]
 
-    async def finish(self, item: WorkItem, outcomes: list[Outcome]) -> None:
-        """Record one transaction's outcomes; schedule retries; queue DSNs."""
-        now = self.clock()
-        message = item.message
-        results: list[AttemptResult] = []
-        failed: list[Report] = []
-        delayed: list[Report] = []
-        relayed: list[Report] = []
-        lifetime = self.policy.message_lifetime
-        for o in outcomes:
-            rcpt = o.claim.recipient
-            status, next_attempt, dsn_status = o.status, None, None
-            warned = False
-            if status is Status.DEFERRED:
-                decision = after_temporary_failure(
-                    self.policy,
-                    attempts=rcpt.attempts + 1,
-                    # expiry is the message's own, fixed when it arrived
-                    arrival=message.expires - lifetime,
-                    now=now,
-                    rand=self.rng.random(),
-                )
-                if decision.kind == "expire":
-                    status, dsn_status = Status.EXPIRED, "4.4.7"
-                else:
-                    next_attempt = decision.at
-                    if not rcpt.delay_warned and now - message.arrival >= self.delay_warning_after:
-                        warned = True
-                        delayed.append(
-                            Report(rcpt, "delayed", o.reply, o.remote_name, now, o.synthetic)
-                        )
-            if status in (Status.FAILED, Status.EXPIRED):
-                failed.append(
-                    Report(rcpt, "failed", o.reply, o.remote_name, now, o.synthetic, dsn_status)
-                )
-            if o.relayed_without_dsn:
-                relayed.append(Report(rcpt, "relayed", o.reply, o.remote_name, now))
-            results.append(
-                AttemptResult(
-                    rcpt.id,
-                    status,
-                    o.reply,
-                    next_attempt=next_attempt,
-                    next_hop=o.remote,
-                    route="direct",
-                    tls=o.tls,
-                    delay_warned=warned,
-                )
-            )
-            self._count(status)
-            emit(
-                "delivery",
-                id=message.id,
-                rcpt=rcpt.address,
-                status=status.value,
-                relay=o.remote or "none",
-                tls=o.tls,
-                reply=str(o.reply)[:300],
-                attempt=rcpt.attempts + 1,
-                delay=round(now - message.arrival, 3),
-                next=round(next_attempt - now, 1) if next_attempt else None,
-            )
-        # Recording is handed to the recorder task: the session goes on to its next
-        # transaction at once, and many transactions share one queue write.
-        self._outbox.append((message, results, failed, delayed, relayed, now))
-        self._ensure_recorder()
 
-    # -- the recorder ------------------------------------------------------------------
+def _template(status: Status, reply: Reply) -> Outcome:
+    return Outcome(None, status, reply)  # type: ignore[arg-type]
 
-    def _ensure_recorder(self) -> None:
-        if self._recorder is None or self._recorder.done():
-            self._recorder = asyncio.get_running_loop().create_task(self._record_loop())
 
-    async def _record_loop(self) -> None:
-        while self._outbox:
-            batch, self._outbox = self._outbox, []
-            results = [r for entry in batch for r in entry[1]]
-            await self.queue.record(self.owner, results, now=max(e[5] for e in batch))
-            self.held.difference_update(r.recipient_id for r in results)
-            if self.config.delivery.bounces:
-                for message, _results, failed, delayed, relayed, now in batch:
-                    await self._reports(message, failed, delayed, relayed, now)
-
-    async def flush(self) -> None:
-        """Wait until every outcome so far is recorded (shutdown, tests)."""
-        while self._outbox or (self._recorder is not None and not self._recorder.done()):
-            if self._recorder is None or self._recorder.done():
-                self._ensure_recorder()
-            await asyncio.shield(self._recorder)  # type: ignore[arg-type]
-
-    async def _reports(
-        self,
-        message: MessageInfo,
-        failed: list[Report],
-        delayed: list[Report],
-        relayed: list[Report],
-        now: float,
-    ) -> None:
-        if message.sender == "" and failed:
-            # A DSN that cannot be delivered is dropped (never bounce a bounce).
-            self.stats.dsn_dropped += len(failed)
-            for r in failed:
-                emit(
-                    "dsn_dropped",
-                    level=logging.WARNING,
-                    id=message.id,
-                    rcpt=r.recipient.address,
-                    reply=str(r.reply)[:300],
-                )
-            return
-        for reports in (failed, delayed, relayed):
-            if reports:
-                await self._send_dsn(message, reports, now)
-
-    async def _send_dsn(self, message: MessageInfo, reports: list[Report], now: float) -> None:
-        original = await self._body(message.id) or b""
-        envelope = dsn_envelope(
-            message,
-            original,
-            reports,
-            hostname=self.hostname,
-            bounce_from=self.bounce_from,
-            now=now,
-        )
-        if envelope is None:
-            return
-        qid = await self.queue.enqueue(envelope, expires=now + self.policy.message_lifetime)
-        self.stats.bounced += 1
-        emit(
-            "dsn",
-            id=qid,
-            about=message.id,
-            to=message.sender,
-            action=reports[0].action,
-            rcpts=len(reports),
-        )
-        if self.on_enqueue is not None:
-            self.on_enqueue()
-
-    def _count(self, status: Status) -> None:
-        s = self.stats
-        if status is Status.DELIVERED:
-            s.sent += 1
-        elif status is Status.FAILED:
-            s.failed += 1
-        elif status is Status.EXPIRED:
-            s.expired += 1
-        else:
-            s.deferred += 1
+def _summary(outcomes: list[Outcome], patterns: tuple[str, ...]) -> str:
+    """One direct attempt's result for smart mode's window."""
+    if any(o.status is Status.DELIVERED for o in outcomes):
+        return "delivered"
+    if any(o.reply.is_permanent and is_blocked_reply(o.reply, patterns) for o in outcomes):
+        return "blocked"
+    if any(o.transport or o.reply.is_transient for o in outcomes):
+        return "deferred"
+    return "failed"
 
 
 def _status_for(reply: Reply, *, final: bool) -> Status:

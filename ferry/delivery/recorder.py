@@ -1,0 +1,260 @@
+"""From outcomes to the queue: retries, expiry, DSNs, statistics (Postfix's bounce/defer).
+
+Sessions hand every transaction's outcomes to ``Recorder.finish`` and go on at once;
+the recorder task writes them in batches (many transactions, one queue write) and then
+queues whatever DSNs they call for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ferry.config import RelayConfig
+from ferry.delivery.bounces import Report, dsn_envelope
+from ferry.delivery.retry import RetryPolicy, after_temporary_failure, parse_duration
+from ferry.envelope import Reply, Status
+from ferry.events import emit
+from ferry.queue.base import AttemptResult, ClaimedRecipient, MessageInfo, Queue
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one recipient in one attempt."""
+
+    claim: ClaimedRecipient
+    status: Status  # Delivered / Failed / Deferred (Deferred may become Expired)
+    reply: Reply
+    remote: str | None = None  # "mx1.example.com[192.0.2.1]:25"
+    remote_name: str | None = None  # "mx1.example.com", for the DSN's Remote-MTA
+    tls: str | None = None
+    synthetic: bool = False  # the reply is ours (no answer from a server)
+    transport: bool = False  # the session failed, not this recipient (may fall back)
+    route: str = "direct"  # "direct" | "host:h:port" | "smarthost:name"
+    relayed_without_dsn: bool = False  # delivered to a hop that does not speak DSN
+
+
+@dataclass
+class DeliveryStats:
+    """Counters in the SMTPy seed's shape, plus a few more."""
+
+    sent: int = 0
+    failed: int = 0
+    deferred: int = 0
+    expired: int = 0
+    bounced: int = 0  # DSNs queued
+    dsn_dropped: int = 0  # DSNs (sender <>) that could not be delivered
+    connections: int = 0
+    tls_fallbacks: int = 0
+    direct_sent: int = 0
+    direct_failed: int = 0
+    relay_sent: int = 0
+    relay_failed: int = 0
+    fallbacks: int = 0  # recipients moved to a later hop within an attempt
+    by_destination: dict[str, collections.Counter[str]] = field(
+        default_factory=lambda: collections.defaultdict(collections.Counter)
+    )
+
+
+_Entry = tuple[MessageInfo, list[AttemptResult], list[Report], list[Report], list[Report], float]
+
+
+class Recorder:
+    """Turns outcomes into queue records, retries and DSNs."""
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        queue: Queue,
+        *,
+        owner: str,
+        read_body: Callable[[str], Awaitable[bytes | None]],
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        on_enqueue: Callable[[], None] | None = None,
+    ) -> None:
+        d = config.delivery
+        self.config = config
+        self.queue = queue
+        self.owner = owner
+        self.read_body = read_body
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.on_enqueue = on_enqueue
+        self.policy = RetryPolicy.from_config(
+            d.retry_schedule, max_retries=d.max_retries, message_lifetime=d.message_lifetime
+        )
+        self.delay_warning_after = parse_duration(d.delay_warning_after)
+        self.hostname = config.server.hostname
+        self.bounce_from = d.bounce_sender or f"MAILER-DAEMON@{self.hostname}"
+        self.stats = DeliveryStats()
+        self.held: set[int] = set()  # recipient ids claimed and not yet recorded
+        self._outbox: list[_Entry] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def finish(self, message: MessageInfo, outcomes: list[Outcome]) -> None:
+        """Take one transaction's outcomes: retries decided now, written soon."""
+        now = self.clock()
+        results: list[AttemptResult] = []
+        failed: list[Report] = []
+        delayed: list[Report] = []
+        relayed: list[Report] = []
+        lifetime = self.policy.message_lifetime
+        for o in outcomes:
+            rcpt = o.claim.recipient
+            status, next_attempt, dsn_status = o.status, None, None
+            warned = False
+            if status is Status.DEFERRED:
+                decision = after_temporary_failure(
+                    self.policy,
+                    attempts=rcpt.attempts + 1,
+                    # expiry is the message's own, fixed when it arrived
+                    arrival=message.expires - lifetime,
+                    now=now,
+                    rand=self.rng.random(),
+                )
+                if decision.kind == "expire":
+                    status, dsn_status = Status.EXPIRED, "4.4.7"  # RFC 3463: X.4.7
+                else:
+                    next_attempt = decision.at
+                    if not rcpt.delay_warned and now - message.arrival >= self.delay_warning_after:
+                        warned = True
+                        delayed.append(
+                            Report(rcpt, "delayed", o.reply, o.remote_name, now, o.synthetic)
+                        )
+            if status in (Status.FAILED, Status.EXPIRED):
+                failed.append(
+                    Report(rcpt, "failed", o.reply, o.remote_name, now, o.synthetic, dsn_status)
+                )
+            if o.relayed_without_dsn:
+                relayed.append(Report(rcpt, "relayed", o.reply, o.remote_name, now))
+            results.append(
+                AttemptResult(
+                    rcpt.id,
+                    status,
+                    o.reply,
+                    next_attempt=next_attempt,
+                    next_hop=o.remote,
+                    route=o.route,
+                    tls=o.tls,
+                    delay_warned=warned,
+                )
+            )
+            self._count(status, o.route, rcpt.domain)
+            emit(
+                "delivery",
+                id=message.id,
+                rcpt=rcpt.address,
+                status=status.value,
+                route=o.route,
+                relay=o.remote or "none",
+                tls=o.tls,
+                reply=str(o.reply)[:300],
+                attempt=rcpt.attempts + 1,
+                delay=round(now - message.arrival, 3),
+                next=round(next_attempt - now, 1) if next_attempt else None,
+            )
+        self._outbox.append((message, results, failed, delayed, relayed, now))
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    def drop(self, claims: list[ClaimedRecipient]) -> None:
+        """Forget claims that need no record (their message was removed meanwhile)."""
+        self.held.difference_update(c.recipient.id for c in claims)
+
+    async def _drain(self) -> None:
+        while self._outbox:
+            batch, self._outbox = self._outbox, []
+            results = [r for entry in batch for r in entry[1]]
+            await self.queue.record(self.owner, results, now=max(e[5] for e in batch))
+            self.held.difference_update(r.recipient_id for r in results)
+            if self.config.delivery.bounces:
+                for message, _results, failed, delayed, relayed, now in batch:
+                    await self._reports(message, failed, delayed, relayed, now)
+
+    async def flush(self) -> None:
+        """Wait until every outcome so far is recorded (shutdown, tests)."""
+        while self._outbox or (self._task is not None and not self._task.done()):
+            if self._task is None or self._task.done():
+                self._task = asyncio.get_running_loop().create_task(self._drain())
+            await asyncio.shield(self._task)
+
+    async def _reports(
+        self,
+        message: MessageInfo,
+        failed: list[Report],
+        delayed: list[Report],
+        relayed: list[Report],
+        now: float,
+    ) -> None:
+        if message.sender == "" and failed:
+            # RFC 5321 §4.5.5: a DSN that cannot be delivered is dropped, never bounced.
+            self.stats.dsn_dropped += len(failed)
+            for r in failed:
+                emit(
+                    "dsn_dropped",
+                    level=logging.WARNING,
+                    id=message.id,
+                    rcpt=r.recipient.address,
+                    reply=str(r.reply)[:300],
+                )
+            return
+        for reports in (failed, delayed, relayed):
+            if reports:
+                await self._send_dsn(message, reports, now)
+
+    async def _send_dsn(self, message: MessageInfo, reports: list[Report], now: float) -> None:
+        original = await self.read_body(message.id) or b""
+        envelope = dsn_envelope(
+            message,
+            original,
+            reports,
+            hostname=self.hostname,
+            bounce_from=self.bounce_from,
+            now=now,
+        )
+        if envelope is None:
+            return
+        qid = await self.queue.enqueue(envelope, expires=now + self.policy.message_lifetime)
+        self.stats.bounced += 1
+        emit(
+            "dsn",
+            id=qid,
+            about=message.id,
+            to=message.sender,
+            action=reports[0].action,
+            rcpts=len(reports),
+        )
+        if self.on_enqueue is not None:
+            self.on_enqueue()
+
+    def _count(self, status: Status, route: str, domain: str) -> None:
+        s = self.stats
+        relay = route.startswith("smarthost:")
+        if status is Status.DELIVERED:
+            s.sent += 1
+            if relay:
+                s.relay_sent += 1
+            else:
+                s.direct_sent += 1
+        elif status in (Status.FAILED, Status.EXPIRED):
+            if status is Status.FAILED:
+                s.failed += 1
+            else:
+                s.expired += 1
+            if relay:
+                s.relay_failed += 1
+            else:
+                s.direct_failed += 1
+        else:
+            s.deferred += 1
+        s.by_destination[domain][status.value.lower()] += 1
+
+    def destination_stats(self) -> dict[str, Any]:
+        return {d: dict(c) for d, c in self.stats.by_destination.items()}

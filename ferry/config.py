@@ -135,6 +135,8 @@ class DeliveryConfig(_Model):
     smart_min_samples: int = Field(5, ge=1)
     smart_threshold: float = Field(0.5, gt=0, le=1)
     smart_cooldown: str = "30m"
+    # A smart host failing at the transport level rests this long (doubling, to 10 m).
+    smart_host_cooldown: str = "30s"
 
 
 class DnsConfig(_Model):

@@ -123,7 +123,9 @@ class Delivery:
         self.pool = ConnectionPool(max_transactions=d.messages_per_connection)
         self.tls_fallback: dict[str, float] = {}
         self.hostname = config.server.hostname
-        self.smart_hosts = SmartHostSet(config.smart_hosts)
+        self.smart_hosts = SmartHostSet(
+            config.smart_hosts, base_cooldown=parse_duration(d.smart_host_cooldown)
+        )
         self.smart_host_names = [h.name for h in config.smart_hosts]
         self.smart_slots = {
             h.name: asyncio.Semaphore(h.max_connections) for h in config.smart_hosts
@@ -401,14 +403,15 @@ class Delivery:
         errors (which open that host's circuit breaker)."""
         names = hop_smart_host_names(hop, self.smart_host_names)
         last = transport_failure_reply("refused", "no smart host is available")
+        final: list[Outcome] = []
+        broken: list[Outcome] = []
         for host in self.smart_hosts.order(self.clock(), names):
-            label = f"smarthost:{host.name}"
             conn = await self._smart_conn(host, session)
             if isinstance(conn, Reply):
                 last = conn
                 continue
             async with self.smart_slots[host.name]:
-                outcomes = await self._transfer(conn, item, claims, data, session, label)
+                outcomes = await self._transfer(conn, item, claims, data, session, conn.route)
             now = self.clock()
             broken = [o for o in outcomes if o.transport]
             if broken:
@@ -422,16 +425,18 @@ class Delivery:
             else:
                 self.smart_hosts.report(host.name, now, ok=True)
             for o in outcomes:
-                self.smart_hosts.count(
-                    host.name,
-                    "sent"
-                    if o.status is Status.DELIVERED
-                    else "failed"
-                    if o.status is Status.FAILED
-                    else "deferred",
-                )
-            return outcomes
-        return _all(claims, Status.DEFERRED, last, route=f"smarthost:{hop.name}", transport=True)
+                if not o.transport:
+                    self.smart_hosts.count(host.name, _count_name(o.status))
+                    final.append(o)
+            if not broken:
+                return final
+            # The session broke (421, lost connection): the rest try the next host now.
+            claims = [o.claim for o in broken]
+        if broken:
+            return final + broken
+        return final + _all(
+            claims, Status.DEFERRED, last, route=f"smarthost:{hop.name}", transport=True
+        )
 
     async def _smart_conn(self, host: SmartHost, session: _Session) -> _Conn | Reply:
         label = f"smarthost:{host.name}"
@@ -644,6 +649,12 @@ def _all(
     return [
         Outcome(c, status, reply, synthetic=True, transport=transport, route=route) for c in claims
     ]
+
+
+def _count_name(status: Status) -> str:
+    if status is Status.DELIVERED:
+        return "sent"
+    return "failed" if status is Status.FAILED else "deferred"
 
 
 def _template(status: Status, reply: Reply) -> Outcome:

@@ -1,0 +1,3 @@
+"""Delivery test fixtures."""
+
+from tests.delivery.relay_world import world  # noqa: F401

@@ -381,12 +381,16 @@ def stats_json(st: QueueStats) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def queue_stats(ctx: click.Context, as_json: bool) -> None:
-    """Queue statistics (Zetian's fields)."""
+    """Queue statistics (Zetian's fields) and per smart host delivery counters."""
+    from ferry.stats import relay_stats
+
     st = _with_queue(ctx, lambda q: q.statistics(now=time.time()))
     data = stats_json(st)
+    relay = relay_stats(_load(ctx))
     if as_json:
-        _print_json(data)
+        _print_json({**data, "smart_hosts": relay["smart_hosts"]})
         return
+    _smart_host_table(relay["smart_hosts"])
     table = Table("statistic", "value")
     for key, value in data.items():
         if isinstance(value, dict):
@@ -395,6 +399,64 @@ def queue_stats(ctx: click.Context, as_json: bool) -> None:
             value = f"{value:.2f}"
         table.add_row(key.replace("_", " "), "-" if value is None else str(value))
     console.print(table)
+
+
+def _smart_host_table(hosts: dict[str, Any]) -> None:
+    if not hosts:
+        return
+    table = Table("smart host", "state", "sent", "failed", "deferred", "last error")
+    for name, h in hosts.items():
+        table.add_row(
+            name,
+            str(h.get("state", "-")),
+            str(h["sent"]),
+            str(h["failed"]),
+            str(h["deferred"]),
+            str(h.get("last_error") or "-"),
+        )
+    console.print(table)
+
+
+@main.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the SMTPy seed's shape).")
+@click.pass_context
+def stats_command(ctx: click.Context, as_json: bool) -> None:
+    """Delivery statistics of the running relay (mode, direct/relay, DKIM, MX cache...)."""
+    from ferry.stats import relay_stats
+
+    data = relay_stats(_load(ctx))
+    if as_json:
+        _print_json(data)
+        return
+    table = Table("statistic", "value")
+    for key in (
+        "mode",
+        "direct_sent",
+        "direct_failed",
+        "relay_sent",
+        "relay_failed",
+        "dkim_signed",
+        "dkim_unsigned",
+    ):
+        table.add_row(key, str(data[key]))
+    for key, value in {**data["direct_service"], **data["delivery"]}.items():
+        table.add_row(key, str(value))
+    console.print(table)
+    _smart_host_table(data["smart_hosts"])
+    if data["destinations"]:
+        dest = Table("destination", "delivered", "failed", "deferred", "pending", "paused for")
+        for name, d in sorted(data["destinations"].items()):
+            dest.add_row(
+                name,
+                str(d.get("delivered", 0)),
+                str(d.get("failed", 0)),
+                str(d.get("deferred", 0)),
+                str(d.get("pending", 0)),
+                str(d.get("paused_for", 0)),
+            )
+        console.print(dest)
+    if not data["workers"]:
+        click.echo("(no running delivery: start `ferry serve`)")
 
 
 def _one(ctx: click.Context, action: str, message_id: str) -> None:

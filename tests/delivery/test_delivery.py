@@ -82,6 +82,18 @@ def test_delivery_in_a_worker_process(world: World) -> None:
         return files and json.loads(files[0].read_text())["sent"] == 3
 
     wait_until(published, 10, "worker statistics")
+    # `ferry stats --json`, from another process, in the SMTPy seed's shape
+    from tests.harness import run_cli, write_toml
+
+    cfg = write_toml(world.tmp_path / "stats.toml", f'[queue]\npath = "{svc.config.queue.path}"\n')
+    res = run_cli(cfg, "stats", "--json")
+    assert res.returncode == 0, res.stderr
+    stats = json.loads(res.stdout)
+    assert stats["mode"] == "direct"
+    assert (stats["direct_sent"], stats["relay_sent"]) == (3, 0)
+    assert stats["direct_service"]["sent"] == 3
+    assert stats["direct_service"]["mx_lookups"] >= 1
+    assert stats["destinations"]["proc.test"]["delivered"] == 3
 
 
 def test_servfail_defers(world: World) -> None:

@@ -12,14 +12,18 @@ import fcntl
 import os
 import signal
 import ssl
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO
 
 from ferry.config import RelayConfig
 from ferry.delivery.process import DeliveryProcess
+from ferry.delivery.retry import parse_duration
 from ferry.delivery.scheduler import Scheduler, flat_stats, stats_dir
+from ferry.envelope import EnvelopeIn
 from ferry.events import emit
-from ferry.intake.server import IntakeServer
+from ferry.intake.server import IntakeServer, run_hook
 from ferry.queue.sqlite import SqliteQueue
 from ferry.tls import ensure_self_signed, server_context
 
@@ -53,8 +57,16 @@ def _clear_stats(config: RelayConfig) -> None:
 class Service:
     """The whole relay in one process."""
 
-    def __init__(self, config: RelayConfig) -> None:
+    def __init__(
+        self,
+        config: RelayConfig,
+        *,
+        before_queue: Callable[[EnvelopeIn], Awaitable[None]] | None = None,
+        lock: bool = True,
+    ) -> None:
         self.config = config
+        self.before_queue = before_queue
+        self.use_lock = lock
         self.queue: SqliteQueue | None = None
         self.intake: IntakeServer | None = None
         self.scheduler: Scheduler | None = None
@@ -87,6 +99,7 @@ class Service:
                 self.queue,
                 ssl_context=load_tls(self.config),
                 on_accept=self._accepted,
+                before_queue=self.before_queue,
             )
             await self.intake.start()
         except BaseException:
@@ -98,6 +111,26 @@ class Service:
             mode=self.config.delivery.mode,
             queue=str(Path(self.config.queue.path).resolve()),
         )
+
+    async def submit(self, envelope: EnvelopeIn) -> str:
+        """Queue a message durably (the same guarantee as SMTP's 250) and wake delivery."""
+        if self.queue is None:
+            raise RuntimeError("the service is not running")
+        if self.before_queue is not None:
+            await run_hook(self.before_queue, envelope)
+        lifetime = parse_duration(self.config.delivery.message_lifetime)
+        qid = await self.queue.enqueue(envelope, expires=time.time() + lifetime)
+        emit(
+            "accept",
+            id=qid,
+            client="api",
+            sender=envelope.sender or "<>",
+            rcpts=len(envelope.recipients),
+            size=len(envelope.data),
+            priority=envelope.priority.name.lower(),
+        )
+        self._accepted(qid)
+        return qid
 
     def _owner(self, n: int) -> str:
         return f"{self.config.server.hostname}:{os.getpid()}:{n}"
@@ -127,6 +160,8 @@ class Service:
             self._lock = None
 
     def _take_lock(self) -> None:
+        if not self.use_lock:
+            return
         path = Path(self.config.queue.path)
         path.mkdir(parents=True, exist_ok=True)
         fh = open(path / "serve.lock", "a+")  # noqa: SIM115 -- held for the service's life

@@ -188,23 +188,35 @@ class Delivery:
 
     def _base_plan(self, domain: str, **kw: object) -> RoutePlan:
         d = self.config.delivery
+        kw.setdefault("routes", self.config.routes)
         return plan_route(
             domain,
             mode=d.mode,
-            routes=self.config.routes,
             smart_hosts=self.smart_host_names,
             mx_port=d.mx_port,
             **kw,  # type: ignore[arg-type]
         )
 
     async def _plan(
-        self, domain: str
+        self, domain: str, override: str | None = None
     ) -> tuple[RoutePlan, list[MxHost] | None, str | None] | Outcome:
-        """The route for one message at ``domain`` (an Outcome template when none)."""
-        plan = self._base_plan(domain)
+        """The route for one message at ``domain`` (an Outcome template when none).
+
+        ``override`` is a per-message route set by an embedder's hook: a smart host
+        name, "direct" or "mx:host[:port]", as in ``[routes]``.
+        """
+        routes = self.config.routes
+        if override:
+            routes = {domain: override}
+            try:
+                self._base_plan(domain, routes=routes)
+            except ValueError:
+                emit("route_invalid", level=logging.WARNING, domain=domain, route=override)
+                routes = self.config.routes
+        plan = self._base_plan(domain, routes=routes)
         smart = (
             self.config.delivery.mode == "smart"
-            and match_route(domain, self.config.routes) is None
+            and match_route(domain, routes) is None
             and bool(self.smart_host_names)
         )
         if not smart and not any(h.kind == "mx" for h in plan.hops):
@@ -214,7 +226,7 @@ class Delivery:
         except MxError as exc:
             if exc.permanent:  # NXDOMAIN, null MX: answers, not failures
                 return _template(Status.FAILED, exc.reply)
-            fallback = self._base_plan(domain, mx_failed=True)
+            fallback = self._base_plan(domain, routes=routes, mx_failed=True)
             if any(h.kind == "mx" for h in fallback.hops):
                 return _template(Status.DEFERRED, exc.reply)
             emit("route", domain=domain, reason=fallback.reason)
@@ -223,7 +235,7 @@ class Delivery:
         if smart:
             group = destination_group([h.name for h in mx_hosts])
             choice, why = self.router.choose(group, self.clock())
-            plan = self._base_plan(domain, smart_choice=choice, smart_reason=why)
+            plan = self._base_plan(domain, routes=routes, smart_choice=choice, smart_reason=why)
         return plan, mx_hosts, group
 
     async def _deliver(self, dest: Destination, item: WorkItem, session: _Session) -> None:
@@ -239,7 +251,7 @@ class Delivery:
                 item, [Outcome(c, Status.FAILED, reply, synthetic=True) for c in item.claims]
             )
             return
-        planned = await self._plan(dest.domain)
+        planned = await self._plan(dest.domain, message.extra.get("route"))
         if isinstance(planned, Outcome):
             self._finish(
                 item,

@@ -18,7 +18,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -56,6 +56,15 @@ COMMAND_LINE_LIMIT = 512
 AUTH_LINE_LIMIT = 12288
 
 
+async def run_hook(hook: Callable[[EnvelopeIn], Awaitable[None]], envelope: EnvelopeIn) -> None:
+    """An embedder's before-queue hook: it may set priority or route; if it raises, the
+    message is queued as it was (a hook must never lose mail)."""
+    try:
+        await hook(envelope)
+    except Exception:
+        logging.getLogger("ferry.intake").exception("before_queue hook failed; queuing as is")
+
+
 class _Closed(Exception):
     """The client went away (or we closed the connection)."""
 
@@ -85,6 +94,7 @@ class IntakeServer:
         ssl_context: ssl.SSLContext | None,
         users: UserDB | None = None,
         on_accept: Callable[[str], None] | None = None,
+        before_queue: Callable[[EnvelopeIn], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.queue = queue
@@ -96,6 +106,7 @@ class IntakeServer:
         self.throttle = AuthThrottle()
         self.lifetime = parse_duration(config.delivery.message_lifetime)
         self.on_accept = on_accept
+        self.before_queue = before_queue
         self.servers: list[asyncio.Server] = []
         self.connections: set[SmtpConnection] = set()
         self.per_ip: dict[str, int] = {}
@@ -739,6 +750,8 @@ class SmtpConnection(asyncio.Protocol):
             smtputf8=txn.smtputf8,
             body_8bit=txn.body_8bit or not data.isascii(),
         )
+        if self.server.before_queue is not None:
+            await run_hook(self.server.before_queue, envelope)
         try:
             await self.server.queue.enqueue(
                 envelope, queue_id=qid, expires=now + self.server.lifetime

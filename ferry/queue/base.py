@@ -76,6 +76,7 @@ class MessageInfo:
     envid: str | None
     ret: str | None
     smtputf8: bool
+    extra: dict[str, str] = field(default_factory=dict)  # e.g. {"route": "sendgrid"}
     recipients: list[RecipientInfo] = field(default_factory=list)
 
 

@@ -636,7 +636,7 @@ def _exec_in(
 
 _MSG_COLS = (
     "id, sender, size, priority, arrival, expires, status, client_address, client_helo,"
-    " auth_user, envid, ret, smtputf8"
+    " auth_user, envid, ret, smtputf8, extra"
 )
 
 
@@ -657,6 +657,7 @@ def _load_messages(conn: sqlite3.Connection, ids: list[str]) -> list[MessageInfo
             envid=r[10],
             ret=r[11],
             smtputf8=bool(r[12]),
+            extra=json.loads(r[13]) if r[13] else {},
         )
         for r in rows
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import random
 import time
@@ -96,6 +97,14 @@ class _Stop(Exception):
 class _Session:
     conns: dict[str, _Conn] = field(default_factory=dict)
     dead: dict[str, Reply] = field(default_factory=dict)  # hops that could not connect
+    # MX answers for this session's destination (the resolver caches too, but asking
+    # it per message costs more than the message itself on a fast link)
+    mx: dict[str, list[MxHost] | MxError] = field(default_factory=dict)
+
+
+# Bodies fetched ahead per session: enough to batch reads, small enough for big mail.
+PREFETCH_MESSAGES = 50
+PREFETCH_BYTES = 8_000_000
 
 
 class Delivery:
@@ -177,6 +186,7 @@ class Delivery:
         session = _Session()
         try:
             while dest.pending:
+                await self._prefetch(dest)
                 item = dest.pending.popleft()
                 try:
                     await self._deliver(dest, item, session)
@@ -185,6 +195,28 @@ class Delivery:
         finally:
             for conn in session.conns.values():
                 self.pool.give(conn.key, conn.client)
+
+    async def _prefetch(self, dest: Destination) -> None:
+        """Read the next messages' bytes in one queue read, not one read each."""
+        if not dest.pending or dest.pending[0].message.id in self._bodies:
+            return  # already read ahead
+        wanted: list[str] = []
+        size = 0
+        for item in itertools.islice(dest.pending, PREFETCH_MESSAGES):
+            mid = item.message.id
+            if mid not in self._bodies and mid not in wanted:
+                if wanted and size + item.message.size > PREFETCH_BYTES:
+                    break
+                wanted.append(mid)
+                size += item.message.size
+        if len(wanted) > 1:
+            for mid, data in (await self.queue.read_messages(wanted)).items():
+                self._remember(mid, data)
+
+    def _remember(self, message_id: str, data: bytes) -> None:
+        self._bodies[message_id] = data
+        while len(self._bodies) > 2 * PREFETCH_MESSAGES * 4:
+            self._bodies.popitem(last=False)
 
     def _base_plan(self, domain: str, **kw: object) -> RoutePlan:
         d = self.config.delivery
@@ -198,7 +230,7 @@ class Delivery:
         )
 
     async def _plan(
-        self, domain: str, override: str | None = None
+        self, domain: str, override: str | None = None, session: _Session | None = None
     ) -> tuple[RoutePlan, list[MxHost] | None, str | None] | Outcome:
         """The route for one message at ``domain`` (an Outcome template when none).
 
@@ -222,8 +254,15 @@ class Delivery:
         if not smart and not any(h.kind == "mx" for h in plan.hops):
             return plan, None, None
         try:
-            mx_hosts = await self.resolver.resolve(domain)
+            known = session.mx.get(domain) if session is not None else None
+            if isinstance(known, MxError):
+                raise known
+            mx_hosts = known if known is not None else await self.resolver.resolve(domain)
+            if session is not None:
+                session.mx[domain] = mx_hosts
         except MxError as exc:
+            if session is not None:
+                session.mx[domain] = exc
             if exc.permanent:  # NXDOMAIN, null MX: answers, not failures
                 return _template(Status.FAILED, exc.reply)
             fallback = self._base_plan(domain, routes=routes, mx_failed=True)
@@ -251,7 +290,7 @@ class Delivery:
                 item, [Outcome(c, Status.FAILED, reply, synthetic=True) for c in item.claims]
             )
             return
-        planned = await self._plan(dest.domain, message.extra.get("route"))
+        planned = await self._plan(dest.domain, message.extra.get("route"), session)
         if isinstance(planned, Outcome):
             self._finish(
                 item,
@@ -577,9 +616,7 @@ class Delivery:
             data = await self.queue.read_message(message_id)
             if data is None:
                 return None
-            self._bodies[message_id] = data
-            while len(self._bodies) > 64:
-                self._bodies.popitem(last=False)
+            self._remember(message_id, data)
         return data
 
     # -- one transaction -------------------------------------------------------------

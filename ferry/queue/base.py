@@ -171,6 +171,15 @@ class Queue(abc.ABC):
     async def read_message(self, message_id: str) -> bytes | None:
         """The stored message bytes (with Ferry's Received: header)."""
 
+    async def read_messages(self, message_ids: list[str]) -> dict[str, bytes]:
+        """Several messages' bytes at once (missing ids are left out)."""
+        out = {}
+        for mid in message_ids:
+            data = await self.read_message(mid)
+            if data is not None:
+                out[mid] = data
+        return out
+
     @abc.abstractmethod
     async def get(self, message_id: str) -> MessageInfo | None:
         """One message with its recipients and their attempt history."""

@@ -443,6 +443,15 @@ class SqliteQueue(Queue):
 
         return await self._read(job)
 
+    async def read_messages(self, message_ids: list[str]) -> dict[str, bytes]:
+        def job(conn: sqlite3.Connection) -> dict[str, bytes]:
+            rows = _select_in(
+                conn, "SELECT message_id, data FROM bodies WHERE message_id IN ({})", message_ids
+            )
+            return {mid: bytes(data) for mid, data in rows}
+
+        return await self._read(job)
+
     async def release_leases(self, owner: str | None = None) -> int:
         def job(conn: sqlite3.Connection) -> int:
             where = "status='InProgress'" + (" AND lease_owner=?" if owner else "")

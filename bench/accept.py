@@ -40,6 +40,8 @@ def start_server(tmp: Path, port: int) -> subprocess.Popen[bytes]:
         f'listen = [{{ address = "127.0.0.1", port = {port}, mode = "mta" }}]\n'
         f"max_connections_per_ip = 500\n"
         f'[queue]\npath = "{tmp}/data"\n'
+        # Accept only: nothing is delivered (and nothing leaves this machine).
+        f"[delivery]\nhold = true\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "ferry.cli", "--config", str(cfg), "serve"],

@@ -510,5 +510,19 @@ def queue_clear_expired(ctx: click.Context) -> None:
     click.echo(f"{n} expired messages removed")
 
 
+def _attach() -> None:
+    """Commands that live in their own modules."""
+    from ferry.dnscheck_cli import dns
+
+    main.add_command(dns)
+    try:
+        from ferry.dkim_cli import dkim
+    except ImportError:  # pragma: no cover
+        return
+    main.add_command(dkim)
+
+
+_attach()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

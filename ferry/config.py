@@ -153,6 +153,12 @@ class DkimConfig(_Model):
     enabled: bool = True
     keys_dir: str = "./ferry-data/dkim"
     selector: str = "ferry"
+    # Signs mail whose From: and envelope domains have no key of their own (empty: none).
+    default_domain: str = ""
+    # Domains whose mail is deferred rather than sent unsigned when signing fails.
+    required_domains: list[str] = Field(default_factory=list)
+    # Keys kept outside keys_dir: domain -> PEM paths (selector = file name stem).
+    keys: dict[str, list[str]] = Field(default_factory=dict)
 
 
 class LogConfig(_Model):

@@ -57,6 +57,9 @@ class DeliveryStats:
     relay_sent: int = 0
     relay_failed: int = 0
     fallbacks: int = 0  # recipients moved to a later hop within an attempt
+    dkim_signed: int = 0  # messages signed (once per message and delivery pass)
+    dkim_unsigned: int = 0
+    dkim_unsigned_reasons: dict[str, int] = field(default_factory=dict)
     by_destination: dict[str, collections.Counter[str]] = field(
         default_factory=lambda: collections.defaultdict(collections.Counter)
     )

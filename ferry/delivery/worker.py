@@ -39,6 +39,7 @@ from ferry.delivery.routing import (
 from ferry.delivery.shaping import DestinationShaper, is_throttle_reply
 from ferry.delivery.smart import SmartRouter, destination_group
 from ferry.delivery.smarthosts import SmartHostSet
+from ferry.dkim import KeyStore, Signer
 from ferry.envelope import Reply, Status
 from ferry.events import emit
 from ferry.intake.message import MAX_HOPS, count_received, header_block
@@ -147,6 +148,8 @@ class Delivery:
         )
         self.block_patterns = tuple(d.block_patterns)
         self._bodies: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._signed: collections.OrderedDict[str, tuple[bytes, bool]] = collections.OrderedDict()
+        self.signer = make_signer(config)
         self.recorder = Recorder(
             config,
             queue,
@@ -283,6 +286,13 @@ class Delivery:
         if data is None:  # removed by an operator meanwhile
             self.recorder.drop(item.claims)
             return
+        signed = self._sign(message, data)
+        if signed is None:
+            reply = Reply(451, "4.7.0", "DKIM signing is required for this domain and failed")
+            self._finish(
+                item, [Outcome(c, Status.DEFERRED, reply, synthetic=True) for c in item.claims]
+            )
+            return
         if count_received(header_block(data)) > MAX_HOPS:
             # RFC 5321 §6.3: a message that has crossed this many relays is looping.
             reply = Reply(554, "5.4.6", "Too many hops (mail loop detected)")
@@ -306,7 +316,7 @@ class Delivery:
         final: list[Outcome] = []
         for i, hop in enumerate(plan.hops):
             last = i == len(plan.hops) - 1
-            results = await self._via(hop, dest, item, open_claims, data, mx_hosts, session)
+            results = await self._via(hop, dest, item, open_claims, signed, mx_hosts, session)
             if hop.kind == "mx" and group is not None:
                 self.router.record_direct(
                     group, self.clock(), _summary(results, self.block_patterns)
@@ -353,6 +363,39 @@ class Delivery:
             )
             raise _Stop
         dest.shaper.sent(self.clock())
+
+    def _sign(self, message: MessageInfo, data: bytes) -> bytes | None:
+        """The bytes to send: DKIM-Signature fields + the message; None = must defer.
+
+        RFC 6376: signed at delivery time, after every change Ferry makes, once per
+        message and pass (the signature covers no envelope data, so every recipient
+        and destination shares it).
+        """
+        cached = self._signed.get(message.id)
+        if cached is not None:
+            return cached[0] if cached[1] else None
+        result = self.signer.sign(data, envelope_sender=message.sender)
+        stats = self.stats
+        if result.signed:
+            stats.dkim_signed += 1
+        else:
+            stats.dkim_unsigned += 1
+            code = getattr(result, "reason_code", None) or "error"
+            stats.dkim_unsigned_reasons[code] = stats.dkim_unsigned_reasons.get(code, 0) + 1
+            if code != "disabled":
+                emit(
+                    "dkim_unsigned",
+                    level=logging.INFO if not result.required else logging.WARNING,
+                    id=message.id,
+                    reason=result.unsigned_reason,
+                    required=result.required,
+                )
+        ok = result.signed or not result.required
+        out = result.headers + data
+        self._signed[message.id] = (out, ok)
+        while len(self._signed) > 256:
+            self._signed.popitem(last=False)
+        return out if ok else None
 
     def _finish(self, item: WorkItem, outcomes: list[Outcome]) -> None:
         self.recorder.finish(item.message, outcomes)
@@ -732,3 +775,15 @@ def _status_for(reply: Reply, *, final: bool) -> Status:
             return Status.DEFERRED
         return Status.FAILED
     return Status.DEFERRED
+
+
+def make_signer(config: RelayConfig) -> Signer:
+    """The DKIM signer the configuration describes."""
+    k = config.dkim
+    store = KeyStore(k.keys_dir, default_selector=k.selector, extra_keys=k.keys or None)
+    return Signer(
+        store,
+        enabled=k.enabled,
+        default_domain=k.default_domain or None,
+        required_domains=k.required_domains,
+    )

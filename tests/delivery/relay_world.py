@@ -39,6 +39,7 @@ class World:
         *,
         smart_hosts: list[dict[str, Any]] | None = None,
         routes: dict[str, Any] | None = None,
+        dkim: dict[str, Any] | None = None,
         **delivery: Any,
     ) -> RelayConfig:
         d = {
@@ -61,6 +62,7 @@ class World:
                 "dns": {"nameservers": [self.dns.address], "timeout": 2},
                 "smart_hosts": smart_hosts or [],
                 "routes": routes or {},
+                "dkim": dkim or {"keys_dir": str(self.tmp_path / "dkim")},
             }
         )
 

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import click
@@ -54,7 +54,7 @@ def _with_queue(ctx: click.Context, fn: Callable[[SqliteQueue], Awaitable[T]]) -
     return asyncio.run(run())
 
 
-def run_async(coro: Awaitable[T]) -> T:
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run on uvloop when it is installed (faster accept), else asyncio.
 
     ``FERRY_EVENT_LOOP=asyncio`` forces the standard loop (profilers see into it).
@@ -62,10 +62,10 @@ def run_async(coro: Awaitable[T]) -> T:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(coro)  # type: ignore[arg-type]
+        return asyncio.run(coro)
     if os.environ.get("FERRY_EVENT_LOOP") == "asyncio":
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    return uvloop.run(coro)  # type: ignore[no-any-return]
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def _print_json(data: Any) -> None:

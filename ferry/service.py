@@ -97,7 +97,8 @@ class Service:
             self.intake = IntakeServer(
                 self.config,
                 self.queue,
-                ssl_context=load_tls(self.config),
+                # no listeners (a library embedding Ferry): no certificate to make
+                ssl_context=load_tls(self.config) if self.config.server.listen else None,
                 on_accept=self._accepted,
                 before_queue=self.before_queue,
             )

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import dns.asyncresolver
 import dns.exception
@@ -124,7 +125,7 @@ def to_a_labels(domain: str) -> str:
 class _Answer:
     """One query's outcome, as cached."""
 
-    records: tuple = ()  # (preference, host) for MX; IP strings for A / AAAA
+    records: tuple[Any, ...] = ()  # (preference, host) for MX; IP strings for A / AAAA
     nxdomain: bool = False
     failure: str | None = None  # a temporary failure, never cached
 
@@ -133,7 +134,7 @@ def _negative_ttl(response: dns.message.Message | None) -> int | None:
     """RFC 2308 §5: a negative answer lives min(SOA TTL, SOA minimum)."""
     for rrset in response.authority if response is not None else ():
         if rrset.rdtype == dns.rdatatype.SOA:
-            return min(rrset.ttl, rrset[0].minimum)
+            return int(min(rrset.ttl, rrset[0].minimum))
     return None
 
 
@@ -269,7 +270,7 @@ class MxResolver:
         try:
             answer = await self._resolver.resolve(qname, rdtype, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN as exc:
-            response = exc.responses().get(qname)
+            response = exc.responses().get(qname)  # type: ignore[no-untyped-call]
             return self._store(name, rdtype, _Answer(nxdomain=True), self._negative(response))
         except dns.resolver.NoNameservers:
             return _Answer(failure="no nameserver answered (SERVFAIL or refused)")
@@ -280,7 +281,7 @@ class MxResolver:
         if answer.rrset is None:  # NODATA
             return self._store(name, rdtype, _Answer(), self._negative(answer.response))
         if rdtype == "MX":
-            records: tuple = tuple(
+            records: tuple[Any, ...] = tuple(
                 (rd.preference, rd.exchange.to_text(omit_final_dot=True).lower())
                 for rd in answer.rrset
             )

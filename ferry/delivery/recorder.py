@@ -91,7 +91,7 @@ class Recorder:
         self.rng = rng or random.Random()
         self.on_enqueue = on_enqueue
         self.policy = RetryPolicy.from_config(
-            d.retry_schedule, max_retries=d.max_retries, message_lifetime=d.message_lifetime
+            list(d.retry_schedule), max_retries=d.max_retries, message_lifetime=d.message_lifetime
         )
         self.delay_warning_after = parse_duration(d.delay_warning_after)
         self.hostname = config.server.hostname

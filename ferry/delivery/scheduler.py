@@ -103,6 +103,10 @@ class Scheduler:
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ferry-scheduler")
 
+    async def flush(self) -> None:
+        """Wait until every outcome so far is written to the queue."""
+        await self.delivery.flush()
+
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()

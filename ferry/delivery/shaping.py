@@ -123,7 +123,7 @@ class DestinationShaper:
         self.backoffs += 1
         self._clean = 0
         self.allowed_connections = max(1, self.allowed_connections // 2)
-        pause = min(self.backoff_cap, self.backoff_base * 2 ** (self.backoffs - 1))
+        pause = float(min(self.backoff_cap, self.backoff_base * 2.0 ** (self.backoffs - 1)))
         self.paused_until = max(self.paused_until, now + pause)
         return pause
 

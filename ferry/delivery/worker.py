@@ -37,8 +37,8 @@ from ferry.delivery.routing import (
     should_fall_back,
 )
 from ferry.delivery.shaping import DestinationShaper, is_throttle_reply
-from ferry.delivery.smart import SmartRouter, destination_group
-from ferry.delivery.smarthosts import SmartHostSet
+from ferry.delivery.smart import DirectOutcome, SmartRouter, destination_group
+from ferry.delivery.smarthosts import CountStatus, SmartHostSet
 from ferry.dkim import KeyStore, Signer
 from ferry.envelope import Reply, Status
 from ferry.events import emit
@@ -558,11 +558,11 @@ class Delivery:
             pooled = self.pool.take(key)
             if pooled is not None:
                 conn = _Conn(
-                    pooled,
+                    pooled,  # type: ignore[arg-type]
                     key,
                     host.host,
                     remote,
-                    label,  # type: ignore[arg-type]
+                    label,
                     host.max_messages_per_connection,
                     host.name,
                 )
@@ -710,13 +710,19 @@ class Delivery:
                             tls=client.tls,
                             synthetic=exc.kind != "reply",
                             transport=transport,
-                            **common,
+                            **common,  # type: ignore[arg-type]
                         )
-                    )  # type: ignore[arg-type]
+                    )
                 else:
                     outcomes.append(
-                        Outcome(c, _status_for(got, final=False), got, tls=client.tls, **common)
-                    )  # type: ignore[arg-type]
+                        Outcome(
+                            c,
+                            _status_for(got, final=False),
+                            got,
+                            tls=client.tls,
+                            **common,  # type: ignore[arg-type]
+                        )
+                    )
             return outcomes
         dsn_capable = "DSN" in client.extensions
         outcomes = []
@@ -743,7 +749,7 @@ def _all(
     ]
 
 
-def _count_name(status: Status) -> str:
+def _count_name(status: Status) -> CountStatus:
     if status is Status.DELIVERED:
         return "sent"
     return "failed" if status is Status.FAILED else "deferred"
@@ -753,7 +759,7 @@ def _template(status: Status, reply: Reply) -> Outcome:
     return Outcome(None, status, reply)  # type: ignore[arg-type]
 
 
-def _summary(outcomes: list[Outcome], patterns: tuple[str, ...]) -> str:
+def _summary(outcomes: list[Outcome], patterns: tuple[str, ...]) -> DirectOutcome:
     """One direct attempt's result for smart mode's window."""
     if any(o.status is Status.DELIVERED for o in outcomes):
         return "delivered"

@@ -137,11 +137,11 @@ class IntakeServer:
 
     def bound(self) -> list[tuple[str, int, str]]:
         """(address, port, mode) actually bound -- useful when port 0 was configured."""
-        out = []
+        out: list[tuple[str, int, str]] = []
         for server, listener in zip(self.servers, self.config.server.listen, strict=True):
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
-                out.append((host, port, listener.mode))
+                out.append((str(host), int(port), str(listener.mode)))
         return out
 
     async def stop(self) -> None:

@@ -89,7 +89,7 @@ class AuthThrottle:
         extra = self.failures(ip, now) - self.free_failures
         if extra <= 0:
             return 0.0
-        return min(self.max_delay, self.base_delay * 2 ** (extra - 1))
+        return float(min(self.max_delay, self.base_delay * 2.0 ** (extra - 1)))
 
     def record_failure(self, ip: str, now: float) -> int:
         """Count a failed AUTH; return the client's failures in the window.

@@ -26,8 +26,7 @@ from typing import Any
 
 from ferry.config import RelayConfig
 from ferry.delivery.mx import MxResolver
-from ferry.delivery.shaping import DestinationShaper
-from ferry.delivery.worker import Delivery, Destination, WorkItem
+from ferry.delivery.worker import Delivery, Destination, WorkItem, make_shaper
 from ferry.queue.base import ClaimedRecipient, Queue
 
 # How often a scheduler writes its statistics for `ferry stats` (another process).
@@ -195,19 +194,7 @@ class Scheduler:
     def _destination(self, domain: str) -> Destination:
         dest = self.destinations.get(domain)
         if dest is None:
-            d = self.config.delivery
-            limits = self.config.shaping.get(domain)
-
-            def pick(name: str, default: int) -> int:
-                value = getattr(limits, name, None) if limits is not None else None
-                return default if value is None else int(value)
-
-            shaper = DestinationShaper(
-                pick("connections", d.connections_per_destination),
-                pick("connections_per_minute", d.connections_per_minute),
-                messages_per_minute=pick("messages_per_minute", d.messages_per_minute),
-                messages_per_hour=pick("messages_per_hour", d.messages_per_hour),
-            )
+            shaper = make_shaper(self.config, domain)
             dest = Destination(domain, shaper, relayed=self.delivery.is_relayed(domain))
             self.destinations[domain] = dest
         return dest

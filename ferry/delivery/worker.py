@@ -150,6 +150,7 @@ class Delivery:
         self._bodies: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._signed: collections.OrderedDict[str, tuple[bytes, bool]] = collections.OrderedDict()
         self.signer = make_signer(config)
+        self.group_shapers: dict[str, DestinationShaper] = {}
         self.recorder = Recorder(
             config,
             queue,
@@ -308,6 +309,8 @@ class Delivery:
             )
             return
         plan, mx_hosts, group = planned
+        if mx_hosts and self.config.shaping and dest.domain not in self.config.shaping:
+            self._join_group(dest, group or destination_group([h.name for h in mx_hosts]))
         now = self.clock()
         if plan.hops[0].kind != "smarthost" and dest.shaper.send_wait(now) > 0:
             dest.pending.appendleft(item)  # over this destination's message rate
@@ -363,6 +366,17 @@ class Delivery:
             )
             raise _Stop
         dest.shaper.sent(self.clock())
+
+    def _join_group(self, dest: Destination, group: str) -> None:
+        """``[shaping."google.com"]``: every domain hosted there shares one set of limits."""
+        if group not in self.config.shaping:
+            return
+        shared = self.group_shapers.get(group)
+        if shared is None:
+            shared = self.group_shapers[group] = make_shaper(self.config, group)
+        if dest.shaper is not shared:
+            shared.active += dest.shaper.active  # this session now counts there
+            dest.shaper = shared
 
     def _sign(self, message: MessageInfo, data: bytes) -> bytes | None:
         """The bytes to send: DKIM-Signature fields + the message; None = must defer.
@@ -458,6 +472,9 @@ class Delivery:
                 return conn
             if not (dest.shaper.new_connections.allowed(now) and now >= dest.shaper.paused_until):
                 raise _Stop  # the connection rate is spent: wait, as the scheduler will
+            # Counted when decided, not when connected: concurrent sessions sharing these
+            # limits (an MX group) must not all see the last free slot.
+            dest.shaper.opened(now)
             try:
                 client = await self._open(ip, hop.port, name, plain)
             except SmtpError as exc:
@@ -478,7 +495,6 @@ class Delivery:
                     last = exc2.reply
                     self._log_connect_failure(remote, exc2)
                     continue
-            dest.shaper.opened(self.clock())
             conn = _Conn(client, key, name, remote, route, limit)
             session.conns[hop.label] = conn
             return conn
@@ -792,4 +808,21 @@ def make_signer(config: RelayConfig) -> Signer:
         enabled=k.enabled,
         default_domain=k.default_domain or None,
         required_domains=k.required_domains,
+    )
+
+
+def make_shaper(config: RelayConfig, key: str) -> DestinationShaper:
+    """The limits for a destination: [delivery]'s defaults, overridden by [shaping.<key>]."""
+    d = config.delivery
+    limits = config.shaping.get(key)
+
+    def pick(name: str, default: int) -> int:
+        value = getattr(limits, name, None) if limits is not None else None
+        return default if value is None else int(value)
+
+    return DestinationShaper(
+        pick("connections", d.connections_per_destination),
+        pick("connections_per_minute", d.connections_per_minute),
+        messages_per_minute=pick("messages_per_minute", d.messages_per_minute),
+        messages_per_hour=pick("messages_per_hour", d.messages_per_hour),
     )

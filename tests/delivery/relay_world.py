@@ -40,6 +40,7 @@ class World:
         smart_hosts: list[dict[str, Any]] | None = None,
         routes: dict[str, Any] | None = None,
         dkim: dict[str, Any] | None = None,
+        shaping: dict[str, Any] | None = None,
         **delivery: Any,
     ) -> RelayConfig:
         d = {
@@ -62,6 +63,7 @@ class World:
                 "dns": {"nameservers": [self.dns.address], "timeout": 2},
                 "smart_hosts": smart_hosts or [],
                 "routes": routes or {},
+                "shaping": shaping or {},
                 "dkim": dkim or {"keys_dir": str(self.tmp_path / "dkim")},
             }
         )

@@ -237,3 +237,19 @@ def test_too_many_reply_backs_the_destination_off(world: World) -> None:
     dest = svc.service.scheduler.stats()["destinations"]["busy.test"]
     assert dest["backoffs"] == 1
     assert dest["paused_for"] > 0
+
+
+def test_shaping_by_mx_group_is_shared_by_its_domains(world: World) -> None:
+    a = world.mx("mx1.bigmail.test").publish(world.dns, "a-hosted.test")
+    b = world.mx("mx2.bigmail.test").publish(world.dns, "b-hosted.test")
+    elsewhere = world.mx("mx.elsewhere.test").publish(world.dns, "elsewhere.test")
+    svc = world.relay(
+        messages_per_connection=1, shaping={"bigmail.test": {"connections_per_minute": 1}}
+    )
+    world.send(svc, ["x@a-hosted.test"], msg("a"))
+    world.send(svc, ["y@b-hosted.test"], msg("b"))
+    world.send(svc, ["z@elsewhere.test"], msg("e"))
+    assert elsewhere.wait_for_messages(1, 15)
+    wait_until(lambda: len(a.messages) + len(b.messages) >= 1, 15, "one bigmail delivery")
+    # both domains are hosted by bigmail.test: one new connection a minute between them
+    assert len(a.messages) + len(b.messages) == 1

@@ -32,9 +32,13 @@ class AlreadyRunning(RuntimeError):
     """Another ``ferry serve`` holds this queue directory."""
 
 
-def open_queue(config: RelayConfig) -> SqliteQueue:
-    """The queue backend named by the configuration."""
-    return SqliteQueue(config.queue.path, batch=config.queue.commit_batch)
+def open_queue(config: RelayConfig, *, durable: bool = True) -> SqliteQueue:
+    """The queue backend named by the configuration.
+
+    ``durable=False`` is for a delivery worker process: its own writes (claims,
+    outcomes) need not be fsynced one by one (see ``SqliteQueue``).
+    """
+    return SqliteQueue(config.queue.path, batch=config.queue.commit_batch, durable=durable)
 
 
 def load_tls(config: RelayConfig) -> ssl.SSLContext:

@@ -136,7 +136,7 @@ async def _worker(config: RelayConfig, owner: str, notify_fd: int) -> None:
     from ferry.delivery.scheduler import Scheduler, flat_stats
     from ferry.service import open_queue
 
-    queue = open_queue(config)
+    queue = open_queue(config, durable=False)
     scheduler = Scheduler(config, queue, owner=owner)
     loop = asyncio.get_running_loop()
     os.set_blocking(notify_fd, False)

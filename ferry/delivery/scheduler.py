@@ -32,6 +32,9 @@ from ferry.queue.base import ClaimedRecipient, Queue
 # How often a scheduler writes its statistics for `ferry stats` (another process).
 STATS_INTERVAL = 2.0
 
+# With a full backlog, the shortest time between two claims.
+CLAIM_INTERVAL = 0.1
+
 # Shortest time between two passes of the scheduler loop.
 LOOP_INTERVAL = 0.005
 
@@ -92,6 +95,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._last_claim = 0.0
 
     # -- control -------------------------------------------------------------------
 
@@ -163,9 +167,16 @@ class Scheduler:
         ]
 
     async def _claim(self) -> None:
-        room = self.max_backlog - self._backlog()
+        backlog = self._backlog()
+        room = self.max_backlog - backlog
         if room <= 0:
             return
+        # A claim is a queue write, competing with intake's: with plenty in hand, claim
+        # at most every CLAIM_INTERVAL instead of at every wake-up.
+        now = time.monotonic()
+        if backlog >= self.max_backlog // 4 and now - self._last_claim < CLAIM_INTERVAL:
+            return
+        self._last_claim = now
         claimed = await self.queue.claim(
             self.owner,
             now=self.clock(),

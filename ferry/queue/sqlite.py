@@ -266,6 +266,8 @@ class SqliteQueue(Queue):
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+        self._readers_idle = threading.Condition(self._readers_lock)
+        self._reads_active = 0
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -276,17 +278,35 @@ class SqliteQueue(Queue):
         return await asyncio.to_thread(self._read_sync, fn)
 
     def _read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = connect(self.db_path)
-            self._local.conn = conn
-            with self._readers_lock:
-                self._readers.append(conn)
-        conn.execute("BEGIN")  # one consistent snapshot per read job
+        with self._readers_lock:
+            if self._closed:
+                raise RuntimeError("the queue is closed")
+            self._reads_active += 1
         try:
-            return fn(conn)
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = connect(self.db_path)
+                self._local.conn = conn
+                with self._readers_lock:
+                    self._readers.append(conn)
+            conn.execute("BEGIN")  # one consistent snapshot per read job
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("COMMIT")
         finally:
-            conn.execute("COMMIT")
+            with self._readers_lock:
+                self._reads_active -= 1
+                self._readers_idle.notify_all()
+
+    def _close_readers(self) -> None:
+        # A connection closed while another thread reads through it would crash the
+        # process (SQLite frees what the reader is using): wait for reads in flight.
+        with self._readers_lock:
+            self._readers_idle.wait_for(lambda: self._reads_active == 0, timeout=30)
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
 
     def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a job from a thread with no event loop (tools, tests)."""
@@ -301,12 +321,7 @@ class SqliteQueue(Queue):
         if not self._closed:
             self._closed = True
             await asyncio.to_thread(self._writer.stop)
-            with self._readers_lock:
-                for conn in self._readers:
-                    # Reader threads are idle now; closing from here is safe because
-                    # connections are opened with check_same_thread=False.
-                    conn.close()
-                self._readers.clear()
+            await asyncio.to_thread(self._close_readers)
 
     # -- intake -----------------------------------------------------------------
 

@@ -321,3 +321,23 @@ def test_connection_reuse_across_messages(world: World) -> None:
         world.wait_status(svc, qid, Status.DELIVERED)
     assert mx1.connections < 5
     assert svc.service.scheduler.stats()["sent"] == 5
+
+
+def test_sigkilled_delivery_worker_is_replaced_and_its_work_delivered(world: World) -> None:
+    import os
+    import signal
+
+    mx1 = world.mx("mx.wkill.test").publish(world.dns, "wkill.test")
+    mx1.on("data", "354 go ahead", delay=30)  # the transaction hangs in flight
+    svc = world.relay(workers=1, command_timeout=60)
+    [worker] = svc.service.workers
+    qid = world.send(svc, ["x@wkill.test"], msg("wkill"))
+    wait_until(lambda: any(c.startswith("DATA") for c in mx1.commands), 15, "DATA at the MX")
+    assert world.message(svc, qid).status is Status.IN_PROGRESS  # leased by the worker
+    dead = worker.proc.pid
+    mx1.reset()
+    os.kill(dead, signal.SIGKILL)
+    # the service notices, hands the dead worker's leases back, starts a new worker
+    wait_until(lambda: worker.proc.pid != dead and worker.restarts == 1, 15, "a new worker")
+    assert mx1.wait_for_messages(1, 20)
+    world.wait_status(svc, qid, Status.DELIVERED)

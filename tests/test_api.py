@@ -18,7 +18,6 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-import dns.resolver
 import pytest
 
 import ferry
@@ -35,8 +34,8 @@ from ferry import (
     RelayConfig,
     Status,
 )
-from ferry.delivery.mx import parse_nameserver
 from tests.delivery.relay_world import World
+from tests.test_dkim import txt_lookup
 from tests.world.wait import async_wait_until
 
 
@@ -665,15 +664,7 @@ async def test_direct_service_rate_limits_connections_per_domain(
 
 def _dkim_dns(world: World) -> Any:
     """dkimpy's TXT lookup, asking the test world's DNS server."""
-    resolver = dns.resolver.Resolver(configure=False)
-    host, port = parse_nameserver(world.dns.address)
-    resolver.nameservers, resolver.port = [host], port
-
-    def lookup(name: bytes, timeout: int = 5) -> bytes:
-        answer = resolver.resolve(name.decode().rstrip("."), "TXT", lifetime=timeout)
-        return b"".join(b"".join(r.strings) for r in answer)
-
-    return lookup
+    return txt_lookup(world.dns)
 
 
 def _publish_key(world: World, config: RelayConfig, domain: str) -> None:

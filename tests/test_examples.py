@@ -24,14 +24,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dns.resolver
 import pytest
 
-from ferry.delivery.mx import parse_nameserver
 from ferry.envelope import Priority, Status
 from ferry.queue.base import MessageInfo
 from ferry.queue.sqlite import SqliteQueue
 from tests.delivery.relay_world import World
+from tests.test_dkim import txt_lookup
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -341,15 +340,7 @@ def test_direct_smtp(examples: Examples, world: World) -> None:
 
 def _dkim_dns(world: World) -> Any:
     """dkimpy's TXT lookup, asking the test world's DNS server."""
-    resolver = dns.resolver.Resolver(configure=False)
-    host, port = parse_nameserver(world.dns.address)
-    resolver.nameservers, resolver.port = [host], port
-
-    def lookup(name: bytes, timeout: int = 5) -> bytes:
-        answer = resolver.resolve(name.decode().rstrip("."), "TXT", lifetime=timeout)
-        return b"".join(b"".join(r.strings) for r in answer)
-
-    return lookup
+    return txt_lookup(world.dns)
 
 
 def test_dkim_signing(examples: Examples, world: World, tmp_path: Path) -> None:

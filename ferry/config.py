@@ -339,13 +339,19 @@ def _apply_seed_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
         data["smart_hosts"] = [host, *hosts]
 
 
+_TOP_LEVEL_JSON = frozenset({"aliases", "smart_hosts", "routes", "shaping"})
+
+
 def _apply_ferry_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
     """``FERRY_<SECTION>__<KEY>=value``; JSON values allowed for lists and tables."""
     for name, raw in env.items():
         if not name.startswith("FERRY_") or name == "FERRY_CONFIG":
             continue
         path = [p.lower() for p in name[len("FERRY_") :].split("__")]
-        if len(path) < 2 or not all(path):
+        # Top-level tables and lists take JSON: FERRY_ROUTES='{"gmail.com": "gmail"}',
+        # FERRY_SMART_HOSTS='[{"name": "sg", "host": "smtp.sendgrid.net"}]'.
+        top_level = len(path) == 1 and path[0] in _TOP_LEVEL_JSON
+        if (len(path) < 2 and not top_level) or not all(path):
             continue
         try:
             value: Any = json.loads(raw)

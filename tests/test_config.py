@@ -77,6 +77,21 @@ def test_ferry_env_overrides_file(tmp_path: Path) -> None:
     assert c.dns.nameservers == ["127.0.0.2"]
 
 
+def test_top_level_tables_from_env() -> None:
+    c = RelayConfig.load(
+        None,
+        env={
+            "FERRY_SMART_HOSTS": '[{"name": "sg", "host": "smtp.sendgrid.net", "port": 587}]',
+            "FERRY_ROUTES": '{"gmail.com": "sg"}',
+            "FERRY_ALIASES": '{"info@example.com": ["a@gmail.com"]}',
+            "FERRY_SERVER__LOCAL_DOMAINS": '["example.com"]',
+        },
+    )
+    assert [h.name for h in c.smart_hosts] == ["sg"]
+    assert c.routes == {"gmail.com": "sg"}
+    assert c.aliases["info@example.com"] == ["a@gmail.com"]
+
+
 def test_config_path_from_env(tmp_path: Path) -> None:
     p = tmp_path / "ferry.toml"
     p.write_text(TOML)

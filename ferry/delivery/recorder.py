@@ -172,14 +172,30 @@ class Recorder:
         self.held.difference_update(c.recipient.id for c in claims)
 
     async def _drain(self) -> None:
+        delay = 0.5
         while self._outbox:
             batch, self._outbox = self._outbox, []
             results = [r for entry in batch for r in entry[1]]
-            await self.queue.record(self.owner, results, now=max(e[5] for e in batch))
+            try:
+                await self.queue.record(self.owner, results, now=max(e[5] for e in batch))
+            except Exception:
+                # Keep the outcomes (and the leases: the ids stay held) and try again;
+                # dropping them would strand the recipients InProgress.
+                logging.getLogger("ferry.delivery").exception("recording outcomes failed")
+                self._outbox = batch + self._outbox
+                await asyncio.sleep(delay)  # back off, not a synchronisation point
+                delay = min(delay * 2, 30.0)
+                continue
+            delay = 0.5
             self.held.difference_update(r.recipient_id for r in results)
             if self.config.delivery.bounces:
                 for message, _results, failed, delayed, relayed, now in batch:
-                    await self._reports(message, failed, delayed, relayed, now)
+                    try:
+                        await self._reports(message, failed, delayed, relayed, now)
+                    except Exception:
+                        logging.getLogger("ferry.delivery").exception(
+                            "queuing a DSN for %s failed", message.id
+                        )
 
     async def flush(self) -> None:
         """Wait until every outcome so far is recorded (shutdown, tests)."""

@@ -96,6 +96,7 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_claim = 0.0
+        self._last_renewal = time.monotonic()
 
     # -- control -------------------------------------------------------------------
 
@@ -141,6 +142,7 @@ class Scheduler:
                 if time.monotonic() - last_stats >= STATS_INTERVAL:
                     last_stats = time.monotonic()
                     self.write_stats()
+                await self._renew_leases()
                 timeout = await self._sleep_time()
             except asyncio.CancelledError:
                 raise
@@ -154,6 +156,18 @@ class Scheduler:
                 await asyncio.sleep(pause)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _renew_leases(self) -> None:
+        """Keep the leases of work in hand alive (throttled, or a long transfer), so no
+        other worker takes it over while this one still has it."""
+        lease = self.config.queue.lease_seconds
+        now = time.monotonic()
+        if now - self._last_renewal < lease / 3 or not self.delivery.held:
+            return
+        self._last_renewal = now
+        await self.queue.extend_leases(
+            self.owner, sorted(self.delivery.held), until=self.clock() + lease
+        )
 
     def _backlog(self) -> int:
         return sum(len(d.pending) for d in self.destinations.values())

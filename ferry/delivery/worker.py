@@ -195,7 +195,16 @@ class Delivery:
                 try:
                     await self._deliver(dest, item, session)
                 except _Stop:
-                    return
+                    return  # the item is back in dest.pending or recorded
+                except Exception:
+                    # Never leave a claimed recipient silent: a bug here defers the
+                    # message (retried later) instead of stranding it InProgress.
+                    logging.getLogger("ferry.delivery").exception("delivery failed")
+                    reply = Reply(451, "4.3.0", "Internal error during delivery; will retry")
+                    self._finish(
+                        item,
+                        [Outcome(c, Status.DEFERRED, reply, synthetic=True) for c in item.claims],
+                    )
         finally:
             for conn in session.conns.values():
                 self.pool.give(conn.key, conn.client)
@@ -319,7 +328,22 @@ class Delivery:
         final: list[Outcome] = []
         for i, hop in enumerate(plan.hops):
             last = i == len(plan.hops) - 1
-            results = await self._via(hop, dest, item, open_claims, signed, mx_hosts, session)
+            try:
+                results = await self._via(hop, dest, item, open_claims, signed, mx_hosts, session)
+            except _Stop:
+                # Throttled before this hop could connect. Nothing decided yet: the item
+                # waits in the destination's queue. Some recipients decided at an
+                # earlier hop: those are recorded, the rest deferred to a later attempt.
+                if not final and len(open_claims) == len(item.claims):
+                    dest.pending.appendleft(item)
+                else:
+                    reply = Reply(451, "4.4.5", "Destination throttled; will retry")
+                    self._finish(
+                        item,
+                        final
+                        + [Outcome(c, Status.DEFERRED, reply, synthetic=True) for c in open_claims],
+                    )
+                raise
             if hop.kind == "mx" and group is not None:
                 self.router.record_direct(
                     group, self.clock(), _summary(results, self.block_patterns)

@@ -465,11 +465,13 @@ class SmtpConnection(asyncio.Protocol):
             return
         self.reply(220, "2.0.0", "Ready to start TLS")
         self.flush()
-        # RFC 3207 §4.2 (and CVE-2011-0411): anything pipelined after STARTTLS in
-        # plain text is discarded, never executed inside the TLS session.
-        self.buf.clear()
         transport = self.transport
         assert transport is not None
+        # RFC 3207 §4.2 (and CVE-2011-0411): anything pipelined after STARTTLS in
+        # plain text is discarded, never executed inside the TLS session. Reading
+        # stops now, so nothing can slip in before the TLS layer takes over.
+        transport.pause_reading()
+        self.buf.clear()
         loop = asyncio.get_running_loop()
         try:
             new_transport = await asyncio.wait_for(
@@ -801,6 +803,8 @@ class SmtpConnection(asyncio.Protocol):
 
 
 def _b64decode(text: str) -> bytes:
+    if text == "=":
+        return b""  # RFC 4954 §4: "=" is a zero-length response
     try:
         return base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError):

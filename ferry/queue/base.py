@@ -213,6 +213,10 @@ class Queue(abc.ABC):
         """Delete messages whose every recipient is final and at least one expired."""
 
     @abc.abstractmethod
+    async def extend_leases(self, owner: str, recipient_ids: list[int], *, until: float) -> int:
+        """Renew ``owner``'s leases on recipients it is still working on."""
+
+    @abc.abstractmethod
     async def release_leases(self, owner: str | None = None) -> int:
         """Return leased recipients to the due queue (all owners when None)."""
 

@@ -499,6 +499,20 @@ class SqliteQueue(Queue):
 
         return await self._read(job)
 
+    async def extend_leases(self, owner: str, recipient_ids: list[int], *, until: float) -> int:
+        def job(conn: sqlite3.Connection) -> int:
+            n = 0
+            for i in range(0, len(recipient_ids), _CHUNK):
+                part = recipient_ids[i : i + _CHUNK]
+                n += conn.execute(
+                    "UPDATE recipients SET lease_until=? WHERE status='InProgress'"
+                    f" AND lease_owner=? AND id IN ({','.join('?' * len(part))})",
+                    (until, owner, *part),
+                ).rowcount
+            return n
+
+        return await self._run(job)
+
     async def release_leases(self, owner: str | None = None) -> int:
         def job(conn: sqlite3.Connection) -> int:
             where = "status='InProgress'" + (" AND lease_owner=?" if owner else "")

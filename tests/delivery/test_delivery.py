@@ -341,3 +341,33 @@ def test_sigkilled_delivery_worker_is_replaced_and_its_work_delivered(world: Wor
     wait_until(lambda: worker.proc.pid != dead and worker.restarts == 1, 15, "a new worker")
     assert mx1.wait_for_messages(1, 20)
     world.wait_status(svc, qid, Status.DELIVERED)
+
+
+def test_throttled_session_puts_its_message_back(world: World) -> None:
+    """A session stopped by the connection rate leaves its message waiting, not stranded."""
+    mx1 = world.mx("mx.oneper.test").publish(world.dns, "oneper.test")
+    svc = world.relay(connections_per_minute=1, messages_per_connection=1)
+
+    async def enqueue_both() -> list[str]:
+        # straight into the queue (no wake-up): the scheduler's next poll claims both,
+        # so one session holds both and must stop after the first
+        return [
+            await svc.queue.enqueue(EnvelopeIn(SENDER, [RecipientIn(f"{n}@oneper.test")], msg(n)))
+            for n in ("one", "two")
+        ]
+
+    first, second = svc.call(enqueue_both())
+    world.wait_status(svc, first, Status.DELIVERED)
+    sched = svc.service.scheduler
+
+    def waiting() -> bool:
+        dest = sched.destinations.get("oneper.test")
+        return bool(
+            dest and any(i.message.id == second for i in dest.pending) and not sched.sessions
+        )
+
+    # the rate allows no second connection this minute: the message waits in the
+    # destination's queue (sent when the window opens), still leased to this scheduler
+    wait_until(waiting, 10, "the message back in its destination's queue")
+    assert world.message(svc, second).status is Status.IN_PROGRESS
+    assert len(mx1.messages) == 1

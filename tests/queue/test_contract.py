@@ -194,3 +194,13 @@ async def test_data_survives_reopen(tmp_path: Path) -> None:
         assert await q2.read_message(qid) == b"persist me\r\n"
     finally:
         await q2.close()
+
+
+async def test_extend_leases_keeps_work_from_other_workers(queue: Queue) -> None:
+    await queue.enqueue(env("a@x.test"))
+    [c] = await queue.claim("w1", now=1e10, limit=10, lease=60)
+    assert await queue.extend_leases("w2", [c.recipient.id], until=1e10 + 600) == 0  # not its
+    assert await queue.extend_leases("w1", [c.recipient.id], until=1e10 + 600) == 1
+    assert await queue.claim("w2", now=1e10 + 300, limit=10, lease=60) == []  # still w1's
+    [again] = await queue.claim("w2", now=1e10 + 601, limit=10, lease=60)
+    assert again.recipient.id == c.recipient.id

@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 import secrets
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,7 +171,7 @@ class Queue(abc.ABC):
     async def read_message(self, message_id: str) -> bytes | None:
         """The stored message bytes (with Ferry's Received: header)."""
 
-    async def read_messages(self, message_ids: list[str]) -> dict[str, bytes]:
+    async def read_messages(self, message_ids: Sequence[str]) -> dict[str, bytes]:
         """Several messages' bytes at once (missing ids are left out)."""
         out = {}
         for mid in message_ids:
@@ -213,7 +213,7 @@ class Queue(abc.ABC):
         """Delete messages whose every recipient is final and at least one expired."""
 
     @abc.abstractmethod
-    async def extend_leases(self, owner: str, recipient_ids: list[int], *, until: float) -> int:
+    async def extend_leases(self, owner: str, recipient_ids: Sequence[int], *, until: float) -> int:
         """Renew ``owner``'s leases on recipients it is still working on."""
 
     @abc.abstractmethod

@@ -22,7 +22,7 @@ import queue as _stdqueue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -490,16 +490,18 @@ class SqliteQueue(Queue):
 
         return await self._read(job)
 
-    async def read_messages(self, message_ids: list[str]) -> dict[str, bytes]:
+    async def read_messages(self, message_ids: Sequence[str]) -> dict[str, bytes]:
         def job(conn: sqlite3.Connection) -> dict[str, bytes]:
             rows = _select_in(
-                conn, "SELECT message_id, data FROM bodies WHERE message_id IN ({})", message_ids
+                conn,
+                "SELECT message_id, data FROM bodies WHERE message_id IN ({})",
+                list(message_ids),
             )
             return {mid: bytes(data) for mid, data in rows}
 
         return await self._read(job)
 
-    async def extend_leases(self, owner: str, recipient_ids: list[int], *, until: float) -> int:
+    async def extend_leases(self, owner: str, recipient_ids: Sequence[int], *, until: float) -> int:
         def job(conn: sqlite3.Connection) -> int:
             n = 0
             for i in range(0, len(recipient_ids), _CHUNK):

@@ -660,8 +660,11 @@ class SqliteQueue(Queue):
             st.oldest_pending_recipient_time = conn.execute(
                 f"SELECT MIN(arrival) FROM recipients WHERE status IN {PENDING_SQL}"
             ).fetchone()[0]
+            # Every message with work left, PartiallyDelivered ones included.
             avg_age = conn.execute(
-                f"SELECT AVG(? - arrival) FROM messages WHERE status IN {PENDING_SQL}", (now,)
+                "SELECT AVG(? - arrival) FROM messages WHERE id IN (SELECT message_id"
+                f" FROM recipients WHERE status IN {PENDING_SQL})",
+                (now,),
             ).fetchone()[0]
             st.average_queue_time = avg_age
             st.average_retry_count = conn.execute(

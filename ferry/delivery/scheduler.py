@@ -88,7 +88,7 @@ class Scheduler:
         self.max_concurrent = d.max_concurrent_deliveries
         # Work held in memory (claimed, not yet sent): enough to keep every session busy,
         # small enough that nothing sits leased for long.
-        self.max_backlog = max(200, d.max_concurrent_deliveries * d.messages_per_connection)
+        self.max_backlog = max(200, 4 * d.max_concurrent_deliveries * d.messages_per_connection)
         self.per_destination_backlog = d.connections_per_destination * d.messages_per_connection
         self.destinations: dict[str, Destination] = {}
         self.sessions: set[asyncio.Task[None]] = set()

@@ -19,7 +19,7 @@ from typing import Any
 from ferry.config import RelayConfig
 from ferry.delivery.bounces import Report, dsn_envelope
 from ferry.delivery.retry import RetryPolicy, after_temporary_failure, parse_duration
-from ferry.envelope import Reply, Status
+from ferry.envelope import EnvelopeIn, Reply, Status
 from ferry.events import emit
 from ferry.queue.base import AttemptResult, ClaimedRecipient, MessageInfo, Queue
 
@@ -176,8 +176,24 @@ class Recorder:
         while self._outbox:
             batch, self._outbox = self._outbox, []
             results = [r for entry in batch for r in entry[1]]
+            dsns: list[tuple[EnvelopeIn, float, MessageInfo, list[Report]]] = []
+            if self.config.delivery.bounces:
+                for message, _results, failed, delayed, relayed, now in batch:
+                    try:
+                        dsns += await self._dsns(message, failed, delayed, relayed, now)
+                    except Exception:  # a bug in a report must not stop the record
+                        logging.getLogger("ferry.delivery").exception(
+                            "building a DSN for %s failed", message.id
+                        )
+            life = self.policy.message_lifetime
             try:
-                await self.queue.record(self.owner, results, now=max(e[5] for e in batch))
+                # The outcomes and the DSNs they call for, in one transaction.
+                ids = await self.queue.record(
+                    self.owner,
+                    results,
+                    now=max(e[5] for e in batch),
+                    new_messages=[(env, now + life) for env, now, _m, _r in dsns],
+                )
             except Exception:
                 # Keep the outcomes (and the leases: the ids stay held) and try again;
                 # dropping them would strand the recipients InProgress.
@@ -188,14 +204,18 @@ class Recorder:
                 continue
             delay = 0.5
             self.held.difference_update(r.recipient_id for r in results)
-            if self.config.delivery.bounces:
-                for message, _results, failed, delayed, relayed, now in batch:
-                    try:
-                        await self._reports(message, failed, delayed, relayed, now)
-                    except Exception:
-                        logging.getLogger("ferry.delivery").exception(
-                            "queuing a DSN for %s failed", message.id
-                        )
+            for qid, (_env, _now, message, reports) in zip(ids, dsns, strict=True):
+                self.stats.bounced += 1
+                emit(
+                    "dsn",
+                    id=qid,
+                    about=message.id,
+                    to=message.sender,
+                    action=reports[0].action,
+                    rcpts=len(reports),
+                )
+            if ids and self.on_enqueue is not None:
+                self.on_enqueue()
 
     async def flush(self) -> None:
         """Wait until every outcome so far is recorded (shutdown, tests)."""
@@ -204,14 +224,15 @@ class Recorder:
                 self._task = asyncio.get_running_loop().create_task(self._drain())
             await asyncio.shield(self._task)
 
-    async def _reports(
+    async def _dsns(
         self,
         message: MessageInfo,
         failed: list[Report],
         delayed: list[Report],
         relayed: list[Report],
         now: float,
-    ) -> None:
+    ) -> list[tuple[EnvelopeIn, float, MessageInfo, list[Report]]]:
+        """The DSN messages these reports call for (none for a message from <>)."""
         if message.sender == "" and failed:
             # RFC 5321 §4.5.5: a DSN that cannot be delivered is dropped, never bounced.
             self.stats.dsn_dropped += len(failed)
@@ -223,35 +244,23 @@ class Recorder:
                     rcpt=r.recipient.address,
                     reply=str(r.reply)[:300],
                 )
-            return
+            return []
+        out = []
         for reports in (failed, delayed, relayed):
-            if reports:
-                await self._send_dsn(message, reports, now)
-
-    async def _send_dsn(self, message: MessageInfo, reports: list[Report], now: float) -> None:
-        original = await self.read_body(message.id) or b""
-        envelope = dsn_envelope(
-            message,
-            original,
-            reports,
-            hostname=self.hostname,
-            bounce_from=self.bounce_from,
-            now=now,
-        )
-        if envelope is None:
-            return
-        qid = await self.queue.enqueue(envelope, expires=now + self.policy.message_lifetime)
-        self.stats.bounced += 1
-        emit(
-            "dsn",
-            id=qid,
-            about=message.id,
-            to=message.sender,
-            action=reports[0].action,
-            rcpts=len(reports),
-        )
-        if self.on_enqueue is not None:
-            self.on_enqueue()
+            if not reports:
+                continue
+            original = await self.read_body(message.id) or b""
+            envelope = dsn_envelope(
+                message,
+                original,
+                reports,
+                hostname=self.hostname,
+                bounce_from=self.bounce_from,
+                now=now,
+            )
+            if envelope is not None:
+                out.append((envelope, now, message, reports))
+        return out
 
     def _count(self, status: Status, route: str, domain: str) -> None:
         s = self.stats

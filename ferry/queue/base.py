@@ -164,8 +164,20 @@ class Queue(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def record(self, owner: str, results: list[AttemptResult], *, now: float) -> None:
-        """Record outcomes for leased recipients and release their leases."""
+    async def record(
+        self,
+        owner: str,
+        results: list[AttemptResult],
+        *,
+        now: float,
+        new_messages: Sequence[tuple[EnvelopeIn, float]] = (),
+    ) -> list[str]:
+        """Record outcomes for leased recipients and release their leases.
+
+        ``new_messages`` (envelope, expiry) are queued in the same transaction -- the
+        DSNs these outcomes call for, so a failure is never recorded without its bounce.
+        Returns their queue ids.
+        """
 
     @abc.abstractmethod
     async def read_message(self, message_id: str) -> bytes | None:

@@ -331,43 +331,7 @@ class SqliteQueue(Queue):
         now = time.time()
         qid = queue_id or new_queue_id(now)
         exp = expires if expires is not None else now + 4 * 86400
-        prio = int(envelope.priority)
-
-        def job(conn: sqlite3.Connection) -> str:
-            conn.execute(
-                "INSERT INTO messages(id, sender, size, priority, arrival, expires, status,"
-                " client_address, client_helo, auth_user, envid, ret, smtputf8, body_8bit,"
-                " extra) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    qid,
-                    envelope.sender,
-                    len(envelope.data),
-                    prio,
-                    now,
-                    exp,
-                    Status.QUEUED.value,
-                    envelope.client_address,
-                    envelope.client_helo,
-                    envelope.auth_user,
-                    envelope.envid,
-                    envelope.ret,
-                    int(envelope.smtputf8),
-                    int(envelope.body_8bit),
-                    json.dumps(envelope.extra) if envelope.extra else None,
-                ),
-            )
-            conn.execute("INSERT INTO bodies(message_id, data) VALUES (?, ?)", (qid, envelope.data))
-            conn.executemany(
-                "INSERT INTO recipients(message_id, address, domain, orcpt, notify, status,"
-                " priority, arrival, next_attempt) VALUES (?,?,?,?,?,?,?,?,?)",
-                [
-                    (qid, r.address, r.domain, r.orcpt, r.notify, "Queued", prio, now, now)
-                    for r in envelope.recipients
-                ],
-            )
-            return qid
-
-        return await self._run(job)
+        return await self._run(lambda conn: _insert_message(conn, qid, envelope, now, exp))
 
     # -- delivery ---------------------------------------------------------------
 
@@ -416,8 +380,19 @@ class SqliteQueue(Queue):
 
         return await self._run(job)
 
-    async def record(self, owner: str, results: list[AttemptResult], *, now: float) -> None:
-        def job(conn: sqlite3.Connection) -> None:
+    async def record(
+        self,
+        owner: str,
+        results: list[AttemptResult],
+        *,
+        now: float,
+        new_messages: Sequence[tuple[EnvelopeIn, float]] = (),
+    ) -> list[str]:
+        ids = [new_queue_id(now) for _ in new_messages]
+
+        def job(conn: sqlite3.Connection) -> list[str]:
+            for qid, (envelope, expires) in zip(ids, new_messages, strict=True):
+                _insert_message(conn, qid, envelope, now, expires)
             touched: set[str] = set()
             for res in results:
                 row = conn.execute(
@@ -478,8 +453,9 @@ class SqliteQueue(Queue):
                     )
                 touched.add(message_id)
             _refresh_message_status(conn, sorted(touched))
+            return ids
 
-        await self._run(job)
+        return await self._run(job)
 
     async def read_message(self, message_id: str) -> bytes | None:
         def job(conn: sqlite3.Connection) -> bytes | None:
@@ -689,6 +665,45 @@ class SqliteQueue(Queue):
 
 
 # -- helpers run on the writer thread --------------------------------------------
+
+
+def _insert_message(
+    conn: sqlite3.Connection, qid: str, envelope: EnvelopeIn, now: float, expires: float
+) -> str:
+    prio = int(envelope.priority)
+    conn.execute(
+        "INSERT INTO messages(id, sender, size, priority, arrival, expires, status,"
+        " client_address, client_helo, auth_user, envid, ret, smtputf8, body_8bit,"
+        " extra) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            qid,
+            envelope.sender,
+            len(envelope.data),
+            prio,
+            now,
+            expires,
+            Status.QUEUED.value,
+            envelope.client_address,
+            envelope.client_helo,
+            envelope.auth_user,
+            envelope.envid,
+            envelope.ret,
+            int(envelope.smtputf8),
+            int(envelope.body_8bit),
+            json.dumps(envelope.extra) if envelope.extra else None,
+        ),
+    )
+    conn.execute("INSERT INTO bodies(message_id, data) VALUES (?, ?)", (qid, envelope.data))
+    conn.executemany(
+        "INSERT INTO recipients(message_id, address, domain, orcpt, notify, status,"
+        " priority, arrival, next_attempt) VALUES (?,?,?,?,?,?,?,?,?)",
+        [
+            (qid, r.address, r.domain, r.orcpt, r.notify, "Queued", prio, now, now)
+            for r in envelope.recipients
+        ],
+    )
+    return qid
+
 
 _CHUNK = 500  # stay well under SQLite's bound-parameter limit
 

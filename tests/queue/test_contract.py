@@ -204,3 +204,19 @@ async def test_extend_leases_keeps_work_from_other_workers(queue: Queue) -> None
     assert await queue.claim("w2", now=1e10 + 300, limit=10, lease=60) == []  # still w1's
     [again] = await queue.claim("w2", now=1e10 + 601, limit=10, lease=60)
     assert again.recipient.id == c.recipient.id
+
+
+async def test_record_queues_new_messages_in_the_same_transaction(queue: Queue) -> None:
+    await queue.enqueue(env("a@x.test"))
+    [c] = await queue.claim("w", now=9e9, limit=10, lease=60)
+    dsn = env("s@example.org", sender="", data=b"Subject: bounce\r\n\r\nreport\r\n")
+    [qid] = await queue.record(
+        "w",
+        [AttemptResult(c.recipient.id, Status.FAILED, PERM)],
+        now=9e9,
+        new_messages=[(dsn, 9e9 + 3600)],
+    )
+    m = await queue.get(qid)
+    assert m is not None and m.sender == "" and m.expires == 9e9 + 3600
+    assert await queue.read_message(qid) == b"Subject: bounce\r\n\r\nreport\r\n"
+    assert (await queue.get(c.message.id)).status is Status.FAILED  # type: ignore[union-attr]

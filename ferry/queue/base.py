@@ -206,7 +206,11 @@ class Queue(abc.ABC):
         limit: int = 100,
         offset: int = 0,
     ) -> list[MessageInfo]:
-        """Messages, newest first, filtered; recipients included (without history)."""
+        """Messages, newest first, filtered; recipients included (without history).
+
+        A pending ``status`` (Queued, Deferred, InProgress) matches every message with a
+        recipient in that state; a final one matches the message's derived status.
+        """
 
     @abc.abstractmethod
     async def retry(self, message_id: str, *, now: float) -> int:

@@ -553,7 +553,12 @@ class SqliteQueue(Queue):
     ) -> list[MessageInfo]:
         def job(conn: sqlite3.Connection) -> list[MessageInfo]:
             where, args = [], []
-            if status is not None:
+            if status in (Status.QUEUED, Status.DEFERRED, Status.IN_PROGRESS):
+                # A pending state: every message with a recipient in it, partially
+                # delivered ones included (an operator asking "what is deferred?").
+                where.append("id IN (SELECT message_id FROM recipients WHERE status=?)")
+                args.append(status.value)
+            elif status is not None:
                 where.append("status=?")
                 args.append(status.value)
             if sender is not None:

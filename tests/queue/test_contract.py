@@ -112,6 +112,9 @@ async def test_record_outcomes_history_and_derived_status(queue: Queue) -> None:
     assert by["b@x.test"].last_reply == PERM
     assert by["c@x.test"].status is Status.DEFERRED
     assert by["c@x.test"].attempts == 1
+    # a partially delivered message with a deferred recipient is listed as deferred work
+    assert [x.id for x in await queue.list(status=Status.DEFERRED)] == [qid]
+    assert [x.id for x in await queue.list(status=Status.PARTIALLY_DELIVERED)] == [qid]
     assert by["c@x.test"].next_attempt == 9e9 + 60
     assert await queue.next_due() == 9e9 + 60
     # the deferred recipient comes back when due

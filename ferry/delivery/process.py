@@ -89,23 +89,38 @@ class DeliveryProcess:
 
     async def _watch(self) -> None:
         """Restart the worker if it dies; its leases go back to the queue first."""
+        while not self._stopping:
+            try:
+                assert self.proc is not None
+                code = await asyncio.to_thread(self.proc.wait)
+                if self._stopping:
+                    return
+                emit("delivery_worker_died", level=logging.ERROR, pid=self.proc.pid, code=code)
+                await self._release()
+                await asyncio.sleep(RESTART_DELAY)  # no hot restart loop on a crashing worker
+                if not self._stopping:
+                    self.restarts += 1
+                    self._spawn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The monitor must outlive any one failure, or intake would go on
+                # accepting mail that nothing delivers.
+                logging.getLogger("ferry.delivery").exception("delivery worker monitor")
+                await asyncio.sleep(RESTART_DELAY)
+                if self.proc is None or self.proc.poll() is not None:
+                    with contextlib.suppress(Exception):
+                        self._spawn()
+
+    async def _release(self) -> None:
+        """Hand this worker's leases back to the queue (it is gone)."""
         from ferry.service import open_queue
 
-        while not self._stopping:
-            assert self.proc is not None
-            code = await asyncio.to_thread(self.proc.wait)
-            if self._stopping:
-                return
-            emit("delivery_worker_died", level=logging.ERROR, pid=self.proc.pid, code=code)
-            queue = open_queue(self.config)
-            try:
-                await queue.release_leases(self.owner)
-            finally:
-                await queue.close()
-            await asyncio.sleep(RESTART_DELAY)  # no hot restart loop on a crashing worker
-            if not self._stopping:
-                self.restarts += 1
-                self._spawn()
+        queue = open_queue(self.config)
+        try:
+            await queue.release_leases(self.owner)
+        finally:
+            await queue.close()
 
     def notify(self) -> None:
         """New mail: wake the worker (coalesced; a full pipe already means "wake")."""
@@ -123,6 +138,9 @@ class DeliveryProcess:
             except TimeoutError:
                 proc.kill()
                 await asyncio.to_thread(proc.wait)
+                # it could not release its own leases: do it for it
+                with contextlib.suppress(Exception):
+                    await self._release()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

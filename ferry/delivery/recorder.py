@@ -192,7 +192,10 @@ class Recorder:
                     self.owner,
                     results,
                     now=max(e[5] for e in batch),
-                    new_messages=[(env, now + life) for env, now, _m, _r in dsns],
+                    new_messages=[
+                        (env, now + life, [r.recipient.id for r in reports])
+                        for env, now, _m, reports in dsns
+                    ],
                 )
             except Exception:
                 # Keep the outcomes (and the leases: the ids stay held) and try again;
@@ -205,6 +208,8 @@ class Recorder:
             delay = 0.5
             self.held.difference_update(r.recipient_id for r in results)
             for qid, (_env, _now, message, reports) in zip(ids, dsns, strict=True):
+                if qid is None:
+                    continue  # its outcomes were discarded (cancelled meanwhile)
                 self.stats.bounced += 1
                 emit(
                     "dsn",
@@ -214,7 +219,7 @@ class Recorder:
                     action=reports[0].action,
                     rcpts=len(reports),
                 )
-            if ids and self.on_enqueue is not None:
+            if any(ids) and self.on_enqueue is not None:
                 self.on_enqueue()
 
     async def flush(self) -> None:

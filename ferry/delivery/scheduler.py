@@ -122,7 +122,12 @@ class Scheduler:
             task.cancel()
         if self.sessions:
             await asyncio.gather(*self.sessions, return_exceptions=True)
-        await self.delivery.flush()
+        try:
+            # Outcomes still being written: wait, but not forever (a dead disk must not
+            # hang shutdown; unwritten outcomes' leases are released below and redone).
+            await asyncio.wait_for(self.delivery.flush(), 30)
+        except TimeoutError:
+            logging.getLogger("ferry.delivery").error("outcomes not written at shutdown")
         self.write_stats()
         await self.delivery.pool.close()
         # Whatever was claimed but not finished goes back to the queue now.
@@ -136,14 +141,14 @@ class Scheduler:
             started = time.monotonic()
             self._wake.clear()
             try:
-                await self._claim()
+                claimed = await self._claim()
                 self._dispatch()
                 self.delivery.pool.expire()
                 if time.monotonic() - last_stats >= STATS_INTERVAL:
                     last_stats = time.monotonic()
                     self.write_stats()
                 await self._renew_leases()
-                timeout = await self._sleep_time()
+                timeout = await self._sleep_time(claimed)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -172,6 +177,15 @@ class Scheduler:
     def _backlog(self) -> int:
         return sum(len(d.pending) for d in self.destinations.values())
 
+    def _working_backlog(self, now: float) -> int:
+        """Work in hand that can move now: a paused or rate-limited destination's queue
+        does not count, so it cannot crowd out every other destination's claims."""
+        return sum(
+            len(d.pending)
+            for d in self.destinations.values()
+            if d.relayed or d.shaper.active or d.shaper.open_wait(now) <= 0
+        )
+
     def _full(self) -> list[str]:
         """Domains with enough work in hand: leave the rest of theirs in the queue."""
         return [
@@ -180,16 +194,17 @@ class Scheduler:
             if len(d.pending) >= self.per_destination_backlog
         ]
 
-    async def _claim(self) -> None:
-        backlog = self._backlog()
+    async def _claim(self) -> bool:
+        """Claim due work if there is room; False when this pass did not claim."""
+        backlog = self._working_backlog(self.clock())
         room = self.max_backlog - backlog
         if room <= 0:
-            return
+            return False
         # A claim is a queue write, competing with intake's: with plenty in hand, claim
         # at most every CLAIM_INTERVAL instead of at every wake-up.
         now = time.monotonic()
         if backlog >= self.max_backlog // 4 and now - self._last_claim < CLAIM_INTERVAL:
-            return
+            return False
         self._last_claim = now
         claimed = await self.queue.claim(
             self.owner,
@@ -199,6 +214,7 @@ class Scheduler:
             exclude_domains=self._full(),
         )
         self._add(claimed)
+        return True
 
     def _add(self, claimed: list[ClaimedRecipient]) -> None:
         # Group per destination, then per message: one transaction per message there.
@@ -260,7 +276,7 @@ class Scheduler:
 
         task.add_done_callback(done)
 
-    async def _sleep_time(self) -> float:
+    async def _sleep_time(self, claimed: bool = True) -> float:
         now = self.clock()
         waits = [IDLE_POLL_SECONDS]
         for dest in self.destinations.values():
@@ -270,7 +286,10 @@ class Scheduler:
                     waits.append(max(0.0, w))
         due = await self.queue.next_due(exclude_domains=self._full())
         if due is not None:
-            waits.append(max(0.0, due - now))
+            # Due work we did not claim this pass (no room, or pacing) is looked at
+            # again after CLAIM_INTERVAL -- sooner would only spin; a session ending
+            # wakes us anyway.
+            waits.append(max(0.0 if claimed else CLAIM_INTERVAL, due - now))
         return max(0.0, min(waits))
 
     # -- statistics ------------------------------------------------------------------

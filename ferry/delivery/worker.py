@@ -148,7 +148,6 @@ class Delivery:
         )
         self.block_patterns = tuple(d.block_patterns)
         self._bodies: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self._signed: collections.OrderedDict[str, tuple[bytes, bool]] = collections.OrderedDict()
         self.signer = make_signer(config)
         self.group_shapers: dict[str, DestinationShaper] = {}
         self.recorder = Recorder(
@@ -405,13 +404,9 @@ class Delivery:
     def _sign(self, message: MessageInfo, data: bytes) -> bytes | None:
         """The bytes to send: DKIM-Signature fields + the message; None = must defer.
 
-        RFC 6376: signed at delivery time, after every change Ferry makes, once per
-        message and pass (the signature covers no envelope data, so every recipient
-        and destination shares it).
+        RFC 6376: signed at delivery time, after every change Ferry makes, for each
+        transaction (~0.3 ms), so a rotated or new key is used at the next attempt.
         """
-        cached = self._signed.get(message.id)
-        if cached is not None:
-            return cached[0] if cached[1] else None
         result = self.signer.sign(data, envelope_sender=message.sender)
         stats = self.stats
         if result.signed:
@@ -428,12 +423,9 @@ class Delivery:
                     reason=result.unsigned_reason,
                     required=result.required,
                 )
-        ok = result.signed or not result.required
-        out = result.headers + data
-        self._signed[message.id] = (out, ok)
-        while len(self._signed) > 256:
-            self._signed.popitem(last=False)
-        return out if ok else None
+        if result.signed or not result.required:
+            return result.headers + data
+        return None
 
     def _finish(self, item: WorkItem, outcomes: list[Outcome]) -> None:
         self.recorder.finish(item.message, outcomes)
@@ -485,6 +477,7 @@ class Delivery:
         last: Reply = transport_failure_reply("refused", f"no usable address for {hop.name}")
         now = self.clock()
         limit = self.config.delivery.messages_per_connection
+        tried = False
         for name, ip in targets:  # RFC 5321 §5.1: in preference order
             plain = self.tls_fallback.get(ip, 0) > now
             key = (hop.label, ip, hop.port, plain)
@@ -495,7 +488,10 @@ class Delivery:
                 session.conns[hop.label] = conn
                 return conn
             if not (dest.shaper.new_connections.allowed(now) and now >= dest.shaper.paused_until):
+                if tried:
+                    break  # some hosts failed and the rate is spent: this attempt is over
                 raise _Stop  # the connection rate is spent: wait, as the scheduler will
+            tried = True
             # Counted when decided, not when connected: concurrent sessions sharing these
             # limits (an MX group) must not all see the last free slot.
             dest.shaper.opened(now)
@@ -671,7 +667,8 @@ class Delivery:
             "required" if host.require_tls else "opportunistic"
         )
         mechanisms = {"plain": ("PLAIN",), "login": ("LOGIN",), "xoauth2": ("XOAUTH2",)}
-        token = credentials.oauth_token(host)
+        # a token command may take a while: never on the event loop
+        token = await asyncio.to_thread(credentials.oauth_token, host)
         options = self._options(
             tls=tls,
             verify_certificate=host.verify_certificate,

@@ -170,13 +170,14 @@ class Queue(abc.ABC):
         results: list[AttemptResult],
         *,
         now: float,
-        new_messages: Sequence[tuple[EnvelopeIn, float]] = (),
-    ) -> list[str]:
+        new_messages: Sequence[tuple[EnvelopeIn, float, Sequence[int]]] = (),
+    ) -> list[str | None]:
         """Record outcomes for leased recipients and release their leases.
 
-        ``new_messages`` (envelope, expiry) are queued in the same transaction -- the
-        DSNs these outcomes call for, so a failure is never recorded without its bounce.
-        Returns their queue ids.
+        ``new_messages`` (envelope, expiry, the recipient ids it reports on) are queued
+        in the same transaction -- the DSNs these outcomes call for, so a failure is
+        never recorded without its bounce -- but only when at least one of those
+        outcomes was recorded. Returns their queue ids (None for one left out).
         """
 
     @abc.abstractmethod

@@ -386,14 +386,13 @@ class SqliteQueue(Queue):
         results: list[AttemptResult],
         *,
         now: float,
-        new_messages: Sequence[tuple[EnvelopeIn, float]] = (),
-    ) -> list[str]:
+        new_messages: Sequence[tuple[EnvelopeIn, float, Sequence[int]]] = (),
+    ) -> list[str | None]:
         ids = [new_queue_id(now) for _ in new_messages]
 
-        def job(conn: sqlite3.Connection) -> list[str]:
-            for qid, (envelope, expires) in zip(ids, new_messages, strict=True):
-                _insert_message(conn, qid, envelope, now, expires)
+        def job(conn: sqlite3.Connection) -> list[str | None]:
             touched: set[str] = set()
+            updated: set[int] = set()
             for res in results:
                 row = conn.execute(
                     "SELECT message_id, lease_owner, status, attempts FROM recipients WHERE id=?",
@@ -452,8 +451,18 @@ class SqliteQueue(Queue):
                         ),
                     )
                 touched.add(message_id)
+                updated.add(res.recipient_id)
             _refresh_message_status(conn, sorted(touched))
-            return ids
+            # A DSN goes in only if an outcome it reports was really recorded (not one
+            # discarded because the recipient was cancelled or taken over meanwhile).
+            out: list[str | None] = []
+            for qid, (envelope, expires, about) in zip(ids, new_messages, strict=True):
+                if updated.intersection(about):
+                    _insert_message(conn, qid, envelope, now, expires)
+                    out.append(qid)
+                else:
+                    out.append(None)
+            return out
 
         return await self._run(job)
 

@@ -217,9 +217,24 @@ async def test_record_queues_new_messages_in_the_same_transaction(queue: Queue) 
         "w",
         [AttemptResult(c.recipient.id, Status.FAILED, PERM)],
         now=9e9,
-        new_messages=[(dsn, 9e9 + 3600)],
+        new_messages=[(dsn, 9e9 + 3600, [c.recipient.id])],
     )
     m = await queue.get(qid)
     assert m is not None and m.sender == "" and m.expires == 9e9 + 3600
     assert await queue.read_message(qid) == b"Subject: bounce\r\n\r\nreport\r\n"
     assert (await queue.get(c.message.id)).status is Status.FAILED  # type: ignore[union-attr]
+
+
+async def test_no_dsn_for_an_outcome_that_was_discarded(queue: Queue) -> None:
+    qid = await queue.enqueue(env("a@x.test"))
+    [c] = await queue.claim("w", now=9e9, limit=10, lease=60)
+    assert await queue.cancel(qid, now=9e9) == 1  # an operator cancels meanwhile
+    dsn = env("s@example.org", sender="")
+    ids = await queue.record(
+        "w",
+        [AttemptResult(c.recipient.id, Status.FAILED, PERM)],
+        now=9e9,
+        new_messages=[(dsn, 9e9 + 3600, [c.recipient.id])],
+    )
+    assert ids == [None]
+    assert [m.id for m in await queue.list()] == [qid]

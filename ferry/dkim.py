@@ -328,8 +328,10 @@ class KeyStore:
         *,
         extra_keys: Mapping[str, Sequence[str | Path]] | None = None,
         default_selector: str = "ferry",
+        clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         self.keys_dir = Path(keys_dir)
+        self.clock_ns = clock_ns  # compared with file mtimes (injectable for tests)
         self.default_selector = normalize_selector(default_selector)
         self._extra = {
             normalize_domain(d): [Path(p) for p in paths] for d, paths in (extra_keys or {}).items()
@@ -384,7 +386,7 @@ class KeyStore:
             for error in errors:
                 if cached is None or error not in cached.errors:
                     logger.error("DKIM key not loaded: %s", error)
-            trusted = stamp is None or time.time_ns() - max(stamp[0], stamp[2]) > _RACY_NS
+            trusted = stamp is None or self.clock_ns() - max(stamp[0], stamp[2]) > _RACY_NS
             cached = _Cached(stamp, trusted, entries, errors)
             self._cache[domain] = cached
             return cached

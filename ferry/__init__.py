@@ -39,16 +39,23 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from ferry.api import AcceptedHook as AcceptedHook
-    from ferry.api import AcceptedMessage as AcceptedMessage
-    from ferry.api import DeliveryHook as DeliveryHook
-    from ferry.api import DeliveryResult as DeliveryResult
-    from ferry.api import IncomingMessage as IncomingMessage
-    from ferry.api import MessageLike as MessageLike
-    from ferry.api import QueueId as QueueId
-    from ferry.api import Relay as Relay
-    from ferry.api import RelayQueue as RelayQueue
-    from ferry.api import RoutingHook as RoutingHook
+    from ferry.api.relay import AcceptedHook as AcceptedHook
+    from ferry.api.relay import AcceptedMessage as AcceptedMessage
+    from ferry.api.relay import DeliveryHook as DeliveryHook
+    from ferry.api.relay import DeliveryResult as DeliveryResult
+    from ferry.api.relay import IncomingMessage as IncomingMessage
+    from ferry.api.relay import MessageLike as MessageLike
+    from ferry.api.relay import QueueId as QueueId
+    from ferry.api.relay import Relay as Relay
+    from ferry.api.relay import RelayQueue as RelayQueue
+    from ferry.api.relay import RoutingHook as RoutingHook
+    from ferry.api.seed import DirectSmtpService as DirectSmtpService
+    from ferry.api.seed import EmailPriority as EmailPriority
+    from ferry.api.seed import get_direct_smtp_service as get_direct_smtp_service
+    from ferry.api.seed import get_hybrid_relay as get_hybrid_relay
+    from ferry.api.seed import send_direct as send_direct
+    from ferry.api.seed import send_email_hybrid as send_email_hybrid
+    from ferry.api.seed import sign_email_dkim as sign_email_dkim
     from ferry.config import ConfigError as ConfigError
     from ferry.config import RelayConfig as RelayConfig
     from ferry.config import SmartHost as SmartHost
@@ -59,27 +66,20 @@ if TYPE_CHECKING:
     from ferry.queue.base import MessageInfo as MessageInfo
     from ferry.queue.base import QueueStats as QueueStats
     from ferry.queue.base import RecipientInfo as RecipientInfo
-    from ferry.seed_api import DirectSmtpService as DirectSmtpService
-    from ferry.seed_api import EmailPriority as EmailPriority
-    from ferry.seed_api import get_direct_smtp_service as get_direct_smtp_service
-    from ferry.seed_api import get_hybrid_relay as get_hybrid_relay
-    from ferry.seed_api import send_direct as send_direct
-    from ferry.seed_api import send_email_hybrid as send_email_hybrid
-    from ferry.seed_api import sign_email_dkim as sign_email_dkim
     from ferry.service import AlreadyRunning as AlreadyRunning
 
 #: Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
-    "AcceptedHook": "ferry.api",
-    "AcceptedMessage": "ferry.api",
-    "DeliveryHook": "ferry.api",
-    "DeliveryResult": "ferry.api",
-    "IncomingMessage": "ferry.api",
-    "MessageLike": "ferry.api",
-    "QueueId": "ferry.api",
-    "Relay": "ferry.api",
-    "RelayQueue": "ferry.api",
-    "RoutingHook": "ferry.api",
+    "AcceptedHook": "ferry.api.relay",
+    "AcceptedMessage": "ferry.api.relay",
+    "DeliveryHook": "ferry.api.relay",
+    "DeliveryResult": "ferry.api.relay",
+    "IncomingMessage": "ferry.api.relay",
+    "MessageLike": "ferry.api.relay",
+    "QueueId": "ferry.api.relay",
+    "Relay": "ferry.api.relay",
+    "RelayQueue": "ferry.api.relay",
+    "RoutingHook": "ferry.api.relay",
     "ConfigError": "ferry.config",
     "RelayConfig": "ferry.config",
     "SmartHost": "ferry.config",
@@ -90,13 +90,13 @@ _EXPORTS: dict[str, str] = {
     "MessageInfo": "ferry.queue.base",
     "QueueStats": "ferry.queue.base",
     "RecipientInfo": "ferry.queue.base",
-    "DirectSmtpService": "ferry.seed_api",
-    "EmailPriority": "ferry.seed_api",
-    "get_direct_smtp_service": "ferry.seed_api",
-    "get_hybrid_relay": "ferry.seed_api",
-    "send_direct": "ferry.seed_api",
-    "send_email_hybrid": "ferry.seed_api",
-    "sign_email_dkim": "ferry.seed_api",
+    "DirectSmtpService": "ferry.api.seed",
+    "EmailPriority": "ferry.api.seed",
+    "get_direct_smtp_service": "ferry.api.seed",
+    "get_hybrid_relay": "ferry.api.seed",
+    "send_direct": "ferry.api.seed",
+    "send_email_hybrid": "ferry.api.seed",
+    "sign_email_dkim": "ferry.api.seed",
     "AlreadyRunning": "ferry.service",
 }
 

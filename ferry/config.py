@@ -30,10 +30,27 @@ from pydantic import (
     model_validator,
 )
 
-from ferry.delivery.outcomes import DEFAULT_BLOCK_PATTERNS
-
 ListenMode = Literal["mta", "submission", "smtps"]
 DeliveryMode = Literal["direct", "relay", "hybrid", "smart"]
+
+
+#: Phrases that, in a policy rejection, mean "your IP or domain is on a list".
+#: Word boundaries keep "greylisted"/"whitelisted" and "not listed in
+#: directory" (an unknown user) out.
+DEFAULT_BLOCK_PATTERNS: tuple[str, ...] = (
+    r"block\s?list",
+    r"black\s?list",
+    r"deny\s?list",
+    r"blocked using",
+    r"spamhaus",
+    r"spamcop",
+    r"barracuda",
+    r"reputation",
+    r"(?<!not )\blisted\b",
+    r"\brbl\b",
+    r"\bdnsbl\b",
+    r"\bbanned\b",
+)
 
 
 class ConfigError(Exception):

@@ -19,26 +19,18 @@ from typing import IO
 
 from ferry.config import RelayConfig
 from ferry.delivery.process import DeliveryProcess
-from ferry.delivery.retry import parse_duration
 from ferry.delivery.scheduler import Scheduler, flat_stats, stats_dir
+from ferry.durations import parse_duration
 from ferry.envelope import EnvelopeIn
 from ferry.events import emit
 from ferry.intake.server import IntakeServer, run_hook
+from ferry.queue import open_queue
 from ferry.queue.sqlite import SqliteQueue
 from ferry.tls import ensure_self_signed, server_context
 
 
 class AlreadyRunning(RuntimeError):
     """Another ``ferry serve`` holds this queue directory."""
-
-
-def open_queue(config: RelayConfig, *, durable: bool = True) -> SqliteQueue:
-    """The queue backend named by the configuration.
-
-    ``durable=False`` is for a delivery worker process: its own writes (claims,
-    outcomes) need not be fsynced one by one (see ``SqliteQueue``).
-    """
-    return SqliteQueue(config.queue.path, batch=config.queue.commit_batch, durable=durable)
 
 
 def load_tls(config: RelayConfig) -> ssl.SSLContext:

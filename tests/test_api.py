@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 import ferry
+import ferry.api.seed as seed
 import ferry.events
-import ferry.seed_api as seed
 from ferry import (
     AcceptedMessage,
     AlreadyRunning,
@@ -686,7 +686,7 @@ async def test_sign_email_dkim_signs_with_the_domain_key(
     signed = await ferry.sign_email_dkim(email_message("a@x.test"), mail_from="alice@sender.test")
     assert isinstance(signed, EmailMessage)
     assert "d=sender.test" in str(signed["DKIM-Signature"]).replace(" ", "")
-    assert dkim.verify(signed.as_bytes(policy=ferry.api._POLICY), dnsfunc=_dkim_dns(world))
+    assert dkim.verify(signed.as_bytes(policy=ferry.api.relay._POLICY), dnsfunc=_dkim_dns(world))
 
 
 async def test_send_direct_signs_and_delivers(world: World, seed_config: RelayConfig) -> None:

@@ -21,7 +21,9 @@ import dns.resolver
 import pytest
 from click.testing import CliRunner
 
+from ferry.cli.dkim import dkim as dkim_group
 from ferry.delivery.client import dot_stuff
+from ferry.delivery.dsn import DsnRecipient, DsnRequest, build_dsn
 from ferry.dkim import (
     DkimKey,
     KeyStore,
@@ -31,8 +33,6 @@ from ferry.dkim import (
     relaxed_body,
     txt_chunks,
 )
-from ferry.dkim_cli import dkim as dkim_group
-from ferry.dsn import DsnRecipient, DsnRequest, build_dsn
 from ferry.envelope import Reply
 from tests.world import DnsServer
 

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from ferry.dnscheck import (
+from ferry.cli.dns import dns as dns_group
+from ferry.dnscheck.checks import (
     Check,
     check_domain,
     failed,
@@ -21,7 +22,6 @@ from ferry.dnscheck import (
     same_dkim_key,
     suggest_spf,
 )
-from ferry.dnscheck_cli import dns as dns_group
 from tests.world.dns import DnsServer
 
 DOMAIN = "example.test"

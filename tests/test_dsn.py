@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import pytest
 
-from ferry.dsn import (
+from ferry.delivery.dsn import (
     DsnRecipient,
     DsnRequest,
     build_dsn,

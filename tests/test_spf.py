@@ -7,7 +7,7 @@ import ipaddress
 
 import pytest
 
-from ferry.spf import (
+from ferry.dnscheck.spf import (
     DnsLookup,
     DnsNotFound,
     DnsTempError,
@@ -22,7 +22,7 @@ from tests.world.dns import DnsServer
 
 
 class MemoryDns:
-    """An in-memory :class:`ferry.spf.Lookup`: a name with no records at all is
+    """An in-memory :class:`ferry.dnscheck.spf.Lookup`: a name with no records at all is
     NXDOMAIN, a name with other records answers NODATA ([]), ``fail`` makes a
     name (and type) a temporary error. Every query is logged."""
 

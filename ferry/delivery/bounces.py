@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ferry.delivery.dsn import Action, DsnRecipient, DsnRequest, build_dsn, needs_dsn, never_bounce
 from ferry.delivery.outcomes import enhanced_from_reply
-from ferry.dsn import Action, DsnRecipient, DsnRequest, build_dsn, needs_dsn, never_bounce
 from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply
 from ferry.queue.base import MessageInfo, RecipientInfo
 

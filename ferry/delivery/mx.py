@@ -25,7 +25,9 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from ferry.domains import to_a_labels
 from ferry.envelope import Reply
+from ferry.resolver import parse_nameserver
 
 __all__ = [
     "MxError",
@@ -85,37 +87,6 @@ def is_null_mx(records: Sequence[tuple[int, str]]) -> bool:
     A "." among real hosts is a misconfiguration; the real hosts are then used.
     """
     return bool(records) and all(host in ("", ".") for _, host in records)
-
-
-def parse_nameserver(text: str) -> tuple[str, int]:
-    """``"ip"``, ``"ip:port"`` or ``"[v6]:port"`` to ``(ip, port)``; port 53 by default."""
-    host, port = text.strip(), "53"
-    if host.startswith("["):  # "[v6]" or "[v6]:port"
-        host, _, rest = host[1:].partition("]")
-        if rest:
-            port = rest[1:] if rest[0] == ":" else "invalid"
-    elif host.count(":") == 1:  # "v4:port"; a bare IPv6 address has several colons
-        host, port = host.split(":")
-    try:
-        address = str(ipaddress.ip_address(host))
-        number = int(port)
-    except ValueError:
-        raise ValueError(f"not a nameserver address: {text!r}") from None
-    if not 0 < number < 65536:
-        raise ValueError(f"bad port in nameserver address: {text!r}")
-    return address, number
-
-
-def to_a_labels(domain: str) -> str:
-    """The domain in lower-case ASCII (IDNA A-labels), without the final dot."""
-    domain = domain.strip().rstrip(".")
-    if not domain:
-        raise ValueError("empty domain")
-    try:
-        name = dns.name.from_text(domain)  # IDNA 2008 when the idna package is present
-    except (dns.exception.DNSException, UnicodeError) as exc:
-        raise ValueError(f"invalid domain {domain!r}: {exc}") from None
-    return name.to_text(omit_final_dot=True).lower()
 
 
 # -- the resolver ------------------------------------------------------------------

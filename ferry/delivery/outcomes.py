@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import Literal
 
+from ferry.config import DEFAULT_BLOCK_PATTERNS
 from ferry.envelope import Reply
 
 Stage = Literal["connect", "greeting", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "dot"]
@@ -103,24 +104,6 @@ def transport_failure_reply(kind: TransportFailure | str, detail: str) -> Reply:
     # must not invent extra lines.
     return Reply(451, enhanced, " ".join(text.split()))
 
-
-#: Phrases that, in a policy rejection, mean "your IP or domain is on a list".
-#: Word boundaries keep "greylisted"/"whitelisted" and "not listed in
-#: directory" (an unknown user) out.
-DEFAULT_BLOCK_PATTERNS: tuple[str, ...] = (
-    r"block\s?list",
-    r"black\s?list",
-    r"deny\s?list",
-    r"blocked using",
-    r"spamhaus",
-    r"spamcop",
-    r"barracuda",
-    r"reputation",
-    r"(?<!not )\blisted\b",
-    r"\brbl\b",
-    r"\bdnsbl\b",
-    r"\bbanned\b",
-)
 
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})")
 

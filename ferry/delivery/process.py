@@ -114,7 +114,7 @@ class DeliveryProcess:
 
     async def _release(self) -> None:
         """Hand this worker's leases back to the queue (it is gone)."""
-        from ferry.service import open_queue
+        from ferry.queue import open_queue
 
         queue = open_queue(self.config)
         try:
@@ -152,7 +152,7 @@ class DeliveryProcess:
 
 async def _worker(config: RelayConfig, owner: str, notify_fd: int) -> None:
     from ferry.delivery.scheduler import Scheduler, flat_stats
-    from ferry.service import open_queue
+    from ferry.queue import open_queue
 
     queue = open_queue(config, durable=False)
     scheduler = Scheduler(config, queue, owner=owner)
@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--notify-fd", type=int, required=True)
     args = ap.parse_args(argv)
     config = RelayConfig.model_validate_json(sys.stdin.read())
-    from ferry.cli import run_async
     from ferry.events import setup_logging
+    from ferry.runtime import run_async
 
     setup_logging(config.log.level, config.log.format)
     run_async(_worker(config, args.owner, args.notify_fd))

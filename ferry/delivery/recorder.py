@@ -18,7 +18,8 @@ from typing import Any
 
 from ferry.config import RelayConfig
 from ferry.delivery.bounces import Report, dsn_envelope
-from ferry.delivery.retry import RetryPolicy, after_temporary_failure, parse_duration
+from ferry.delivery.retry import RetryPolicy, after_temporary_failure
+from ferry.durations import parse_duration
 from ferry.envelope import EnvelopeIn, Reply, Status
 from ferry.events import emit
 from ferry.queue.base import AttemptResult, ClaimedRecipient, MessageInfo, Queue

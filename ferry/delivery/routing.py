@@ -48,8 +48,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from ferry.config import DeliveryMode
-from ferry.delivery.outcomes import DEFAULT_BLOCK_PATTERNS, is_blocked_reply
+from ferry.config import DEFAULT_BLOCK_PATTERNS, DeliveryMode
+from ferry.delivery.outcomes import is_blocked_reply
 from ferry.delivery.routes import NextHop, direct_hop
 from ferry.envelope import Reply
 

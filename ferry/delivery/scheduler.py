@@ -26,7 +26,7 @@ from typing import Any
 
 from ferry.config import RelayConfig
 from ferry.delivery.mx import MxResolver
-from ferry.delivery.worker import Delivery, Destination, WorkItem, make_shaper
+from ferry.delivery.sessions import Delivery, Destination, WorkItem, make_shaper
 from ferry.queue.base import ClaimedRecipient, Queue
 
 # How often a scheduler writes its statistics for `ferry stats` (another process).

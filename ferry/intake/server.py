@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from ferry.config import Listener, RelayConfig
-from ferry.delivery.retry import parse_duration
+from ferry.durations import parse_duration
 from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply
 from ferry.events import emit
 from ferry.intake.aliases import AliasTable
@@ -36,7 +36,10 @@ from ferry.intake.commands import (
     parse_orcpt,
     parse_path_arg,
 )
-from ferry.intake.message import (
+from ferry.intake.policy import RcptDecision, RelayPolicy, decide_rcpt
+from ferry.intake.throttle import AuthThrottle
+from ferry.intake.users import UserDB
+from ferry.message import (
     MAX_HOPS,
     count_received,
     header_block,
@@ -44,9 +47,6 @@ from ferry.intake.message import (
     protocol_name,
     received_header,
 )
-from ferry.intake.policy import RcptDecision, RelayPolicy, decide_rcpt
-from ferry.intake.throttle import AuthThrottle
-from ferry.intake.users import UserDB
 from ferry.queue.base import Queue, new_queue_id
 from ferry.tls import describe
 

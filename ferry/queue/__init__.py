@@ -1,0 +1,20 @@
+"""The queue: the one durable state. ``base`` is the contract, ``sqlite`` the embedded backend."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ferry.config import RelayConfig
+    from ferry.queue.sqlite import SqliteQueue
+
+
+def open_queue(config: RelayConfig, *, durable: bool = True) -> SqliteQueue:
+    """The queue backend named by the configuration.
+
+    ``durable=False`` is for a delivery worker process: its own writes (claims,
+    outcomes) need not be fsynced one by one (see ``SqliteQueue``).
+    """
+    from ferry.queue.sqlite import SqliteQueue
+
+    return SqliteQueue(config.queue.path, batch=config.queue.commit_batch, durable=durable)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import smtplib
 from typing import Any
 
-from ferry.dsn import parse_dsn
+from ferry.delivery.dsn import parse_dsn
 from ferry.envelope import EnvelopeIn, RecipientIn, Status
 from tests.delivery.relay_world import SENDER, World, msg
 from tests.harness import wait_until

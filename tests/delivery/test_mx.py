@@ -13,9 +13,9 @@ from ferry.delivery.mx import (
     MxResolver,
     is_null_mx,
     order_mx,
-    parse_nameserver,
-    to_a_labels,
 )
+from ferry.domains import to_a_labels
+from ferry.resolver import parse_nameserver
 from tests.world import DnsServer, async_wait_until
 
 DOMAIN = "example.test"

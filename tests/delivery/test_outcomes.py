@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from ferry.config import DEFAULT_BLOCK_PATTERNS
 from ferry.delivery.outcomes import (
-    DEFAULT_BLOCK_PATTERNS,
     TRANSPORT_FAILURES,
     Outcome,
     Stage,

@@ -10,8 +10,8 @@ from ferry.delivery.retry import (
     RetryPolicy,
     after_temporary_failure,
     next_delay,
-    parse_duration,
 )
+from ferry.durations import parse_duration
 
 NO_JITTER = 0.5  # rand=0.5 maps to a jitter factor of exactly 1
 DEFAULT = RetryPolicy()

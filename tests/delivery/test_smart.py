@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from ferry.delivery.smart import DirectOutcome, SmartRouter, destination_group
+from ferry.delivery.smart_mode import DirectOutcome, SmartRouter, destination_group
 
 # --- destination_group -------------------------------------------------------------
 
@@ -214,7 +214,7 @@ def test_stats_show_decision_reason_and_counts() -> None:
 
 def test_switches_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     router = SmartRouter()
-    with caplog.at_level("INFO", logger="ferry.delivery.smart"):
+    with caplog.at_level("INFO", logger="ferry.delivery.smart_mode"):
         feed(router, ["deferred"] * 5)
     assert any("google.com -> relay" in r.getMessage() for r in caplog.records)
 

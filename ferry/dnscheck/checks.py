@@ -1,12 +1,12 @@
 """``ferry dns check``: the SMTPy seed's "DNS Verification" section as checks.
 
 :func:`check_domain` asks the configured resolver about one sending domain and
-returns one :class:`Check` per record: MX, SPF (evaluated with :mod:`ferry.spf`),
+returns one :class:`Check` per record: MX, SPF (evaluated with :mod:`ferry.dnscheck.spf`),
 DKIM (per local key), DMARC, PTR (forward-confirmed reverse DNS) and, for
 information, MTA-STS and TLS-RPT. Every failure carries a one-line fix.
 
 The record parsers (:func:`parse_tags`, :func:`parse_dmarc`, :func:`same_dkim_key`)
-are pure functions; the DNS edge is :class:`ferry.spf.DnsLookup`.
+are pure functions; the DNS edge is :class:`ferry.dnscheck.spf.DnsLookup`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from typing import Any, Literal, TypeVar
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from ferry.delivery.mx import to_a_labels
-from ferry.spf import (
+from ferry.dnscheck.spf import (
     DnsLookup,
     DnsNotFound,
     DnsTempError,
@@ -33,6 +32,7 @@ from ferry.spf import (
     parse_record,
     spf_records,
 )
+from ferry.domains import to_a_labels
 
 __all__ = [
     "Check",

@@ -37,7 +37,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
-from ferry.api import DeliveryResult, MessageLike, Relay, prepare_message
+from ferry.api.relay import DeliveryResult, MessageLike, Relay, prepare_message
 from ferry.config import RelayConfig
 from ferry.delivery.client import ClientOptions, RcptSpec, SmtpClient, SmtpError
 from ferry.delivery.mx import MxError, MxResolver
@@ -61,7 +61,7 @@ __all__ = [
     "sign_email_dkim",
 ]
 
-logger = logging.getLogger("ferry.seed_api")
+logger = logging.getLogger("ferry.api.seed")
 
 #: SMTPy's priorities (HIGH, NORMAL, LOW) are Ferry's one priority enum.
 EmailPriority = Priority
@@ -483,7 +483,7 @@ def _dkim_signer(config: RelayConfig) -> Any:
     """The signer ``[dkim]`` describes, as delivery uses it (made on first use)."""
     global _signer
     if _signer is None:
-        from ferry.delivery.worker import make_signer
+        from ferry.delivery.sessions import make_signer
 
         _signer = make_signer(config)
     return _signer

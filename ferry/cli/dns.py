@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ferry.config import ConfigError, RelayConfig
-from ferry.dnscheck import Check, check_domain, failed, parse_tags, public_key_b64
+from ferry.dnscheck.checks import Check, check_domain, failed, parse_tags, public_key_b64
 
 MARKS = {
     "pass": ("✔", "green"),

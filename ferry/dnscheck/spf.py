@@ -45,7 +45,7 @@ import dns.nameserver
 import dns.resolver
 import dns.reversename
 
-from ferry.delivery.mx import parse_nameserver
+from ferry.resolver import parse_nameserver
 
 __all__ = [
     "MAX_DNS_LOOKUPS",

@@ -9,10 +9,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import click
@@ -23,6 +22,7 @@ from ferry.config import ConfigError, RelayConfig
 from ferry.envelope import Priority, Status
 from ferry.queue.base import MessageInfo, QueueStats
 from ferry.queue.sqlite import SqliteQueue
+from ferry.runtime import run_async
 
 T = TypeVar("T")
 console = Console()
@@ -52,20 +52,6 @@ def _with_queue(ctx: click.Context, fn: Callable[[SqliteQueue], Awaitable[T]]) -
             await queue.close()
 
     return asyncio.run(run())
-
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop when it is installed (faster accept), else asyncio.
-
-    ``FERRY_EVENT_LOOP=asyncio`` forces the standard loop (profilers see into it).
-    """
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    if os.environ.get("FERRY_EVENT_LOOP") == "asyncio":
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def _print_json(data: Any) -> None:
@@ -512,11 +498,11 @@ def queue_clear_expired(ctx: click.Context) -> None:
 
 def _attach() -> None:
     """Commands that live in their own modules."""
-    from ferry.dnscheck_cli import dns
+    from ferry.cli.dns import dns
 
     main.add_command(dns)
     try:
-        from ferry.dkim_cli import dkim
+        from ferry.cli.dkim import dkim
     except ImportError:  # pragma: no cover
         return
     main.add_command(dkim)

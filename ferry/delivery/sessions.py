@@ -27,7 +27,6 @@ from ferry.delivery.mx import MxError, MxHost, MxResolver
 from ferry.delivery.outcomes import is_blocked_reply, transport_failure_reply
 from ferry.delivery.pool import ConnectionPool
 from ferry.delivery.recorder import DeliveryStats, Outcome, Recorder
-from ferry.delivery.retry import parse_duration
 from ferry.delivery.routes import NextHop
 from ferry.delivery.routing import (
     RoutePlan,
@@ -37,12 +36,13 @@ from ferry.delivery.routing import (
     should_fall_back,
 )
 from ferry.delivery.shaping import DestinationShaper, is_throttle_reply
-from ferry.delivery.smart import DirectOutcome, SmartRouter, destination_group
+from ferry.delivery.smart_mode import DirectOutcome, SmartRouter, destination_group
 from ferry.delivery.smarthosts import CountStatus, SmartHostSet
 from ferry.dkim import KeyStore, Signer
+from ferry.durations import parse_duration
 from ferry.envelope import Reply, Status
 from ferry.events import emit
-from ferry.intake.message import MAX_HOPS, count_received, header_block
+from ferry.message import MAX_HOPS, count_received, header_block
 from ferry.queue.base import ClaimedRecipient, MessageInfo, Queue
 
 # How long a host whose TLS handshake failed is spoken to in plain text (opportunistic

@@ -225,6 +225,52 @@ class DestinationLimits(_Model):
     messages_per_hour: int | None = Field(None, ge=1)
 
 
+class HttpListener(_Model):
+    """One HTTP listening socket (the API, metrics and webhooks' replay)."""
+
+    address: str = "127.0.0.1"
+    port: int = Field(8025, ge=0, le=65535)
+
+    @field_validator("address")
+    @classmethod
+    def _ip(cls, v: str) -> str:
+        ipaddress.ip_address(v)
+        return v
+
+
+class HttpConfig(_Model):
+    """The HTTP API (``/v1/...``) and ``/metrics``; off while ``listen`` is empty."""
+
+    listen: list[HttpListener] = Field(default_factory=list)
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: API tokens (``ferry token create``), hashed; default: ``<queue.path>/tokens``.
+    tokens_file: str = ""
+    #: Clients from these networks may read ``/metrics`` without a token.
+    metrics_networks: list[str] = Field(default_factory=list)
+    #: Largest request body in bytes; 0 = room for a ``server.max_message_size``
+    #: message in base64 (4/3 of it) plus 64 KiB of JSON around it.
+    max_request_size: int = Field(0, ge=0)
+    #: Requests per second each token may make (a token bucket), and its burst.
+    rate_limit: float = Field(200.0, gt=0)
+    rate_burst: int = Field(400, ge=1)
+    #: How long an ``Idempotency-Key`` is remembered.
+    idempotency_ttl: str = "24h"
+
+    @field_validator("metrics_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for net in v:
+            ipaddress.ip_network(net, strict=False)
+        return v
+
+    @model_validator(mode="after")
+    def _pair(self) -> HttpConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("http.tls_cert and http.tls_key go together")
+        return self
+
+
 class RelayConfig(_Model):
     """The whole of Ferry's configuration (the model behind ``ferry.toml``)."""
 
@@ -235,6 +281,7 @@ class RelayConfig(_Model):
     dns: DnsConfig = Field(default_factory=DnsConfig)
     dkim: DkimConfig = Field(default_factory=DkimConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     smart_hosts: list[SmartHost] = Field(default_factory=list)
     routes: dict[str, str | list[str]] = Field(default_factory=dict)
     shaping: dict[str, DestinationLimits] = Field(default_factory=dict)

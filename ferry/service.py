@@ -15,7 +15,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from ferry.config import RelayConfig
 from ferry.delivery.process import DeliveryProcess
@@ -25,8 +25,12 @@ from ferry.envelope import EnvelopeIn
 from ferry.events import emit
 from ferry.intake.server import IntakeServer, run_hook
 from ferry.queue import open_queue
+from ferry.queue.base import IdempotencyRecord
 from ferry.queue.sqlite import SqliteQueue
 from ferry.tls import ensure_self_signed, server_context
+
+if TYPE_CHECKING:
+    from ferry.http.server import Api
 
 
 class AlreadyRunning(RuntimeError):
@@ -67,6 +71,7 @@ class Service:
         self.intake: IntakeServer | None = None
         self.scheduler: Scheduler | None = None
         self.workers: list[DeliveryProcess] = []
+        self.http: Api | None = None
         self._lock: IO[str] | None = None
 
     async def start(self) -> None:
@@ -99,6 +104,11 @@ class Service:
                 before_queue=self.before_queue,
             )
             await self.intake.start()
+            if self.config.http.listen:
+                from ferry.http.server import Api
+
+                self.http = Api(self.config, self)
+                await self.http.start()
         except BaseException:
             await self.stop()
             raise
@@ -109,18 +119,33 @@ class Service:
             queue=str(Path(self.config.queue.path).resolve()),
         )
 
-    async def submit(self, envelope: EnvelopeIn) -> str:
-        """Queue a message durably (the same guarantee as SMTP's 250) and wake delivery."""
+    async def submit(
+        self,
+        envelope: EnvelopeIn,
+        *,
+        queue_id: str | None = None,
+        idempotency: IdempotencyRecord | None = None,
+        client: str = "api",
+    ) -> str:
+        """Queue a message durably (the same guarantee as SMTP's 250) and wake delivery.
+
+        With ``idempotency``, raises :class:`IdempotencyReplay` when its key was used.
+        """
         if self.queue is None:
             raise RuntimeError("the service is not running")
         if self.before_queue is not None:
             await run_hook(self.before_queue, envelope)
         lifetime = parse_duration(self.config.delivery.message_lifetime)
-        qid = await self.queue.enqueue(envelope, expires=time.time() + lifetime)
+        qid = await self.queue.enqueue(
+            envelope,
+            queue_id=queue_id,
+            expires=time.time() + lifetime,
+            idempotency=idempotency,
+        )
         emit(
             "accept",
             id=qid,
-            client="api",
+            client=client,
             sender=envelope.sender or "<>",
             rcpts=len(envelope.recipients),
             size=len(envelope.data),
@@ -139,6 +164,9 @@ class Service:
             worker.notify()
 
     async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         if self.intake is not None:
             await self.intake.stop()
             self.intake = None

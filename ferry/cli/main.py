@@ -499,8 +499,10 @@ def queue_clear_expired(ctx: click.Context) -> None:
 def _attach() -> None:
     """Commands that live in their own modules."""
     from ferry.cli.dns import dns
+    from ferry.cli.token import token
 
     main.add_command(dns)
+    main.add_command(token)
     try:
         from ferry.cli.dkim import dkim
     except ImportError:  # pragma: no cover

@@ -27,6 +27,30 @@ def new_queue_id(now: float | None = None) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    """A client's idempotency key, stored in the same transaction as its message.
+
+    ``key`` is scoped by whoever presented it (``"token:NAME:key"``, ``"smtp:USER:key"``):
+    two clients never share one. ``fingerprint`` is a hash of the request that carried
+    it; ``response`` the answer given (replayed for a repeat with the same fingerprint).
+    """
+
+    key: str
+    fingerprint: str
+    queue_id: str
+    response: str
+    expires: float
+
+
+class IdempotencyReplay(Exception):
+    """The key was already used before it expired: ``record`` is the first use."""
+
+    def __init__(self, record: IdempotencyRecord) -> None:
+        super().__init__(f"idempotency key already used for {record.queue_id}")
+        self.record = record
+
+
+@dataclass(frozen=True, slots=True)
 class Attempt:
     """One delivery attempt for one recipient (the recipient's history)."""
 
@@ -139,13 +163,25 @@ class Queue(abc.ABC):
 
     @abc.abstractmethod
     async def enqueue(
-        self, envelope: EnvelopeIn, *, queue_id: str | None = None, expires: float | None = None
+        self,
+        envelope: EnvelopeIn,
+        *,
+        queue_id: str | None = None,
+        expires: float | None = None,
+        idempotency: IdempotencyRecord | None = None,
     ) -> str:
         """Store a message durably (fsynced) and return its queue id.
 
         ``queue_id`` lets intake name the id in the Received: header it prepends.
-        ``expires`` defaults to four days after arrival.
+        ``expires`` defaults to four days after arrival. With ``idempotency``, the key
+        is written in the same transaction as the message; if an unexpired record with
+        that key exists, nothing is stored and :class:`IdempotencyReplay` is raised
+        with the existing record, so two requests with one key never both enqueue.
         """
+
+    @abc.abstractmethod
+    async def idempotency(self, key: str, *, now: float) -> IdempotencyRecord | None:
+        """The unexpired record stored under ``key``, if any."""
 
     @abc.abstractmethod
     async def claim(

@@ -38,6 +38,8 @@ from ferry.queue.base import (
     Attempt,
     AttemptResult,
     ClaimedRecipient,
+    IdempotencyRecord,
+    IdempotencyReplay,
     MessageInfo,
     Queue,
     QueueStats,
@@ -112,6 +114,13 @@ CREATE TABLE IF NOT EXISTS attempts (
     tls TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_recipient ON attempts(recipient_id);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    queue_id TEXT NOT NULL,
+    response TEXT NOT NULL,
+    expires REAL NOT NULL
+);
 """
 
 PENDING_SQL = "('Queued', 'Deferred', 'InProgress')"
@@ -326,12 +335,42 @@ class SqliteQueue(Queue):
     # -- intake -----------------------------------------------------------------
 
     async def enqueue(
-        self, envelope: EnvelopeIn, *, queue_id: str | None = None, expires: float | None = None
+        self,
+        envelope: EnvelopeIn,
+        *,
+        queue_id: str | None = None,
+        expires: float | None = None,
+        idempotency: IdempotencyRecord | None = None,
     ) -> str:
         now = time.time()
         qid = queue_id or new_queue_id(now)
         exp = expires if expires is not None else now + 4 * 86400
-        return await self._run(lambda conn: _insert_message(conn, qid, envelope, now, exp))
+        if idempotency is None:
+            return await self._run(lambda conn: _insert_message(conn, qid, envelope, now, exp))
+
+        def job(conn: sqlite3.Connection) -> str:
+            # The writer thread runs one job at a time inside its transaction: the
+            # look-up and the insert below cannot interleave with another request's.
+            existing = _idempotency_row(conn, idempotency.key, now)
+            if existing is not None:
+                raise IdempotencyReplay(existing)
+            conn.execute(
+                "INSERT OR REPLACE INTO idempotency(key, fingerprint, queue_id, response,"
+                " expires) VALUES (?,?,?,?,?)",
+                (
+                    idempotency.key,
+                    idempotency.fingerprint,
+                    qid,
+                    idempotency.response,
+                    idempotency.expires,
+                ),
+            )
+            return _insert_message(conn, qid, envelope, now, exp)
+
+        return await self._run(job)
+
+    async def idempotency(self, key: str, *, now: float) -> IdempotencyRecord | None:
+        return await self._read(lambda conn: _idempotency_row(conn, key, now))
 
     # -- delivery ---------------------------------------------------------------
 
@@ -679,6 +718,15 @@ class SqliteQueue(Queue):
 
 
 # -- helpers run on the writer thread --------------------------------------------
+
+
+def _idempotency_row(conn: sqlite3.Connection, key: str, now: float) -> IdempotencyRecord | None:
+    row = conn.execute(
+        "SELECT key, fingerprint, queue_id, response, expires FROM idempotency"
+        " WHERE key = ? AND expires > ?",
+        (key, now),
+    ).fetchone()
+    return IdempotencyRecord(*row) if row else None
 
 
 def _insert_message(

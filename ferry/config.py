@@ -271,6 +271,50 @@ class HttpConfig(_Model):
         return self
 
 
+#: What webhooks can subscribe to (the event log's types).
+WebhookEvent = Literal[
+    "received", "delivered", "deferred", "failed", "expired", "bounced", "delayed", "operator"
+]
+
+
+class Webhook(_Model):
+    """One ``[[webhooks]]`` endpoint: events POSTed as JSON, signed as Standard Webhooks do."""
+
+    name: str = ""  # default: the URL's host and path
+    url: str
+    #: The signing secret (``whsec_...`` base64, or any text); two lines = rotation, both sign.
+    secret_file: str
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: ["delivered", "deferred", "failed", "expired", "bounced"]
+    )
+    #: Events per request: 1 sends one JSON object, more sends a JSON array.
+    batch: int = Field(1, ge=1, le=100)
+    #: How long an event is retried (exponential backoff) before it is recorded as failed.
+    retry_for: str = "24h"
+    timeout: str = "10s"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+    @field_validator("secret_file")
+    @classmethod
+    def _secret(cls, v: str) -> str:
+        if not Path(v).is_file():
+            raise ValueError(f"{v}: no such file")
+        return v
+
+    @model_validator(mode="after")
+    def _named(self) -> Webhook:
+        if not self.name:
+            rest = self.url.split("://", 1)[1]
+            self.name = rest.split("?", 1)[0].rstrip("/")
+        return self
+
+
 class RelayConfig(_Model):
     """The whole of Ferry's configuration (the model behind ``ferry.toml``)."""
 
@@ -282,12 +326,16 @@ class RelayConfig(_Model):
     dkim: DkimConfig = Field(default_factory=DkimConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    webhooks: list[Webhook] = Field(default_factory=list)
     smart_hosts: list[SmartHost] = Field(default_factory=list)
     routes: dict[str, str | list[str]] = Field(default_factory=dict)
     shaping: dict[str, DestinationLimits] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> RelayConfig:
+        hooks = [w.name for w in self.webhooks]
+        if len(set(hooks)) != len(hooks):
+            raise ValueError("webhooks: two endpoints with one name (set name = ...)")
         names = [h.name for h in self.smart_hosts]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

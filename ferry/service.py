@@ -31,6 +31,7 @@ from ferry.tls import ensure_self_signed, server_context
 
 if TYPE_CHECKING:
     from ferry.http.server import Api
+    from ferry.http.webhooks import WebhookSender
 
 
 class AlreadyRunning(RuntimeError):
@@ -72,6 +73,7 @@ class Service:
         self.scheduler: Scheduler | None = None
         self.workers: list[DeliveryProcess] = []
         self.http: Api | None = None
+        self.webhooks: WebhookSender | None = None
         self._lock: IO[str] | None = None
 
     async def start(self) -> None:
@@ -104,6 +106,11 @@ class Service:
                 before_queue=self.before_queue,
             )
             await self.intake.start()
+            if self.config.webhooks:
+                from ferry.http.webhooks import WebhookSender
+
+                self.webhooks = WebhookSender(self.config, lambda: self.queue)
+                await self.webhooks.start()
             if self.config.http.listen:
                 from ferry.http.server import Api
 
@@ -158,6 +165,8 @@ class Service:
         return f"{self.config.server.hostname}:{os.getpid()}:{n}"
 
     def _accepted(self, _queue_id: str) -> None:
+        if self.webhooks is not None:
+            self.webhooks.notify()
         if self.scheduler is not None:
             self.scheduler.notify()
         for worker in self.workers:
@@ -167,6 +176,9 @@ class Service:
         if self.http is not None:
             await self.http.stop()
             self.http = None
+        if self.webhooks is not None:
+            await self.webhooks.stop()
+            self.webhooks = None
         if self.intake is not None:
             await self.intake.stop()
             self.intake = None

@@ -500,9 +500,11 @@ def _attach() -> None:
     """Commands that live in their own modules."""
     from ferry.cli.dns import dns
     from ferry.cli.token import token
+    from ferry.cli.webhooks import webhooks
 
     main.add_command(dns)
     main.add_command(token)
+    main.add_command(webhooks)
     try:
         from ferry.cli.dkim import dkim
     except ImportError:  # pragma: no cover

@@ -32,6 +32,7 @@ from ferry.http.limits import RateLimiter, fingerprint, parse_idempotency_key
 from ferry.http.requests import RequestError, Submission, parse_submission
 from ferry.http.tokens import Scope, Token, TokenStore, allows
 from ferry.queue.base import IdempotencyRecord, IdempotencyReplay, new_queue_id
+from ferry.queue.outbox import EVENT_TYPES
 
 if TYPE_CHECKING:
     from ferry.service import Service
@@ -331,6 +332,25 @@ class Api:
         stats = await self._queue().statistics(now=self.clock())
         return web.json_response(stats.as_dict())
 
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """The event log in order, from a cursor (the last ``id`` the caller has)."""
+        q = request.query
+        try:
+            after = int(q.get("after", "0"))
+            limit = min(1000, max(1, int(q.get("limit", "100"))))
+        except ValueError:
+            raise ApiError(400, "bad_query", "after and limit are integers") from None
+        types = [t for t in q.get("types", "").split(",") if t]
+        unknown = sorted(set(types) - set(EVENT_TYPES))
+        if unknown:
+            raise ApiError(400, "bad_query", f"unknown event types: {', '.join(unknown)}")
+        if not self._queue().event_log:
+            raise ApiError(503, "unavailable", "the event log is off")
+        found = await self._queue().events(after=after, types=types, limit=limit)
+        body = [e.as_json() for e in found]
+        cursor = found[-1].id if found else after
+        return web.json_response({"events": body, "next": cursor})
+
     async def openapi(self, request: web.Request) -> web.StreamResponse:
         from ferry.http.openapi import document
 
@@ -359,6 +379,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/messages", Api.inject, "inject", "Queue a message (raw or structured)", 202),
     Route("GET", "/v1/messages/{id}", Api.message, "read", "A queued message and its recipients"),
     Route("GET", "/v1/stats", Api.stats, "read", "Queue statistics"),
+    Route("GET", "/v1/events", Api.events, "read", "The event log from a cursor (replay)"),
     Route("GET", "/v1/openapi.json", Api.openapi, None, "This API's OpenAPI document"),
     Route("GET", "/v1/health", Api.health, None, "Liveness"),
 )

@@ -34,6 +34,7 @@ from ferry.envelope import (
     Status,
     message_status,
 )
+from ferry.queue import outbox
 from ferry.queue.base import (
     Attempt,
     AttemptResult,
@@ -255,13 +256,21 @@ class SqliteQueue(Queue):
     """The SQLite implementation of the queue contract."""
 
     def __init__(
-        self, path: str | os.PathLike[str], *, batch: int = 256, durable: bool = True
+        self,
+        path: str | os.PathLike[str],
+        *,
+        batch: int = 256,
+        durable: bool = True,
+        event_log: bool = False,
     ) -> None:
         directory = Path(path)
         directory.mkdir(parents=True, exist_ok=True)
         self.db_path = directory / "queue.db"
         self._writer = _Writer(self.db_path, batch, durable)
         self._writer.conn.executescript(SCHEMA)
+        self._writer.conn.executescript(outbox.SCHEMA)
+        #: Write the event log (webhooks, ``GET /v1/events``) with every state change.
+        self.event_log = event_log
         self._writer.conn.execute(
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
@@ -345,8 +354,16 @@ class SqliteQueue(Queue):
         now = time.time()
         qid = queue_id or new_queue_id(now)
         exp = expires if expires is not None else now + 4 * 86400
+        log = self.event_log
+
+        def insert(conn: sqlite3.Connection) -> str:
+            _insert_message(conn, qid, envelope, now, exp)
+            if log:
+                _received_event(conn, qid, envelope, now)
+            return qid
+
         if idempotency is None:
-            return await self._run(lambda conn: _insert_message(conn, qid, envelope, now, exp))
+            return await self._run(insert)
 
         def job(conn: sqlite3.Connection) -> str:
             # The writer thread runs one job at a time inside its transaction: the
@@ -365,7 +382,7 @@ class SqliteQueue(Queue):
                     idempotency.expires,
                 ),
             )
-            return _insert_message(conn, qid, envelope, now, exp)
+            return insert(conn)
 
         return await self._run(job)
 
@@ -429,17 +446,22 @@ class SqliteQueue(Queue):
     ) -> list[str | None]:
         ids = [new_queue_id(now) for _ in new_messages]
 
+        log = self.event_log
+
         def job(conn: sqlite3.Connection) -> list[str | None]:
             touched: set[str] = set()
             updated: set[int] = set()
+            addresses: dict[int, tuple[str, str, Status]] = {}
+            metadata: dict[str, Any] = {}
             for res in results:
                 row = conn.execute(
-                    "SELECT message_id, lease_owner, status, attempts FROM recipients WHERE id=?",
+                    "SELECT message_id, lease_owner, status, attempts, address FROM recipients"
+                    " WHERE id=?",
                     (res.recipient_id,),
                 ).fetchone()
                 if row is None:
                     continue  # removed by an operator meanwhile
-                message_id, lease_owner, status, attempts_before = row
+                message_id, lease_owner, status, attempts_before, address = row
                 if status != Status.IN_PROGRESS.value or lease_owner != owner:
                     # Cancelled meanwhile, or our lease expired and another worker owns it.
                     continue
@@ -489,8 +511,20 @@ class SqliteQueue(Queue):
                             res.tls,
                         ),
                     )
+                    if log:
+                        _outcome_event(
+                            conn,
+                            now,
+                            message_id,
+                            address,
+                            res,
+                            new_status,
+                            attempts_before + 1,
+                            metadata,
+                        )
                 touched.add(message_id)
                 updated.add(res.recipient_id)
+                addresses[res.recipient_id] = (message_id, address, new_status)
             _refresh_message_status(conn, sorted(touched))
             # A DSN goes in only if an outcome it reports was really recorded (not one
             # discarded because the recipient was cancelled or taken over meanwhile).
@@ -499,6 +533,14 @@ class SqliteQueue(Queue):
                 if updated.intersection(about):
                     _insert_message(conn, qid, envelope, now, expires)
                     out.append(qid)
+                    if log:
+                        _dsn_events(
+                            conn,
+                            now,
+                            qid,
+                            [addresses[i] for i in about if i in addresses],
+                            metadata,
+                        )
                 else:
                     out.append(None)
             return out
@@ -638,8 +680,11 @@ class SqliteQueue(Queue):
                 " AND status IN ('Queued','Deferred')",
                 (now, message_id),
             )
+            if log and cur.rowcount:
+                _operator_event(conn, now, message_id, "retry", cur.rowcount)
             return cur.rowcount
 
+        log = self.event_log
         return await self._run(job)
 
     async def cancel(self, message_id: str, *, now: float) -> int:
@@ -650,15 +695,67 @@ class SqliteQueue(Queue):
                 (message_id,),
             )
             _refresh_message_status(conn, [message_id])
+            if log and cur.rowcount:
+                _operator_event(conn, now, message_id, "cancel", cur.rowcount)
             return cur.rowcount
 
+        log = self.event_log
         return await self._run(job)
 
     async def remove(self, message_id: str) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
-            return conn.execute("DELETE FROM messages WHERE id=?", (message_id,)).rowcount > 0
+            gone = conn.execute("DELETE FROM messages WHERE id=?", (message_id,)).rowcount > 0
+            if log and gone:
+                _operator_event(conn, time.time(), message_id, "remove", 1)
+            return gone
 
+        log = self.event_log
         return await self._run(job)
+
+    # -- the event log (webhooks, GET /v1/events) ----------------------------------
+
+    async def events(
+        self, *, after: int, types: Sequence[str] = (), limit: int = 100
+    ) -> list[outbox.StoredEvent]:
+        return await self._read(lambda c: outbox.read(c, after=after, types=types, limit=limit))
+
+    async def events_by_id(self, ids: Sequence[int]) -> list[outbox.StoredEvent]:
+        return await self._read(lambda c: outbox.by_ids(c, ids))
+
+    async def webhook_cursor(self, endpoint: str) -> int:
+        return await self._run(lambda c: outbox.cursor(c, endpoint))
+
+    async def webhook_done(
+        self, endpoint: str, *, after: int | None = None, retried: Sequence[int] = ()
+    ) -> None:
+        def job(c: sqlite3.Connection) -> None:
+            if after is not None:
+                outbox.advance(c, endpoint, after)
+            outbox.retried(c, endpoint, retried)
+
+        await self._run(job)
+
+    async def webhook_failed(
+        self, endpoint: str, event_ids: Sequence[int], *, now: float, error: str, after: int | None
+    ) -> None:
+        def job(c: sqlite3.Connection) -> None:
+            outbox.fail(c, endpoint, event_ids, now, error)
+            if after is not None:
+                outbox.advance(c, endpoint, after)
+
+        await self._run(job)
+
+    async def webhook_retries(self, endpoint: str, limit: int) -> list[int]:
+        return await self._read(lambda c: outbox.retries(c, endpoint, limit))
+
+    async def webhook_failures(self) -> list[tuple[str, int, float, str]]:
+        return await self._read(outbox.failures)
+
+    async def webhook_retry(self, endpoint: str | None) -> int:
+        return await self._run(lambda c: outbox.request_retry(c, endpoint))
+
+    async def webhook_rewind(self, endpoint: str, since: float) -> int:
+        return await self._run(lambda c: outbox.rewind(c, endpoint, since))
 
     async def clear_expired(self) -> int:
         def job(conn: sqlite3.Connection) -> int:
@@ -727,6 +824,88 @@ def _idempotency_row(conn: sqlite3.Connection, key: str, now: float) -> Idempote
         (key, now),
     ).fetchone()
     return IdempotencyRecord(*row) if row else None
+
+
+def _reply_json(reply: Reply | None) -> dict[str, Any] | None:
+    if reply is None:
+        return None
+    return {"code": reply.code, "enhanced": reply.enhanced, "text": reply.text}
+
+
+def _received_event(conn: sqlite3.Connection, qid: str, envelope: EnvelopeIn, now: float) -> None:
+    meta = json.loads(envelope.extra["metadata"]) if "metadata" in envelope.extra else {}
+    outbox.add(
+        conn,
+        now,
+        "received",
+        qid,
+        {
+            "sender": envelope.sender,
+            "recipients": [r.address for r in envelope.recipients],
+            "size": len(envelope.data),
+            "priority": envelope.priority.name.lower(),
+            "client": envelope.client_address or envelope.auth_user,
+            "metadata": meta,
+        },
+    )
+
+
+def _outcome_event(
+    conn: sqlite3.Connection,
+    now: float,
+    message_id: str,
+    address: str,
+    res: AttemptResult,
+    status: Status,
+    attempt: int,
+    metadata: dict[str, Any],
+) -> None:
+    outbox.add(
+        conn,
+        now,
+        outbox.STATUS_EVENT.get(status.value, status.value.lower()),
+        message_id,
+        {
+            "recipient": address,
+            "reply": _reply_json(res.reply),
+            "attempt": attempt,
+            "next_hop": res.next_hop,
+            "route": res.route,
+            "tls": res.tls,
+            "next_attempt": res.next_attempt if status == Status.DEFERRED else None,
+            "metadata": outbox.metadata_of(conn, message_id, metadata),
+        },
+    )
+
+
+def _dsn_events(
+    conn: sqlite3.Connection,
+    now: float,
+    dsn_id: str,
+    about: list[tuple[str, str, Status]],
+    metadata: dict[str, Any],
+) -> None:
+    """A DSN was queued: "delayed" for a delay warning, "bounced" for a failure report."""
+    for message_id, address, status in about:
+        if status == Status.DELIVERED:
+            continue
+        outbox.add(
+            conn,
+            now,
+            "bounced" if status.is_final else "delayed",
+            message_id,
+            {
+                "recipient": address,
+                "dsn_id": dsn_id,
+                "metadata": outbox.metadata_of(conn, message_id, metadata),
+            },
+        )
+
+
+def _operator_event(
+    conn: sqlite3.Connection, now: float, message_id: str, action: str, count: int
+) -> None:
+    outbox.add(conn, now, "operator", message_id, {"action": action, "recipients": count})
 
 
 def _insert_message(

@@ -96,6 +96,7 @@ class Api:
         ]
         self.idempotency_ttl = parse_duration(config.http.idempotency_ttl)
         self._in_flight: set[str] = set()
+        self.auth_failures = 0
         self._runner: web.AppRunner | None = None
         self.addresses: list[tuple[str, int]] = []
 
@@ -174,6 +175,7 @@ class Api:
         scheme, _, presented = header.partition(" ")
         token = self.tokens.check(presented.strip()) if scheme.lower() == "bearer" else None
         if token is None:
+            self.auth_failures += 1
             # Never the presented value: a token must not reach a log.
             emit(
                 "http_auth_failed",
@@ -189,6 +191,7 @@ class Api:
                 **{"WWW-Authenticate": 'Bearer realm="ferry"'},
             )
         if not allows(token.scope, route.scope):
+            self.auth_failures += 1
             emit(
                 "http_auth_failed",
                 logging.WARNING,
@@ -356,6 +359,14 @@ class Api:
 
         return web.json_response(document(ROUTES))
 
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        from ferry.http.metrics import render
+
+        body, content_type = await render(self)
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = content_type
+        return resp
+
     async def health(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok"})
 
@@ -382,6 +393,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/events", Api.events, "read", "The event log from a cursor (replay)"),
     Route("GET", "/v1/openapi.json", Api.openapi, None, "This API's OpenAPI document"),
     Route("GET", "/v1/health", Api.health, None, "Liveness"),
+    Route("GET", "/metrics", Api.metrics, "read", "Prometheus metrics (or from metrics_networks)"),
 )
 
 __all__ = ["ROUTES", "Api", "ApiError", "Route"]

@@ -175,7 +175,10 @@ class _Writer(threading.Thread):
         self.jobs: _stdqueue.SimpleQueue[
             tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future[Any]] | None
         ] = _stdqueue.SimpleQueue()
+        #: Commits, the jobs they carried and the seconds they took (metrics read these).
         self.commits = 0
+        self.committed_jobs = 0
+        self.commit_seconds = 0.0
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -213,6 +216,7 @@ class _Writer(threading.Thread):
     ) -> None:
         conn = self.conn
         results: list[tuple[concurrent.futures.Future[Any], bool, Any]] = []
+        started = time.perf_counter()
         try:
             begin_immediate(conn)
             for fn, fut in group:
@@ -230,6 +234,8 @@ class _Writer(threading.Thread):
                     results.append((fut, True, value))
             conn.execute("COMMIT")
             self.commits += 1
+            self.committed_jobs += len(results)
+            self.commit_seconds += time.perf_counter() - started
         except BaseException as exc:  # the commit itself failed: nobody succeeded
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -753,6 +759,11 @@ class SqliteQueue(Queue):
 
     async def webhook_retry(self, endpoint: str | None) -> int:
         return await self._run(lambda c: outbox.request_retry(c, endpoint))
+
+    def commit_counters(self) -> tuple[int, int, float]:
+        """(commits, jobs committed, seconds spent) by this process's writer."""
+        w = self._writer
+        return w.commits, w.committed_jobs, w.commit_seconds
 
     async def webhook_rewind(self, endpoint: str, since: float) -> int:
         return await self._run(lambda c: outbox.rewind(c, endpoint, since))

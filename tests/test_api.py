@@ -662,6 +662,21 @@ async def test_direct_service_rate_limits_connections_per_domain(
     assert fake.sleeps == [60.0]  # the third connection to rate.test waited for the window
 
 
+async def test_direct_service_judges_replies_as_the_engine_does(
+    world: World, seed_config: RelayConfig
+) -> None:
+    # A host that refuses the session (554 greeting) says nothing about the recipient:
+    # the engine defers and retries, and so does the seed's service (it used to bounce).
+    mx = world.mx("mx.closed.test").publish(world.dns, "closed.test")
+    mx.on("greeting", "554 5.7.1 no SMTP service here")
+    fake = FakeTime()
+    service = ferry.DirectSmtpService(seed_config, sleep=fake.sleep, clock=fake.clock)
+    [result] = (await service.deliver(email_message("a@closed.test"), None, "s@x.test")).values()
+    assert (result.status, result.attempts, fake.sleeps) == (Status.DEFERRED, 3, [2.0, 4.0])
+    assert result.reply is not None and result.reply.code == 554
+    assert service.get_stats()["bounced"] == 0
+
+
 def _dkim_dns(world: World) -> Any:
     """dkimpy's TXT lookup, asking the test world's DNS server."""
     return txt_lookup(world.dns)

@@ -49,7 +49,7 @@ from typing import Any, Literal, NewType, TypeAlias, TypeVar
 
 from ferry.config import RelayConfig
 from ferry.delivery.outcomes import parse_reply_text
-from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply, Status
+from ferry.envelope import Address, EnvelopeIn, Priority, RecipientIn, Reply, Status
 from ferry.events import emit, subscribe
 from ferry.queue.base import MessageInfo, QueueStats, RecipientInfo
 from ferry.service import Service
@@ -344,8 +344,11 @@ def _check_address(address: str) -> str:
     address = address.strip()
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1]
-    local, sep, domain = address.rpartition("@")
-    if not sep or not local or not domain or any(c in address for c in " \r\n<>"):
+    try:
+        Address.parse(address)
+    except ValueError:
+        raise ValueError(f"not an email address: {address!r}") from None
+    if any(c in address for c in " \r\n<>"):
         raise ValueError(f"not an email address: {address!r}")
     return address
 

@@ -22,9 +22,21 @@ from dataclasses import dataclass, field
 
 from ferry.config import RelayConfig, SmartHost
 from ferry.delivery import credentials
-from ferry.delivery.client import ClientOptions, RcptSpec, SmtpClient, SmtpError
-from ferry.delivery.mx import MxError, MxHost, MxResolver
-from ferry.delivery.outcomes import is_blocked_reply, transport_failure_reply
+from ferry.delivery.client import (
+    ClientOptions,
+    RcptSpec,
+    SmtpClient,
+    SmtpError,
+    mx_options,
+    session_options,
+)
+from ferry.delivery.mx import MxError, MxHost, MxResolver, mx_targets
+from ferry.delivery.outcomes import (
+    Stage,
+    classify_reply,
+    is_blocked_reply,
+    transport_failure_reply,
+)
 from ferry.delivery.pool import ConnectionPool
 from ferry.delivery.recorder import DeliveryStats, Outcome, Recorder
 from ferry.delivery.routes import NextHop
@@ -37,7 +49,7 @@ from ferry.delivery.routing import (
 )
 from ferry.delivery.shaping import DestinationShaper, is_throttle_reply
 from ferry.delivery.smart_mode import DirectOutcome, SmartRouter, destination_group
-from ferry.delivery.smarthosts import CountStatus, SmartHostSet
+from ferry.delivery.smarthosts import CountStatus, SmartHostSet, is_transport_failure
 from ferry.dkim import KeyStore, Signer
 from ferry.durations import parse_duration
 from ferry.envelope import Reply, Status
@@ -446,7 +458,7 @@ class Delivery:
             return await self._via_smart_hosts(hop, item, claims, data, session)
         route = "direct" if hop.kind == "mx" else hop.label
         if hop.kind == "mx":
-            targets = [(h.name, a) for h in (mx_hosts or []) for a in h.addresses]
+            targets = mx_targets(mx_hosts or [])
         else:
             try:
                 targets = [(hop.name, a) for a in await self.resolver.host_addresses(hop.name)]
@@ -635,30 +647,11 @@ class Delivery:
         return last
 
     def _options(self, **kw: object) -> ClientOptions:
-        d = self.config.delivery
-        base: dict[str, object] = {
-            "helo_name": self.hostname,
-            "source_address": d.source_address or None,
-            "connect_timeout": d.connect_timeout,
-            "greeting_timeout": d.command_timeout,
-            "command_timeout": d.command_timeout,
-            # RFC 5321 §4.5.3.2: DATA initiation 2 min, data block 3 min, final dot
-            # 10 min -- shortened only when the operator asked for shorter timeouts.
-            "data_init_timeout": min(d.command_timeout, 120.0),
-            "data_block_timeout": min(d.command_timeout, 180.0),
-            "final_timeout": 600.0 if d.command_timeout >= 300 else d.command_timeout,
-        }
-        base.update(kw)
-        return ClientOptions(**base)  # type: ignore[arg-type]
+        return session_options(self.config, **kw)
 
     async def _open(self, ip: str, port: int, name: str, plain: bool) -> SmtpClient:
         self.stats.connections += 1
-        options = self._options(
-            tls="none" if plain else "opportunistic",
-            verify_certificate=False,
-            ca_file=self.ca_file,
-            server_name=name,
-        )
+        options = mx_options(self.config, name, plain=plain, ca_file=self.ca_file)
         return await SmtpClient.connect(ip, port, options)
 
     async def _open_smart(self, ip: str, host: SmartHost) -> SmtpClient:
@@ -735,9 +728,12 @@ class Delivery:
             # Replies already final when the session died (a RCPT refused) stand; the
             # rest are deferred with the session's error and may try the next hop.
             partial = exc.partial or [None] * len(claims)
-            transport = exc.kind != "reply" or exc.reply.code == 421
+            stages = exc.partial_stages or ["rcpt"] * len(claims)
+            transport = is_transport_failure(
+                exc.reply if exc.kind == "reply" else None, stage=exc.stage
+            )
             outcomes = []
-            for c, got in zip(claims, partial, strict=True):
+            for c, got, got_at in zip(claims, partial, stages, strict=True):
                 if got is None:
                     outcomes.append(
                         Outcome(
@@ -754,7 +750,7 @@ class Delivery:
                     outcomes.append(
                         Outcome(
                             c,
-                            _status_for(got, final=False),
+                            _status_for(got, got_at),
                             got,
                             tls=client.tls,
                             **common,  # type: ignore[arg-type]
@@ -764,7 +760,7 @@ class Delivery:
         dsn_capable = "DSN" in client.extensions
         outcomes = []
         for claim, reply, stage in zip(claims, result.replies, result.stages, strict=True):
-            status = _status_for(reply, final=stage == "dot")
+            status = _status_for(reply, stage)
             outcomes.append(
                 Outcome(
                     claim,
@@ -807,17 +803,9 @@ def _summary(outcomes: list[Outcome], patterns: tuple[str, ...]) -> DirectOutcom
     return "failed"
 
 
-def _status_for(reply: Reply, *, final: bool) -> Status:
-    """Recipient status from its reply (RFC 5321 §4.2.1 classes)."""
-    if 200 <= reply.code < 300:
-        return Status.DELIVERED
-    if reply.code >= 500:
-        # RFC 5321 §4.5.3.1.10: 552 to RCPT ("too many recipients") is temporary; a size
-        # refusal (5.3.4) stays permanent.
-        if reply.code == 552 and not final and reply.enhanced != "5.3.4":
-            return Status.DEFERRED
-        return Status.FAILED
-    return Status.DEFERRED
+def _status_for(reply: Reply, stage: Stage) -> Status:
+    """Recipient status from the reply that decided it at ``stage`` (the one classifier)."""
+    return classify_reply(reply, stage=stage).status
 
 
 def make_signer(config: RelayConfig) -> Signer:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ferry.config import SmartHost
-from ferry.delivery.outcomes import Stage
+from ferry.delivery.outcomes import ReplyClass, Stage, classify_reply
 from ferry.envelope import Reply
 
 log = logging.getLogger(__name__)
@@ -34,32 +34,21 @@ log = logging.getLogger(__name__)
 BreakerState = Literal["closed", "open", "half_open"]
 CountStatus = Literal["sent", "failed", "deferred"]
 
-#: Stages where any failure is the host's, not a recipient's: the session never got as
-#: far as naming a sender (RFC 5321 §3.1 greeting, §4.1.1.1 EHLO, RFC 3207 STARTTLS,
-#: RFC 4954 AUTH).
-SESSION_STAGES: frozenset[str] = frozenset({"connect", "greeting", "ehlo", "starttls", "auth"})
-
 
 def is_transport_failure(reply: Reply | None, *, stage: Stage) -> bool:
     """Whether a failure counts against the host (its breaker), not against a recipient.
 
-    - ``reply is None``: there was no SMTP reply at all (refused, unreachable, timed
-      out, connection lost, TLS handshake failed: the cases for which
-      ``outcomes.transport_failure_reply`` makes up a reply). Pass ``None`` for those
-      whatever the stage, not the synthetic reply: its 451 would read as a recipient's
-      temporary failure at MAIL/RCPT/DATA;
-    - any negative reply before MAIL FROM (greeting, EHLO, STARTTLS, AUTH);
-    - 421 at any stage: RFC 5321 §3.8 "service not available, closing transmission
-      channel" is the server shutting the session, whatever command it answered.
-
-    A 4xx/5xx at MAIL, RCPT, DATA or the final "." judges the message or recipient and
-    returns False.
+    That is :func:`outcomes.classify_reply` saying TRANSPORT: no SMTP reply at all
+    (``reply is None``: refused, unreachable, timed out, connection lost, TLS handshake
+    failed -- pass None for those whatever the stage, not the synthetic reply
+    ``outcomes.transport_failure_reply`` made up: its 451 would read as a recipient's
+    temporary failure at MAIL/RCPT/DATA), any negative reply before MAIL FROM, or a
+    421 at any stage (RFC 5321 §3.8). A 4xx/5xx at MAIL, RCPT, DATA or the final "."
+    judges the message or recipient and returns False, as does a positive reply.
     """
-    if reply is None:
-        return True
-    if reply.is_success:
+    if reply is not None and reply.is_success:
         return False
-    return reply.code == 421 or stage in SESSION_STAGES
+    return classify_reply(reply, stage=stage) is ReplyClass.TRANSPORT
 
 
 class CircuitBreaker:

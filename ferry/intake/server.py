@@ -24,7 +24,7 @@ from typing import Any, cast
 
 from ferry.config import Listener, RelayConfig
 from ferry.durations import parse_duration
-from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply
+from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply, domain_of
 from ferry.events import emit
 from ferry.intake.aliases import AliasTable
 from ferry.intake.commands import (
@@ -659,7 +659,7 @@ class SmtpConnection(asyncio.Protocol):
             # RFC 5321 §4.5.3.1.10: 452, and the client sends the rest later.
             self.reject(Reply(452, "4.5.3", "Error: too many recipients"), rcpt=address)
             return
-        domain = address.rpartition("@")[2].lower().rstrip(".")
+        domain = domain_of(address).rstrip(".")
         decision = decide_rcpt(
             self.server.policy,
             recipient_domain=domain,

@@ -34,6 +34,7 @@ from ferry import (
     RelayConfig,
     Status,
 )
+from ferry.envelope import Reply
 from tests.delivery.relay_world import World
 from tests.test_dkim import txt_lookup
 from tests.world.wait import async_wait_until
@@ -763,3 +764,23 @@ def test_hybrid_relay_stops_when_its_loop_ends(world: World) -> None:
             assert _ferry_threads() == []
     finally:
         seed.configure(None)
+
+
+async def test_hooks_receive_the_whole_multiline_reply(world: World) -> None:
+    """A long multi-line reply reaches the hook as the server sent it (no 300-char cut)."""
+    mx = world.mx("mx.long.test").publish(world.dns, "long.test")
+    texts = [f"line {n}: " + "x" * 70 for n in range(6)]  # ~480 characters in all
+    wire = "\r\n".join(
+        f"550{'-' if n < len(texts) - 1 else ' '}5.7.1 {text}" for n, text in enumerate(texts)
+    )
+    mx.on("rcpt", wire, rcpt="long@long.test")
+    failed: list[DeliveryResult] = []
+    async with Relay(world.config(), listen=False, on_failed=failed.append) as relay:
+        results = await relay.send(email_message("long@long.test"), timeout=15)
+        await async_wait_until(lambda: len(failed) == 1, 10, message=lambda: str(failed))
+    [result] = failed
+    expected = Reply(550, "5.7.1", "\n".join(texts))
+    assert len(str(expected)) > 300
+    assert result.reply == expected
+    assert result.relay is not None and result.relay.startswith("mx.long.test[")
+    assert results["long@long.test"].reply == expected

@@ -43,7 +43,15 @@ from ferry.delivery.client import ClientOptions, RcptSpec, SmtpClient, SmtpError
 from ferry.delivery.mx import MxError, MxResolver
 from ferry.delivery.outcomes import Outcome, classify_reply, transport_failure_reply
 from ferry.envelope import Priority, Reply, Status
-from ferry.events import emit
+from ferry.events import (
+    ConnectFailed,
+    DirectDelivery,
+    DirectRateLimited,
+    DkimSigned,
+    DkimUnsigned,
+    TlsFallback,
+    emit,
+)
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
@@ -100,9 +108,7 @@ class _RateLimiter:
             if len(opened) < self.limit:
                 opened.append(now)
                 return
-            emit(
-                "direct_rate_limited", domain=domain, wait=round(self.window - (now - opened[0]), 3)
-            )
+            emit(DirectRateLimited(domain, self.window - (now - opened[0])))
             await self.sleep(self.window - (now - opened[0]))
 
 
@@ -219,15 +225,7 @@ class DirectSmtpService:
                 results[rcpt] = DeliveryResult(
                     rcpt, status, None, "direct", reply, relay, tls, attempt
                 )
-                emit(
-                    "direct_delivery",
-                    rcpt=rcpt,
-                    status=status.value,
-                    relay=relay or "none",
-                    tls=tls,
-                    reply=str(reply)[:300],
-                    attempt=attempt,
-                )
+                emit(DirectDelivery(rcpt, status, relay, tls, reply, attempt))
                 if outcome is Outcome.DELIVERED:
                     self._stats["sent"] += 1
                 elif outcome is Outcome.FAILED:
@@ -263,7 +261,7 @@ class DirectSmtpService:
                     client = await self._connect(domain, ip, host.name)
                 except SmtpError as exc:
                     last = exc
-                    emit("connect_failed", host=f"{host.name}[{ip}]", reply=str(exc.reply)[:300])
+                    emit(ConnectFailed(f"{host.name}[{ip}]", exc.reply))
                     continue
                 label = f"{host.name}[{ip}]:{client.port}"
                 try:
@@ -317,7 +315,7 @@ class DirectSmtpService:
         except SmtpError as exc:
             if not exc.tls_handshake_failed:
                 raise
-        emit("tls_fallback", host=f"{name}[{ip}]")
+        emit(TlsFallback(f"{name}[{ip}]"))
         await self._limiter.acquire(domain)
         return await SmtpClient.connect(
             ip, self.config.delivery.mx_port, self._options(name, tls="none")
@@ -470,12 +468,12 @@ def _sign(config: RelayConfig, data: bytes, mail_from: str) -> tuple[bytes, Any]
         result = _dkim_signer(config).sign(data, envelope_sender=mail_from)
     except Exception as exc:  # never lose the message over a signature
         logger.warning("DKIM signing failed, sending unsigned: %s", exc)
-        emit("dkim_unsigned", level=logging.WARNING, reason=f"{type(exc).__name__}: {exc}")
+        emit(DkimUnsigned(f"{type(exc).__name__}: {exc}", failed=True))
         return data, None
     if result.signed:
-        emit("dkim_signed", domain=result.domain, selectors=",".join(result.selectors))
+        emit(DkimSigned(result.domain, tuple(result.selectors)))
         return result.headers + data, result
-    emit("dkim_unsigned", domain=result.domain, reason=result.unsigned_reason)
+    emit(DkimUnsigned(result.unsigned_reason, domain=result.domain))
     return data, result
 
 

@@ -31,6 +31,8 @@ class Event:
 
     name: ClassVar[str] = ""
     level: ClassVar[int] = logging.INFO
+    #: The logger of its line (a few events keep the logger their line always had).
+    logger: ClassVar[str] = "ferry.events"
 
     def __init_subclass__(cls) -> None:
         # (no super(): dataclass(slots=True) replaces the class the cell would name)
@@ -41,6 +43,10 @@ class Event:
     def log_level(self) -> int:
         """The log level of this event's line."""
         return self.level
+
+    def log_message(self) -> str:
+        """The line's message: the event's word (a sentence for a few older lines)."""
+        return self.name
 
     def log_fields(self) -> dict[str, Any]:
         """The fields of the log line, in order (``None`` values are left out of text).

@@ -36,6 +36,9 @@ class Untyped(Event):
     def log_level(self) -> int:
         return self.at_level
 
+    def log_message(self) -> str:
+        return self.word
+
     def log_fields(self) -> dict[str, Any]:
         return dict(self.fields)
 

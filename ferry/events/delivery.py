@@ -356,3 +356,54 @@ class DsnDropped(Event):
 
     def log_fields(self) -> dict[str, Any]:
         return {"id": self.queue_id, "rcpt": self.recipient, "reply": cut(self.reply, 300)}
+
+
+# -- smart hosts and smart mode ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SmartHostState(Event):
+    """A smart host's circuit breaker changed state: ``open`` (out of rotation for
+    ``cooldown`` seconds after ``error``), ``half_open`` (cool-down over: one probe),
+    ``closed`` (recovered, back in rotation)."""
+
+    name = "smarthost_state"
+    logger = "ferry.delivery.smarthosts"
+    host: str
+    state: str
+    cooldown: float | None = None
+    error: str | None = None
+
+    def log_level(self) -> int:
+        return logging.WARNING if self.state == "open" else logging.INFO
+
+    def log_message(self) -> str:
+        # The sentence these lines have always been (operators grep for it).
+        if self.state == "open":
+            return (
+                f"smart host {self.host}: circuit open for {self.cooldown or 0.0:.0f}s"
+                f" after {self.error}"
+            )
+        if self.state == "half_open":
+            return f"smart host {self.host}: cool-down over, probing"
+        return f"smart host {self.host}: recovered, back in rotation"
+
+    def log_fields(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass(frozen=True, slots=True)
+class SmartRouteSwitched(Event):
+    """Smart mode switched a destination group between ``direct`` and ``relay``."""
+
+    name = "smart_routing"
+    logger = "ferry.delivery.smart_mode"
+    group: str
+    choice: str
+    reason: str
+
+    def log_message(self) -> str:
+        return f"smart routing: {self.group} -> {self.choice}: {self.reason}"
+
+    def log_fields(self) -> dict[str, Any]:
+        return {}

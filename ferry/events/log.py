@@ -15,9 +15,6 @@ import time
 from typing import Any
 
 from ferry.events.base import Event
-from ferry.events.bus import Untyped
-
-logger = logging.getLogger("ferry.events")
 
 # Field names that may never carry their value into a log line.
 _SECRET_WORDS = ("password", "secret", "token", "credential")
@@ -34,14 +31,14 @@ def _is_secret(key: str) -> bool:
 def log_event(event: Event) -> None:
     """The log subscriber: one line per event, at the event's level."""
     level = event.log_level()
+    logger = logging.getLogger(event.logger)  # cached by the logging module
     if not logger.isEnabledFor(level):
         return
     fields = event.log_fields()
     for key in fields:
         if _is_secret(key):
             fields[key] = "********"
-    word = event.word if isinstance(event, Untyped) else event.name
-    logger.log(level, word, extra={"ferry_fields": fields})
+    logger.log(level, event.log_message(), extra={"ferry_fields": fields})
 
 
 # Printable ASCII except space, '"', '=' and backslash: written as is, else JSON-quoted.

@@ -784,3 +784,24 @@ async def test_hooks_receive_the_whole_multiline_reply(world: World) -> None:
     assert result.reply == expected
     assert result.relay is not None and result.relay.startswith("mx.long.test[")
     assert results["long@long.test"].reply == expected
+
+
+async def test_queue_operations_are_operator_events(world: World) -> None:
+    world.mx("mx.ops.test").publish(world.dns, "ops.test").on("rcpt", "451 4.7.1 later")
+    seen: list[ferry.events.Event] = []
+    unsubscribe = ferry.events.subscribe(seen.append)
+    try:
+        async with Relay(world.config(retry_schedule=["1h"]), listen=False) as relay:
+            queue_id = await relay.submit(email_message("a@ops.test"))
+            await relay.wait(queue_id, until="attempted", timeout=15)
+            await relay.queue.cancel(queue_id)
+            await relay.queue.remove(queue_id)
+    finally:
+        unsubscribe()
+    actions = [e for e in seen if isinstance(e, ferry.events.OperatorAction)]
+    assert [(a.action, a.queue_id, a.count, a.via) for a in actions] == [
+        ("cancel", queue_id, 1, "api"),
+        ("remove", queue_id, 1, "api"),
+    ]
+    [deferred] = [e for e in seen if isinstance(e, ferry.events.Deferred)]
+    assert deferred.reply == Reply(451, "4.7.1", "later") and deferred.retry_in is not None

@@ -21,6 +21,9 @@ Hooks (Zetian's ``MessageReceived`` + ``QueueForRelayAsync``, and delivery callb
 - *accepted*, *delivered*, *deferred*, *failed* and *expired* hooks are called after
   the fact, per message (accepted) or per recipient (the others).
 
+The hooks are fed by Ferry's typed events (:mod:`ferry.events`): a delivery hook's
+:class:`DeliveryResult` carries the server's whole reply, as the event does.
+
 Hooks may be coroutine functions or plain functions. One that raises is logged and
 changes nothing: the message is queued (or stays queued) as it was. The DSNs Ferry
 sends are messages too: their deliveries reach the per-recipient hooks (they are

@@ -22,7 +22,7 @@ from ferry.delivery.process import DeliveryProcess
 from ferry.delivery.scheduler import Scheduler, flat_stats, stats_dir
 from ferry.durations import parse_duration
 from ferry.envelope import EnvelopeIn
-from ferry.events import emit
+from ferry.events import Accepted, DeliveryTotals, LeasesReleased, Started, Stopping, emit
 from ferry.intake.server import IntakeServer, run_hook
 from ferry.queue import open_queue
 from ferry.queue.sqlite import SqliteQueue
@@ -77,7 +77,7 @@ class Service:
             # this node are ours to hand back at once instead of waiting for them to expire.
             released = await self.queue.release_leases()
             if released:
-                emit("leases_released", count=released)
+                emit(LeasesReleased(released))
             _clear_stats(self.config)
             d = self.config.delivery
             if d.hold:
@@ -103,10 +103,11 @@ class Service:
             await self.stop()
             raise
         emit(
-            "started",
-            hostname=self.config.server.hostname,
-            mode=self.config.delivery.mode,
-            queue=str(Path(self.config.queue.path).resolve()),
+            Started(
+                hostname=self.config.server.hostname,
+                mode=self.config.delivery.mode,
+                queue=str(Path(self.config.queue.path).resolve()),
+            )
         )
 
     async def submit(self, envelope: EnvelopeIn) -> str:
@@ -118,13 +119,14 @@ class Service:
         lifetime = parse_duration(self.config.delivery.message_lifetime)
         qid = await self.queue.enqueue(envelope, expires=time.time() + lifetime)
         emit(
-            "accept",
-            id=qid,
-            client="api",
-            sender=envelope.sender or "<>",
-            rcpts=len(envelope.recipients),
-            size=len(envelope.data),
-            priority=envelope.priority.name.lower(),
+            Accepted(
+                queue_id=qid,
+                client="api",
+                sender=envelope.sender,
+                recipients=tuple(r.address for r in envelope.recipients),
+                size=len(envelope.data),
+                priority=envelope.priority,
+            )
         )
         self._accepted(qid)
         return qid
@@ -147,7 +149,7 @@ class Service:
         self.workers.clear()
         if self.scheduler is not None:
             await self.scheduler.stop()
-            emit("delivery_stats", **flat_stats(self.scheduler.stats()))
+            emit(DeliveryTotals(flat_stats(self.scheduler.stats())))
             self.scheduler = None
         if self.queue is not None:
             await self.queue.close()
@@ -184,5 +186,5 @@ class Service:
         try:
             await stop.wait()
         finally:
-            emit("stopping")
+            emit(Stopping())
             await self.stop()

@@ -34,6 +34,7 @@ from ferry import (
     RelayConfig,
     Status,
 )
+from ferry.envelope import Reply
 from tests.delivery.relay_world import World
 from tests.test_dkim import txt_lookup
 from tests.world.wait import async_wait_until
@@ -778,3 +779,44 @@ def test_hybrid_relay_stops_when_its_loop_ends(world: World) -> None:
             assert _ferry_threads() == []
     finally:
         seed.configure(None)
+
+
+async def test_hooks_receive_the_whole_multiline_reply(world: World) -> None:
+    """A long multi-line reply reaches the hook as the server sent it (no 300-char cut)."""
+    mx = world.mx("mx.long.test").publish(world.dns, "long.test")
+    texts = [f"line {n}: " + "x" * 70 for n in range(6)]  # ~480 characters in all
+    wire = "\r\n".join(
+        f"550{'-' if n < len(texts) - 1 else ' '}5.7.1 {text}" for n, text in enumerate(texts)
+    )
+    mx.on("rcpt", wire, rcpt="long@long.test")
+    failed: list[DeliveryResult] = []
+    async with Relay(world.config(), listen=False, on_failed=failed.append) as relay:
+        results = await relay.send(email_message("long@long.test"), timeout=15)
+        await async_wait_until(lambda: len(failed) == 1, 10, message=lambda: str(failed))
+    [result] = failed
+    expected = Reply(550, "5.7.1", "\n".join(texts))
+    assert len(str(expected)) > 300
+    assert result.reply == expected
+    assert result.relay is not None and result.relay.startswith("mx.long.test[")
+    assert results["long@long.test"].reply == expected
+
+
+async def test_queue_operations_are_operator_events(world: World) -> None:
+    world.mx("mx.ops.test").publish(world.dns, "ops.test").on("rcpt", "451 4.7.1 later")
+    seen: list[ferry.events.Event] = []
+    unsubscribe = ferry.events.subscribe(seen.append)
+    try:
+        async with Relay(world.config(retry_schedule=["1h"]), listen=False) as relay:
+            queue_id = await relay.submit(email_message("a@ops.test"))
+            await relay.wait(queue_id, until="attempted", timeout=15)
+            await relay.queue.cancel(queue_id)
+            await relay.queue.remove(queue_id)
+    finally:
+        unsubscribe()
+    actions = [e for e in seen if isinstance(e, ferry.events.OperatorAction)]
+    assert [(a.action, a.queue_id, a.count, a.via) for a in actions] == [
+        ("cancel", queue_id, 1, "api"),
+        ("remove", queue_id, 1, "api"),
+    ]
+    [deferred] = [e for e in seen if isinstance(e, ferry.events.Deferred)]
+    assert deferred.reply == Reply(451, "4.7.1", "later") and deferred.retry_in is not None

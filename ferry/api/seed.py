@@ -47,7 +47,15 @@ from ferry.delivery.mx import MxError, MxResolver, mx_targets
 from ferry.delivery.outcomes import ReplyClass, Stage, classify_reply, transport_failure_reply
 from ferry.delivery.shaping import RateWindow
 from ferry.envelope import Address, Priority, Reply
-from ferry.events import emit
+from ferry.events import (
+    ConnectFailed,
+    DirectDelivery,
+    DirectRateLimited,
+    DkimSigned,
+    DkimUnsigned,
+    TlsFallback,
+    emit,
+)
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
@@ -111,7 +119,7 @@ class _RateLimiter:
             if wait <= 0:
                 window.record(now)
                 return
-            emit("direct_rate_limited", domain=domain, wait=round(wait, 3))
+            emit(DirectRateLimited(domain, wait))
             await self.sleep(wait)
 
 
@@ -226,15 +234,7 @@ class DirectSmtpService:
                 results[rcpt] = DeliveryResult(
                     rcpt, status, None, "direct", reply, relay, tls, attempt
                 )
-                emit(
-                    "direct_delivery",
-                    rcpt=rcpt,
-                    status=status.value,
-                    relay=relay or "none",
-                    tls=tls,
-                    reply=str(reply)[:300],
-                    attempt=attempt,
-                )
+                emit(DirectDelivery(rcpt, status, relay, tls, reply, attempt))
                 if verdict is ReplyClass.DELIVERED:
                     self._stats["sent"] += 1
                 elif verdict is ReplyClass.PERMANENT:
@@ -271,7 +271,7 @@ class DirectSmtpService:
                 client = await self._connect(domain, ip, name)
             except SmtpError as exc:
                 last = exc.reply
-                emit("connect_failed", host=f"{name}[{ip}]", reply=str(exc.reply)[:300])
+                emit(ConnectFailed(f"{name}[{ip}]", exc.reply))
                 continue
             label = f"{name}[{ip}]:{client.port}"
             try:
@@ -318,7 +318,7 @@ class DirectSmtpService:
         except SmtpError as exc:
             if not exc.tls_handshake_failed:
                 raise
-        emit("tls_fallback", host=f"{name}[{ip}]")
+        emit(TlsFallback(f"{name}[{ip}]"))
         await self._limiter.acquire(domain)
         return await SmtpClient.connect(ip, port, mx_options(self.config, name, plain=True))
 
@@ -454,12 +454,12 @@ def _sign(config: RelayConfig, data: bytes, mail_from: str) -> tuple[bytes, Any]
         result = _dkim_signer(config).sign(data, envelope_sender=mail_from)
     except Exception as exc:  # never lose the message over a signature
         logger.warning("DKIM signing failed, sending unsigned: %s", exc)
-        emit("dkim_unsigned", level=logging.WARNING, reason=f"{type(exc).__name__}: {exc}")
+        emit(DkimUnsigned(f"{type(exc).__name__}: {exc}", failed=True))
         return data, None
     if result.signed:
-        emit("dkim_signed", domain=result.domain, selectors=",".join(result.selectors))
+        emit(DkimSigned(result.domain, tuple(result.selectors)))
         return result.headers + data, result
-    emit("dkim_unsigned", domain=result.domain, reason=result.unsigned_reason)
+    emit(DkimUnsigned(result.unsigned_reason, domain=result.domain))
     return data, result
 
 

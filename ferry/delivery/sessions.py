@@ -53,7 +53,18 @@ from ferry.delivery.smarthosts import CountStatus, SmartHostSet, is_transport_fa
 from ferry.dkim import KeyStore, Signer
 from ferry.durations import parse_duration
 from ferry.envelope import Reply, Status
-from ferry.events import emit
+from ferry.events import (
+    ConnectFailed,
+    DkimUnsigned,
+    HopFallback,
+    RouteFallback,
+    RouteInvalid,
+    SmartHostFailed,
+    SmartHostUnusable,
+    Throttled,
+    TlsFallback,
+    emit,
+)
 from ferry.message import MAX_HOPS, count_received, header_block
 from ferry.queue.base import ClaimedRecipient, MessageInfo, Queue
 
@@ -267,7 +278,7 @@ class Delivery:
             try:
                 self._base_plan(domain, routes=routes)
             except ValueError:
-                emit("route_invalid", level=logging.WARNING, domain=domain, route=override)
+                emit(RouteInvalid(domain, override))
                 routes = self.config.routes
         plan = self._base_plan(domain, routes=routes)
         smart = (
@@ -292,7 +303,7 @@ class Delivery:
             fallback = self._base_plan(domain, routes=routes, mx_failed=True)
             if any(h.kind == "mx" for h in fallback.hops):
                 return _template(Status.DEFERRED, exc.reply)
-            emit("route", domain=domain, reason=fallback.reason)
+            emit(RouteFallback(domain, fallback.reason))
             return fallback, None, None
         group = None
         if smart:
@@ -374,13 +385,14 @@ class Delivery:
                     carried.append(o.claim)
                     self.stats.fallbacks += 1
                     emit(
-                        "fallback",
-                        id=message.id,
-                        rcpt=o.claim.recipient.address,
-                        route=o.route,
-                        reply=str(o.reply)[:200],
-                        next=plan.hops[i + 1].label,
-                        reason=plan.reason,
+                        HopFallback(
+                            queue_id=message.id,
+                            recipient=o.claim.recipient.address,
+                            route=o.route,
+                            reply=o.reply,
+                            next_hop=plan.hops[i + 1].label,
+                            reason=plan.reason,
+                        )
                     )
                 else:
                     final.append(o)
@@ -392,13 +404,7 @@ class Delivery:
             is_throttle_reply(o.reply.code, o.reply.text) and o.route == "direct" for o in final
         ):
             pause = dest.shaper.throttled(self.clock())
-            emit(
-                "throttled",
-                level=logging.WARNING,
-                destination=dest.domain,
-                pause=round(pause, 1),
-                connections=dest.shaper.allowed_connections,
-            )
+            emit(Throttled(dest.domain, pause, dest.shaper.allowed_connections))
             raise _Stop
         dest.shaper.sent(self.clock())
 
@@ -429,11 +435,9 @@ class Delivery:
             stats.dkim_unsigned_reasons[code] = stats.dkim_unsigned_reasons.get(code, 0) + 1
             if code != "disabled":
                 emit(
-                    "dkim_unsigned",
-                    level=logging.INFO if not result.required else logging.WARNING,
-                    id=message.id,
-                    reason=result.unsigned_reason,
-                    required=result.required,
+                    DkimUnsigned(
+                        result.unsigned_reason, queue_id=message.id, required=result.required
+                    )
                 )
         if result.signed or not result.required:
             return result.headers + data
@@ -517,9 +521,7 @@ class Delivery:
                 # Opportunistic TLS: retry this host in clear and remember it.
                 self.tls_fallback[ip] = now + TLS_FALLBACK_SECONDS
                 self.stats.tls_fallbacks += 1
-                emit(
-                    "tls_fallback", level=logging.WARNING, host=remote, reason=exc.reply.text[:200]
-                )
+                emit(TlsFallback(remote, exc.reply))
                 key = (hop.label, ip, hop.port, True)
                 try:
                     client = await self._open(ip, hop.port, name, True)
@@ -620,20 +622,12 @@ class Delivery:
                 client = await self._open_smart(ip, host)
             except credentials.CredentialError as exc:
                 last = transport_failure_reply("protocol", str(exc))
-                emit("smarthost_failed", level=logging.ERROR, host=host.name, reason=str(exc))
+                emit(SmartHostUnusable(host.name, str(exc)))
                 break
             except SmtpError as exc:
                 last = exc.reply
                 # The reply and the host, never the credentials (they are not in exc).
-                emit(
-                    "smarthost_failed",
-                    level=logging.WARNING,
-                    host=host.name,
-                    remote=remote,
-                    stage=exc.stage,
-                    kind=exc.kind,
-                    reply=str(exc.reply)[:300],
-                )
+                emit(SmartHostFailed(host.name, remote, exc.stage, exc.kind, exc.reply))
                 continue
             conn = _Conn(
                 client, key, host.host, remote, label, host.max_messages_per_connection, host.name
@@ -675,13 +669,7 @@ class Delivery:
         return await SmtpClient.connect(ip, host.port, options)
 
     def _log_connect_failure(self, remote: str, exc: SmtpError) -> None:
-        emit(
-            "connect_failed",
-            host=remote,
-            stage=exc.stage,
-            kind=exc.kind,
-            reply=str(exc.reply)[:300],
-        )
+        emit(ConnectFailed(remote, exc.reply, stage=exc.stage, kind=exc.kind))
 
     async def _body(self, message_id: str) -> bytes | None:
         data = self._bodies.get(message_id)

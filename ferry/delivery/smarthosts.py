@@ -28,6 +28,7 @@ from typing import Literal
 from ferry.config import SmartHost
 from ferry.delivery.outcomes import ReplyClass, Stage, classify_reply
 from ferry.envelope import Reply
+from ferry.events import SmartHostState, emit
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +316,7 @@ class SmartHostSet:
                 )
             if probe is not None:
                 self.breakers[probe.name].allow(now)
-                log.info("smart host %s: cool-down over, probing", probe.name)
+                emit(SmartHostState(probe.name, "half_open"))
                 # The probe leads; the healthy ones follow by weight. The balancer is
                 # not advanced: this attempt's traffic is the probe's.
                 result.append(probe)
@@ -358,14 +359,9 @@ class SmartHostSet:
             breaker.record_success(now)
         if breaker.state != before:
             if breaker.state == "open":
-                log.warning(
-                    "smart host %s: circuit open for %.0fs after %s",
-                    name,
-                    breaker.cooldown or 0.0,
-                    breaker.last_error,
-                )
+                emit(SmartHostState(name, "open", breaker.cooldown, breaker.last_error))
             elif breaker.state == "closed":
-                log.info("smart host %s: recovered, back in rotation", name)
+                emit(SmartHostState(name, "closed"))
 
     def count(self, name: str, status: CountStatus) -> None:
         """Count one recipient's outcome through host ``name``."""

@@ -22,7 +22,7 @@ from ferry.delivery.process import DeliveryProcess
 from ferry.delivery.scheduler import Scheduler, flat_stats, stats_dir
 from ferry.durations import parse_duration
 from ferry.envelope import EnvelopeIn
-from ferry.events import emit
+from ferry.events import Accepted, DeliveryTotals, LeasesReleased, Started, Stopping, emit
 from ferry.intake.server import IntakeServer, run_hook
 from ferry.queue import open_queue
 from ferry.queue.base import IdempotencyRecord
@@ -79,12 +79,17 @@ class Service:
     async def start(self) -> None:
         self._take_lock()
         try:
+            if self.config.http.listen:
+                # Before the delivery workers start: they inherit where to count.
+                from ferry.metrics import install, metrics_dir
+
+                install(metrics_dir(self.config.data_dir), fresh=True)
             self.queue = open_queue(self.config)
             # One server per queue directory: leases left by a previous (crashed) run of
             # this node are ours to hand back at once instead of waiting for them to expire.
             released = await self.queue.release_leases()
             if released:
-                emit("leases_released", count=released)
+                emit(LeasesReleased(released))
             _clear_stats(self.config)
             d = self.config.delivery
             if d.hold:
@@ -120,10 +125,11 @@ class Service:
             await self.stop()
             raise
         emit(
-            "started",
-            hostname=self.config.server.hostname,
-            mode=self.config.delivery.mode,
-            queue=str(Path(self.config.queue.path).resolve()),
+            Started(
+                hostname=self.config.server.hostname,
+                mode=self.config.delivery.mode,
+                queue=str(Path(self.config.queue.path).resolve()),
+            )
         )
 
     async def submit(
@@ -150,13 +156,14 @@ class Service:
             idempotency=idempotency,
         )
         emit(
-            "accept",
-            id=qid,
-            client=client,
-            sender=envelope.sender or "<>",
-            rcpts=len(envelope.recipients),
-            size=len(envelope.data),
-            priority=envelope.priority.name.lower(),
+            Accepted(
+                queue_id=qid,
+                client=client,
+                sender=envelope.sender,
+                recipients=tuple(r.address for r in envelope.recipients),
+                size=len(envelope.data),
+                priority=envelope.priority,
+            )
         )
         self._accepted(qid)
         return qid
@@ -187,7 +194,7 @@ class Service:
         self.workers.clear()
         if self.scheduler is not None:
             await self.scheduler.stop()
-            emit("delivery_stats", **flat_stats(self.scheduler.stats()))
+            emit(DeliveryTotals(flat_stats(self.scheduler.stats())))
             self.scheduler = None
         if self.queue is not None:
             await self.queue.close()
@@ -224,5 +231,5 @@ class Service:
         try:
             await stop.wait()
         finally:
-            emit("stopping")
+            emit(Stopping())
             await self.stop()

@@ -23,7 +23,7 @@ from email.message import Message
 from email.utils import format_datetime, formataddr, parseaddr
 from typing import Literal
 
-from ferry.envelope import Reply
+from ferry.envelope import Reply, parse_notify
 
 Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
 
@@ -35,29 +35,8 @@ _NOTIFY_FOR_ACTION: dict[str, str] = {
     "relayed": "SUCCESS",
     "expanded": "SUCCESS",
 }
-_NOTIFY_KEYWORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
-# RFC 3461 §4.1: without a NOTIFY parameter an MTA may act as if it were
-# FAILURE or FAILURE,DELAY; we take the second, so senders hear of delays.
-DEFAULT_NOTIFY = frozenset({"FAILURE", "DELAY"})
 
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
-
-
-def parse_notify(notify: str | None) -> frozenset[str]:
-    """The set of NOTIFY keywords in an RFC 3461 §4.1 NOTIFY value.
-
-    None gives DEFAULT_NOTIFY; "NEVER" gives the empty set. Raises ValueError
-    on unknown keywords or NEVER mixed with others (which §4.1 forbids), so
-    intake can use this to validate the RCPT parameter.
-    """
-    if notify is None:
-        return DEFAULT_NOTIFY
-    words = [w.strip().upper() for w in notify.split(",")]
-    if words == ["NEVER"]:
-        return frozenset()
-    if not words or not set(words) <= _NOTIFY_KEYWORDS:
-        raise ValueError(f"bad NOTIFY value {notify!r}")
-    return frozenset(words)
 
 
 def needs_dsn(notify: str | None, action: str) -> bool:

@@ -21,7 +21,7 @@ from ferry.delivery.bounces import Report, dsn_envelope
 from ferry.delivery.retry import RetryPolicy, after_temporary_failure
 from ferry.durations import parse_duration
 from ferry.envelope import EnvelopeIn, Reply, Status
-from ferry.events import emit
+from ferry.events import DsnDropped, DsnQueued, emit, outcome_event
 from ferry.queue.base import AttemptResult, ClaimedRecipient, MessageInfo, Queue
 
 
@@ -152,17 +152,18 @@ class Recorder:
             )
             self._count(status, o.route, rcpt.domain)
             emit(
-                "delivery",
-                id=message.id,
-                rcpt=rcpt.address,
-                status=status.value,
-                route=o.route,
-                relay=o.remote or "none",
-                tls=o.tls,
-                reply=str(o.reply)[:300],
-                attempt=rcpt.attempts + 1,
-                delay=round(now - message.arrival, 3),
-                next=round(next_attempt - now, 1) if next_attempt else None,
+                outcome_event(
+                    status,
+                    queue_id=message.id,
+                    recipient=rcpt.address,
+                    route=o.route,
+                    next_hop=o.remote,
+                    tls=o.tls,
+                    reply=o.reply,
+                    attempt=rcpt.attempts + 1,
+                    delay=now - message.arrival,
+                    retry_in=next_attempt - now if next_attempt else None,
+                )
             )
         self._outbox.append((message, results, failed, delayed, relayed, now))
         if self._task is None or self._task.done():
@@ -213,12 +214,13 @@ class Recorder:
                     continue  # its outcomes were discarded (cancelled meanwhile)
                 self.stats.bounced += 1
                 emit(
-                    "dsn",
-                    id=qid,
-                    about=message.id,
-                    to=message.sender,
-                    action=reports[0].action,
-                    rcpts=len(reports),
+                    DsnQueued(
+                        queue_id=qid,
+                        about=message.id,
+                        to=message.sender,
+                        action=reports[0].action,
+                        recipients=tuple(r.recipient.address for r in reports),
+                    )
                 )
             if any(ids) and self.on_enqueue is not None:
                 self.on_enqueue()
@@ -243,13 +245,7 @@ class Recorder:
             # RFC 5321 §4.5.5: a DSN that cannot be delivered is dropped, never bounced.
             self.stats.dsn_dropped += len(failed)
             for r in failed:
-                emit(
-                    "dsn_dropped",
-                    level=logging.WARNING,
-                    id=message.id,
-                    rcpt=r.recipient.address,
-                    reply=str(r.reply)[:300],
-                )
+                emit(DsnDropped(message.id, r.recipient.address, r.reply))
             return []
         out = []
         for reports in (failed, delayed, relayed):

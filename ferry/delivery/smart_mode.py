@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ferry.events import SmartRouteSwitched, emit
+
 log = logging.getLogger(__name__)
 
 Choice = Literal["direct", "relay"]
@@ -163,7 +165,7 @@ class SmartRouter:
         if choice != g.choice:
             g.switches += 1
             g.changed_at = now
-            log.info("smart routing: %s -> %s: %s", name, choice, reason)
+            emit(SmartRouteSwitched(name, choice, reason))
         g.choice = choice
         g.reason = reason
 

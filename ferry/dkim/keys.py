@@ -56,6 +56,8 @@ import idna
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from ferry.envelope import split_address
+
 logger = logging.getLogger("ferry.dkim")
 
 KeyKind = Literal["rsa", "ed25519"]
@@ -104,7 +106,7 @@ def address_domain(address: str) -> str | None:
     if "@" not in address:
         return None
     try:
-        return normalize_domain(address.rsplit("@", 1)[1])
+        return normalize_domain(split_address(address)[1])
     except ValueError:
         return None
 

@@ -27,7 +27,7 @@ from aiohttp import web
 from ferry.config import RelayConfig
 from ferry.delivery.routing import parse_route_target
 from ferry.durations import parse_duration
-from ferry.events import emit
+from ferry.events import HttpAuthFailed, HttpListening, emit
 from ferry.http.limits import RateLimiter, fingerprint, parse_idempotency_key
 from ferry.http.requests import RequestError, Submission, parse_submission
 from ferry.http.tokens import Scope, Token, TokenStore, allows
@@ -132,7 +132,7 @@ class Api:
             if server is not None:
                 for sock in server.sockets:  # type: ignore[attr-defined]
                     self.addresses.append(sock.getsockname()[:2])
-        emit("http_started", listen=",".join(f"{h}:{p}" for h, p in self.addresses))
+        emit(HttpListening(",".join(f"{h}:{p}" for h, p in self.addresses)))
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -177,13 +177,8 @@ class Api:
         if token is None:
             self.auth_failures += 1
             # Never the presented value: a token must not reach a log.
-            emit(
-                "http_auth_failed",
-                logging.WARNING,
-                client=peer,
-                path=request.path,
-                reason="no token" if not header else "unknown token",
-            )
+            reason = "no token" if not header else "unknown token"
+            emit(HttpAuthFailed(peer, request.path, reason))
             raise ApiError(
                 401,
                 "unauthorized",
@@ -192,14 +187,8 @@ class Api:
             )
         if not allows(token.scope, route.scope):
             self.auth_failures += 1
-            emit(
-                "http_auth_failed",
-                logging.WARNING,
-                client=peer,
-                path=request.path,
-                who=token.name,
-                reason=f"scope {token.scope} lacks {route.scope}",
-            )
+            reason = f"scope {token.scope} lacks {route.scope}"
+            emit(HttpAuthFailed(peer, request.path, reason, token.name))
             raise ApiError(403, "forbidden", f"token {token.name!r} lacks the {route.scope} scope")
         wait = self.limiter.check(token.name, self.clock())
         if wait:

@@ -34,7 +34,7 @@ import aiohttp
 
 from ferry.config import RelayConfig, Webhook
 from ferry.durations import parse_duration
-from ferry.events import emit
+from ferry.events import WebhookFailed, WebhookRetrying, emit
 from ferry.queue.outbox import StoredEvent
 
 logger = logging.getLogger("ferry.webhooks")
@@ -162,21 +162,9 @@ class Endpoint:
                     name, [e.id for e in events], now=time.time(), error=error, after=events[-1].id
                 )
                 cursor = events[-1].id
-                emit(
-                    "webhook_failed",
-                    logging.WARNING,
-                    endpoint=name,
-                    events=len(events),
-                    error=error,
-                )
+                emit(WebhookFailed(name, len(events), error))
                 continue
-            emit(
-                "webhook_retry",
-                logging.INFO,
-                endpoint=name,
-                error=error,
-                wait=backoff(self.failures),
-            )
+            emit(WebhookRetrying(name, error, backoff(self.failures)))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), backoff(self.failures))
 

@@ -24,8 +24,20 @@ from typing import Any, cast
 
 from ferry.config import Listener, RelayConfig
 from ferry.durations import parse_duration
-from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply
-from ferry.events import emit
+from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply, domain_of
+from ferry.events import (
+    Accepted,
+    AuthFailed,
+    AuthSucceeded,
+    Connected,
+    ConnectionRejected,
+    Disconnected,
+    Listening,
+    Rejected,
+    TlsFailed,
+    TlsStarted,
+    emit,
+)
 from ferry.intake.aliases import AliasTable
 from ferry.intake.commands import (
     CommandError,
@@ -128,12 +140,7 @@ class IntakeServer:
             )
             self.servers.append(server)
             for sock in server.sockets:
-                emit(
-                    "listen",
-                    address=sock.getsockname()[0],
-                    port=sock.getsockname()[1],
-                    mode=listener.mode,
-                )
+                emit(Listening(sock.getsockname()[0], sock.getsockname()[1], listener.mode))
 
     def bound(self) -> list[tuple[str, int, str]]:
         """(address, port, mode) actually bound -- useful when port 0 was configured."""
@@ -302,17 +309,17 @@ class SmtpConnection(asyncio.Protocol):
         try:
             if len(srv.connections) >= self.cfg.max_connections:
                 self.reply(421, "4.7.0", f"{self.cfg.hostname} Too many connections, try later")
-                emit("reject", client=self.peer_ip, code=421, reason="max_connections")
+                emit(ConnectionRejected(self.peer_ip, 421, "max_connections"))
                 self.close()
                 return
             if count >= self.cfg.max_connections_per_ip:
                 self.reply(421, "4.7.0", f"{self.cfg.hostname} Too many connections from you")
-                emit("reject", client=self.peer_ip, code=421, reason="max_connections_per_ip")
+                emit(ConnectionRejected(self.peer_ip, 421, "max_connections_per_ip"))
                 self.close()
                 return
             srv.connections.add(self)
             srv.per_ip[self.peer_ip] = count + 1
-            emit("connect", client=self.peer_ip, mode=self.listener.mode, tls=self.tls)
+            emit(Connected(self.peer_ip, self.listener.mode, self.tls))
             self.reply(220, None, f"{self.cfg.hostname} ESMTP Ferry")
             await self._dialogue()
         except (_Closed, ConnectionError):
@@ -334,7 +341,7 @@ class SmtpConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.flush()
                 self.transport.close()
-            emit("disconnect", level=logging.DEBUG, client=self.peer_ip)
+            emit(Disconnected(self.peer_ip))
 
     async def _dialogue(self) -> None:
         handlers: dict[str, Callable[[str | None], Any]] = {
@@ -381,19 +388,12 @@ class SmtpConnection(asyncio.Protocol):
         self.errors += 1
         if self.errors >= self.cfg.max_errors:
             self.reply(421, "4.7.0", f"{self.cfg.hostname} Too many errors, closing connection")
-            emit("reject", client=self.peer_ip, code=421, reason="too many errors")
+            emit(ConnectionRejected(self.peer_ip, 421, "too many errors"))
             self.close()
             raise _Closed
 
     def reject(self, reply: Reply, **fields: Any) -> None:
-        emit(
-            "reject",
-            client=self.peer_ip,
-            code=reply.code,
-            status=reply.enhanced,
-            reason=reply.text,
-            **fields,
-        )
+        emit(Rejected(self.peer_ip, reply, **fields))
         self.error(reply.code, reply.enhanced or "", reply.text)
 
     # -- commands ----------------------------------------------------------------
@@ -479,7 +479,7 @@ class SmtpConnection(asyncio.Protocol):
                 self.cfg.command_timeout,
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            emit("tls_failed", level=logging.WARNING, client=self.peer_ip, error=str(exc)[:200])
+            emit(TlsFailed(self.peer_ip, str(exc)))
             transport.abort()
             self.transport = None
             raise _Closed from None
@@ -490,7 +490,7 @@ class SmtpConnection(asyncio.Protocol):
         # RFC 3207 §4.2: the session starts over; the client must EHLO again.
         self.helo, self.esmtp = None, False
         self.txn = _Transaction()
-        emit("tls", client=self.peer_ip, tls=self.tls)
+        emit(TlsStarted(self.peer_ip, self.tls))
 
     async def smtp_AUTH(self, arg: str | None) -> None:
         if self.helo is None or not self.esmtp:
@@ -538,21 +538,13 @@ class SmtpConnection(asyncio.Protocol):
         record = await self.server.users.averify(username, password)
         if record is None:
             failures = self.server.throttle.record_failure(self.peer_ip, time.monotonic())
-            emit(
-                "auth",
-                level=logging.WARNING,
-                client=self.peer_ip,
-                user=username[:64],
-                mechanism=mech,
-                result="fail",
-                failures=failures,
-            )
+            emit(AuthFailed(self.peer_ip, username, mech, failures))
             self.error(535, "5.7.8", "Authentication credentials invalid")
             return
         self.server.throttle.record_success(self.peer_ip)
         self.auth_user = record.name
         self.user_priority = record.priority
-        emit("auth", client=self.peer_ip, user=record.name, mechanism=mech, result="ok")
+        emit(AuthSucceeded(self.peer_ip, record.name, mech))
         self.reply(235, "2.7.0", "Authentication successful")
 
     async def _challenge(self, prompt: str) -> str:
@@ -659,7 +651,7 @@ class SmtpConnection(asyncio.Protocol):
             # RFC 5321 §4.5.3.1.10: 452, and the client sends the rest later.
             self.reject(Reply(452, "4.5.3", "Error: too many recipients"), rcpt=address)
             return
-        domain = address.rpartition("@")[2].lower().rstrip(".")
+        domain = domain_of(address).rstrip(".")
         decision = decide_rcpt(
             self.server.policy,
             recipient_domain=domain,
@@ -767,15 +759,16 @@ class SmtpConnection(asyncio.Protocol):
             return
         self.server.accepted += 1
         emit(
-            "accept",
-            id=qid,
-            client=self.peer_ip,
-            sender=txn.sender or "<>",
-            rcpts=len(txn.recipients),
-            size=len(envelope.data),
-            priority=priority.name.lower(),
-            user=self.auth_user,
-            tls=self.tls,
+            Accepted(
+                queue_id=qid,
+                client=self.peer_ip,
+                sender=txn.sender,
+                recipients=tuple(r.address for r in txn.recipients),
+                size=len(envelope.data),
+                priority=priority,
+                user=self.auth_user,
+                tls=self.tls,
+            )
         )
         self.reply(250, "2.0.0", f"Ok: queued as {qid}")
         if self.server.on_accept is not None:

@@ -17,7 +17,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ferry.envelope import EnvelopeIn, Priority, Reply, Status
+from ferry.envelope import EnvelopeIn, Priority, Reply, Status, domain_of
 
 
 def new_queue_id(now: float | None = None) -> str:
@@ -80,7 +80,7 @@ class RecipientInfo:
 
     @property
     def domain(self) -> str:
-        return self.address.rpartition("@")[2].lower()
+        return domain_of(self.address)
 
 
 @dataclass(slots=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from ferry.domains import address_domain
+
 
 class Priority(enum.IntEnum):
     """Delivery priority; a higher value is served first.
@@ -164,7 +166,7 @@ class RecipientIn:
 
     @property
     def domain(self) -> str:
-        return self.address.rpartition("@")[2].lower()
+        return address_domain(self.address)
 
 
 @dataclass(slots=True)

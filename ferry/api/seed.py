@@ -42,6 +42,7 @@ from ferry.config import RelayConfig
 from ferry.delivery.client import ClientOptions, RcptSpec, SmtpClient, SmtpError
 from ferry.delivery.mx import MxError, MxResolver
 from ferry.delivery.outcomes import Outcome, classify_reply, transport_failure_reply
+from ferry.domains import address_domain
 from ferry.envelope import Priority, Reply, Status
 from ferry.events import emit
 
@@ -191,7 +192,7 @@ class DirectSmtpService:
         )
         by_domain: dict[str, list[str]] = {}
         for rcpt in rcpts:
-            by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)
+            by_domain.setdefault(address_domain(rcpt), []).append(rcpt)
         parts = await asyncio.gather(
             *(self._deliver_domain(d, rs, data, sender) for d, rs in by_domain.items())
         )

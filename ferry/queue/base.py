@@ -17,6 +17,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ferry.domains import address_domain
 from ferry.envelope import EnvelopeIn, Priority, Reply, Status
 
 
@@ -56,7 +57,7 @@ class RecipientInfo:
 
     @property
     def domain(self) -> str:
-        return self.address.rpartition("@")[2].lower()
+        return address_domain(self.address)
 
 
 @dataclass(slots=True)

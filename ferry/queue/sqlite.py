@@ -28,6 +28,7 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ferry.domains import domain_key
 from ferry.envelope import (
     FINAL_STATUSES,
     EnvelopeIn,
@@ -741,7 +742,7 @@ class SqliteQueue(Queue):
                 args.append(sender)
             if domain is not None:
                 where.append("id IN (SELECT message_id FROM recipients WHERE domain=?)")
-                args.append(domain.lower())
+                args.append(domain_key(domain))
             sql = "SELECT id FROM messages"
             if where:
                 sql += " WHERE " + " AND ".join(where)

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ferry.domains import domain_key
 from ferry.events import emit
 from ferry.files import write_atomic
 
@@ -134,7 +135,7 @@ def ensure_self_signed(
     now = datetime.datetime.now(datetime.UTC)
     alt: list[x509.GeneralName] = [x509.DNSName("localhost")]
     if hostname and hostname != "localhost":
-        alt.insert(0, x509.DNSName(hostname))
+        alt.insert(0, x509.DNSName(domain_key(hostname)))  # an IDN name: A-labels
     alt += [
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         x509.IPAddress(ipaddress.ip_address("::1")),

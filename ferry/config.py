@@ -30,6 +30,8 @@ from pydantic import (
     model_validator,
 )
 
+from ferry.domains import a_label_keys, to_a_labels
+
 ListenMode = Literal["mta", "submission", "smtps"]
 DeliveryMode = Literal["direct", "relay", "hybrid", "smart"]
 
@@ -110,7 +112,8 @@ class ServerConfig(_Model):
     @field_validator("local_domains", "relay_domains")
     @classmethod
     def _domains(cls, v: list[str]) -> list[str]:
-        return [d.strip().lower().rstrip(".") for d in v if d.strip()]
+        # One form for every domain table: IDNA A-labels, lower case (ferry.domains).
+        return [to_a_labels(d) for d in v if d.strip()]
 
 
 class QueueConfig(_Model):
@@ -206,6 +209,15 @@ class SmartHost(_Model):
     max_connections: int = Field(10, ge=1)
     max_messages_per_connection: int = Field(100, ge=1)
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v.strip("[]"))
+            return v
+        except ValueError:
+            return to_a_labels(v) if v.strip() else v  # an IDN host name: A-labels
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
@@ -238,6 +250,11 @@ class RelayConfig(_Model):
     smart_hosts: list[SmartHost] = Field(default_factory=list)
     routes: dict[str, str | list[str]] = Field(default_factory=dict)
     shaping: dict[str, DestinationLimits] = Field(default_factory=dict)
+
+    @field_validator("shaping")
+    @classmethod
+    def _shaping_keys(cls, v: dict[str, DestinationLimits]) -> dict[str, DestinationLimits]:
+        return a_label_keys(v, "shaping")  # compared with A-label recipient domains
 
     @model_validator(mode="after")
     def _consistent(self) -> RelayConfig:

@@ -25,8 +25,8 @@ from ferry.envelope import EnvelopeIn
 from ferry.events import Accepted, DeliveryTotals, LeasesReleased, Started, Stopping, emit
 from ferry.intake.server import IntakeServer, run_hook
 from ferry.queue import open_queue
-from ferry.queue.sqlite import SqliteQueue
-from ferry.tls import ensure_self_signed, server_context
+from ferry.queue.sqlite import QueueDamaged, SqliteQueue
+from ferry.tls import self_signed_context, server_context
 
 
 class AlreadyRunning(RuntimeError):
@@ -34,12 +34,15 @@ class AlreadyRunning(RuntimeError):
 
 
 def load_tls(config: RelayConfig) -> ssl.SSLContext:
-    """The configured certificate, or the self-signed one made on first run."""
+    """The configured certificate, or the self-signed one made on first run.
+
+    An operator's certificate that cannot be used stops the start with
+    ``<path>: <reason>`` (TlsMaterialError); Ferry's own self-signed pair is remade.
+    """
     s = config.server
     if s.tls_cert and s.tls_key:
         return server_context(s.tls_cert, s.tls_key)
-    cert, key = ensure_self_signed(config.data_dir, s.hostname)
-    return server_context(cert, key)
+    return self_signed_context(config.data_dir, s.hostname)
 
 
 def _clear_stats(config: RelayConfig) -> None:
@@ -73,6 +76,11 @@ class Service:
         self._take_lock()
         try:
             self.queue = open_queue(self.config)
+            # A damaged database would answer 451 to every message with the reason only
+            # in the log: refuse to start instead, saying how to recover.
+            problems = await self.queue.check(quick=True)
+            if problems:
+                raise QueueDamaged(self.queue.db_path, problems)
             # One server per queue directory: leases left by a previous (crashed) run of
             # this node are ours to hand back at once instead of waiting for them to expire.
             released = await self.queue.release_leases()

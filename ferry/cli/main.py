@@ -41,11 +41,17 @@ def _load(ctx: click.Context) -> RelayConfig:
         raise click.ClickException(str(exc)) from None
 
 
-def _with_queue(ctx: click.Context, fn: Callable[[SqliteQueue], Awaitable[T]]) -> T:
+def _with_queue(
+    ctx: click.Context, fn: Callable[[SqliteQueue], Awaitable[T]], *, readonly: bool = False
+) -> T:
     config = _load(ctx)
 
     async def run() -> T:
-        queue = SqliteQueue(config.queue.path)
+        # Never create a queue: a wrong path must not look like an empty queue.
+        try:
+            queue = SqliteQueue(config.queue.path, create=False, readonly=readonly)
+        except OSError as exc:  # QueueNotFound, QueueDamaged
+            raise click.ClickException(str(exc)) from None
         try:
             return await fn(queue)
         finally:
@@ -287,7 +293,9 @@ def queue_list(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--status") from None
     msgs = _with_queue(
-        ctx, lambda q: q.list(status=st, domain=domain, sender=sender, limit=limit, offset=offset)
+        ctx,
+        lambda q: q.list(status=st, domain=domain, sender=sender, limit=limit, offset=offset),
+        readonly=True,
     )
     if as_json:
         _print_json([message_json(m) for m in msgs])
@@ -317,7 +325,7 @@ def queue_list(
 @click.pass_context
 def queue_show(ctx: click.Context, message_id: str, as_json: bool) -> None:
     """Show one message: envelope, recipients, states and attempt history."""
-    m = _with_queue(ctx, lambda q: q.get(message_id))
+    m = _with_queue(ctx, lambda q: q.get(message_id), readonly=True)
     if m is None:
         raise click.ClickException(f"no message {message_id}")
     data = message_json(m, history=True)
@@ -370,7 +378,7 @@ def queue_stats(ctx: click.Context, as_json: bool) -> None:
     """Queue statistics (Zetian's fields) and per smart host delivery counters."""
     from ferry.stats import relay_stats
 
-    st = _with_queue(ctx, lambda q: q.statistics(now=time.time()))
+    st = _with_queue(ctx, lambda q: q.statistics(now=time.time()), readonly=True)
     data = stats_json(st)
     relay = relay_stats(_load(ctx))
     if as_json:
@@ -501,6 +509,9 @@ def _attach() -> None:
     from ferry.cli.dns import dns
 
     main.add_command(dns)
+    from ferry.cli.queue_check import check
+
+    queue_group.add_command(check)
     try:
         from ferry.cli.dkim import dkim
     except ImportError:  # pragma: no cover

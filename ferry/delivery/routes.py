@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ferry.domains import domain_key
+
 HopKind = Literal["mx", "host", "smarthost"]
 
 
@@ -33,4 +35,4 @@ class NextHop:
 
 def direct_hop(domain: str, mx_port: int) -> NextHop:
     """RFC 5321 §5.1: the domain's MX hosts (or the domain itself without MX)."""
-    return NextHop("mx", domain.lower().rstrip("."), mx_port)
+    return NextHop("mx", domain_key(domain), mx_port)

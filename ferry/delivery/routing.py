@@ -51,6 +51,7 @@ from typing import Literal
 from ferry.config import DEFAULT_BLOCK_PATTERNS, DeliveryMode
 from ferry.delivery.outcomes import is_blocked_reply
 from ferry.delivery.routes import NextHop, direct_hop
+from ferry.domains import domain_key, to_a_labels
 from ferry.envelope import Reply
 
 Fallback = Literal["transport", "temporary", "blocked"]
@@ -92,8 +93,8 @@ class RoutePlan:
 
 
 def normalize_domain(domain: str) -> str:
-    """Lower-case, without the trailing root dot ("Example.COM." -> "example.com")."""
-    return domain.strip().lower().rstrip(".")
+    """The one form of ferry.domains ("Bücher.COM." -> "xn--bcher-kva.com")."""
+    return domain_key(domain)
 
 
 def smarthost_hop(names: Sequence[str] | None = None) -> NextHop:
@@ -141,7 +142,10 @@ def _parse_mx_target(item: str, spec: str, mx_port: int) -> NextHop:
             port = _parse_port(item, port_text)
         if ":" in host:
             raise ValueError(f"route target {item!r}: write an IPv6 address as [address]")
-        host = host.lower().rstrip(".")
+        try:
+            host = to_a_labels(host)
+        except ValueError:
+            raise ValueError(f"route target {item!r}: {host!r} is not a host name") from None
         if not _HOSTNAME.fullmatch(host):
             raise ValueError(f"route target {item!r}: {host!r} is not a host name")
     return NextHop("host", host, port)

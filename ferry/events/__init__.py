@@ -54,6 +54,9 @@ from ferry.events.system import (
     HookFailed,
     LeasesReleased,
     OperatorAction,
+    QueueStorageLost,
+    SelfSignedCreated,
+    SelfSignedRegenerated,
     Started,
     Stopping,
     WorkerDied,
@@ -64,6 +67,9 @@ from ferry.events.system import (
 subscribe(log_event)
 
 __all__ = [
+    "QueueStorageLost",
+    "SelfSignedCreated",
+    "SelfSignedRegenerated",
     "EVENT_TYPES",
     "Accepted",
     "AuthFailed",

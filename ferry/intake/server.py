@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from ferry.config import Listener, RelayConfig
+from ferry.domains import address_domain
 from ferry.durations import parse_duration
-from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply, domain_of
+from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply
 from ferry.events import (
     Accepted,
     AuthFailed,
@@ -651,7 +652,7 @@ class SmtpConnection(asyncio.Protocol):
             # RFC 5321 §4.5.3.1.10: 452, and the client sends the rest later.
             self.reject(Reply(452, "4.5.3", "Error: too many recipients"), rcpt=address)
             return
-        domain = domain_of(address).rstrip(".")
+        domain = address_domain(address)
         decision = decide_rcpt(
             self.server.policy,
             recipient_domain=domain,

@@ -17,7 +17,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ferry.envelope import EnvelopeIn, Priority, Reply, Status, domain_of
+from ferry.domains import address_domain
+from ferry.envelope import EnvelopeIn, Priority, Reply, Status
 
 
 def new_queue_id(now: float | None = None) -> str:
@@ -56,7 +57,7 @@ class RecipientInfo:
 
     @property
     def domain(self) -> str:
-        return domain_of(self.address)
+        return address_domain(self.address)
 
 
 @dataclass(slots=True)

@@ -22,10 +22,12 @@ import queue as _stdqueue
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ferry.domains import domain_key
 from ferry.envelope import (
     FINAL_STATUSES,
     EnvelopeIn,
@@ -34,6 +36,8 @@ from ferry.envelope import (
     Status,
     message_status,
 )
+from ferry.events import QueueStorageLost as QueueStorageLostEvent
+from ferry.events import emit
 from ferry.queue.base import (
     Attempt,
     AttemptResult,
@@ -114,12 +118,85 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE INDEX IF NOT EXISTS attempts_recipient ON attempts(recipient_id);
 """
 
+QUEUE_TABLES = frozenset({"meta", "messages", "bodies", "recipients", "attempts"})
+
 PENDING_SQL = "('Queued', 'Deferred', 'InProgress')"
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open the database with the settings every connection must share."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+class QueueNotFound(FileNotFoundError):
+    """There is no queue database at the configured path (and none was to be created)."""
+
+    def __init__(self, db_path: Path) -> None:
+        super().__init__(
+            f"no queue exists at {db_path} (`ferry serve` creates it on its first start;"
+            " check queue.path in the configuration)"
+        )
+
+
+class QueueDamaged(OSError):
+    """SQLite found the queue database corrupt; the message says how to recover."""
+
+    def __init__(self, db_path: Path, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        shown = "\n".join(f"  {p}" for p in self.problems[:10])
+        more = len(self.problems) - 10
+        super().__init__(
+            f"the queue database {db_path} is damaged:\n{shown}"
+            + (f"\n  ... and {more} more" if more > 0 else "")
+            + "\n"
+            + recovery_steps(db_path)
+        )
+
+
+class QueueStorageLost(OSError):
+    """The database file was deleted or replaced under a running writer."""
+
+
+def recovery_steps(db_path: Path) -> str:
+    """What an operator does with a damaged queue (the README says the same)."""
+    db = str(db_path)
+    new = str(db_path.with_name("queue-recovered.db"))
+    aside = db_path.parent / "damaged"
+    return (
+        "To recover: stop ferry, then with SQLite's command-line shell (sqlite3):\n"
+        f"  sqlite3 {db} .recover | sqlite3 {new}\n"
+        "  (if .recover fails -- Debian's and Ubuntu's sqlite3 lack what it needs and say\n"
+        '  "SQL logic error" or "no such table: sqlite_dbpage" -- use .dump instead:\n'
+        f"  rm {new}; sqlite3 {db} .dump | sqlite3 {new})\n"
+        f"  mkdir -p {aside} && mv {db}* {aside}/\n"
+        f"  mv {new} {db}\n"
+        "  ferry queue check\n"
+        "and start ferry again."
+    )
+
+
+def _sqlite_uri(path: Path, mode: str) -> str:
+    # A URI so that mode=rw / mode=ro refuse to create a missing file.
+    return "file:" + urllib.parse.quote(str(path.absolute())) + f"?mode={mode}"
+
+
+def connect(path: Path, *, create: bool = True, readonly: bool = False) -> sqlite3.Connection:
+    """Open the database with the settings every connection must share.
+
+    ``create=False`` never makes a new database file (QueueNotFound instead);
+    ``readonly=True`` opens an existing one for reading only (the CLI's listings).
+    """
+    if readonly or not create:
+        if not path.is_file():
+            raise QueueNotFound(path)
+        conn = sqlite3.connect(
+            _sqlite_uri(path, "ro" if readonly else "rw"),
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=30,
+        )
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    if readonly:
+        # The file is in WAL mode already (its creator set it); a reader cannot change it.
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
     conn.execute("PRAGMA journal_mode=WAL")
     # FULL: the WAL is fsynced at every commit -- a 250 must survive power loss.
     conn.execute("PRAGMA synchronous=FULL")
@@ -152,9 +229,11 @@ def begin_immediate(conn: sqlite3.Connection) -> None:
 class _Writer(threading.Thread):
     """The one thread that runs jobs against the database, committing in groups."""
 
-    def __init__(self, path: Path, batch: int, durable: bool = True) -> None:
+    def __init__(self, path: Path, batch: int, durable: bool = True, create: bool = True) -> None:
         super().__init__(name="ferry-queue-writer", daemon=True)
-        self.conn = connect(path)
+        self.path = path
+        self.conn = connect(path, create=create)
+        self.identity: dict[Path, tuple[int, int]] = {}
         if not durable:
             # Delivery bookkeeping (claims, outcomes) in a worker process: WAL commits
             # without fsync (NORMAL is still crash-safe; only a power loss can undo the
@@ -166,6 +245,28 @@ class _Writer(threading.Thread):
             tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future[Any]] | None
         ] = _stdqueue.SimpleQueue()
         self.commits = 0
+
+    def remember_files(self) -> None:
+        """Note which files (device, inode) the connection has open: the database and its WAL."""
+        for p in (self.path, self.path.with_name(self.path.name + "-wal")):
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(p)
+                self.identity[p] = (st.st_dev, st.st_ino)
+
+    def check_files(self) -> None:
+        """Raise QueueStorageLost if the database or its WAL is no longer at its path.
+
+        SQLite keeps writing into a deleted (unlinked) file without complaint, and
+        everything committed there is gone at the next start: a 250 would be a lie.
+        Two stat() calls per group commit (microseconds) make that impossible.
+        """
+        for p, (dev, ino) in self.identity.items():
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                raise QueueStorageLost(f"{p}: deleted while in use") from None
+            if (st.st_dev, st.st_ino) != (dev, ino):
+                raise QueueStorageLost(f"{p}: replaced by another file while in use") from None
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -218,6 +319,7 @@ class _Writer(threading.Thread):
                 else:
                     conn.execute("RELEASE job")
                     results.append((fut, True, value))
+            self.check_files()
             conn.execute("COMMIT")
             self.commits += 1
         except BaseException as exc:  # the commit itself failed: nobody succeeded
@@ -246,20 +348,49 @@ class SqliteQueue(Queue):
     """The SQLite implementation of the queue contract."""
 
     def __init__(
-        self, path: str | os.PathLike[str], *, batch: int = 256, durable: bool = True
+        self,
+        path: str | os.PathLike[str],
+        *,
+        batch: int = 256,
+        durable: bool = True,
+        create: bool = True,
+        readonly: bool = False,
     ) -> None:
+        """Open (``create=True``: or make) the queue in directory ``path``.
+
+        ``create=False`` opens only an existing database (QueueNotFound otherwise);
+        ``readonly=True`` also has no writer: for the CLI's listings, which must never
+        make or change a database. A database SQLite cannot read raises QueueDamaged.
+        """
         directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.db_path = directory / "queue.db"
-        self._writer = _Writer(self.db_path, batch, durable)
-        self._writer.conn.executescript(SCHEMA)
-        self._writer.conn.execute(
-            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
-            (str(SCHEMA_VERSION),),
-        )
-        # From here on begin_immediate() does the waiting for the write lock.
-        self._writer.conn.execute("PRAGMA busy_timeout=0")
-        self._writer.start()
+        self.db_path = self.database_path(directory)
+        self.readonly = readonly
+        self._writer: _Writer | None = None
+        self._storage_lost = False
+        if readonly:
+            if not self.db_path.is_file():
+                raise QueueNotFound(self.db_path)
+        else:
+            if create:
+                directory.mkdir(parents=True, exist_ok=True)
+            try:
+                self._writer = _Writer(self.db_path, batch, durable, create)
+                self._writer.conn.executescript(SCHEMA)
+                self._writer.conn.execute(
+                    "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            except sqlite3.DatabaseError as exc:
+                if self._writer is not None:
+                    self._writer.conn.close()
+                if isinstance(exc, sqlite3.OperationalError):  # locked, I/O, permissions
+                    raise
+                # SQLITE_NOTADB "file is not a database", SQLITE_CORRUPT "malformed"
+                raise QueueDamaged(self.db_path, [str(exc)]) from None
+            # From here on begin_immediate() does the waiting for the write lock.
+            self._writer.conn.execute("PRAGMA busy_timeout=0")
+            self._writer.remember_files()
+            self._writer.start()
         self._closed = False
         # Reads run on their own connections in worker threads: WAL lets them proceed
         # while the writer is busy, so a read never waits behind someone else's fsync.
@@ -271,8 +402,35 @@ class SqliteQueue(Queue):
 
     # -- plumbing ---------------------------------------------------------------
 
+    @staticmethod
+    def database_path(directory: str | os.PathLike[str]) -> Path:
+        """The database file of the queue in ``directory`` (queue.path)."""
+        return Path(directory) / "queue.db"
+
+    @property
+    def _w(self) -> _Writer:
+        if self._writer is None:
+            raise RuntimeError(f"{self.db_path}: the queue is open read-only")
+        return self._writer
+
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.wrap_future(self._writer.submit(fn))
+        try:
+            value = await asyncio.wrap_future(self._w.submit(fn))
+        except QueueStorageLost as exc:
+            if not self._storage_lost:
+                # Once per loss, not once per refused message.
+                self._storage_lost = True
+                emit(
+                    QueueStorageLostEvent(
+                        str(self.db_path),
+                        str(exc),
+                        "every write is refused (451 4.3.0) until ferry is restarted"
+                        " on a restored or new queue database",
+                    )
+                )
+            raise
+        self._storage_lost = False
+        return value
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.to_thread(self._read_sync, fn)
@@ -285,7 +443,7 @@ class SqliteQueue(Queue):
         try:
             conn = getattr(self._local, "conn", None)
             if conn is None:
-                conn = connect(self.db_path)
+                conn = connect(self.db_path, create=False, readonly=self.readonly)
                 self._local.conn = conn
                 with self._readers_lock:
                     self._readers.append(conn)
@@ -310,18 +468,27 @@ class SqliteQueue(Queue):
 
     def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a job from a thread with no event loop (tools, tests)."""
-        return self._writer.submit(fn).result()
+        return self._w.submit(fn).result()
 
     @property
     def commits(self) -> int:
         """How many group commits the writer has made (for stats and benchmarks)."""
-        return self._writer.commits
+        return self._writer.commits if self._writer is not None else 0
 
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            await asyncio.to_thread(self._writer.stop)
+            if self._writer is not None:
+                await asyncio.to_thread(self._writer.stop)
             await asyncio.to_thread(self._close_readers)
+
+    async def check(self, *, quick: bool = False) -> list[str]:
+        """SQLite's integrity_check (or the faster quick_check): [] when the database is sound.
+
+        quick_check skips the index-content comparison: linear in the database size,
+        cheap enough for every start.
+        """
+        return await asyncio.to_thread(_integrity, self.db_path, quick)
 
     # -- intake -----------------------------------------------------------------
 
@@ -575,7 +742,7 @@ class SqliteQueue(Queue):
                 args.append(sender)
             if domain is not None:
                 where.append("id IN (SELECT message_id FROM recipients WHERE domain=?)")
-                args.append(domain.lower())
+                args.append(domain_key(domain))
             sql = "SELECT id FROM messages"
             if where:
                 sql += " WHERE " + " AND ".join(where)
@@ -676,6 +843,30 @@ class SqliteQueue(Queue):
             return st
 
         return await self._read(job)
+
+
+def _integrity(db_path: Path, quick: bool) -> list[str]:
+    # Its own read-only connection: a damaged file can fail any statement, COMMIT included.
+    pragma = "quick_check" if quick else "integrity_check"
+    conn = connect(db_path, readonly=True)
+    try:
+        rows = [r[0] for r in conn.execute(f"PRAGMA {pragma}")]
+    except sqlite3.DatabaseError as exc:  # too damaged to even walk
+        return [str(exc)]
+    finally:
+        conn.close()
+    # One row may hold several problems separated by newlines.
+    lines = [ln for r in rows for ln in str(r).splitlines() if ln.strip()]
+    if lines != ["ok"]:
+        return [ln for ln in lines if not ln.startswith("***")]
+    # Sound as a file, but is it a whole queue? (A recovery that stopped half way is not.)
+    conn = connect(db_path, readonly=True)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        conn.close()
+    missing = sorted(QUEUE_TABLES - tables)
+    return [f"not a complete Ferry queue: no table {', '.join(missing)}"] if missing else []
 
 
 # -- helpers run on the writer thread --------------------------------------------
@@ -822,4 +1013,12 @@ def _refresh_message_status(conn: sqlite3.Connection, message_ids: list[str]) ->
     )
 
 
-__all__ = ["FINAL_STATUSES", "SqliteQueue", "connect"]
+__all__ = [
+    "FINAL_STATUSES",
+    "QueueDamaged",
+    "QueueNotFound",
+    "QueueStorageLost",
+    "SqliteQueue",
+    "connect",
+    "recovery_steps",
+]

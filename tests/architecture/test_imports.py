@@ -21,6 +21,7 @@ LEAVES = (
     "ferry.message",
     "ferry.durations",
     "ferry.domains",
+    "ferry.files",
     "ferry.resolver",
     "ferry.tls",
     "ferry.runtime",

@@ -251,7 +251,9 @@ class DeliveryConfig(_Model):
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise ValueError(f"pattern {i} ({pattern!r}) is not a regular expression: {exc}")
+                raise ValueError(
+                    f"pattern {i} ({pattern!r}) is not a regular expression: {exc}"
+                ) from None
         return v
 
 

@@ -41,7 +41,8 @@ def test_defaults_match_the_documented_names() -> None:
     assert [(x.address, x.port, x.mode) for x in c.server.listen] == [("127.0.0.1", 2525, "mta")]
     assert c.server.relay_networks == ["127.0.0.0/8", "::1/128"]
     assert c.server.max_message_size == 35_000_000
-    assert c.queue.path == "./ferry-data"
+    assert c.queue.path == str(Path.cwd() / "ferry-data")  # no file, no $FERRY_DATA
+    assert c.server.users_file == str(Path.cwd() / "ferry-data" / "users")
     assert (c.delivery.mode, c.delivery.mx_port) == ("direct", 25)
     assert c.dns.nameservers == []
 

@@ -46,7 +46,7 @@ def _remember(ctx: click.Context, _param: click.Parameter, value: str | None) ->
 
 
 def config_option(fn: F) -> F:
-    """``--config FILE`` on a command, so ``ferry serve --config F`` = ``ferry --config F serve``."""
+    """``--config FILE`` on a command: ``ferry serve --config F`` = ``ferry --config F serve``."""
     return click.option(
         "-c",
         "--config",

@@ -299,7 +299,9 @@ def queue_list(
         ctx, lambda q: q.list(status=st, domain=domain, sender=sender, limit=limit, offset=offset)
     )
     if as_json:
-        _print_json({"queue": queue_location(_load(ctx)), "messages": [message_json(m) for m in msgs]})
+        _print_json(
+            {"queue": queue_location(_load(ctx)), "messages": [message_json(m) for m in msgs]}
+        )
         return
     queue_header(_load(ctx))
     table = Table("id", "status", "arrival", "size", "prio", "sender", "recipients")
@@ -385,7 +387,9 @@ def queue_stats(ctx: click.Context, as_json: bool) -> None:
     data = stats_json(st)
     relay = relay_stats(_load(ctx))
     if as_json:
-        _print_json({**data, "smart_hosts": relay["smart_hosts"], "queue": queue_location(_load(ctx))})
+        _print_json(
+            {**data, "smart_hosts": relay["smart_hosts"], "queue": queue_location(_load(ctx))}
+        )
         return
     queue_header(_load(ctx))
     _smart_host_table(relay["smart_hosts"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,3 +197,158 @@ def test_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parent.parent / "ferry.example.toml"
     c = RelayConfig.load(example, env={})
     assert c.server.listen[0].port == 2525
+
+
+# --- issue 9: the configuration is the only validator ---------------------------------
+
+
+def test_durations_are_seconds_and_shown_as_text(tmp_path: Path) -> None:
+    p = tmp_path / "ferry.toml"
+    p.write_text('[delivery]\nmessage_lifetime = "2d"\nretry_schedule = ["90s", 300, "1h30m"]\n')
+    c = RelayConfig.load(p, env={})
+    assert c.delivery.message_lifetime == 2 * 86400
+    assert c.delivery.retry_schedule == [90, 300, 5400]
+    shown = c.masked()["delivery"]
+    assert (shown["message_lifetime"], shown["retry_schedule"]) == ("2d", ["1m30s", "5m", "1h30m"])
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('[delivery]\nmessage_lifetime = "0s"', "delivery.message_lifetime: must be more than 0"),
+        ("[delivery]\nretry_schedule = []", "delivery.retry_schedule: List should have at least"),
+        ('[server]\nlisten = [{port = 2600}, {port = 2600, address = "127.0.0.1"}]', "twice"),
+        ('[delivery]\nsource_address = "not-an-ip"', "delivery.source_address"),
+        ('[delivery]\nblock_patterns = ["(unclosed"]', "not a regular expression"),
+        ('[dns]\nnameservers = ["127.0.0.1:99999"]', "dns.nameservers: bad port"),
+    ],
+)
+def test_values_serve_would_choke_on_are_refused_at_load(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=problem.replace(".", r"\.")):
+        RelayConfig.load(p, env={})
+
+
+def test_tls_pair_is_loaded_by_the_servers_own_loader(tmp_path: Path, tls_files) -> None:  # type: ignore[no-untyped-def]
+    good = tmp_path / "good.toml"
+    good.write_text(f'[server]\ntls_cert = "{tls_files.cert_file}"\ntls_key = "{tls_files.key_file}"\n')
+    assert RelayConfig.load(good, env={}).server.tls_cert == str(tls_files.cert_file)
+    half = tmp_path / "half.toml"
+    half.write_text(f'[server]\ntls_cert = "{tls_files.cert_file}"\n')
+    with pytest.raises(ConfigError, match=r"server\.tls_key: needed"):
+        RelayConfig.load(half, env={})
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    swapped = tmp_path / "swapped.toml"
+    swapped.write_text(f'[server]\ntls_cert = "{garbage}"\ntls_key = "{tls_files.key_file}"\n')
+    with pytest.raises(ConfigError, match=r"server\.tls_cert: cannot load"):
+        RelayConfig.load(swapped, env={})
+
+
+def test_dkim_key_files_are_parsed_at_load(tmp_path: Path) -> None:
+    p = tmp_path / "ferry.toml"
+    (tmp_path / "k.pem").write_text("not a key\n")
+    p.write_text('[dkim]\nkeys = { "example.com" = ["k.pem"] }\n')
+    with pytest.raises(ConfigError, match="not an unencrypted PEM private key"):
+        RelayConfig.load(p, env={})
+
+
+def test_unknown_ferry_variables_are_errors() -> None:
+    with pytest.raises(ConfigError) as err:
+        RelayConfig.load(None, env={"FERRY_DELIVERY_HOLD": "true"})
+    assert "FERRY_DELIVERY_HOLD: not a setting" in str(err.value)
+    assert "did you mean FERRY_DELIVERY__HOLD?" in str(err.value)
+    with pytest.raises(
+        ConfigError, match=r"delivery\.hld: unknown key \(from FERRY_DELIVERY__HLD\)"
+    ):
+        RelayConfig.load(None, env={"FERRY_DELIVERY__HLD": "true"})
+    with pytest.raises(ConfigError, match="FERRY_NONSENSE: not a setting"):
+        RelayConfig.load(None, env={"FERRY_NONSENSE": "1"})
+    # The documented variables that are not settings, and everything not FERRY_*.
+    fine = {
+        "FERRY_CONFIG": "",
+        "FERRY_DATA": "/tmp/ferry-test-data",
+        "FERRY_EVENT_LOOP": "asyncio",
+        "FERRY_VENV": ".venv",
+        "FERRY_BENCH_PYFLAGS": "-X importtime",
+        "FERRYMAN": "charon",
+        "FERRY_DELIVERY__HOLD": "true",
+    }
+    c = RelayConfig.load(None, env=fine)
+    assert c.delivery.hold is True
+    assert c.queue.path == "/tmp/ferry-test-data"
+
+
+def test_bad_seed_port_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="SMTP_PORT: not a port number"):
+        RelayConfig.load(None, env={"SMTP_HOST": "smtp.example.net", "SMTP_PORT": "submission"})
+
+
+# Each: (file text, extra environment, what the message must say). Every one of these
+# used to pass `ferry config check`, or to be silently ignored.
+INVALID: list[tuple[str, dict[str, str], str]] = [
+    ('[delivery]\nmessage_lifetime = "forever"\n', {}, "delivery.message_lifetime: not a duration"),
+    (
+        '[delivery]\nretry_schedule = ["1 minute"]\n',
+        {},
+        "delivery.retry_schedule.0: not a duration",
+    ),
+    (
+        '[routes]\n"example.com" = "mx:bad host"\n',
+        {},
+        "routes.example.com: route target 'mx:bad host'",
+    ),
+    (
+        '[server]\ntls_cert = "missing.pem"\ntls_key = "missing.key"\n',
+        {},
+        "server.tls_cert: no such",
+    ),
+    (
+        '[[smart_hosts]]\nname = "sg"\nhost = "smtp.example.net"\npassword_file = "nope"\n',
+        {},
+        "smart_hosts.0.password_file: no such file",
+    ),
+    ('[dkim]\nkeys = { "example.com" = ["gone.pem"] }\n', {}, "dkim.keys.example.com.0: no such"),
+    ('[server]\nhostnme = "x"\n', {}, "server.hostnme: unknown key"),
+    ("", {"FERRY_DELIVERY_HOLD": "true"}, "FERRY_DELIVERY_HOLD: not a setting"),
+    ("", {"FERRY_DELIVERY__HLD": "true"}, "delivery.hld: unknown key (from FERRY_DELIVERY__HLD)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "problem"), INVALID, ids=[p.split(":")[0] for _t, _e, p in INVALID]
+)
+def test_config_check_and_serve_refuse_alike(
+    tmp_path: Path, text: str, env: dict[str, str], problem: str
+) -> None:
+    cfg = tmp_path / "ferry.toml"
+    # Were it accepted, serve would start (any free port, nothing delivered) and the
+    # timeout would fail the test.
+    cfg.write_text(text)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
+    environ |= {"FERRY_DELIVERY__HOLD": "true", "FERRY_SERVER__LISTEN": '[{"port": 0}]', **env}
+    check = subprocess.run(
+        [sys.executable, "-m", "ferry.cli", "config", "check", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=tmp_path,
+        env=environ,
+    )
+    assert check.returncode == 1, check.stdout
+    assert problem in check.stderr
+    assert "Traceback" not in check.stderr
+    serve = subprocess.run(
+        [sys.executable, "-m", "ferry.cli", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=tmp_path,
+        env=environ,
+    )
+    assert serve.returncode == 1
+    assert serve.stderr == check.stderr  # the same words
+    assert not (tmp_path / "ferry-data").exists()  # refused before touching anything

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ferry.config import ConfigError, RelayConfig
-from tests.harness import run_cli
+from tests.harness import free_port, run_cli, wait_until
 
 TOML = """
 [server]
@@ -234,7 +236,9 @@ def test_values_serve_would_choke_on_are_refused_at_load(
 
 def test_tls_pair_is_loaded_by_the_servers_own_loader(tmp_path: Path, tls_files) -> None:  # type: ignore[no-untyped-def]
     good = tmp_path / "good.toml"
-    good.write_text(f'[server]\ntls_cert = "{tls_files.cert_file}"\ntls_key = "{tls_files.key_file}"\n')
+    good.write_text(
+        f'[server]\ntls_cert = "{tls_files.cert_file}"\ntls_key = "{tls_files.key_file}"\n'
+    )
     assert RelayConfig.load(good, env={}).server.tls_cert == str(tls_files.cert_file)
     half = tmp_path / "half.toml"
     half.write_text(f'[server]\ntls_cert = "{tls_files.cert_file}"\n')
@@ -352,3 +356,121 @@ def test_config_check_and_serve_refuse_alike(
     assert serve.returncode == 1
     assert serve.stderr == check.stderr  # the same words
     assert not (tmp_path / "ferry-data").exists()  # refused before touching anything
+
+
+# --- issue 11.3: one place for the data, found from anywhere --------------------------
+
+
+def _cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``ferry ARGS`` run from ``cwd`` with only the given FERRY_* variables."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")} | env
+    return subprocess.run(
+        [sys.executable, "-m", "ferry.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env=environ,
+    )
+
+
+def test_relative_paths_in_a_file_are_relative_to_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "relay.key").write_text("secret\n")
+    p = etc / "ferry.toml"
+    p.write_text(
+        '[queue]\npath = "../var/ferry"\n'
+        '[[smart_hosts]]\nname = "sg"\nhost = "smtp.example.net"\npassword_file = "relay.key"\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    c = RelayConfig.load(Path("..") / "etc" / "ferry.toml", env={})
+    assert c.queue.path == str(tmp_path / "var" / "ferry")
+    assert c.smart_hosts[0].password_file == str(etc / "relay.key")
+    # Files kept in the data directory follow it.
+    assert c.server.users_file == str(tmp_path / "var" / "ferry" / "users")
+    assert c.dkim.keys_dir == str(tmp_path / "var" / "ferry" / "dkim")
+    # A path from the environment is relative to where ferry runs.
+    c = RelayConfig.load(p, env={"FERRY_QUEUE__PATH": "spool"})
+    assert c.queue.path == str(elsewhere / "spool")
+
+
+def test_default_data_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    p = tmp_path / "conf" / "ferry.toml"
+    p.parent.mkdir()
+    p.write_text('[server]\nhostname = "mx.example.com"\n')
+    # With a config file: beside it. Without: ./ferry-data. $FERRY_DATA beats both.
+    assert RelayConfig.load(p, env={}).queue.path == str(p.parent / "ferry-data")
+    assert RelayConfig.load(None, env={}).queue.path == str(tmp_path / "ferry-data")
+    env = {"FERRY_DATA": "spool"}
+    assert RelayConfig.load(p, env=env).queue.path == str(tmp_path / "spool")
+    assert RelayConfig.load(None, env=env).queue.path == str(tmp_path / "spool")
+    # A path written in the file wins over $FERRY_DATA (it is only a default).
+    p.write_text('[queue]\npath = "/srv/ferry"\n')
+    assert RelayConfig.load(p, env=env).queue.path == "/srv/ferry"
+
+
+def test_the_cli_says_which_queue_it_reads(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    cfg = conf / "ferry.toml"
+    cfg.write_text('[queue]\npath = "data"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # Nothing there yet: reading must say so, and must not create a queue anywhere.
+    res = _cli(elsewhere, "--config", str(cfg), "queue", "stats")
+    assert res.returncode == 1
+    assert f"no queue at {conf / 'data'}" in res.stderr
+    assert not (conf / "data").exists() and not (elsewhere / "ferry-data").exists()
+    (conf / "data").mkdir()
+    res = _cli(elsewhere, "--config", str(cfg), "queue", "list", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {"queue": str(conf / "data"), "messages": []}
+    res = _cli(elsewhere, "--config", str(cfg), "queue", "stats", "--json")
+    assert json.loads(res.stdout)["queue"] == str(conf / "data")
+    res = _cli(elsewhere, "queue", "list", FERRY_CONFIG=str(cfg))
+    assert res.stdout.splitlines()[0] == f"queue: {conf / 'data'}"
+    res = _cli(elsewhere, "stats", "--json", FERRY_DATA=str(conf / "data"))
+    assert json.loads(res.stdout)["queue"] == str(conf / "data")
+
+
+def test_config_option_before_or_after_serve(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = tmp_path / "ferry.toml"
+    cfg.write_text(
+        f'[server]\nhostname = "mx.ferry.test"\nlisten = [{{ port = {port} }}]\n'
+        "[delivery]\nhold = true\nworkers = 0\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
+    for args in (["serve", "--config", str(cfg)], ["--config", str(cfg), "serve"]):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ferry.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=elsewhere,
+            env=environ,
+        )
+        try:
+
+            def listening(proc: subprocess.Popen[bytes] = proc) -> bool:
+                assert proc.poll() is None, proc.communicate()[0].decode()
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                        return True
+                except OSError:
+                    return False
+
+            wait_until(listening, 20, f"ferry {' '.join(args)} to listen")
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=20)
+        # The data went beside the config file, not into the current directory.
+        assert (tmp_path / "ferry-data" / "queue.db").exists()
+        assert not (elsewhere / "ferry-data").exists()

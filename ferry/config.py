@@ -456,7 +456,8 @@ def format_validation_error(
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        if not key:  # a whole-model check: its message starts with the key itself
+        if not key or msg.startswith(key + "."):
+            # A whole-model check: its message starts with the key itself.
             lines.append(f"  {msg}")
             continue
         if err["type"] == "extra_forbidden":

@@ -47,6 +47,7 @@ from pydantic import (
 )
 
 from ferry.durations import format_duration, parse_duration
+from ferry.envelope import Address
 from ferry.routes import validate_routes
 
 ListenMode = Literal["mta", "submission", "smtps"]
@@ -151,6 +152,14 @@ class ServerConfig(_Model):
     data_timeout: PositiveDuration = 600.0
     max_errors: int = Field(20, ge=1)
 
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v: str) -> str:
+        # It goes into the banner, EHLO and Received: (RFC 5321 §4.1.1.1: a domain).
+        if not v.strip() or any(c.isspace() for c in v):
+            raise ValueError(f"{v!r} is not a host name")
+        return v.strip()
+
     @field_validator("relay_networks")
     @classmethod
     def _cidrs(cls, v: list[str]) -> list[str]:
@@ -237,6 +246,13 @@ class DeliveryConfig(_Model):
     # A smart host failing at the transport level rests this long (doubling, to 10 m).
     smart_host_cooldown: Duration = 30.0
 
+    @field_validator("bounce_sender")
+    @classmethod
+    def _sender(cls, v: str) -> str:
+        if v:
+            Address.parse(v)  # the envelope's own address split
+        return v
+
     @field_validator("source_address")
     @classmethod
     def _source(cls, v: str) -> str:
@@ -286,6 +302,28 @@ class DkimConfig(_Model):
     required_domains: list[str] = Field(default_factory=list)
     # Keys kept outside keys_dir: domain -> PEM paths (selector = file name stem).
     keys: dict[str, list[ExistingFile]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names(self) -> DkimConfig:
+        if self.selector == "ferry" and not self.default_domain and not self.required_domains:
+            return self  # the defaults: valid without loading the DKIM code
+        from ferry.dkim.keys import normalize_domain, normalize_selector  # signing's rules
+
+        for key, check, values in (
+            ("selector", normalize_selector, [self.selector]),
+            (
+                "default_domain",
+                normalize_domain,
+                [self.default_domain] if self.default_domain else [],
+            ),
+            ("required_domains", normalize_domain, self.required_domains),
+        ):
+            for value in values:
+                try:
+                    check(value)
+                except ValueError as exc:
+                    raise ValueError(f"dkim.{key}: {exc}") from None
+        return self
 
     @field_validator("keys")
     @classmethod

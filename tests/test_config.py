@@ -318,6 +318,10 @@ INVALID: list[tuple[str, dict[str, str], str]] = [
     ),
     ('[dkim]\nkeys = { "example.com" = ["gone.pem"] }\n', {}, "dkim.keys.example.com.0: no such"),
     ('[server]\nhostnme = "x"\n', {}, "server.hostnme: unknown key"),
+    ('[aliases]\n"not an address" = "x@y.z"\n', {}, "aliases: alias 'not an address'"),
+    ('[delivery]\nbounce_sender = "postmaster"\n', {}, "delivery.bounce_sender: not an address"),
+    ('[server]\nhostname = ""\n', {}, "server.hostname: '' is not a host name"),
+    ('[dkim]\nselector = "my selector"\n', {}, "dkim.selector: 'my selector' is not a selector"),
     ("", {"FERRY_DELIVERY_HOLD": "true"}, "FERRY_DELIVERY_HOLD: not a setting"),
     ("", {"FERRY_DELIVERY__HLD": "true"}, "delivery.hld: unknown key (from FERRY_DELIVERY__HLD)"),
 ]

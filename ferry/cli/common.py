@@ -7,6 +7,7 @@ words and with exit status 1.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,10 +26,28 @@ def load_config(path: str | None) -> RelayConfig:
     The error names the key or variable and the problem, on stderr, without a traceback.
     """
     try:
-        return RelayConfig.load(path)
+        config = RelayConfig.load(path)
+        _check_stages(config, path)
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)
+    return config
+
+
+def _check_stages(config: RelayConfig, path: str | None) -> None:
+    """Settings only a stage can judge, judged by the stage's own code (config is a leaf).
+
+    The alias table is built by intake's :class:`AliasTable`, as ``ferry serve`` builds it.
+    """
+    if not config.aliases:
+        return
+    from ferry.intake.aliases import AliasTable
+
+    try:
+        AliasTable(config.aliases, config.server.local_domains)
+    except ValueError as exc:
+        source = path or os.environ.get("FERRY_CONFIG") or "environment"
+        raise ConfigError(f"invalid configuration ({source}):\n  aliases: {exc}") from None
 
 
 def config_path(ctx: click.Context) -> str | None:

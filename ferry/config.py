@@ -444,6 +444,8 @@ class RelayConfig(_Model):
                 raise ConfigError(f"{path}: is a directory, not a config file") from None
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+            except OSError as exc:  # permission denied, ...
+                raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
             # Relative paths in a file mean "next to this file", wherever ferry runs from.
             base = Path(os.path.abspath(path)).parent
             _resolve_paths(data, base)

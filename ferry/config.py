@@ -368,7 +368,8 @@ class SmartHost(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not v or any(c in v for c in " ,:*") or v == "direct":
+        # "direct" in any case is the route keyword (ferry.routes), so no host may be called so.
+        if not v or any(c in v for c in " ,:*") or v.lower() == "direct":
             raise ValueError(
                 "a smart host name has no spaces, commas, colons or '*' and is not 'direct'"
             )

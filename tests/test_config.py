@@ -287,6 +287,12 @@ def test_unknown_ferry_variables_are_errors() -> None:
     assert c.queue.path == "/tmp/ferry-test-data"
 
 
+def test_a_smart_host_cannot_be_named_like_the_direct_keyword() -> None:
+    # Route keywords are case-insensitive, so a host named "Direct" could never be routed to.
+    with pytest.raises(ConfigError, match=r"smart_hosts\.0\.name: .* is not 'direct'"):
+        RelayConfig.load(None, env={"FERRY_SMART_HOSTS": '[{"name": "Direct", "host": "x.test"}]'})
+
+
 def test_bad_seed_port_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="SMTP_PORT: not a port number"):
         RelayConfig.load(None, env={"SMTP_HOST": "smtp.example.net", "SMTP_PORT": "submission"})

@@ -20,7 +20,6 @@ from typing import IO
 from ferry.config import RelayConfig
 from ferry.delivery.process import DeliveryProcess
 from ferry.delivery.scheduler import Scheduler, flat_stats, stats_dir
-from ferry.durations import parse_duration
 from ferry.envelope import EnvelopeIn
 from ferry.events import Accepted, DeliveryTotals, LeasesReleased, Started, Stopping, emit
 from ferry.intake.server import IntakeServer, run_hook
@@ -124,7 +123,7 @@ class Service:
             raise RuntimeError("the service is not running")
         if self.before_queue is not None:
             await run_hook(self.before_queue, envelope)
-        lifetime = parse_duration(self.config.delivery.message_lifetime)
+        lifetime = self.config.delivery.message_lifetime  # seconds, parsed at load
         qid = await self.queue.enqueue(envelope, expires=time.time() + lifetime)
         emit(
             Accepted(

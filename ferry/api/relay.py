@@ -63,6 +63,7 @@ from ferry.events import (
     subscribe,
 )
 from ferry.queue.base import MessageInfo, QueueStats, RecipientInfo
+from ferry.routes import check_route_target
 from ferry.service import Service
 from ferry.stats import combine
 
@@ -326,18 +327,12 @@ _D = TypeVar("_D", bound=DeliveryHook)
 
 
 def check_route(route: str, smart_hosts: Sequence[str]) -> str:
-    """``route`` if it names a way out (``direct``, ``mx:host[:port]``, a smart host)."""
-    route = route.strip()
-    if route == "direct" or route in smart_hosts:
-        return route
-    if route.startswith("mx:"):
-        host, _, port = route[3:].partition(":")
-        if host and (not port or (port.isdigit() and 0 < int(port) < 65536)):
-            return route
-    raise ValueError(
-        f"route {route!r} is not 'direct', 'mx:host[:port]' or a smart host"
-        f" (have: {list(smart_hosts)})"
-    )
+    """``route`` if it names a way out (``direct``, ``mx:host[:port]``, a smart host).
+
+    The same parser as ``[routes]`` and the delivery engine (:mod:`ferry.routes`).
+    """
+    check_route_target(route, smart_hosts)
+    return route.strip()
 
 
 # -- messages ---------------------------------------------------------------------------

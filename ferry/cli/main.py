@@ -18,7 +18,14 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ferry.config import ConfigError, RelayConfig
+from ferry.cli.common import (
+    config_option,
+    config_path,
+    load_config,
+    queue_header,
+    queue_location,
+)
+from ferry.config import RelayConfig
 from ferry.envelope import Priority, Status
 from ferry.queue.base import MessageInfo, QueueStats
 from ferry.queue.sqlite import SqliteQueue
@@ -35,10 +42,7 @@ def _ts(value: float | None) -> str:
 
 
 def _load(ctx: click.Context) -> RelayConfig:
-    try:
-        return RelayConfig.load(ctx.obj.get("config"))
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    return load_config(config_path(ctx))
 
 
 def _with_queue(
@@ -71,7 +75,8 @@ def _print_json(data: Any) -> None:
     "config_path",
     envvar="FERRY_CONFIG",
     type=click.Path(dir_okay=False),
-    help="Path to ferry.toml (default: $FERRY_CONFIG, else built-in defaults).",
+    help="Path to ferry.toml (default: $FERRY_CONFIG, else built-in defaults and"
+    " the data directory $FERRY_DATA or ./ferry-data).",
 )
 @click.version_option(package_name="ferry")
 @click.pass_context
@@ -82,6 +87,7 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 
 
 @main.command()
+@config_option
 @click.pass_context
 def serve(ctx: click.Context) -> None:
     """Run the relay (SMTP intake and delivery) until interrupted."""
@@ -114,11 +120,7 @@ def config_group() -> None:
 @click.pass_context
 def config_check(ctx: click.Context, file: str | None, as_json: bool) -> None:
     """Validate FILE (or the active config) and print the effective settings, secrets masked."""
-    try:
-        config = RelayConfig.load(file or ctx.obj.get("config"))
-    except ConfigError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
+    config = load_config(file or config_path(ctx))  # the same load as `ferry serve`
     data = config.masked()
     if as_json:
         _print_json(data)
@@ -298,8 +300,11 @@ def queue_list(
         readonly=True,
     )
     if as_json:
-        _print_json([message_json(m) for m in msgs])
+        _print_json(
+            {"queue": queue_location(_load(ctx)), "messages": [message_json(m) for m in msgs]}
+        )
         return
+    queue_header(_load(ctx))
     table = Table("id", "status", "arrival", "size", "prio", "sender", "recipients")
     for m in msgs:
         rcpts = ", ".join(f"{r.address} ({r.status.value})" for r in m.recipients[:3])
@@ -330,8 +335,9 @@ def queue_show(ctx: click.Context, message_id: str, as_json: bool) -> None:
         raise click.ClickException(f"no message {message_id}")
     data = message_json(m, history=True)
     if as_json:
-        _print_json(data)
+        _print_json({**data, "queue": queue_location(_load(ctx))})
         return
+    queue_header(_load(ctx))
     for key in (
         "id",
         "status",
@@ -382,8 +388,11 @@ def queue_stats(ctx: click.Context, as_json: bool) -> None:
     data = stats_json(st)
     relay = relay_stats(_load(ctx))
     if as_json:
-        _print_json({**data, "smart_hosts": relay["smart_hosts"]})
+        _print_json(
+            {**data, "smart_hosts": relay["smart_hosts"], "queue": queue_location(_load(ctx))}
+        )
         return
+    queue_header(_load(ctx))
     _smart_host_table(relay["smart_hosts"])
     table = Table("statistic", "value")
     for key, value in data.items():
@@ -418,10 +427,12 @@ def stats_command(ctx: click.Context, as_json: bool) -> None:
     """Delivery statistics of the running relay (mode, direct/relay, DKIM, MX cache...)."""
     from ferry.stats import relay_stats
 
-    data = relay_stats(_load(ctx))
+    config = _load(ctx)
+    data = relay_stats(config)
     if as_json:
-        _print_json(data)
+        _print_json({**data, "queue": queue_location(config)})
         return
+    queue_header(config)
     table = Table("statistic", "value")
     for key in (
         "mode",

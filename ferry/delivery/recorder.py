@@ -19,7 +19,6 @@ from typing import Any
 from ferry.config import RelayConfig
 from ferry.delivery.bounces import Report, dsn_envelope
 from ferry.delivery.retry import RetryPolicy, after_temporary_failure
-from ferry.durations import parse_duration
 from ferry.envelope import EnvelopeIn, Reply, Status
 from ferry.events import DsnDropped, DsnQueued, emit, outcome_event
 from ferry.queue.base import AttemptResult, ClaimedRecipient, MessageInfo, Queue
@@ -94,7 +93,7 @@ class Recorder:
         self.policy = RetryPolicy.from_config(
             list(d.retry_schedule), max_retries=d.max_retries, message_lifetime=d.message_lifetime
         )
-        self.delay_warning_after = parse_duration(d.delay_warning_after)
+        self.delay_warning_after = d.delay_warning_after  # seconds, parsed at load
         self.hostname = config.server.hostname
         self.bounce_from = d.bounce_sender or f"MAILER-DAEMON@{self.hostname}"
         self.stats = DeliveryStats()

@@ -24,7 +24,6 @@ from typing import Any, cast
 
 from ferry.config import Listener, RelayConfig
 from ferry.domains import address_domain
-from ferry.durations import parse_duration
 from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply
 from ferry.events import (
     Accepted,
@@ -117,7 +116,7 @@ class IntakeServer:
         self.policy = RelayPolicy.build(s.local_domains, s.relay_domains, s.relay_networks)
         self.aliases = AliasTable(config.aliases, s.local_domains)
         self.throttle = AuthThrottle()
-        self.lifetime = parse_duration(config.delivery.message_lifetime)
+        self.lifetime = config.delivery.message_lifetime  # seconds, parsed at load
         self.on_accept = on_accept
         self.before_queue = before_queue
         self.servers: list[asyncio.Server] = []

@@ -129,7 +129,7 @@ class QueueNotFound(FileNotFoundError):
     def __init__(self, db_path: Path) -> None:
         super().__init__(
             f"no queue exists at {db_path} (`ferry serve` creates it on its first start;"
-            " check queue.path in the configuration)"
+            " check queue.path, pass --config FILE or set FERRY_DATA)"
         )
 
 

@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "ferry"
 #: Shared leaves: plain values and helpers every layer may use.
 LEAVES = (
     "ferry.config",
+    "ferry.routes",
     "ferry.envelope",
     "ferry.events",
     "ferry.message",

@@ -120,6 +120,8 @@ class QueueConfig(_Model):
     backend: Literal["sqlite"] = "sqlite"
     lease_seconds: float = Field(300.0, gt=0)
     commit_batch: int = Field(256, ge=1)
+    # Finished messages' history (envelope, recipients, attempts) is kept this long.
+    history_retention: str = "7d"
 
 
 class DeliveryConfig(_Model):
@@ -137,7 +139,8 @@ class DeliveryConfig(_Model):
     retry_schedule: list[str] = Field(
         default_factory=lambda: ["1m", "2m", "4m", "8m", "16m", "32m", "1h", "2h", "4h"]
     )
-    max_retries: int = Field(10, ge=0)
+    # Unset: the lifetime alone governs (issue 11.1); set: whichever limit comes first.
+    max_retries: int | None = Field(None, ge=0)
     message_lifetime: str = "4d"
     delay_warning_after: str = "4h"
     connect_timeout: float = Field(30.0, gt=0)

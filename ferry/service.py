@@ -25,6 +25,7 @@ from ferry.envelope import EnvelopeIn
 from ferry.events import emit
 from ferry.intake.server import IntakeServer, run_hook
 from ferry.queue import open_queue
+from ferry.queue.retention import Retention
 from ferry.queue.sqlite import SqliteQueue
 from ferry.tls import ensure_self_signed, server_context
 
@@ -67,6 +68,7 @@ class Service:
         self.intake: IntakeServer | None = None
         self.scheduler: Scheduler | None = None
         self.workers: list[DeliveryProcess] = []
+        self.retention: Retention | None = None
         self._lock: IO[str] | None = None
 
     async def start(self) -> None:
@@ -79,6 +81,11 @@ class Service:
             if released:
                 emit("leases_released", count=released)
             _clear_stats(self.config)
+            # History purge in this process, the one that owns intake's writes.
+            self.retention = Retention(
+                self.queue, retention=parse_duration(self.config.queue.history_retention)
+            )
+            self.retention.start()
             d = self.config.delivery
             if d.hold:
                 pass
@@ -149,6 +156,9 @@ class Service:
             await self.scheduler.stop()
             emit("delivery_stats", **flat_stats(self.scheduler.stats()))
             self.scheduler = None
+        if self.retention is not None:
+            await self.retention.stop()
+            self.retention = None
         if self.queue is not None:
             await self.queue.close()
             self.queue = None

@@ -568,7 +568,12 @@ class SqliteQueue(Queue):
             if status in (Status.QUEUED, Status.DEFERRED, Status.IN_PROGRESS):
                 # A pending state: every message with a recipient in it, partially
                 # delivered ones included (an operator asking "what is deferred?").
-                where.append("id IN (SELECT message_id FROM recipients WHERE status=?)")
+                # The pending term lets SQLite use the recipients_pending partial index:
+                # the cost follows the pending queue, not the history.
+                where.append(
+                    "id IN (SELECT message_id FROM recipients"
+                    f" WHERE status IN {PENDING_SQL} AND status=?)"
+                )
                 args.append(status.value)
             elif status is not None:
                 where.append("status=?")

@@ -268,6 +268,9 @@ async def test_pending_statistics_and_listings_do_not_scan_the_history(tmp_path:
             "pending": "SELECT MIN(arrival) FROM recipients"
             " WHERE status IN ('Queued','Deferred','InProgress')",
             "oldest": "SELECT MIN(arrival) FROM messages",
+            # the subquery of `queue list --status queued`
+            "list": "SELECT message_id FROM recipients"
+            " WHERE status IN ('Queued','Deferred','InProgress') AND status='Queued'",
         }
         before = {k: _vm_steps(db, sql) for k, sql in probes.items()}
         before_stats = await q.statistics(now=T0)
@@ -303,6 +306,7 @@ async def test_pending_statistics_and_listings_do_not_scan_the_history(tmp_path:
             )
         )
         assert "recipients_pending" in plan
+        assert len(await q.list(status=Status.QUEUED, limit=100)) == 20
     finally:
         await q.close()
 

@@ -265,6 +265,10 @@ class Queue(abc.ABC):
         """(free pages, total pages) of the store, for deciding when to reclaim."""
         return (0, 0)
 
+    async def checkpoint(self) -> None:
+        """Let the file system see what ``reclaim_space`` gave back (SQLite: a WAL
+        checkpoint, without waiting for anyone); a no-op where nothing is needed."""
+
     @abc.abstractmethod
     async def extend_leases(self, owner: str, recipient_ids: Sequence[int], *, until: float) -> int:
         """Renew ``owner``'s leases on recipients it is still working on."""

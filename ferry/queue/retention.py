@@ -71,6 +71,8 @@ async def reclaim(
         done += n
         if pause and done < want:
             await asyncio.sleep(pause)  # pacing: let other writers in between steps
+    if done:
+        await queue.checkpoint()  # the file shrinks now, not at the next busy moment
     return done
 
 

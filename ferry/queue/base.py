@@ -268,6 +268,7 @@ class Queue(abc.ABC):
     async def checkpoint(self) -> None:
         """Let the file system see what ``reclaim_space`` gave back (SQLite: a WAL
         checkpoint, without waiting for anyone); a no-op where nothing is needed."""
+        return None
 
     @abc.abstractmethod
     async def extend_leases(self, owner: str, recipient_ids: Sequence[int], *, until: float) -> int:

@@ -671,16 +671,17 @@ class SqliteQueue(Queue):
             st.oldest_message_time = conn.execute("SELECT MIN(arrival) FROM messages").fetchone()[
                 0
             ]
+            # A recipient arrives with its message, and a message is finished exactly
+            # when its last recipient is final: the oldest unfinished message is the
+            # oldest pending recipient's (messages_pending_arrival: one index step).
             st.oldest_pending_recipient_time = conn.execute(
-                f"SELECT MIN(arrival) FROM recipients WHERE status IN {PENDING_SQL}"
+                "SELECT MIN(arrival) FROM messages WHERE finished IS NULL"
             ).fetchone()[0]
             # Every message with work left, PartiallyDelivered ones included.
-            avg_age = conn.execute(
-                "SELECT AVG(? - arrival) FROM messages WHERE id IN (SELECT message_id"
-                f" FROM recipients WHERE status IN {PENDING_SQL})",
-                (now,),
-            ).fetchone()[0]
-            st.average_queue_time = avg_age
+            pending, arrival_sum = conn.execute(
+                "SELECT n, arrival_sum FROM pending_totals WHERE id=1"
+            ).fetchone()
+            st.average_queue_time = now - arrival_sum / pending if pending else None
             n, retries = conn.execute(
                 "SELECT n, retries FROM recipient_counts WHERE id=1"
             ).fetchone()

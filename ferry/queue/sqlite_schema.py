@@ -13,7 +13,8 @@ Version 2 (history retention, issue 11.2):
   finished messages are in it, oldest first).
 - ``recipients.expiry_reason``: "lifetime" or "max_retries" for an Expired recipient.
 - Counters kept by triggers in the same transaction as the change they count
-  (``message_counts``, ``recipient_counts``, ``route_counts``), so statistics read a
+  (``message_counts``, ``recipient_counts``, ``route_counts``, ``pending_totals``),
+  so statistics read a
   handful of rows instead of scanning the history. Triggers also keep them right for
   every future code path that inserts, updates or deletes rows.
 - ``recipients_pending``: a partial index over pending recipients only, so listings of
@@ -37,6 +38,8 @@ ALTER TABLE messages ADD COLUMN finished REAL;
 ALTER TABLE recipients ADD COLUMN expiry_reason TEXT;
 CREATE INDEX IF NOT EXISTS messages_finished ON messages(finished) WHERE finished IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_arrival ON messages(arrival, id);
+-- The oldest message with work left: one step down this index.
+CREATE INDEX IF NOT EXISTS messages_pending_arrival ON messages(arrival) WHERE finished IS NULL;
 CREATE INDEX IF NOT EXISTS recipients_pending ON recipients(status, message_id)
     WHERE status IN {PENDING};
 
@@ -104,6 +107,38 @@ WHEN OLD.attempts IS NOT NEW.attempts
 BEGIN
     UPDATE recipient_counts
         SET retries = retries + MAX(NEW.attempts - 1, 0) - MAX(OLD.attempts - 1, 0)
+        WHERE id = 1;
+END;
+
+-- pending_totals: messages with work left (finished IS NULL), and the sum of their
+-- arrival times in whole seconds (integers: no drift however long it runs), for the
+-- average age of the queue.
+CREATE TABLE pending_totals (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    n INTEGER NOT NULL,
+    arrival_sum INTEGER NOT NULL
+);
+INSERT INTO pending_totals(id, n, arrival_sum)
+    SELECT 1, COUNT(*), COALESCE(SUM(CAST(arrival AS INTEGER)), 0) FROM messages
+    WHERE finished IS NULL;
+CREATE TRIGGER pending_totals_insert AFTER INSERT ON messages WHEN NEW.finished IS NULL
+BEGIN
+    UPDATE pending_totals SET n = n + 1, arrival_sum = arrival_sum + CAST(NEW.arrival AS INTEGER)
+        WHERE id = 1;
+END;
+CREATE TRIGGER pending_totals_delete AFTER DELETE ON messages WHEN OLD.finished IS NULL
+BEGIN
+    UPDATE pending_totals SET n = n - 1, arrival_sum = arrival_sum - CAST(OLD.arrival AS INTEGER)
+        WHERE id = 1;
+END;
+CREATE TRIGGER pending_totals_update AFTER UPDATE OF finished, arrival ON messages
+WHEN (OLD.finished IS NULL) != (NEW.finished IS NULL) OR OLD.arrival IS NOT NEW.arrival
+BEGIN
+    UPDATE pending_totals SET
+        n = n - (OLD.finished IS NULL) + (NEW.finished IS NULL),
+        arrival_sum = arrival_sum
+            - CASE WHEN OLD.finished IS NULL THEN CAST(OLD.arrival AS INTEGER) ELSE 0 END
+            + CASE WHEN NEW.finished IS NULL THEN CAST(NEW.arrival AS INTEGER) ELSE 0 END
         WHERE id = 1;
 END;
 

@@ -163,6 +163,15 @@ def _scan(db: Path) -> dict[str, object]:
                     "SELECT priority, COUNT(*) FROM messages GROUP BY priority"
                 )
             },
+            "oldest_pending": conn.execute(
+                "SELECT MIN(arrival) FROM recipients"
+                " WHERE status IN ('Queued','Deferred','InProgress')"
+            ).fetchone()[0],
+            "pending_age": conn.execute(
+                "SELECT AVG(? - arrival) FROM messages WHERE id IN (SELECT message_id"
+                " FROM recipients WHERE status IN ('Queued','Deferred','InProgress'))",
+                (T0 + 10_000,),
+            ).fetchone()[0],
             "retries": conn.execute(
                 "SELECT AVG(CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END) FROM recipients"
             ).fetchone()[0],
@@ -235,6 +244,9 @@ async def test_counters_match_a_full_scan_after_random_operations(tmp_path: Path
         assert st.messages_by_priority == scan["prio"]
         assert st.average_retry_count == pytest.approx(scan["retries"])
         assert st.messages_by_smart_host == scan["routes"]
+        assert st.oldest_pending_recipient_time == scan["oldest_pending"]
+        ages = await q.statistics(now=T0 + 10_000)
+        assert ages.average_queue_time == pytest.approx(scan["pending_age"], abs=1)
     finally:
         await q.close()
 
@@ -265,8 +277,8 @@ async def test_pending_statistics_and_listings_do_not_scan_the_history(tmp_path:
         db = q.db_path
         probes = {
             "statistics": "SELECT status, priority, n, size FROM message_counts WHERE n != 0",
-            "pending": "SELECT MIN(arrival) FROM recipients"
-            " WHERE status IN ('Queued','Deferred','InProgress')",
+            "pending": "SELECT MIN(arrival) FROM messages WHERE finished IS NULL",
+            "age": "SELECT n, arrival_sum FROM pending_totals WHERE id=1",
             "oldest": "SELECT MIN(arrival) FROM messages",
             # the subquery of `queue list --status queued`
             "list": "SELECT message_id FROM recipients"

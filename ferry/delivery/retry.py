@@ -148,7 +148,8 @@ def give_up_time(
     ``next_attempt`` when the next one is due. Without ``max_retries`` the lifetime
     governs. With it, the last allowed attempt (number ``max_retries + 1``) is due
     after the remaining scheduled delays, each counted at its longest (+jitter), so the
-    figure is a bound that the relay keeps: no attempt starts after it. A retry never
+    figure is a bound that the relay keeps: no attempt starts after it (as scheduled: a
+    backlog that delays attempts past their due time moves it by as much). A retry never
     lands past ``expires`` (see :func:`after_temporary_failure`), so the earlier of the
     two limits is the answer.
     """

@@ -213,6 +213,8 @@ class QueueConfig(_Model):
     backend: Literal["sqlite"] = "sqlite"
     lease_seconds: PositiveDuration = 300.0
     commit_batch: int = Field(256, ge=1)
+    # Finished messages' history (envelope, recipients, attempts) is kept this long.
+    history_retention: PositiveDuration = 7 * 86400.0
 
 
 class DeliveryConfig(_Model):
@@ -231,7 +233,8 @@ class DeliveryConfig(_Model):
         default_factory=lambda: [60.0 * 2**i for i in range(6)] + [3600.0, 7200.0, 14400.0],
         min_length=1,
     )
-    max_retries: int = Field(10, ge=0)
+    # Unset: the lifetime alone governs (issue 11.1); set: whichever limit comes first.
+    max_retries: int | None = Field(None, ge=0)
     message_lifetime: PositiveDuration = 4 * 86400.0
     delay_warning_after: Duration = 4 * 3600.0
     connect_timeout: PositiveDuration = 30.0

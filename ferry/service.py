@@ -24,6 +24,7 @@ from ferry.envelope import EnvelopeIn
 from ferry.events import Accepted, DeliveryTotals, LeasesReleased, Started, Stopping, emit
 from ferry.intake.server import IntakeServer, run_hook
 from ferry.queue import open_queue
+from ferry.queue.retention import Retention
 from ferry.queue.sqlite import QueueDamaged, SqliteQueue
 from ferry.tls import self_signed_context, server_context
 
@@ -69,6 +70,7 @@ class Service:
         self.intake: IntakeServer | None = None
         self.scheduler: Scheduler | None = None
         self.workers: list[DeliveryProcess] = []
+        self.retention: Retention | None = None
         self._lock: IO[str] | None = None
 
     async def start(self) -> None:
@@ -86,6 +88,9 @@ class Service:
             if released:
                 emit(LeasesReleased(released))
             _clear_stats(self.config)
+            # History purge in this process, the one that owns intake's writes.
+            self.retention = Retention(self.queue, retention=self.config.queue.history_retention)
+            self.retention.start()
             d = self.config.delivery
             if d.hold:
                 pass
@@ -158,6 +163,9 @@ class Service:
             await self.scheduler.stop()
             emit(DeliveryTotals(flat_stats(self.scheduler.stats())))
             self.scheduler = None
+        if self.retention is not None:
+            await self.retention.stop()
+            self.retention = None
         if self.queue is not None:
             await self.queue.close()
             self.queue = None

@@ -325,7 +325,11 @@ INVALID: list[tuple[str, dict[str, str], str]] = [
         {},
         "smart_hosts.0.password_file: ... nope: no such file",
     ),
-    ('[dkim]\nkeys = { "example.com" = ["gone.pem"] }\n', {}, "dkim.keys.example.com.0: ... gone.pem: no such file"),
+    (
+        '[dkim]\nkeys = { "example.com" = ["gone.pem"] }\n',
+        {},
+        "dkim.keys.example.com.0: ... gone.pem: no such file",
+    ),
     ('[server]\nhostnme = "x"\n', {}, "server.hostnme: unknown key"),
     ('[aliases]\n"not an address" = "x@y.z"\n', {}, "aliases: alias 'not an address'"),
     ('[delivery]\nbounce_sender = "postmaster"\n', {}, "delivery.bounce_sender: not an address"),

@@ -51,6 +51,7 @@ from email.parser import BytesHeaderParser
 from typing import Any, Literal, NewType, TypeAlias, TypeVar
 
 from ferry.config import RelayConfig
+from ferry.delivery.retry import RetryPolicy, fill_give_up, policy_for
 from ferry.envelope import Address, EnvelopeIn, Priority, RecipientIn, Reply, Status
 from ferry.events import (
     Accepted,
@@ -471,7 +472,11 @@ class RelayQueue:
     async def get(self, queue_id: str) -> MessageInfo | None:
         """One message with its recipients and their attempt history (None: no such id)."""
         info: MessageInfo | None = await self._queue().get(queue_id)
-        return info
+        return None if info is None else fill_give_up(self._policy(), info)
+
+    def _policy(self) -> RetryPolicy:
+        # ``gives_up``: the real give-up time, the one `ferry queue show` prints.
+        return policy_for(self._relay.config)
 
     async def get_all(self, *, limit: int | None = None) -> list[MessageInfo]:
         """Every message in the queue (newest first), with its recipients."""
@@ -496,10 +501,11 @@ class RelayQueue:
             out += batch
             if len(batch) < want:
                 break
-        return out
+        policy = self._policy()
+        return [fill_give_up(policy, m) for m in out]
 
     async def read_message(self, queue_id: str) -> bytes | None:
-        """The stored message bytes."""
+        """The stored message bytes (None once every recipient is final: the body goes then)."""
         data: bytes | None = await self._queue().read_message(queue_id)
         return data
 

@@ -26,6 +26,7 @@ from ferry.cli.common import (
     queue_location,
 )
 from ferry.config import RelayConfig
+from ferry.delivery.retry import fill_give_up, policy_for
 from ferry.envelope import Priority, Status
 from ferry.queue.base import MessageInfo, QueueStats
 from ferry.queue.sqlite import SqliteQueue
@@ -233,7 +234,9 @@ def message_json(m: MessageInfo, history: bool = False) -> dict[str, Any]:
         "size": m.size,
         "priority": m.priority.name.lower(),
         "arrival": _ts(m.arrival),
-        "expires": _ts(m.expires),
+        # The real give-up time (issue 11.1): retry.fill_give_up; None once finished.
+        "expires": _ts(m.gives_up) if m.gives_up is not None else None,
+        "finished": _ts(m.finished) if m.finished is not None else None,
         "client_address": m.client_address,
         "client_helo": m.client_helo,
         "auth_user": m.auth_user,
@@ -248,6 +251,9 @@ def message_json(m: MessageInfo, history: bool = False) -> dict[str, Any]:
                 "status": r.status.value,
                 "attempts": r.attempts,
                 "next_attempt": _ts(r.next_attempt) if r.next_attempt else None,
+                "gives_up": _ts(r.gives_up) if r.gives_up is not None else None,
+                "gives_up_reason": r.gives_up_reason,
+                "expiry_reason": r.expiry_reason,
                 "last_reply": str(r.last_reply) if r.last_reply else None,
                 "route": r.route,
                 **(
@@ -299,13 +305,16 @@ def queue_list(
         lambda q: q.list(status=st, domain=domain, sender=sender, limit=limit, offset=offset),
         readonly=True,
     )
+    policy = policy_for(_load(ctx))
+    for m in msgs:
+        fill_give_up(policy, m)
     if as_json:
         _print_json(
             {"queue": queue_location(_load(ctx)), "messages": [message_json(m) for m in msgs]}
         )
         return
     queue_header(_load(ctx))
-    table = Table("id", "status", "arrival", "size", "prio", "sender", "recipients")
+    table = Table("id", "status", "arrival", "size", "prio", "sender", "recipients", "gives up")
     for m in msgs:
         rcpts = ", ".join(f"{r.address} ({r.status.value})" for r in m.recipients[:3])
         if len(m.recipients) > 3:
@@ -318,6 +327,7 @@ def queue_list(
             m.priority.name.lower(),
             m.sender or "<>",
             rcpts,
+            _ts(m.gives_up) if m.gives_up is not None else "-",
         )
     console.print(table)
     if not msgs:
@@ -333,6 +343,7 @@ def queue_show(ctx: click.Context, message_id: str, as_json: bool) -> None:
     m = _with_queue(ctx, lambda q: q.get(message_id), readonly=True)
     if m is None:
         raise click.ClickException(f"no message {message_id}")
+    fill_give_up(policy_for(_load(ctx)), m)
     data = message_json(m, history=True)
     if as_json:
         _print_json({**data, "queue": queue_location(_load(ctx))})
@@ -346,6 +357,7 @@ def queue_show(ctx: click.Context, message_id: str, as_json: bool) -> None:
         "priority",
         "arrival",
         "expires",
+        "finished",
         "client_address",
         "client_helo",
         "auth_user",
@@ -359,6 +371,10 @@ def queue_show(ctx: click.Context, message_id: str, as_json: bool) -> None:
             f"\n  {r['address']}  [{r['status']}]  attempts={r['attempts']}"
             f"  next={r['next_attempt'] or '-'}  route={r['route'] or '-'}"
         )
+        if r["gives_up"]:
+            click.echo(f"    gives up: {r['gives_up']} ({r['gives_up_reason']})")
+        if r["expiry_reason"]:
+            click.echo(f"    expired: {r['expiry_reason']}")
         if r["original_recipient"]:
             click.echo(f"    original recipient: {r['original_recipient']}")
         if r["last_reply"]:
@@ -518,11 +534,13 @@ def queue_clear_expired(ctx: click.Context) -> None:
 def _attach() -> None:
     """Commands that live in their own modules."""
     from ferry.cli.dns import dns
+    from ferry.cli.purge import purge
 
     main.add_command(dns)
     from ferry.cli.queue_check import check
 
     queue_group.add_command(check)
+    queue_group.add_command(purge)
     try:
         from ferry.cli.dkim import dkim
     except ImportError:  # pragma: no cover

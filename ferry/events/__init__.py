@@ -23,6 +23,7 @@ from ferry.events.delivery import (
     DsnQueued,
     Expired,
     Failed,
+    GaveUp,
     HopFallback,
     RecipientOutcome,
     RouteFallback,
@@ -54,6 +55,7 @@ from ferry.events.system import (
     HookFailed,
     LeasesReleased,
     OperatorAction,
+    Purged,
     QueueStorageLost,
     SelfSignedCreated,
     SelfSignedRegenerated,
@@ -67,6 +69,8 @@ from ferry.events.system import (
 subscribe(log_event)
 
 __all__ = [
+    "GaveUp",
+    "Purged",
     "QueueStorageLost",
     "SelfSignedCreated",
     "SelfSignedRegenerated",

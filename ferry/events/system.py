@@ -140,3 +140,13 @@ class QueueStorageLost(Event):
     path: str
     reason: str
     action: str
+
+
+@dataclass(frozen=True, slots=True)
+class Purged(Event):
+    """The history purge removed finished ``messages`` past ``queue.history_retention``
+    and gave ``pages`` of free space back to the file system."""
+
+    name = "purged"
+    messages: int
+    pages: int

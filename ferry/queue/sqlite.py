@@ -48,10 +48,11 @@ from ferry.queue.base import (
     RecipientInfo,
     new_queue_id,
 )
+from ferry.queue.sqlite_schema import migrate
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+# Version 1; later versions are steps in sqlite_schema.MIGRATIONS.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (
@@ -121,6 +122,9 @@ CREATE INDEX IF NOT EXISTS attempts_recipient ON attempts(recipient_id);
 QUEUE_TABLES = frozenset({"meta", "messages", "bodies", "recipients", "attempts"})
 
 PENDING_SQL = "('Queued', 'Deferred', 'InProgress')"
+
+
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 
 class QueueNotFound(FileNotFoundError):
@@ -202,6 +206,9 @@ def connect(path: Path, *, create: bool = True, readonly: bool = False) -> sqlit
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=30000")
+    # The WAL file keeps its high-water mark unless limited: truncate it to this after
+    # a checkpoint, so a burst does not leave the disk usage high (retention, 11.2).
+    conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     return conn
 
 
@@ -375,11 +382,8 @@ class SqliteQueue(Queue):
                 directory.mkdir(parents=True, exist_ok=True)
             try:
                 self._writer = _Writer(self.db_path, batch, durable, create)
-                self._writer.conn.executescript(SCHEMA)
-                self._writer.conn.execute(
-                    "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
+                # Create, or upgrade step by step (ferry/queue/sqlite_schema.py).
+                migrate(self._writer.conn, SCHEMA, begin_immediate)
             except sqlite3.DatabaseError as exc:
                 if self._writer is not None:
                     self._writer.conn.close()
@@ -542,7 +546,7 @@ class SqliteQueue(Queue):
             recips = _load_recipients(conn, chosen)
             msg_ids = sorted({r.message_id for r in recips})
             messages = {m.id: m for m in _load_messages(conn, msg_ids)}
-            _refresh_message_status(conn, msg_ids)
+            _refresh_message_status(conn, msg_ids, now)
             return [ClaimedRecipient(r, messages[r.message_id], until) for r in recips]
 
         return await self._run(job)
@@ -617,9 +621,14 @@ class SqliteQueue(Queue):
                             res.tls,
                         ),
                     )
+                if res.expiry_reason is not None and new_status is Status.EXPIRED:
+                    conn.execute(
+                        "UPDATE recipients SET expiry_reason=? WHERE id=?",
+                        (res.expiry_reason, res.recipient_id),
+                    )
                 touched.add(message_id)
                 updated.add(res.recipient_id)
-            _refresh_message_status(conn, sorted(touched))
+            _refresh_message_status(conn, sorted(touched), now)
             # A DSN goes in only if an outcome it reports was really recorded (not one
             # discarded because the recipient was cancelled or taken over meanwhile).
             out: list[str | None] = []
@@ -732,7 +741,12 @@ class SqliteQueue(Queue):
             if status in (Status.QUEUED, Status.DEFERRED, Status.IN_PROGRESS):
                 # A pending state: every message with a recipient in it, partially
                 # delivered ones included (an operator asking "what is deferred?").
-                where.append("id IN (SELECT message_id FROM recipients WHERE status=?)")
+                # The pending term lets SQLite use the recipients_pending partial index:
+                # the cost follows the pending queue, not the history.
+                where.append(
+                    "id IN (SELECT message_id FROM recipients"
+                    f" WHERE status IN {PENDING_SQL} AND status=?)"
+                )
                 args.append(status.value)
             elif status is not None:
                 where.append("status=?")
@@ -777,7 +791,7 @@ class SqliteQueue(Queue):
                 f" lease_until=NULL WHERE message_id=? AND status IN {PENDING_SQL}",
                 (message_id,),
             )
-            _refresh_message_status(conn, [message_id])
+            _refresh_message_status(conn, [message_id], now)
             return cur.rowcount
 
         return await self._run(job)
@@ -799,9 +813,18 @@ class SqliteQueue(Queue):
         return await self._run(job)
 
     async def statistics(self, *, now: float) -> QueueStats:
+        # Counts come from counters kept by triggers (sqlite_schema.py) and ages from the
+        # pending rows only: the cost follows the pending queue, not the history.
         def job(conn: sqlite3.Connection) -> QueueStats:
             st = QueueStats()
-            counts = dict(conn.execute("SELECT status, COUNT(*) FROM messages GROUP BY status"))
+            counts: dict[str, int] = {}
+            by_priority: dict[int, int] = {}
+            for status, prio, n, size in conn.execute(
+                "SELECT status, priority, n, size FROM message_counts WHERE n != 0"
+            ):
+                counts[status] = counts.get(status, 0) + n
+                by_priority[prio] = by_priority.get(prio, 0) + n
+                st.total_size += size
             st.total_messages = sum(counts.values())
             st.queued_messages = counts.get("Queued", 0)
             st.in_progress_messages = counts.get("InProgress", 0)
@@ -811,36 +834,58 @@ class SqliteQueue(Queue):
             st.failed_messages = counts.get("Failed", 0)
             st.expired_messages = counts.get("Expired", 0)
             st.cancelled_messages = counts.get("Cancelled", 0)
-            size, oldest = conn.execute("SELECT SUM(size), MIN(arrival) FROM messages").fetchone()
-            st.total_size = size or 0
-            st.oldest_message_time = oldest
+            # messages_arrival index: one step, not a scan.
+            st.oldest_message_time = conn.execute("SELECT MIN(arrival) FROM messages").fetchone()[0]
+            # A recipient arrives with its message, and a message is finished exactly
+            # when its last recipient is final: the oldest unfinished message is the
+            # oldest pending recipient's (messages_pending_arrival: one index step).
             st.oldest_pending_recipient_time = conn.execute(
-                f"SELECT MIN(arrival) FROM recipients WHERE status IN {PENDING_SQL}"
+                "SELECT MIN(arrival) FROM messages WHERE finished IS NULL"
             ).fetchone()[0]
             # Every message with work left, PartiallyDelivered ones included.
-            avg_age = conn.execute(
-                "SELECT AVG(? - arrival) FROM messages WHERE id IN (SELECT message_id"
-                f" FROM recipients WHERE status IN {PENDING_SQL})",
-                (now,),
-            ).fetchone()[0]
-            st.average_queue_time = avg_age
-            st.average_retry_count = conn.execute(
-                "SELECT AVG(CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END) FROM recipients"
-            ).fetchone()[0]
+            pending, arrival_sum = conn.execute(
+                "SELECT n, arrival_sum FROM pending_totals WHERE id=1"
+            ).fetchone()
+            st.average_queue_time = now - arrival_sum / pending if pending else None
+            n, retries = conn.execute(
+                "SELECT n, retries FROM recipient_counts WHERE id=1"
+            ).fetchone()
+            st.average_retry_count = retries / n if n else None
             st.messages_by_priority = {
-                Priority(p).name.capitalize(): n
-                for p, n in conn.execute(
-                    "SELECT priority, COUNT(*) FROM messages GROUP BY priority"
-                )
+                Priority(p).name.capitalize(): n for p, n in sorted(by_priority.items())
             }
-            st.messages_by_smart_host = {
-                route: n
-                for route, n in conn.execute(
-                    "SELECT route, COUNT(DISTINCT message_id) FROM recipients"
-                    " WHERE route IS NOT NULL GROUP BY route"
-                )
-            }
+            st.messages_by_smart_host = dict(
+                conn.execute("SELECT route, n FROM route_counts WHERE n > 0 ORDER BY route")
+            )
             return st
+
+        return await self._read(job)
+
+    # -- retention ----------------------------------------------------------------
+
+    async def purge(self, *, before: float, limit: int) -> int:
+        return await self._run(lambda conn: _purge(conn, before, limit))
+
+    async def reclaim_space(self, *, pages: int) -> int:
+        return await self._run(lambda conn: _reclaim(conn, pages))
+
+    async def checkpoint(self) -> None:
+        def run() -> None:
+            # Its own connection, outside any transaction; PASSIVE never waits for
+            # readers or writers: what it cannot copy now, a later checkpoint will.
+            conn = connect(self.db_path)
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            finally:
+                conn.close()
+
+        await asyncio.to_thread(run)
+
+    async def free_space(self) -> tuple[int, int]:
+        def job(conn: sqlite3.Connection) -> tuple[int, int]:
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            total = conn.execute("PRAGMA page_count").fetchone()[0]
+            return int(free), int(total)
 
         return await self._read(job)
 
@@ -931,7 +976,7 @@ def _exec_in(
 
 _MSG_COLS = (
     "id, sender, size, priority, arrival, expires, status, client_address, client_helo,"
-    " auth_user, envid, ret, smtputf8, extra"
+    " auth_user, envid, ret, smtputf8, extra, finished"
 )
 
 
@@ -953,6 +998,7 @@ def _load_messages(conn: sqlite3.Connection, ids: list[str]) -> list[MessageInfo
             ret=r[11],
             smtputf8=bool(r[12]),
             extra=json.loads(r[13]) if r[13] else {},
+            finished=r[14],
         )
         for r in rows
     }
@@ -961,7 +1007,7 @@ def _load_messages(conn: sqlite3.Connection, ids: list[str]) -> list[MessageInfo
 
 _RCPT_COLS = (
     "id, message_id, address, orcpt, notify, status, attempts, next_attempt,"
-    " last_code, last_enhanced, last_text, route, delay_warned"
+    " last_code, last_enhanced, last_text, route, delay_warned, expiry_reason"
 )
 
 
@@ -982,6 +1028,7 @@ def _load_recipients(
             last_reply=_reply(r[8], r[9], r[10]),
             route=r[11],
             delay_warned=bool(r[12]),
+            expiry_reason=r[13],
         )
         for r in rows
     }
@@ -998,8 +1045,14 @@ def _load_recipients(
     return [by_id[i] for i in ids if i in by_id]
 
 
-def _refresh_message_status(conn: sqlite3.Connection, message_ids: list[str]) -> None:
-    """Keep messages.status equal to what its recipients' statuses derive (same txn)."""
+def _refresh_message_status(
+    conn: sqlite3.Connection, message_ids: list[str], now: float | None = None
+) -> None:
+    """Keep messages.status equal to what its recipients' statuses derive (same txn).
+
+    A message whose every recipient is final is finished: ``finished`` is set and its
+    body deleted, in this same transaction (retention, issue 11.2).
+    """
     if not message_ids:
         return
     statuses: dict[str, list[Status]] = {m: [] for m in message_ids}
@@ -1011,6 +1064,54 @@ def _refresh_message_status(conn: sqlite3.Connection, message_ids: list[str]) ->
         "UPDATE messages SET status=? WHERE id=?",
         [(message_status(s).value, mid) for mid, s in statuses.items()],
     )
+    _finish(conn, [m for m, s in statuses.items() if s and all(x.is_final for x in s)], now)
+
+
+# -- retention (schema version 2: see sqlite_schema.py) --------------------------
+
+
+def _finish(conn: sqlite3.Connection, message_ids: list[str], now: float | None) -> None:
+    """Mark messages finished and drop their bodies: nothing will read them again.
+
+    Every DSN about them was built from the body before the outcome that finished
+    them was recorded (``Recorder``), and is queued with its own copy.
+    """
+    if not message_ids:
+        return
+    at = time.time() if now is None else now
+    _exec_in(
+        conn,
+        "UPDATE messages SET finished=? WHERE finished IS NULL AND id IN ({})",
+        message_ids,
+        prefix=(at,),
+    )
+    _exec_in(conn, "DELETE FROM bodies WHERE message_id IN ({})", message_ids)
+
+
+def _purge(conn: sqlite3.Connection, before: float, limit: int) -> int:
+    # The partial index messages_finished holds finished messages only, oldest first.
+    ids = [
+        r[0]
+        for r in conn.execute(
+            "SELECT id FROM messages WHERE finished IS NOT NULL AND finished < ?"
+            " ORDER BY finished LIMIT ?",
+            (before, limit),
+        )
+    ]
+    # ON DELETE CASCADE takes recipients and attempts; triggers keep the counters.
+    _exec_in(conn, "DELETE FROM messages WHERE id IN ({})", ids)
+    return len(ids)
+
+
+def _reclaim(conn: sqlite3.Connection, pages: int) -> int:
+    before = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    # Python's sqlite3 steps a PRAGMA that returns no columns only once, and one step of
+    # incremental_vacuum gives back one page: so one statement per page (microseconds,
+    # all inside this one transaction; executescript() would commit the group).
+    for _ in range(min(pages, before)):
+        conn.execute("PRAGMA incremental_vacuum(1)")
+    after = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    return before - after
 
 
 __all__ = [

@@ -128,7 +128,7 @@ class Recorder:
                 )
                 if decision.kind == "expire":
                     status, dsn_status = Status.EXPIRED, "4.4.7"  # RFC 3463: X.4.7
-                    expiry = decision.reason
+                    expiry = decision.reason or "lifetime"
                     emit(
                         GaveUp(
                             message.id,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from ferry.domains import address_domain
+
 
 class Priority(enum.IntEnum):
     """Delivery priority; a higher value is served first.
@@ -151,8 +153,8 @@ def split_address(text: str) -> tuple[str, str]:
 
 
 def domain_of(address: str) -> str:
-    """The domain of an address, lower-cased; "" when there is none."""
-    return split_address(address)[1].lower() if "@" in address else ""
+    """The domain of an address in the one form (A-labels, lower case); "" when none."""
+    return address_domain(address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +226,7 @@ class RecipientIn:
 
     @property
     def domain(self) -> str:
-        return domain_of(self.address)
+        return address_domain(self.address)
 
 
 @dataclass(slots=True)

@@ -20,14 +20,14 @@ from typing import IO, TYPE_CHECKING
 from ferry.config import RelayConfig
 from ferry.delivery.process import DeliveryProcess
 from ferry.delivery.scheduler import Scheduler, flat_stats, stats_dir
-from ferry.durations import parse_duration
 from ferry.envelope import EnvelopeIn
 from ferry.events import Accepted, DeliveryTotals, LeasesReleased, Started, Stopping, emit
 from ferry.intake.server import IntakeServer, run_hook
 from ferry.queue import open_queue
 from ferry.queue.base import IdempotencyRecord
-from ferry.queue.sqlite import SqliteQueue
-from ferry.tls import ensure_self_signed, server_context
+from ferry.queue.retention import Retention
+from ferry.queue.sqlite import QueueDamaged, SqliteQueue
+from ferry.tls import self_signed_context, server_context
 
 if TYPE_CHECKING:
     from ferry.http.server import Api
@@ -39,12 +39,15 @@ class AlreadyRunning(RuntimeError):
 
 
 def load_tls(config: RelayConfig) -> ssl.SSLContext:
-    """The configured certificate, or the self-signed one made on first run."""
+    """The configured certificate, or the self-signed one made on first run.
+
+    An operator's certificate that cannot be used stops the start with
+    ``<path>: <reason>`` (TlsMaterialError); Ferry's own self-signed pair is remade.
+    """
     s = config.server
     if s.tls_cert and s.tls_key:
         return server_context(s.tls_cert, s.tls_key)
-    cert, key = ensure_self_signed(config.data_dir, s.hostname)
-    return server_context(cert, key)
+    return self_signed_context(config.data_dir, s.hostname)
 
 
 def _clear_stats(config: RelayConfig) -> None:
@@ -74,6 +77,7 @@ class Service:
         self.workers: list[DeliveryProcess] = []
         self.http: Api | None = None
         self.webhooks: WebhookSender | None = None
+        self.retention: Retention | None = None
         self._lock: IO[str] | None = None
 
     async def start(self) -> None:
@@ -85,12 +89,20 @@ class Service:
 
                 install(metrics_dir(self.config.data_dir), fresh=True)
             self.queue = open_queue(self.config)
+            # A damaged database would answer 451 to every message with the reason only
+            # in the log: refuse to start instead, saying how to recover.
+            problems = await self.queue.check(quick=True)
+            if problems:
+                raise QueueDamaged(self.queue.db_path, problems)
             # One server per queue directory: leases left by a previous (crashed) run of
             # this node are ours to hand back at once instead of waiting for them to expire.
             released = await self.queue.release_leases()
             if released:
                 emit(LeasesReleased(released))
             _clear_stats(self.config)
+            # History purge in this process, the one that owns intake's writes.
+            self.retention = Retention(self.queue, retention=self.config.queue.history_retention)
+            self.retention.start()
             d = self.config.delivery
             if d.hold:
                 pass
@@ -148,7 +160,7 @@ class Service:
             raise RuntimeError("the service is not running")
         if self.before_queue is not None:
             await run_hook(self.before_queue, envelope)
-        lifetime = parse_duration(self.config.delivery.message_lifetime)
+        lifetime = self.config.delivery.message_lifetime  # seconds, parsed at load
         qid = await self.queue.enqueue(
             envelope,
             queue_id=queue_id,
@@ -196,6 +208,9 @@ class Service:
             await self.scheduler.stop()
             emit(DeliveryTotals(flat_stats(self.scheduler.stats())))
             self.scheduler = None
+        if self.retention is not None:
+            await self.retention.stop()
+            self.retention = None
         if self.queue is not None:
             await self.queue.close()
             self.queue = None

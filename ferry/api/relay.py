@@ -51,6 +51,7 @@ from email.parser import BytesHeaderParser
 from typing import Any, Literal, NewType, TypeAlias, TypeVar
 
 from ferry.config import RelayConfig
+from ferry.delivery.retry import RetryPolicy, fill_give_up, policy_for
 from ferry.envelope import Address, EnvelopeIn, Priority, RecipientIn, Reply, Status
 from ferry.events import (
     Accepted,
@@ -63,6 +64,7 @@ from ferry.events import (
     subscribe,
 )
 from ferry.queue.base import MessageInfo, QueueStats, RecipientInfo
+from ferry.routes import check_route_target
 from ferry.service import Service
 from ferry.stats import combine
 
@@ -326,18 +328,12 @@ _D = TypeVar("_D", bound=DeliveryHook)
 
 
 def check_route(route: str, smart_hosts: Sequence[str]) -> str:
-    """``route`` if it names a way out (``direct``, ``mx:host[:port]``, a smart host)."""
-    route = route.strip()
-    if route == "direct" or route in smart_hosts:
-        return route
-    if route.startswith("mx:"):
-        host, _, port = route[3:].partition(":")
-        if host and (not port or (port.isdigit() and 0 < int(port) < 65536)):
-            return route
-    raise ValueError(
-        f"route {route!r} is not 'direct', 'mx:host[:port]' or a smart host"
-        f" (have: {list(smart_hosts)})"
-    )
+    """``route`` if it names a way out (``direct``, ``mx:host[:port]``, a smart host).
+
+    The same parser as ``[routes]`` and the delivery engine (:mod:`ferry.routes`).
+    """
+    check_route_target(route, smart_hosts)
+    return route.strip()
 
 
 # -- messages ---------------------------------------------------------------------------
@@ -476,7 +472,11 @@ class RelayQueue:
     async def get(self, queue_id: str) -> MessageInfo | None:
         """One message with its recipients and their attempt history (None: no such id)."""
         info: MessageInfo | None = await self._queue().get(queue_id)
-        return info
+        return None if info is None else fill_give_up(self._policy(), info)
+
+    def _policy(self) -> RetryPolicy:
+        # ``gives_up``: the real give-up time, the one `ferry queue show` prints.
+        return policy_for(self._relay.config)
 
     async def get_all(self, *, limit: int | None = None) -> list[MessageInfo]:
         """Every message in the queue (newest first), with its recipients."""
@@ -501,10 +501,11 @@ class RelayQueue:
             out += batch
             if len(batch) < want:
                 break
-        return out
+        policy = self._policy()
+        return [fill_give_up(policy, m) for m in out]
 
     async def read_message(self, queue_id: str) -> bytes | None:
-        """The stored message bytes."""
+        """The stored message bytes (None once every recipient is final: the body goes then)."""
         data: bytes | None = await self._queue().read_message(queue_id)
         return data
 

@@ -46,7 +46,8 @@ from ferry.delivery.client import RcptSpec, SmtpClient, SmtpError, mx_options
 from ferry.delivery.mx import MxError, MxResolver, mx_targets
 from ferry.delivery.outcomes import ReplyClass, Stage, classify_reply, transport_failure_reply
 from ferry.delivery.shaping import RateWindow
-from ferry.envelope import Address, Priority, Reply
+from ferry.domains import address_domain
+from ferry.envelope import Priority, Reply
 from ferry.events import (
     ConnectFailed,
     DirectDelivery,
@@ -210,7 +211,7 @@ class DirectSmtpService:
         )
         by_domain: dict[str, list[str]] = {}
         for rcpt in rcpts:
-            by_domain.setdefault(Address.parse(rcpt).domain, []).append(rcpt)
+            by_domain.setdefault(address_domain(rcpt), []).append(rcpt)
         parts = await asyncio.gather(
             *(self._deliver_domain(d, rs, data, sender) for d, rs in by_domain.items())
         )

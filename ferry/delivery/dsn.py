@@ -85,6 +85,8 @@ class DsnRecipient:
     last_attempt: float | None
     will_retry_until: float | None = None
     diagnostic_type: str = "smtp"
+    # An expiry's cause ("lifetime" or "max_retries"), so the text says which limit ran out.
+    expiry_reason: str | None = None
 
     def __post_init__(self) -> None:
         if self.action not in _NOTIFY_FOR_ACTION:
@@ -148,6 +150,13 @@ _ADVICE = {
     "7": "The recipient's server refused the message by policy. If its reply"
     " mentions a block list or reputation, please tell the postmaster of this"
     " mail system.",
+}
+# An expiry says which limit ran out (delivery.message_lifetime or delivery.max_retries).
+_EXPIRY_ADVICE = {
+    "lifetime": "The message could not be delivered before its time in the queue ran out,"
+    " and has expired.",
+    "max_retries": "The message could not be delivered within the allowed number of delivery"
+    " attempts, and has expired.",
 }
 _DEFAULT_ADVICE = (
     "If the problem persists, contact the postmaster of this mail system and include this report."
@@ -248,6 +257,8 @@ def _advice(r: DsnRecipient) -> str | None:
     if r.action != "failed":
         return None
     _, subject, detail = r.status.split(".")
+    if r.expiry_reason in _EXPIRY_ADVICE:
+        return _EXPIRY_ADVICE[r.expiry_reason]
     return _ADVICE.get(f"{subject}.{detail}") or _ADVICE.get(subject) or _DEFAULT_ADVICE
 
 

@@ -18,10 +18,14 @@ from typing import Any
 
 from ferry.config import RelayConfig
 from ferry.delivery.bounces import Report, dsn_envelope
-from ferry.delivery.retry import RetryPolicy, after_temporary_failure
-from ferry.durations import parse_duration
+from ferry.delivery.retry import (
+    ExpiryReason,
+    after_temporary_failure,
+    give_up_time,
+    policy_for,
+)
 from ferry.envelope import EnvelopeIn, Reply, Status
-from ferry.events import DsnDropped, DsnQueued, emit, outcome_event
+from ferry.events import DsnDropped, DsnQueued, GaveUp, emit, outcome_event
 from ferry.queue.base import AttemptResult, ClaimedRecipient, MessageInfo, Queue
 
 
@@ -91,10 +95,8 @@ class Recorder:
         self.clock = clock
         self.rng = rng or random.Random()
         self.on_enqueue = on_enqueue
-        self.policy = RetryPolicy.from_config(
-            list(d.retry_schedule), max_retries=d.max_retries, message_lifetime=d.message_lifetime
-        )
-        self.delay_warning_after = parse_duration(d.delay_warning_after)
+        self.policy = policy_for(config)
+        self.delay_warning_after = d.delay_warning_after  # seconds, parsed at load
         self.hostname = config.server.hostname
         self.bounce_from = d.bounce_sender or f"MAILER-DAEMON@{self.hostname}"
         self.stats = DeliveryStats()
@@ -114,6 +116,7 @@ class Recorder:
             rcpt = o.claim.recipient
             status, next_attempt, dsn_status = o.status, None, None
             warned = False
+            expiry: ExpiryReason | None = None
             if status is Status.DEFERRED:
                 decision = after_temporary_failure(
                     self.policy,
@@ -125,16 +128,50 @@ class Recorder:
                 )
                 if decision.kind == "expire":
                     status, dsn_status = Status.EXPIRED, "4.4.7"  # RFC 3463: X.4.7
+                    expiry = decision.reason or "lifetime"
+                    emit(
+                        GaveUp(
+                            message.id,
+                            rcpt.address,
+                            expiry,
+                            rcpt.attempts + 1,
+                            now - message.arrival,
+                        )
+                    )
                 else:
                     next_attempt = decision.at
                     if not rcpt.delay_warned and now - message.arrival >= self.delay_warning_after:
                         warned = True
+                        # RFC 3464 §2.3.9: the real give-up time, the one `queue show` shows.
+                        until = give_up_time(
+                            self.policy,
+                            expires=message.expires,
+                            attempts=rcpt.attempts + 1,
+                            next_attempt=next_attempt,
+                        ).at
                         delayed.append(
-                            Report(rcpt, "delayed", o.reply, o.remote_name, now, o.synthetic)
+                            Report(
+                                rcpt,
+                                "delayed",
+                                o.reply,
+                                o.remote_name,
+                                now,
+                                o.synthetic,
+                                retry_until=until,
+                            )
                         )
             if status in (Status.FAILED, Status.EXPIRED):
                 failed.append(
-                    Report(rcpt, "failed", o.reply, o.remote_name, now, o.synthetic, dsn_status)
+                    Report(
+                        rcpt,
+                        "failed",
+                        o.reply,
+                        o.remote_name,
+                        now,
+                        o.synthetic,
+                        dsn_status,
+                        expiry_reason=expiry,
+                    )
                 )
             if o.relayed_without_dsn:
                 relayed.append(Report(rcpt, "relayed", o.reply, o.remote_name, now))
@@ -148,6 +185,7 @@ class Recorder:
                     route=o.route,
                     tls=o.tls,
                     delay_warned=warned,
+                    expiry_reason=expiry,
                 )
             )
             self._count(status, o.route, rcpt.domain)

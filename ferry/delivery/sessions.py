@@ -51,7 +51,6 @@ from ferry.delivery.shaping import DestinationShaper, is_throttle_reply
 from ferry.delivery.smart_mode import DirectOutcome, SmartRouter, destination_group
 from ferry.delivery.smarthosts import CountStatus, SmartHostSet, is_transport_failure
 from ferry.dkim import KeyStore, Signer
-from ferry.durations import parse_duration
 from ferry.envelope import Reply, Status
 from ferry.events import (
     ConnectFailed,
@@ -157,7 +156,7 @@ class Delivery:
         self.tls_fallback: dict[str, float] = {}
         self.hostname = config.server.hostname
         self.smart_hosts = SmartHostSet(
-            config.smart_hosts, base_cooldown=parse_duration(d.smart_host_cooldown)
+            config.smart_hosts, base_cooldown=d.smart_host_cooldown
         )
         self.smart_host_names = [h.name for h in config.smart_hosts]
         self.smart_slots = {
@@ -167,7 +166,7 @@ class Delivery:
             window=d.smart_window,
             min_samples=d.smart_min_samples,
             threshold=d.smart_threshold,
-            cooldown=parse_duration(d.smart_cooldown),
+            cooldown=d.smart_cooldown,
         )
         self.block_patterns = tuple(d.block_patterns)
         self._bodies: collections.OrderedDict[str, bytes] = collections.OrderedDict()

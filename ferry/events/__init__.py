@@ -23,6 +23,7 @@ from ferry.events.delivery import (
     DsnQueued,
     Expired,
     Failed,
+    GaveUp,
     HopFallback,
     RecipientOutcome,
     RouteFallback,
@@ -55,6 +56,10 @@ from ferry.events.system import (
     HookFailed,
     LeasesReleased,
     OperatorAction,
+    Purged,
+    QueueStorageLost,
+    SelfSignedCreated,
+    SelfSignedRegenerated,
     Started,
     Stopping,
     WorkerDied,
@@ -65,6 +70,11 @@ from ferry.events.system import (
 subscribe(log_event)
 
 __all__ = [
+    "GaveUp",
+    "Purged",
+    "QueueStorageLost",
+    "SelfSignedCreated",
+    "SelfSignedRegenerated",
     "HttpAuthFailed",
     "HttpListening",
     "WebhookFailed",

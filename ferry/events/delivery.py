@@ -407,3 +407,26 @@ class SmartRouteSwitched(Event):
 
     def log_fields(self) -> dict[str, Any]:
         return {}
+
+
+@dataclass(frozen=True, slots=True)
+class GaveUp(Event):
+    """A recipient's time ran out: ``reason`` is ``lifetime`` (``message_lifetime``) or
+    ``max_retries``; ``age`` is seconds since arrival (an Expired outcome and DSN follow)."""
+
+    name = "expired"
+    level = logging.WARNING
+    queue_id: str
+    recipient: str
+    reason: str
+    attempts: int
+    age: float
+
+    def log_fields(self) -> dict[str, Any]:
+        return {
+            "id": self.queue_id,
+            "rcpt": self.recipient,
+            "reason": self.reason,
+            "attempts": self.attempts,
+            "age": round(self.age, 3),
+        }

@@ -108,3 +108,45 @@ class OperatorAction(Event):
 
     def log_fields(self) -> dict[str, Any]:
         return {"action": self.action, "id": self.queue_id, "count": self.count, "via": self.via}
+
+
+@dataclass(frozen=True, slots=True)
+class SelfSignedCreated(Event):
+    """No certificate is configured: a self-signed pair was made for STARTTLS."""
+
+    name = "tls_selfsigned_created"
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class SelfSignedRegenerated(Event):
+    """The self-signed pair Ferry made earlier was unreadable (``reason``): made anew."""
+
+    name = "tls_selfsigned_regenerated"
+    level = logging.WARNING
+    cert: str
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStorageLost(Event):
+    """The queue database was deleted or replaced under the running relay: every write
+    is refused (``451 4.3.0``) until an operator acts (``action`` says what)."""
+
+    name = "queue_storage_lost"
+    level = logging.ERROR
+    path: str
+    reason: str
+    action: str
+
+
+@dataclass(frozen=True, slots=True)
+class Purged(Event):
+    """The history purge removed finished ``messages`` past ``queue.history_retention``
+    and gave ``pages`` of free space back to the file system."""
+
+    name = "purged"
+    messages: int
+    pages: int

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from ferry.config import Listener, RelayConfig
-from ferry.durations import parse_duration
-from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply, domain_of
+from ferry.domains import address_domain
+from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply
 from ferry.events import (
     Accepted,
     AuthFailed,
@@ -116,7 +116,7 @@ class IntakeServer:
         self.policy = RelayPolicy.build(s.local_domains, s.relay_domains, s.relay_networks)
         self.aliases = AliasTable(config.aliases, s.local_domains)
         self.throttle = AuthThrottle()
-        self.lifetime = parse_duration(config.delivery.message_lifetime)
+        self.lifetime = config.delivery.message_lifetime  # seconds, parsed at load
         self.on_accept = on_accept
         self.before_queue = before_queue
         self.servers: list[asyncio.Server] = []
@@ -651,7 +651,7 @@ class SmtpConnection(asyncio.Protocol):
             # RFC 5321 §4.5.3.1.10: 452, and the client sends the rest later.
             self.reject(Reply(452, "4.5.3", "Error: too many recipients"), rcpt=address)
             return
-        domain = domain_of(address).rstrip(".")
+        domain = address_domain(address)
         decision = decide_rcpt(
             self.server.policy,
             recipient_domain=domain,

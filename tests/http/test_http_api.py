@@ -28,7 +28,7 @@ class Relay:
     admin: str
 
     def queued(self, domain: str) -> list[dict]:
-        return cli_json(self.config, "queue", "list", "--domain", domain)
+        return cli_json(self.config, "queue", "list", "--domain", domain)["messages"]
 
 
 def _config(tmp: Path, smtp: int, http: int, extra: str = "") -> Path:

@@ -33,6 +33,7 @@ from ferry.intake.session import (
     ReceiveData,
     Session,
     StartTls,
+    reply_bytes,
 )
 from ferry.intake.throttle import AuthThrottle
 from ferry.intake.users import UserDB
@@ -248,7 +249,7 @@ class SmtpConnection(asyncio.Protocol):
         self.send(Reply(code, enhanced, text))
 
     def send(self, reply: Reply) -> None:
-        self.out.append((str(reply) + "\r\n").encode())
+        self.out.append(reply_bytes(reply))
 
     def flush(self) -> None:
         if self.out and self.transport is not None:

@@ -679,6 +679,12 @@ class Session:
         return out
 
 
+def reply_bytes(reply: Reply) -> bytes:
+    """A reply as sent: its lines, each ending in CRLF. Client text quoted in a reply
+    may carry bytes that were not UTF-8 (kept as surrogates): they go out as "?"."""
+    return (str(reply) + "\r\n").encode("utf-8", "replace")
+
+
 # -- the body checks ------------------------------------------------------------------
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")

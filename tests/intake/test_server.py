@@ -677,3 +677,16 @@ def test_declared_size_extends_the_data_deadline(relay_factory: Any) -> None:
     code, text, _ = w.dribble(body, every=0.5, piece=len(MSG))
     assert code == 250, text
     w.close()
+
+
+def test_undecodable_bytes_quoted_in_a_reply_do_not_end_the_session(
+    relay: ThreadedService,
+) -> None:
+    # Before: the reply quoting "\xff=1" could not be encoded, the session died with
+    # "421 4.3.0 Internal error". Found by tests/fuzz.
+    w = Wire(relay.port())
+    w.cmd("EHLO c")
+    code, text = w.cmd(b"MAIL FROM:<s@example.org> \xff=1")
+    assert (code, text) == (501, "5.5.4 Bad parameter syntax: ?=1")
+    assert w.cmd("NOOP")[0] == 250
+    w.close()

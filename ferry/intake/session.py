@@ -706,8 +706,12 @@ def check_body(raw: bytes, max_line_length: int, bare_lf: str) -> bytes | Reply:
             )
         raw = _LINE_END.sub(b"\r\n", raw)
     # RFC 5321 §4.5.3.1.6 (a text line's limit; ours is configurable). After the check
-    # above every CR and LF belongs to a CRLF, so splitting at CRLF finds every line.
-    if len(raw) > max_line_length and max(map(len, raw.split(b"\r\n"))) > max_line_length:
+    # above every LF ends a CRLF, so each piece between LFs is a line plus its CR;
+    # splitting at one byte is several times faster than at two (memchr).
+    if len(raw) > max_line_length and (
+        max(map(len, raw.split(b"\n"))) > max_line_length + 1
+        or len(raw) - raw.rfind(b"\n") - 1 > max_line_length  # a last line without CRLF
+    ):
         return Reply(554, "5.6.0", f"Error: a line is longer than {max_line_length} octets")
     return unstuff(raw)
 

@@ -284,3 +284,34 @@ def test_data_reader_on_arbitrary_bytes(data: bytes, where: list[int]) -> None:
             assert size >= 0
             return
     assert b"\r\n.\r\n" not in data and not data.startswith(b".\r\n")
+
+
+def reference_check(raw: bytes, max_line: int, bare_lf: str) -> bytes | None:
+    """The body checks written the slow, obvious way: line by line."""
+    lines = re.split(rb"\r\n|\r|\n", raw)
+    if bare_lf == "reject" and len(lines) - 1 != raw.count(b"\r\n"):
+        return None
+    if any(len(line) > max_line for line in lines):
+        return None
+    text = b"\r\n".join(lines)
+    return (
+        text[1:].replace(b"\r\n..", b"\r\n.")
+        if text.startswith(b"..")
+        else text.replace(b"\r\n..", b"\r\n.")
+    )
+
+
+long_lines = st.lists(
+    st.one_of(
+        st.integers(995, 1005).map(lambda n: b"x" * n),
+        st.sampled_from([b"", b".", b"..", b"\r", b"\n", b"\r\n", b"a"]),
+    ),
+    max_size=8,
+).map(lambda parts: b"".join(parts))
+
+
+@given(st.one_of(messages, long_lines), st.sampled_from(["reject", "normalize"]))
+def test_whole_buffer_checks_match_the_line_by_line_rule(raw: bytes, bare_lf: str) -> None:
+    got = check_body(raw, 1000, bare_lf)
+    want = reference_check(raw, 1000, bare_lf)
+    assert (None if isinstance(got, Reply) else got) == want

@@ -395,8 +395,8 @@ class SmtpConnection(asyncio.Protocol):
 
     async def _starttls(self, session: Session) -> list[Action]:
         self.flush()
-        transport = self.transport
-        assert transport is not None
+        transport, context = self.transport, self.server.ssl_context
+        assert transport is not None and context is not None  # the session checked
         # RFC 3207 §4.2 (and CVE-2011-0411): anything pipelined after STARTTLS in
         # plain text is discarded, never executed inside the TLS session. Reading
         # stops now, so nothing can slip in before the TLS layer takes over.
@@ -405,7 +405,7 @@ class SmtpConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             new_transport = await asyncio.wait_for(
-                loop.start_tls(transport, self, self.server.ssl_context, server_side=True),
+                loop.start_tls(transport, self, context, server_side=True),
                 self.cfg.command_timeout,
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
@@ -416,7 +416,7 @@ class SmtpConnection(asyncio.Protocol):
         if new_transport is None:
             raise _Closed
         self.transport = new_transport
-        self.tls = describe(new_transport.get_extra_info("ssl_object"))
+        self.tls = describe(new_transport.get_extra_info("ssl_object")) or "TLS"
         return session.tls_started(self.tls)
 
     async def _authenticate(self, session: Session, action: Authenticate) -> list[Action]:

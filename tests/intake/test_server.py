@@ -650,7 +650,7 @@ def test_data_deadline_cuts_off_a_dribbling_body(relay_factory: Any) -> None:
 def test_slow_large_message_above_the_minimum_rate_gets_through(relay_factory: Any) -> None:
     # data_timeout alone (0.3 s) is too short for this message, but it arrives faster
     # than data_min_rate, so the deadline grows with it: max(0.3, size / rate).
-    svc = relay_factory(data_timeout=0.3, data_min_rate=2_000, max_message_size=100_000)
+    svc = relay_factory(data_timeout=0.3, data_min_rate=500, max_message_size=100_000)
     w = Dribbler(svc.port())
     w.cmd("EHLO c")
     w.cmd("MAIL FROM:<s@example.org>")

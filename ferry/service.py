@@ -20,13 +20,13 @@ from typing import IO
 from ferry.config import RelayConfig
 from ferry.delivery.process import DeliveryProcess
 from ferry.delivery.scheduler import Scheduler, flat_stats, stats_dir
-from ferry.durations import parse_duration
 from ferry.envelope import EnvelopeIn
-from ferry.events import emit
+from ferry.events import Accepted, DeliveryTotals, LeasesReleased, Started, Stopping, emit
 from ferry.intake.server import IntakeServer, run_hook
 from ferry.queue import open_queue
-from ferry.queue.sqlite import SqliteQueue
-from ferry.tls import ensure_self_signed, server_context
+from ferry.queue.retention import Retention
+from ferry.queue.sqlite import QueueDamaged, SqliteQueue
+from ferry.tls import self_signed_context, server_context
 
 
 class AlreadyRunning(RuntimeError):
@@ -34,12 +34,15 @@ class AlreadyRunning(RuntimeError):
 
 
 def load_tls(config: RelayConfig) -> ssl.SSLContext:
-    """The configured certificate, or the self-signed one made on first run."""
+    """The configured certificate, or the self-signed one made on first run.
+
+    An operator's certificate that cannot be used stops the start with
+    ``<path>: <reason>`` (TlsMaterialError); Ferry's own self-signed pair is remade.
+    """
     s = config.server
     if s.tls_cert and s.tls_key:
         return server_context(s.tls_cert, s.tls_key)
-    cert, key = ensure_self_signed(config.data_dir, s.hostname)
-    return server_context(cert, key)
+    return self_signed_context(config.data_dir, s.hostname)
 
 
 def _clear_stats(config: RelayConfig) -> None:
@@ -67,18 +70,27 @@ class Service:
         self.intake: IntakeServer | None = None
         self.scheduler: Scheduler | None = None
         self.workers: list[DeliveryProcess] = []
+        self.retention: Retention | None = None
         self._lock: IO[str] | None = None
 
     async def start(self) -> None:
         self._take_lock()
         try:
             self.queue = open_queue(self.config)
+            # A damaged database would answer 451 to every message with the reason only
+            # in the log: refuse to start instead, saying how to recover.
+            problems = await self.queue.check(quick=True)
+            if problems:
+                raise QueueDamaged(self.queue.db_path, problems)
             # One server per queue directory: leases left by a previous (crashed) run of
             # this node are ours to hand back at once instead of waiting for them to expire.
             released = await self.queue.release_leases()
             if released:
-                emit("leases_released", count=released)
+                emit(LeasesReleased(released))
             _clear_stats(self.config)
+            # History purge in this process, the one that owns intake's writes.
+            self.retention = Retention(self.queue, retention=self.config.queue.history_retention)
+            self.retention.start()
             d = self.config.delivery
             if d.hold:
                 pass
@@ -103,10 +115,11 @@ class Service:
             await self.stop()
             raise
         emit(
-            "started",
-            hostname=self.config.server.hostname,
-            mode=self.config.delivery.mode,
-            queue=str(Path(self.config.queue.path).resolve()),
+            Started(
+                hostname=self.config.server.hostname,
+                mode=self.config.delivery.mode,
+                queue=str(Path(self.config.queue.path).resolve()),
+            )
         )
 
     async def submit(self, envelope: EnvelopeIn) -> str:
@@ -115,16 +128,17 @@ class Service:
             raise RuntimeError("the service is not running")
         if self.before_queue is not None:
             await run_hook(self.before_queue, envelope)
-        lifetime = parse_duration(self.config.delivery.message_lifetime)
+        lifetime = self.config.delivery.message_lifetime  # seconds, parsed at load
         qid = await self.queue.enqueue(envelope, expires=time.time() + lifetime)
         emit(
-            "accept",
-            id=qid,
-            client="api",
-            sender=envelope.sender or "<>",
-            rcpts=len(envelope.recipients),
-            size=len(envelope.data),
-            priority=envelope.priority.name.lower(),
+            Accepted(
+                queue_id=qid,
+                client="api",
+                sender=envelope.sender,
+                recipients=tuple(r.address for r in envelope.recipients),
+                size=len(envelope.data),
+                priority=envelope.priority,
+            )
         )
         self._accepted(qid)
         return qid
@@ -147,8 +161,11 @@ class Service:
         self.workers.clear()
         if self.scheduler is not None:
             await self.scheduler.stop()
-            emit("delivery_stats", **flat_stats(self.scheduler.stats()))
+            emit(DeliveryTotals(flat_stats(self.scheduler.stats())))
             self.scheduler = None
+        if self.retention is not None:
+            await self.retention.stop()
+            self.retention = None
         if self.queue is not None:
             await self.queue.close()
             self.queue = None
@@ -184,5 +201,5 @@ class Service:
         try:
             await stop.wait()
         finally:
-            emit("stopping")
+            emit(Stopping())
             await self.stop()

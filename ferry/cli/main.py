@@ -18,7 +18,15 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ferry.config import ConfigError, RelayConfig
+from ferry.cli.common import (
+    config_option,
+    config_path,
+    load_config,
+    queue_header,
+    queue_location,
+)
+from ferry.config import RelayConfig
+from ferry.delivery.retry import fill_give_up, policy_for
 from ferry.envelope import Priority, Status
 from ferry.queue.base import MessageInfo, QueueStats
 from ferry.queue.sqlite import SqliteQueue
@@ -35,17 +43,20 @@ def _ts(value: float | None) -> str:
 
 
 def _load(ctx: click.Context) -> RelayConfig:
-    try:
-        return RelayConfig.load(ctx.obj.get("config"))
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    return load_config(config_path(ctx))
 
 
-def _with_queue(ctx: click.Context, fn: Callable[[SqliteQueue], Awaitable[T]]) -> T:
+def _with_queue(
+    ctx: click.Context, fn: Callable[[SqliteQueue], Awaitable[T]], *, readonly: bool = False
+) -> T:
     config = _load(ctx)
 
     async def run() -> T:
-        queue = SqliteQueue(config.queue.path)
+        # Never create a queue: a wrong path must not look like an empty queue.
+        try:
+            queue = SqliteQueue(config.queue.path, create=False, readonly=readonly)
+        except OSError as exc:  # QueueNotFound, QueueDamaged
+            raise click.ClickException(str(exc)) from None
         try:
             return await fn(queue)
         finally:
@@ -65,7 +76,8 @@ def _print_json(data: Any) -> None:
     "config_path",
     envvar="FERRY_CONFIG",
     type=click.Path(dir_okay=False),
-    help="Path to ferry.toml (default: $FERRY_CONFIG, else built-in defaults).",
+    help="Path to ferry.toml (default: $FERRY_CONFIG, else built-in defaults and"
+    " the data directory $FERRY_DATA or ./ferry-data).",
 )
 @click.version_option(package_name="ferry")
 @click.pass_context
@@ -76,6 +88,7 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 
 
 @main.command()
+@config_option
 @click.pass_context
 def serve(ctx: click.Context) -> None:
     """Run the relay (SMTP intake and delivery) until interrupted."""
@@ -108,11 +121,7 @@ def config_group() -> None:
 @click.pass_context
 def config_check(ctx: click.Context, file: str | None, as_json: bool) -> None:
     """Validate FILE (or the active config) and print the effective settings, secrets masked."""
-    try:
-        config = RelayConfig.load(file or ctx.obj.get("config"))
-    except ConfigError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
+    config = load_config(file or config_path(ctx))  # the same load as `ferry serve`
     data = config.masked()
     if as_json:
         _print_json(data)
@@ -225,7 +234,9 @@ def message_json(m: MessageInfo, history: bool = False) -> dict[str, Any]:
         "size": m.size,
         "priority": m.priority.name.lower(),
         "arrival": _ts(m.arrival),
-        "expires": _ts(m.expires),
+        # The real give-up time (issue 11.1): retry.fill_give_up; None once finished.
+        "expires": _ts(m.gives_up) if m.gives_up is not None else None,
+        "finished": _ts(m.finished) if m.finished is not None else None,
         "client_address": m.client_address,
         "client_helo": m.client_helo,
         "auth_user": m.auth_user,
@@ -240,6 +251,9 @@ def message_json(m: MessageInfo, history: bool = False) -> dict[str, Any]:
                 "status": r.status.value,
                 "attempts": r.attempts,
                 "next_attempt": _ts(r.next_attempt) if r.next_attempt else None,
+                "gives_up": _ts(r.gives_up) if r.gives_up is not None else None,
+                "gives_up_reason": r.gives_up_reason,
+                "expiry_reason": r.expiry_reason,
                 "last_reply": str(r.last_reply) if r.last_reply else None,
                 "route": r.route,
                 **(
@@ -287,12 +301,20 @@ def queue_list(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--status") from None
     msgs = _with_queue(
-        ctx, lambda q: q.list(status=st, domain=domain, sender=sender, limit=limit, offset=offset)
+        ctx,
+        lambda q: q.list(status=st, domain=domain, sender=sender, limit=limit, offset=offset),
+        readonly=True,
     )
+    policy = policy_for(_load(ctx))
+    for m in msgs:
+        fill_give_up(policy, m)
     if as_json:
-        _print_json([message_json(m) for m in msgs])
+        _print_json(
+            {"queue": queue_location(_load(ctx)), "messages": [message_json(m) for m in msgs]}
+        )
         return
-    table = Table("id", "status", "arrival", "size", "prio", "sender", "recipients")
+    queue_header(_load(ctx))
+    table = Table("id", "status", "arrival", "size", "prio", "sender", "recipients", "gives up")
     for m in msgs:
         rcpts = ", ".join(f"{r.address} ({r.status.value})" for r in m.recipients[:3])
         if len(m.recipients) > 3:
@@ -305,6 +327,7 @@ def queue_list(
             m.priority.name.lower(),
             m.sender or "<>",
             rcpts,
+            _ts(m.gives_up) if m.gives_up is not None else "-",
         )
     console.print(table)
     if not msgs:
@@ -317,13 +340,15 @@ def queue_list(
 @click.pass_context
 def queue_show(ctx: click.Context, message_id: str, as_json: bool) -> None:
     """Show one message: envelope, recipients, states and attempt history."""
-    m = _with_queue(ctx, lambda q: q.get(message_id))
+    m = _with_queue(ctx, lambda q: q.get(message_id), readonly=True)
     if m is None:
         raise click.ClickException(f"no message {message_id}")
+    fill_give_up(policy_for(_load(ctx)), m)
     data = message_json(m, history=True)
     if as_json:
-        _print_json(data)
+        _print_json({**data, "queue": queue_location(_load(ctx))})
         return
+    queue_header(_load(ctx))
     for key in (
         "id",
         "status",
@@ -332,6 +357,7 @@ def queue_show(ctx: click.Context, message_id: str, as_json: bool) -> None:
         "priority",
         "arrival",
         "expires",
+        "finished",
         "client_address",
         "client_helo",
         "auth_user",
@@ -345,6 +371,10 @@ def queue_show(ctx: click.Context, message_id: str, as_json: bool) -> None:
             f"\n  {r['address']}  [{r['status']}]  attempts={r['attempts']}"
             f"  next={r['next_attempt'] or '-'}  route={r['route'] or '-'}"
         )
+        if r["gives_up"]:
+            click.echo(f"    gives up: {r['gives_up']} ({r['gives_up_reason']})")
+        if r["expiry_reason"]:
+            click.echo(f"    expired: {r['expiry_reason']}")
         if r["original_recipient"]:
             click.echo(f"    original recipient: {r['original_recipient']}")
         if r["last_reply"]:
@@ -370,12 +400,15 @@ def queue_stats(ctx: click.Context, as_json: bool) -> None:
     """Queue statistics (Zetian's fields) and per smart host delivery counters."""
     from ferry.stats import relay_stats
 
-    st = _with_queue(ctx, lambda q: q.statistics(now=time.time()))
+    st = _with_queue(ctx, lambda q: q.statistics(now=time.time()), readonly=True)
     data = stats_json(st)
     relay = relay_stats(_load(ctx))
     if as_json:
-        _print_json({**data, "smart_hosts": relay["smart_hosts"]})
+        _print_json(
+            {**data, "smart_hosts": relay["smart_hosts"], "queue": queue_location(_load(ctx))}
+        )
         return
+    queue_header(_load(ctx))
     _smart_host_table(relay["smart_hosts"])
     table = Table("statistic", "value")
     for key, value in data.items():
@@ -410,10 +443,12 @@ def stats_command(ctx: click.Context, as_json: bool) -> None:
     """Delivery statistics of the running relay (mode, direct/relay, DKIM, MX cache...)."""
     from ferry.stats import relay_stats
 
-    data = relay_stats(_load(ctx))
+    config = _load(ctx)
+    data = relay_stats(config)
     if as_json:
-        _print_json(data)
+        _print_json({**data, "queue": queue_location(config)})
         return
+    queue_header(config)
     table = Table("statistic", "value")
     for key in (
         "mode",
@@ -499,8 +534,13 @@ def queue_clear_expired(ctx: click.Context) -> None:
 def _attach() -> None:
     """Commands that live in their own modules."""
     from ferry.cli.dns import dns
+    from ferry.cli.purge import purge
 
     main.add_command(dns)
+    from ferry.cli.queue_check import check
+
+    queue_group.add_command(check)
+    queue_group.add_command(purge)
     try:
         from ferry.cli.dkim import dkim
     except ImportError:  # pragma: no cover

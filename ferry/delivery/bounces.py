@@ -21,6 +21,8 @@ class Report:
     at: float
     synthetic: bool = False  # the reply is ours (refused connection...), not the server's
     status: str | None = None  # overrides the status derived from the reply (e.g. 4.4.7)
+    retry_until: float | None = None  # "delayed": the real give-up time (retry.give_up_time)
+    expiry_reason: str | None = None  # "failed" by expiry: "lifetime" or "max_retries"
 
 
 def wanted(report: Report, sender: str) -> bool:
@@ -51,7 +53,8 @@ def dsn_envelope(
             remote_mta=r.remote_mta,
             diagnostic=r.reply,
             last_attempt=r.at,
-            will_retry_until=message.expires if r.action == "delayed" else None,
+            will_retry_until=(r.retry_until or message.expires) if r.action == "delayed" else None,
+            expiry_reason=r.expiry_reason,
             diagnostic_type="x-ferry" if r.synthetic else "smtp",
         )
         for r in chosen

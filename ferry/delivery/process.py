@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from ferry.config import RelayConfig
-from ferry.events import emit
+from ferry.events import DeliveryTotals, WorkerDied, WorkerStarted, emit
 
 RESTART_DELAY = 1.0
 
@@ -81,7 +81,7 @@ class DeliveryProcess:
         if self._wfd is not None:
             os.close(self._wfd)
         self._wfd = wfd
-        emit("delivery_worker", pid=self.proc.pid, owner=self.owner)
+        emit(WorkerStarted(self.proc.pid, self.owner))
 
     async def start(self) -> None:
         self._spawn()
@@ -95,7 +95,7 @@ class DeliveryProcess:
                 code = await asyncio.to_thread(self.proc.wait)
                 if self._stopping:
                     return
-                emit("delivery_worker_died", level=logging.ERROR, pid=self.proc.pid, code=code)
+                emit(WorkerDied(self.proc.pid, code))
                 await self._release()
                 await asyncio.sleep(RESTART_DELAY)  # no hot restart loop on a crashing worker
                 if not self._stopping:
@@ -181,7 +181,7 @@ async def _worker(config: RelayConfig, owner: str, notify_fd: int) -> None:
         with contextlib.suppress(Exception):
             loop.remove_reader(notify_fd)
         await scheduler.stop()
-        emit("delivery_stats", **flat_stats(scheduler.stats()))
+        emit(DeliveryTotals(flat_stats(scheduler.stats())))
         await queue.close()
 
 

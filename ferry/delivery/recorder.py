@@ -18,10 +18,14 @@ from typing import Any
 
 from ferry.config import RelayConfig
 from ferry.delivery.bounces import Report, dsn_envelope
-from ferry.delivery.retry import RetryPolicy, after_temporary_failure
-from ferry.durations import parse_duration
+from ferry.delivery.retry import (
+    ExpiryReason,
+    after_temporary_failure,
+    give_up_time,
+    policy_for,
+)
 from ferry.envelope import EnvelopeIn, Reply, Status
-from ferry.events import emit
+from ferry.events import DsnDropped, DsnQueued, GaveUp, emit, outcome_event
 from ferry.queue.base import AttemptResult, ClaimedRecipient, MessageInfo, Queue
 
 
@@ -91,10 +95,8 @@ class Recorder:
         self.clock = clock
         self.rng = rng or random.Random()
         self.on_enqueue = on_enqueue
-        self.policy = RetryPolicy.from_config(
-            list(d.retry_schedule), max_retries=d.max_retries, message_lifetime=d.message_lifetime
-        )
-        self.delay_warning_after = parse_duration(d.delay_warning_after)
+        self.policy = policy_for(config)
+        self.delay_warning_after = d.delay_warning_after  # seconds, parsed at load
         self.hostname = config.server.hostname
         self.bounce_from = d.bounce_sender or f"MAILER-DAEMON@{self.hostname}"
         self.stats = DeliveryStats()
@@ -114,6 +116,7 @@ class Recorder:
             rcpt = o.claim.recipient
             status, next_attempt, dsn_status = o.status, None, None
             warned = False
+            expiry: ExpiryReason | None = None
             if status is Status.DEFERRED:
                 decision = after_temporary_failure(
                     self.policy,
@@ -125,16 +128,50 @@ class Recorder:
                 )
                 if decision.kind == "expire":
                     status, dsn_status = Status.EXPIRED, "4.4.7"  # RFC 3463: X.4.7
+                    expiry = decision.reason or "lifetime"
+                    emit(
+                        GaveUp(
+                            message.id,
+                            rcpt.address,
+                            expiry,
+                            rcpt.attempts + 1,
+                            now - message.arrival,
+                        )
+                    )
                 else:
                     next_attempt = decision.at
                     if not rcpt.delay_warned and now - message.arrival >= self.delay_warning_after:
                         warned = True
+                        # RFC 3464 §2.3.9: the real give-up time, the one `queue show` shows.
+                        until = give_up_time(
+                            self.policy,
+                            expires=message.expires,
+                            attempts=rcpt.attempts + 1,
+                            next_attempt=next_attempt,
+                        ).at
                         delayed.append(
-                            Report(rcpt, "delayed", o.reply, o.remote_name, now, o.synthetic)
+                            Report(
+                                rcpt,
+                                "delayed",
+                                o.reply,
+                                o.remote_name,
+                                now,
+                                o.synthetic,
+                                retry_until=until,
+                            )
                         )
             if status in (Status.FAILED, Status.EXPIRED):
                 failed.append(
-                    Report(rcpt, "failed", o.reply, o.remote_name, now, o.synthetic, dsn_status)
+                    Report(
+                        rcpt,
+                        "failed",
+                        o.reply,
+                        o.remote_name,
+                        now,
+                        o.synthetic,
+                        dsn_status,
+                        expiry_reason=expiry,
+                    )
                 )
             if o.relayed_without_dsn:
                 relayed.append(Report(rcpt, "relayed", o.reply, o.remote_name, now))
@@ -148,21 +185,23 @@ class Recorder:
                     route=o.route,
                     tls=o.tls,
                     delay_warned=warned,
+                    expiry_reason=expiry,
                 )
             )
             self._count(status, o.route, rcpt.domain)
             emit(
-                "delivery",
-                id=message.id,
-                rcpt=rcpt.address,
-                status=status.value,
-                route=o.route,
-                relay=o.remote or "none",
-                tls=o.tls,
-                reply=str(o.reply)[:300],
-                attempt=rcpt.attempts + 1,
-                delay=round(now - message.arrival, 3),
-                next=round(next_attempt - now, 1) if next_attempt else None,
+                outcome_event(
+                    status,
+                    queue_id=message.id,
+                    recipient=rcpt.address,
+                    route=o.route,
+                    next_hop=o.remote,
+                    tls=o.tls,
+                    reply=o.reply,
+                    attempt=rcpt.attempts + 1,
+                    delay=now - message.arrival,
+                    retry_in=next_attempt - now if next_attempt else None,
+                )
             )
         self._outbox.append((message, results, failed, delayed, relayed, now))
         if self._task is None or self._task.done():
@@ -213,12 +252,13 @@ class Recorder:
                     continue  # its outcomes were discarded (cancelled meanwhile)
                 self.stats.bounced += 1
                 emit(
-                    "dsn",
-                    id=qid,
-                    about=message.id,
-                    to=message.sender,
-                    action=reports[0].action,
-                    rcpts=len(reports),
+                    DsnQueued(
+                        queue_id=qid,
+                        about=message.id,
+                        to=message.sender,
+                        action=reports[0].action,
+                        recipients=tuple(r.recipient.address for r in reports),
+                    )
                 )
             if any(ids) and self.on_enqueue is not None:
                 self.on_enqueue()
@@ -243,13 +283,7 @@ class Recorder:
             # RFC 5321 §4.5.5: a DSN that cannot be delivered is dropped, never bounced.
             self.stats.dsn_dropped += len(failed)
             for r in failed:
-                emit(
-                    "dsn_dropped",
-                    level=logging.WARNING,
-                    id=message.id,
-                    rcpt=r.recipient.address,
-                    reply=str(r.reply)[:300],
-                )
+                emit(DsnDropped(message.id, r.recipient.address, r.reply))
             return []
         out = []
         for reports in (failed, delayed, relayed):

@@ -22,9 +22,21 @@ from dataclasses import dataclass, field
 
 from ferry.config import RelayConfig, SmartHost
 from ferry.delivery import credentials
-from ferry.delivery.client import ClientOptions, RcptSpec, SmtpClient, SmtpError
-from ferry.delivery.mx import MxError, MxHost, MxResolver
-from ferry.delivery.outcomes import is_blocked_reply, transport_failure_reply
+from ferry.delivery.client import (
+    ClientOptions,
+    RcptSpec,
+    SmtpClient,
+    SmtpError,
+    mx_options,
+    session_options,
+)
+from ferry.delivery.mx import MxError, MxHost, MxResolver, mx_targets
+from ferry.delivery.outcomes import (
+    Stage,
+    classify_reply,
+    is_blocked_reply,
+    transport_failure_reply,
+)
 from ferry.delivery.pool import ConnectionPool
 from ferry.delivery.recorder import DeliveryStats, Outcome, Recorder
 from ferry.delivery.routes import NextHop
@@ -37,11 +49,21 @@ from ferry.delivery.routing import (
 )
 from ferry.delivery.shaping import DestinationShaper, is_throttle_reply
 from ferry.delivery.smart_mode import DirectOutcome, SmartRouter, destination_group
-from ferry.delivery.smarthosts import CountStatus, SmartHostSet
+from ferry.delivery.smarthosts import CountStatus, SmartHostSet, is_transport_failure
 from ferry.dkim import KeyStore, Signer
-from ferry.durations import parse_duration
 from ferry.envelope import Reply, Status
-from ferry.events import emit
+from ferry.events import (
+    ConnectFailed,
+    DkimUnsigned,
+    HopFallback,
+    RouteFallback,
+    RouteInvalid,
+    SmartHostFailed,
+    SmartHostUnusable,
+    Throttled,
+    TlsFallback,
+    emit,
+)
 from ferry.message import MAX_HOPS, count_received, header_block
 from ferry.queue.base import ClaimedRecipient, MessageInfo, Queue
 
@@ -134,7 +156,7 @@ class Delivery:
         self.tls_fallback: dict[str, float] = {}
         self.hostname = config.server.hostname
         self.smart_hosts = SmartHostSet(
-            config.smart_hosts, base_cooldown=parse_duration(d.smart_host_cooldown)
+            config.smart_hosts, base_cooldown=d.smart_host_cooldown
         )
         self.smart_host_names = [h.name for h in config.smart_hosts]
         self.smart_slots = {
@@ -144,7 +166,7 @@ class Delivery:
             window=d.smart_window,
             min_samples=d.smart_min_samples,
             threshold=d.smart_threshold,
-            cooldown=parse_duration(d.smart_cooldown),
+            cooldown=d.smart_cooldown,
         )
         self.block_patterns = tuple(d.block_patterns)
         self._bodies: collections.OrderedDict[str, bytes] = collections.OrderedDict()
@@ -255,7 +277,7 @@ class Delivery:
             try:
                 self._base_plan(domain, routes=routes)
             except ValueError:
-                emit("route_invalid", level=logging.WARNING, domain=domain, route=override)
+                emit(RouteInvalid(domain, override))
                 routes = self.config.routes
         plan = self._base_plan(domain, routes=routes)
         smart = (
@@ -280,7 +302,7 @@ class Delivery:
             fallback = self._base_plan(domain, routes=routes, mx_failed=True)
             if any(h.kind == "mx" for h in fallback.hops):
                 return _template(Status.DEFERRED, exc.reply)
-            emit("route", domain=domain, reason=fallback.reason)
+            emit(RouteFallback(domain, fallback.reason))
             return fallback, None, None
         group = None
         if smart:
@@ -362,13 +384,14 @@ class Delivery:
                     carried.append(o.claim)
                     self.stats.fallbacks += 1
                     emit(
-                        "fallback",
-                        id=message.id,
-                        rcpt=o.claim.recipient.address,
-                        route=o.route,
-                        reply=str(o.reply)[:200],
-                        next=plan.hops[i + 1].label,
-                        reason=plan.reason,
+                        HopFallback(
+                            queue_id=message.id,
+                            recipient=o.claim.recipient.address,
+                            route=o.route,
+                            reply=o.reply,
+                            next_hop=plan.hops[i + 1].label,
+                            reason=plan.reason,
+                        )
                     )
                 else:
                     final.append(o)
@@ -380,13 +403,7 @@ class Delivery:
             is_throttle_reply(o.reply.code, o.reply.text) and o.route == "direct" for o in final
         ):
             pause = dest.shaper.throttled(self.clock())
-            emit(
-                "throttled",
-                level=logging.WARNING,
-                destination=dest.domain,
-                pause=round(pause, 1),
-                connections=dest.shaper.allowed_connections,
-            )
+            emit(Throttled(dest.domain, pause, dest.shaper.allowed_connections))
             raise _Stop
         dest.shaper.sent(self.clock())
 
@@ -417,11 +434,9 @@ class Delivery:
             stats.dkim_unsigned_reasons[code] = stats.dkim_unsigned_reasons.get(code, 0) + 1
             if code != "disabled":
                 emit(
-                    "dkim_unsigned",
-                    level=logging.INFO if not result.required else logging.WARNING,
-                    id=message.id,
-                    reason=result.unsigned_reason,
-                    required=result.required,
+                    DkimUnsigned(
+                        result.unsigned_reason, queue_id=message.id, required=result.required
+                    )
                 )
         if result.signed or not result.required:
             return result.headers + data
@@ -446,7 +461,7 @@ class Delivery:
             return await self._via_smart_hosts(hop, item, claims, data, session)
         route = "direct" if hop.kind == "mx" else hop.label
         if hop.kind == "mx":
-            targets = [(h.name, a) for h in (mx_hosts or []) for a in h.addresses]
+            targets = mx_targets(mx_hosts or [])
         else:
             try:
                 targets = [(hop.name, a) for a in await self.resolver.host_addresses(hop.name)]
@@ -505,9 +520,7 @@ class Delivery:
                 # Opportunistic TLS: retry this host in clear and remember it.
                 self.tls_fallback[ip] = now + TLS_FALLBACK_SECONDS
                 self.stats.tls_fallbacks += 1
-                emit(
-                    "tls_fallback", level=logging.WARNING, host=remote, reason=exc.reply.text[:200]
-                )
+                emit(TlsFallback(remote, exc.reply))
                 key = (hop.label, ip, hop.port, True)
                 try:
                     client = await self._open(ip, hop.port, name, True)
@@ -608,20 +621,12 @@ class Delivery:
                 client = await self._open_smart(ip, host)
             except credentials.CredentialError as exc:
                 last = transport_failure_reply("protocol", str(exc))
-                emit("smarthost_failed", level=logging.ERROR, host=host.name, reason=str(exc))
+                emit(SmartHostUnusable(host.name, str(exc)))
                 break
             except SmtpError as exc:
                 last = exc.reply
                 # The reply and the host, never the credentials (they are not in exc).
-                emit(
-                    "smarthost_failed",
-                    level=logging.WARNING,
-                    host=host.name,
-                    remote=remote,
-                    stage=exc.stage,
-                    kind=exc.kind,
-                    reply=str(exc.reply)[:300],
-                )
+                emit(SmartHostFailed(host.name, remote, exc.stage, exc.kind, exc.reply))
                 continue
             conn = _Conn(
                 client, key, host.host, remote, label, host.max_messages_per_connection, host.name
@@ -635,30 +640,11 @@ class Delivery:
         return last
 
     def _options(self, **kw: object) -> ClientOptions:
-        d = self.config.delivery
-        base: dict[str, object] = {
-            "helo_name": self.hostname,
-            "source_address": d.source_address or None,
-            "connect_timeout": d.connect_timeout,
-            "greeting_timeout": d.command_timeout,
-            "command_timeout": d.command_timeout,
-            # RFC 5321 §4.5.3.2: DATA initiation 2 min, data block 3 min, final dot
-            # 10 min -- shortened only when the operator asked for shorter timeouts.
-            "data_init_timeout": min(d.command_timeout, 120.0),
-            "data_block_timeout": min(d.command_timeout, 180.0),
-            "final_timeout": 600.0 if d.command_timeout >= 300 else d.command_timeout,
-        }
-        base.update(kw)
-        return ClientOptions(**base)  # type: ignore[arg-type]
+        return session_options(self.config, **kw)
 
     async def _open(self, ip: str, port: int, name: str, plain: bool) -> SmtpClient:
         self.stats.connections += 1
-        options = self._options(
-            tls="none" if plain else "opportunistic",
-            verify_certificate=False,
-            ca_file=self.ca_file,
-            server_name=name,
-        )
+        options = mx_options(self.config, name, plain=plain, ca_file=self.ca_file)
         return await SmtpClient.connect(ip, port, options)
 
     async def _open_smart(self, ip: str, host: SmartHost) -> SmtpClient:
@@ -682,13 +668,7 @@ class Delivery:
         return await SmtpClient.connect(ip, host.port, options)
 
     def _log_connect_failure(self, remote: str, exc: SmtpError) -> None:
-        emit(
-            "connect_failed",
-            host=remote,
-            stage=exc.stage,
-            kind=exc.kind,
-            reply=str(exc.reply)[:300],
-        )
+        emit(ConnectFailed(remote, exc.reply, stage=exc.stage, kind=exc.kind))
 
     async def _body(self, message_id: str) -> bytes | None:
         data = self._bodies.get(message_id)
@@ -735,9 +715,12 @@ class Delivery:
             # Replies already final when the session died (a RCPT refused) stand; the
             # rest are deferred with the session's error and may try the next hop.
             partial = exc.partial or [None] * len(claims)
-            transport = exc.kind != "reply" or exc.reply.code == 421
+            stages = exc.partial_stages or ["rcpt"] * len(claims)
+            transport = is_transport_failure(
+                exc.reply if exc.kind == "reply" else None, stage=exc.stage
+            )
             outcomes = []
-            for c, got in zip(claims, partial, strict=True):
+            for c, got, got_at in zip(claims, partial, stages, strict=True):
                 if got is None:
                     outcomes.append(
                         Outcome(
@@ -754,7 +737,7 @@ class Delivery:
                     outcomes.append(
                         Outcome(
                             c,
-                            _status_for(got, final=False),
+                            _status_for(got, got_at),
                             got,
                             tls=client.tls,
                             **common,  # type: ignore[arg-type]
@@ -764,7 +747,7 @@ class Delivery:
         dsn_capable = "DSN" in client.extensions
         outcomes = []
         for claim, reply, stage in zip(claims, result.replies, result.stages, strict=True):
-            status = _status_for(reply, final=stage == "dot")
+            status = _status_for(reply, stage)
             outcomes.append(
                 Outcome(
                     claim,
@@ -807,17 +790,9 @@ def _summary(outcomes: list[Outcome], patterns: tuple[str, ...]) -> DirectOutcom
     return "failed"
 
 
-def _status_for(reply: Reply, *, final: bool) -> Status:
-    """Recipient status from its reply (RFC 5321 §4.2.1 classes)."""
-    if 200 <= reply.code < 300:
-        return Status.DELIVERED
-    if reply.code >= 500:
-        # RFC 5321 §4.5.3.1.10: 552 to RCPT ("too many recipients") is temporary; a size
-        # refusal (5.3.4) stays permanent.
-        if reply.code == 552 and not final and reply.enhanced != "5.3.4":
-            return Status.DEFERRED
-        return Status.FAILED
-    return Status.DEFERRED
+def _status_for(reply: Reply, stage: Stage) -> Status:
+    """Recipient status from the reply that decided it at ``stage`` (the one classifier)."""
+    return classify_reply(reply, stage=stage).status
 
 
 def make_signer(config: RelayConfig) -> Signer:

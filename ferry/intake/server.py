@@ -20,9 +20,15 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 from ferry.config import Listener, RelayConfig
-from ferry.durations import parse_duration
 from ferry.envelope import EnvelopeIn, Reply
-from ferry.events import emit
+from ferry.events import (
+    Connected,
+    ConnectionRejected,
+    Disconnected,
+    Listening,
+    TlsFailed,
+    emit,
+)
 from ferry.intake.aliases import AliasTable
 from ferry.intake.policy import RelayPolicy
 from ferry.intake.session import (
@@ -75,7 +81,7 @@ class IntakeServer:
         self.policy = RelayPolicy.build(s.local_domains, s.relay_domains, s.relay_networks)
         self.aliases = AliasTable(config.aliases, s.local_domains)
         self.throttle = AuthThrottle()
-        self.lifetime = parse_duration(config.delivery.message_lifetime)
+        self.lifetime = config.delivery.message_lifetime  # seconds, parsed at load
         self.on_accept = on_accept
         self.before_queue = before_queue
         self.servers: list[asyncio.Server] = []
@@ -99,12 +105,7 @@ class IntakeServer:
             )
             self.servers.append(server)
             for sock in server.sockets:
-                emit(
-                    "listen",
-                    address=sock.getsockname()[0],
-                    port=sock.getsockname()[1],
-                    mode=listener.mode,
-                )
+                emit(Listening(sock.getsockname()[0], sock.getsockname()[1], listener.mode))
 
     def bound(self) -> list[tuple[str, int, str]]:
         """(address, port, mode) actually bound -- useful when port 0 was configured."""
@@ -275,7 +276,7 @@ class SmtpConnection(asyncio.Protocol):
                 self.waiter = None
         # RFC 5321 §4.5.3.2: the server may close a session that stays silent too long.
         self.reply(421, "4.4.2", f"{self.cfg.hostname} Error: timeout exceeded")
-        emit("reject", client=self.peer_ip, code=421, reason="deadline passed")
+        emit(ConnectionRejected(self.peer_ip, 421, "deadline passed"))
         self.close()
         raise _Closed
 
@@ -334,17 +335,17 @@ class SmtpConnection(asyncio.Protocol):
         try:
             if len(srv.connections) >= self.cfg.max_connections:
                 self.reply(421, "4.7.0", f"{self.cfg.hostname} Too many connections, try later")
-                emit("reject", client=self.peer_ip, code=421, reason="max_connections")
+                emit(ConnectionRejected(self.peer_ip, 421, "max_connections"))
                 self.close()
                 return
             if count >= self.cfg.max_connections_per_ip:
                 self.reply(421, "4.7.0", f"{self.cfg.hostname} Too many connections from you")
-                emit("reject", client=self.peer_ip, code=421, reason="max_connections_per_ip")
+                emit(ConnectionRejected(self.peer_ip, 421, "max_connections_per_ip"))
                 self.close()
                 return
             srv.connections.add(self)
             srv.per_ip[self.peer_ip] = count + 1
-            emit("connect", client=self.peer_ip, mode=self.listener.mode, tls=self.tls)
+            emit(Connected(self.peer_ip, self.listener.mode, self.tls))
             await self._act(session, session.greet())
             while self.transport is not None:
                 line = await self.readline(session.line_limit)
@@ -368,7 +369,7 @@ class SmtpConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.flush()
                 self.transport.close()
-            emit("disconnect", level=logging.DEBUG, client=self.peer_ip)
+            emit(Disconnected(self.peer_ip))
 
     async def _act(self, session: Session, actions: list[Action]) -> None:
         """Carry out the session's actions in order; each may yield more."""
@@ -409,7 +410,7 @@ class SmtpConnection(asyncio.Protocol):
                 self.cfg.command_timeout,
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            emit("tls_failed", level=logging.WARNING, client=self.peer_ip, error=str(exc)[:200])
+            emit(TlsFailed(self.peer_ip, str(exc)))
             transport.abort()
             self.transport = None
             raise _Closed from None

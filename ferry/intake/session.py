@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
 import re
 import time
 from collections.abc import Callable
@@ -22,8 +21,17 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ferry.config import ListenMode, ServerConfig
-from ferry.envelope import Address, EnvelopeIn, Priority, RecipientIn, Reply
-from ferry.events import emit
+from ferry.domains import address_domain
+from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply
+from ferry.events import (
+    Accepted,
+    AuthFailed,
+    AuthSucceeded,
+    ConnectionRejected,
+    Rejected,
+    TlsStarted,
+    emit,
+)
 from ferry.intake.aliases import AliasTable
 from ferry.intake.commands import (
     CommandError,
@@ -240,15 +248,16 @@ class Session:
         self._pending = None
         self.state = "command"
         emit(
-            "accept",
-            id=qid,
-            client=self.peer_ip,
-            sender=envelope.sender or "<>",
-            rcpts=len(envelope.recipients),
-            size=len(envelope.data),
-            priority=envelope.priority.name.lower(),
-            user=self.auth_user,
-            tls=self.tls,
+            Accepted(
+                queue_id=qid,
+                client=self.peer_ip,
+                sender=envelope.sender,
+                recipients=tuple(r.address for r in envelope.recipients),
+                size=len(envelope.data),
+                priority=envelope.priority,
+                user=self.auth_user,
+                tls=self.tls,
+            )
         )
         self._reply(250, "2.0.0", f"Ok: queued as {qid}")
         return self._take()
@@ -266,21 +275,13 @@ class Session:
         self.state = "command"
         self.auth_user = user
         self.user_priority = priority
-        emit("auth", client=self.peer_ip, user=user, mechanism=self._auth_mech, result="ok")
+        emit(AuthSucceeded(self.peer_ip, user, self._auth_mech))
         self._reply(235, "2.7.0", "Authentication successful")
         return self._take()
 
     def auth_failed(self, failures: int) -> list[Action]:
         self.state = "command"
-        emit(
-            "auth",
-            level=logging.WARNING,
-            client=self.peer_ip,
-            user=self._auth_username[:64],
-            mechanism=self._auth_mech,
-            result="fail",
-            failures=failures,
-        )
+        emit(AuthFailed(self.peer_ip, self._auth_username[:64], self._auth_mech, failures))
         self._error(535, "5.7.8", "Authentication credentials invalid")
         return self._take()
 
@@ -290,7 +291,7 @@ class Session:
         self.helo, self.esmtp = None, False
         self.txn = Transaction()
         self.state = "command"
-        emit("tls", client=self.peer_ip, tls=description)
+        emit(TlsStarted(self.peer_ip, description))
         return self._take()
 
     # -- commands ----------------------------------------------------------------
@@ -583,7 +584,7 @@ class Session:
             return
         decision = decide_rcpt(
             self.policy,
-            recipient_domain=Address.parse(address).domain.rstrip("."),
+            recipient_domain=address_domain(address),
             client_ip=self.peer_ip,
             authenticated=self.auth_user is not None,
         )
@@ -656,18 +657,11 @@ class Session:
         self.errors += 1
         if self.errors >= self.cfg.max_errors:
             self._reply(421, "4.7.0", f"{self.cfg.hostname} Too many errors, closing connection")
-            emit("reject", client=self.peer_ip, code=421, reason="too many errors")
+            emit(ConnectionRejected(self.peer_ip, 421, "too many errors"))
             self._close()
 
     def _reject(self, reply: Reply, **fields: Any) -> None:
-        emit(
-            "reject",
-            client=self.peer_ip,
-            code=reply.code,
-            status=reply.enhanced,
-            reason=reply.text,
-            **fields,
-        )
+        emit(Rejected(self.peer_ip, reply, **fields))
         self._error(reply.code, reply.enhanced or "", reply.text)
 
     def _close(self) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ferry.domains import address_domain
 from ferry.envelope import EnvelopeIn, Priority, Reply, Status
 
 
@@ -53,10 +54,15 @@ class RecipientInfo:
     route: str | None
     delay_warned: bool = False
     history: list[Attempt] = field(default_factory=list)
+    expiry_reason: str | None = None  # an Expired recipient: "lifetime" or "max_retries"
+    # A pending recipient: when Ferry gives up at the latest, and which limit says so
+    # (filled by ferry.delivery.retry.fill_give_up from the retry policy, not stored).
+    gives_up: float | None = None
+    gives_up_reason: str | None = None
 
     @property
     def domain(self) -> str:
-        return self.address.rpartition("@")[2].lower()
+        return address_domain(self.address)
 
 
 @dataclass(slots=True)
@@ -78,6 +84,12 @@ class MessageInfo:
     smtputf8: bool
     extra: dict[str, str] = field(default_factory=dict)  # e.g. {"route": "sendgrid"}
     recipients: list[RecipientInfo] = field(default_factory=list)
+    # When its last recipient became final (its body is gone from then on; the history
+    # stays for queue.history_retention). None while work is left.
+    finished: float | None = None
+    # Work left: when its last pending recipient will be given up on (fill_give_up).
+    # ``expires`` is the end of its lifetime alone; this is the real give-up time.
+    gives_up: float | None = None
 
 
 @dataclass(slots=True)
@@ -107,6 +119,7 @@ class AttemptResult:
     tls: str | None = None
     counts_as_attempt: bool = True
     delay_warned: bool = False  # a "delayed" DSN has been sent for this recipient
+    expiry_reason: str | None = None  # status Expired: "lifetime" or "max_retries"
 
 
 @dataclass(slots=True)
@@ -174,6 +187,11 @@ class Queue(abc.ABC):
     ) -> list[str | None]:
         """Record outcomes for leased recipients and release their leases.
 
+        A message whose every recipient is now final is finished at ``now``: its body
+        is deleted in the same transaction (a DSN about it is built before, and queued
+        here with its own copy of what it needs); its history stays until ``purge``.
+        The same holds wherever recipients become final (``cancel``).
+
         ``new_messages`` (envelope, expiry, the recipient ids it reports on) are queued
         in the same transaction -- the DSNs these outcomes call for, so a failure is
         never recorded without its bounce -- but only when at least one of those
@@ -228,6 +246,30 @@ class Queue(abc.ABC):
     @abc.abstractmethod
     async def clear_expired(self) -> int:
         """Delete messages whose every recipient is final and at least one expired."""
+
+    @abc.abstractmethod
+    async def purge(self, *, before: float, limit: int) -> int:
+        """Delete up to ``limit`` finished messages (every recipient final) with their
+        recipients and attempt history, those finished before ``before``, oldest first;
+        returns how many. Callers repeat it in small batches (``ferry.queue.retention``).
+        """
+
+    async def reclaim_space(self, *, pages: int) -> int:
+        """Give back up to ``pages`` free pages to the file system; returns how many.
+
+        A backend whose engine reclaims space itself (PostgreSQL's autovacuum) keeps
+        this default and returns 0.
+        """
+        return 0
+
+    async def free_space(self) -> tuple[int, int]:
+        """(free pages, total pages) of the store, for deciding when to reclaim."""
+        return (0, 0)
+
+    async def checkpoint(self) -> None:
+        """Let the file system see what ``reclaim_space`` gave back (SQLite: a WAL
+        checkpoint, without waiting for anyone); a no-op where nothing is needed."""
+        return None
 
     @abc.abstractmethod
     async def extend_leases(self, owner: str, recipient_ids: Sequence[int], *, until: float) -> int:

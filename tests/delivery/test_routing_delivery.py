@@ -7,7 +7,7 @@ from typing import Any
 
 from ferry.delivery.dsn import parse_dsn
 from ferry.envelope import Status
-from ferry.events import subscribe
+from ferry.events import Event, SmartHostFailed, subscribe
 from tests.delivery.relay_world import SENDER, World, msg
 from tests.harness import wait_until
 
@@ -91,8 +91,8 @@ def test_failover_to_backup_tier_and_back(world: World) -> None:
 def test_wrong_password_moves_on_and_never_logs_it(world: World, tmp_path: Any) -> None:
     first = world.mx("first.auth.test", starttls=True, auth={"user": "right"})
     second = world.mx("second.auth.test", starttls=True, auth={"user": "right"})
-    events: list[tuple[str, dict[str, Any]]] = []
-    unsubscribe = subscribe(lambda e, f: events.append((e, dict(f))))
+    events: list[Event] = []
+    unsubscribe = subscribe(events.append)
     try:
         svc = world.relay(
             mode="relay",
@@ -107,10 +107,11 @@ def test_wrong_password_moves_on_and_never_logs_it(world: World, tmp_path: Any) 
         assert second.wait_for_messages(1, 15)
     finally:
         unsubscribe()
-    failures = [f for e, f in events if e == "smarthost_failed"]
-    assert failures and failures[0]["host"] == "first"
-    assert "535" in failures[0]["reply"]
+    failures = [e for e in events if isinstance(e, SmartHostFailed)]
+    assert failures and failures[0].host == "first"
+    assert failures[0].reply.code == 535
     assert "wrong-Pa55" not in repr(events)
+    assert "wrong-Pa55" not in repr([e.log_fields() for e in events])
     assert first.messages == []
 
 

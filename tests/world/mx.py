@@ -165,6 +165,17 @@ class _Envelope(Envelope):
         self.raw_rcpt_options: list[tuple[str, ...]] = []  # parallel to rcpt_tos
 
 
+def _is_reply(reply: str) -> bool:
+    """One reply line, or several joined by CRLF (RFC 5321 §4.2.1: "250-" until "250 ")."""
+    lines = reply.split("\r\n")
+    return all(
+        line[:3].isdigit()
+        and line[:3] == lines[0][:3]
+        and line[3:4] in ((" ", "") if n == len(lines) - 1 else ("-",))
+        for n, line in enumerate(lines)
+    )
+
+
 def _params(arg: str | None) -> tuple[str, ...]:
     """The parameters after ``FROM:<...>`` / ``TO:<...>``, case preserved."""
     if not arg:
@@ -435,7 +446,7 @@ class MxServer:
         """
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
-        if reply is not None and not (reply[:3].isdigit() and reply[3:4] in (" ", "")):
+        if reply is not None and not _is_reply(reply):
             raise ValueError(f"not an SMTP reply: {reply!r}")
         if rcpt is not None and stage != "rcpt":
             raise ValueError("rcpt= only applies to the rcpt stage")

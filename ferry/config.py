@@ -152,6 +152,10 @@ class ServerConfig(_Model):
     max_connections_per_ip: int = Field(50, ge=1)
     command_timeout: PositiveDuration = 300.0
     data_timeout: PositiveDuration = 600.0
+    # DATA deadline = max(data_timeout, size / data_min_rate) octets/s (see intake/server.py)
+    data_min_rate: int = Field(10_000, ge=1)
+    # RFC 5321 §4.1.4: MAIL/RCPT/DATA before HELO/EHLO get 503 (false: tolerated)
+    require_helo: bool = True
     max_errors: int = Field(20, ge=1)
 
     @field_validator("hostname")

@@ -132,8 +132,13 @@ def parse_params(text: str) -> dict[str, str | None]:
 
 
 def decode_xtext(text: str) -> str:
-    """RFC 3461 §4 xtext: ``+XX`` is the byte with hex value XX."""
-    out = []
+    """RFC 3461 §4 xtext: ``+XX`` is the octet with hex value XX.
+
+    The octets are UTF-8 (what :func:`encode_xtext` and the delivery client write, and
+    RFC 6533 §3 for UTF-8 addresses); octets that are not UTF-8 are kept one character
+    per octet rather than refused.
+    """
+    out = bytearray()
     i = 0
     while i < len(text):
         ch = text[i]
@@ -141,14 +146,17 @@ def decode_xtext(text: str) -> str:
             hexpart = text[i + 1 : i + 3]
             if len(hexpart) != 2 or not all(c in "0123456789ABCDEF" for c in hexpart):
                 raise CommandError(501, "5.5.4", "Malformed xtext")
-            out.append(chr(int(hexpart, 16)))
+            out.append(int(hexpart, 16))
             i += 3
         elif "!" <= ch <= "~" and ch != "=":
-            out.append(ch)
+            out.append(ord(ch))
             i += 1
         else:
             raise CommandError(501, "5.5.4", "Malformed xtext")
-    return "".join(out)
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        return out.decode("latin-1")
 
 
 def encode_xtext(text: str) -> str:

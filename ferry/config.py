@@ -434,7 +434,7 @@ class HttpConfig(_Model):
     rate_limit: float = Field(200.0, gt=0)
     rate_burst: int = Field(400, ge=1)
     #: How long an ``Idempotency-Key`` is remembered.
-    idempotency_ttl: str = "24h"
+    idempotency_ttl: PositiveDuration = 86400.0
 
     @field_validator("metrics_networks")
     @classmethod
@@ -469,8 +469,8 @@ class Webhook(_Model):
     #: Events per request: 1 sends one JSON object, more sends a JSON array.
     batch: int = Field(1, ge=1, le=100)
     #: How long an event is retried (exponential backoff) before it is recorded as failed.
-    retry_for: str = "24h"
-    timeout: str = "10s"
+    retry_for: Duration = 86400.0
+    timeout: PositiveDuration = 10.0
 
     @field_validator("url")
     @classmethod

@@ -26,11 +26,11 @@ from aiohttp import web
 
 from ferry.config import RelayConfig
 from ferry.delivery.routing import parse_route_target
-from ferry.durations import parse_duration
 from ferry.events import HttpAuthFailed, HttpListening, emit
-from ferry.http.limits import RateLimiter, fingerprint, parse_idempotency_key
+from ferry.http.limits import RateLimiter
 from ferry.http.requests import RequestError, Submission, parse_submission
 from ferry.http.tokens import Scope, Token, TokenStore, allows
+from ferry.idempotency import fingerprint, parse_idempotency_key
 from ferry.queue.base import IdempotencyRecord, IdempotencyReplay, new_queue_id
 from ferry.queue.outbox import EVENT_TYPES
 
@@ -94,7 +94,7 @@ class Api:
         self.metrics_networks = [
             ipaddress.ip_network(n, strict=False) for n in config.http.metrics_networks
         ]
-        self.idempotency_ttl = parse_duration(config.http.idempotency_ttl)
+        self.idempotency_ttl = config.http.idempotency_ttl  # seconds, parsed at load
         self._in_flight: set[str] = set()
         self.auth_failures = 0
         self._runner: web.AppRunner | None = None

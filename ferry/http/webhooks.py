@@ -33,7 +33,6 @@ from typing import Any
 import aiohttp
 
 from ferry.config import RelayConfig, Webhook
-from ferry.durations import parse_duration
 from ferry.events import WebhookFailed, WebhookRetrying, emit
 from ferry.queue.outbox import StoredEvent
 
@@ -92,8 +91,8 @@ class Endpoint:
         self.queue = queue
         self.session = session
         self.keys = load_secrets(hook.secret_file)
-        self.retry_for = parse_duration(hook.retry_for)
-        self.timeout = parse_duration(hook.timeout)
+        self.retry_for = hook.retry_for
+        self.timeout = hook.timeout
         self.wake = asyncio.Event()
         self.failures = 0
         self.sent = 0

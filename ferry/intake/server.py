@@ -43,7 +43,7 @@ from ferry.intake.session import (
 )
 from ferry.intake.throttle import AuthThrottle
 from ferry.intake.users import UserDB
-from ferry.queue.base import Queue, new_queue_id
+from ferry.queue.base import IdempotencyRecord, IdempotencyReplay, Queue, new_queue_id
 from ferry.tls import describe
 
 
@@ -82,6 +82,7 @@ class IntakeServer:
         self.aliases = AliasTable(config.aliases, s.local_domains)
         self.throttle = AuthThrottle()
         self.lifetime = config.delivery.message_lifetime  # seconds, parsed at load
+        self.idempotency_ttl = config.http.idempotency_ttl  # seconds, parsed at load
         self.on_accept = on_accept
         self.before_queue = before_queue
         self.servers: list[asyncio.Server] = []
@@ -435,12 +436,29 @@ class SmtpConnection(asyncio.Protocol):
         srv = self.server
         if srv.before_queue is not None:
             await run_hook(srv.before_queue, action.envelope)
+        record = None
+        if action.idempotency is not None:
+            key, fingerprint = action.idempotency
+            record = IdempotencyRecord(
+                key,
+                fingerprint,
+                action.queue_id,
+                action.queue_id,  # the answer to replay is the first queue id
+                action.received_at + srv.idempotency_ttl,
+            )
         try:
             await srv.queue.enqueue(
                 action.envelope,
                 queue_id=action.queue_id,
                 expires=action.received_at + srv.lifetime,
+                idempotency=record,
             )
+        except IdempotencyReplay as replay:
+            # The key's first message is queued already (written with it, in one
+            # transaction): answer as then, queue nothing.
+            if record is not None and replay.record.fingerprint == record.fingerprint:
+                return session.replayed(replay.record.queue_id)
+            return session.idempotency_conflict()
         except Exception as exc:
             logging.getLogger("ferry.intake").exception("enqueue failed")
             return session.enqueue_failed(type(exc).__name__)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from ferry.events import (
     TlsStarted,
     emit,
 )
+from ferry.idempotency import parse_idempotency_key
 from ferry.intake.aliases import AliasTable
 from ferry.intake.commands import (
     CommandError,
@@ -47,6 +49,7 @@ from ferry.message import (
     MAX_HOPS,
     count_received,
     header_block,
+    header_values,
     priority_from_headers,
     protocol_name,
     received_header,
@@ -95,6 +98,9 @@ class Enqueue:
     envelope: EnvelopeIn
     queue_id: str
     received_at: float
+    #: ``(key, fingerprint)`` when an authenticated client's message carries an
+    #: ``Idempotency-Key:`` header: a repeat within the TTL is not queued twice.
+    idempotency: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +244,7 @@ class Session:
         )
         self._pending = (envelope, qid)
         self.state = "busy"
-        self._out.append(Enqueue(envelope, qid, now))
+        self._out.append(Enqueue(envelope, qid, now, self._idempotency(block, txn, data)))
         return self._take()
 
     def enqueued(self) -> list[Action]:
@@ -260,6 +266,41 @@ class Session:
             )
         )
         self._reply(250, "2.0.0", f"Ok: queued as {qid}")
+        return self._take()
+
+    def _idempotency(self, block: bytes, txn: Transaction, data: bytes) -> tuple[str, str] | None:
+        """The message's idempotency key, scoped to its authenticated user, and a
+        fingerprint of the message as the client sent it (our Received: left out)."""
+        if self.auth_user is None:
+            return None  # an unauthenticated client's key could shadow anyone's
+        values = header_values(block, "Idempotency-Key")
+        if not values:
+            return None
+        key = parse_idempotency_key(values[0])
+        if key is None:
+            return None
+        digest = hashlib.sha256()
+        for part in (txn.sender or "", *sorted(r.address for r in txn.recipients)):
+            digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
+        digest.update(data)
+        return f"smtp:{self.auth_user}:{key}", digest.hexdigest()
+
+    def replayed(self, original: str) -> list[Action]:
+        """The last :class:`Enqueue` repeats an earlier message (same key, same content):
+        answer as the first time, with the first queue id; nothing is queued."""
+        self._pending = None
+        self.state = "command"
+        self._reply(250, "2.0.0", f"Ok: queued as {original} (a repeat: not queued again)")
+        return self._take()
+
+    def idempotency_conflict(self) -> list[Action]:
+        """The last :class:`Enqueue` reuses an idempotency key with other content."""
+        self._pending = None
+        self.state = "command"
+        self._reject(
+            Reply(554, "5.6.0", "Idempotency-Key already used for a different message"),
+            error="idempotency_key_reused",
+        )
         return self._take()
 
     def enqueue_failed(self, error: str) -> list[Action]:

@@ -27,6 +27,7 @@ LEAVES = (
     "ferry.tls",
     "ferry.runtime",
     "ferry.metrics",
+    "ferry.idempotency",
     "ferry.dkim",
 )
 #: The stages of a message's trip: intake → queue → delivery.

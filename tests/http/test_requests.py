@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from ferry.envelope import Priority
-from ferry.http.limits import Bucket, fingerprint, parse_idempotency_key
+from ferry.http.limits import Bucket
 from ferry.http.requests import RequestError, parse_submission
+from ferry.idempotency import fingerprint, parse_idempotency_key
 
 CASES = Path(__file__).resolve().parents[1] / "cases" / "idempotency_keys" / "cases.txt"
 

@@ -690,3 +690,39 @@ def test_undecodable_bytes_quoted_in_a_reply_do_not_end_the_session(
     assert (code, text) == (501, "5.5.4 Bad parameter syntax: ?=1")
     assert w.cmd("NOOP")[0] == 250
     w.close()
+
+
+def _send_with_key(port: int, ca: Any, key: str | None, body: str, user: bool = True) -> str:
+    """One message over STARTTLS (+ AUTH when ``user``); the 250 reply's text."""
+    headers = f"Idempotency-Key: {key}\r\n" if key else ""
+    msg = f"From: a@example.org\r\n{headers}Subject: order\r\n\r\n{body}\r\n"
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+        c.ehlo("client.test")
+        c.starttls(context=ca.client_context())
+        c.ehlo("client.test")
+        if user:
+            c.login("alice", PASSWORD)
+        c.mail("a@example.org")
+        c.rcpt("b@example.net")
+        code, reply = c.data(msg.encode())
+    assert code in (250, 554), (code, reply)
+    return f"{code} {reply.decode()}"
+
+
+def test_smtp_idempotency_key_from_an_authenticated_client(
+    relay: ThreadedService, tls_files: Any
+) -> None:
+    port = relay.port()
+    first = _send_with_key(port, tls_files, '"order-7"', "hello")
+    qid = first.split("queued as ")[1].split()[0]
+    # the same message again (a client that lost the 250 and retried): same id, one copy
+    again = _send_with_key(port, tls_files, '"order-7"', "hello")
+    assert again.startswith(f"250 2.0.0 Ok: queued as {qid}")
+    assert [m.id for m in queued(relay)] == [qid]
+    # the same key for other content is refused, and queues nothing
+    other = _send_with_key(port, tls_files, '"order-7"', "something else")
+    assert other.startswith("554") and "Idempotency-Key" in other
+    # another key, or no authentication, is an ordinary new message
+    assert _send_with_key(port, tls_files, "order-8", "hello").startswith("250")
+    assert _send_with_key(port, tls_files, None, "hello").startswith("250")
+    assert len(queued(relay)) == 3

@@ -31,7 +31,7 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
     AfterValidator,
@@ -464,7 +464,9 @@ class Webhook(_Model):
     #: The signing secret (``whsec_...`` base64, or any text); two lines = rotation, both sign.
     secret_file: str
     events: list[WebhookEvent] = Field(
-        default_factory=lambda: ["delivered", "deferred", "failed", "expired", "bounced"]
+        default_factory=lambda: cast(
+            "list[WebhookEvent]", ["delivered", "deferred", "failed", "expired", "bounced"]
+        )
     )
     #: Events per request: 1 sends one JSON object, more sends a JSON array.
     batch: int = Field(1, ge=1, le=100)

@@ -117,6 +117,6 @@ async def render(api: Api) -> tuple[bytes, str]:
     if os.environ.get(DIR_ENV):
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        MultiProcessCollector(registry)
-    registry.register(await snapshot(api))  # type: ignore[arg-type]
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(await snapshot(api))
     return generate_latest(registry), CONTENT_TYPE_LATEST

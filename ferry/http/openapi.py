@@ -11,7 +11,7 @@ import ferry
 if TYPE_CHECKING:
     from ferry.http.server import Route
 
-_ERROR = {
+_ERROR: dict[str, Any] = {
     "type": "object",
     "required": ["error"],
     "properties": {
@@ -23,7 +23,7 @@ _ERROR = {
     },
 }
 
-_RAW = {
+_RAW: dict[str, Any] = {
     "type": "object",
     "required": ["mail_from", "rcpt_to", "data"],
     "properties": {
@@ -33,7 +33,7 @@ _RAW = {
     },
 }
 
-_STRUCTURED = {
+_STRUCTURED: dict[str, Any] = {
     "type": "object",
     "required": ["from"],
     "properties": {
@@ -60,7 +60,7 @@ _STRUCTURED = {
     },
 }
 
-_COMMON = {
+_COMMON: dict[str, Any] = {
     "priority": {"enum": ["low", "normal", "high", "urgent"]},
     "notify": {"type": "array", "items": {"enum": ["NEVER", "SUCCESS", "FAILURE", "DELAY"]}},
     "envid": {"type": "string", "maxLength": 100},
@@ -68,7 +68,7 @@ _COMMON = {
     "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
 }
 
-_ACCEPTED = {
+_ACCEPTED: dict[str, Any] = {
     "type": "object",
     "required": ["id", "recipients"],
     "properties": {

@@ -10,6 +10,7 @@ or revoked while ``ferry serve`` runs take effect at once.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import os
@@ -58,7 +59,7 @@ class TokenStore:
         self._stamp: tuple[int, int] | None = None
         self._by_digest: dict[str, Token] = {}
 
-    def _read(self) -> list[Token]:
+    def _read(self) -> builtins.list[Token]:
         try:
             text = self.path.read_text()
         except FileNotFoundError:
@@ -67,13 +68,13 @@ class TokenStore:
         for line in text.splitlines():
             parts = line.split()
             if len(parts) == 4 and parts[1] in SCOPES:
-                tokens.append(Token(parts[0], parts[1], parts[2], float(parts[3])))  # type: ignore[arg-type]
+                tokens.append(Token(parts[0], parts[1], parts[2], float(parts[3])))
         return tokens
 
-    def list(self) -> list[Token]:
+    def list(self) -> builtins.list[Token]:
         return sorted(self._read(), key=lambda t: t.name)
 
-    def _write(self, tokens: list[Token]) -> None:
+    def _write(self, tokens: builtins.list[Token]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         body = "".join(f"{t.name} {t.scope} {t.digest} {t.created:.0f}\n" for t in tokens)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tokens-")

@@ -14,6 +14,7 @@ lets them read freely and SQLite's lock serialises their short writes.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import concurrent.futures
 import contextlib
 import json
@@ -892,10 +893,10 @@ class SqliteQueue(Queue):
 
     async def events(
         self, *, after: int, types: Sequence[str] = (), limit: int = 100
-    ) -> list[outbox.StoredEvent]:
+    ) -> builtins.list[outbox.StoredEvent]:
         return await self._read(lambda c: outbox.read(c, after=after, types=types, limit=limit))
 
-    async def events_by_id(self, ids: Sequence[int]) -> list[outbox.StoredEvent]:
+    async def events_by_id(self, ids: Sequence[int]) -> builtins.list[outbox.StoredEvent]:
         return await self._read(lambda c: outbox.by_ids(c, ids))
 
     async def webhook_cursor(self, endpoint: str) -> int:
@@ -921,10 +922,10 @@ class SqliteQueue(Queue):
 
         await self._run(job)
 
-    async def webhook_retries(self, endpoint: str, limit: int) -> list[int]:
+    async def webhook_retries(self, endpoint: str, limit: int) -> builtins.list[int]:
         return await self._read(lambda c: outbox.retries(c, endpoint, limit))
 
-    async def webhook_failures(self) -> list[tuple[str, int, float, str]]:
+    async def webhook_failures(self) -> builtins.list[tuple[str, int, float, str]]:
         return await self._read(outbox.failures)
 
     async def webhook_retry(self, endpoint: str | None) -> int:
@@ -932,7 +933,7 @@ class SqliteQueue(Queue):
 
     def commit_counters(self) -> tuple[int, int, float]:
         """(commits, jobs committed, seconds spent) by this process's writer."""
-        w = self._writer
+        w = self._w
         return w.commits, w.committed_jobs, w.commit_seconds
 
     async def webhook_rewind(self, endpoint: str, since: float) -> int:

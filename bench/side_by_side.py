@@ -59,6 +59,8 @@ CONFIGS = {
     "100k-reuse": (102400, True),
 }
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: Relays in report order: Postfix first, then each Ferry compared with it.
+RELAYS = ("postfix", "ferry-base", "ferry")
 
 
 @dataclass
@@ -101,10 +103,14 @@ def _cpu_times() -> tuple[int, int]:
     return idle, sum(values[:8])
 
 
-def wait_quiet(threshold: float = 0.9, timeout: float = 60) -> float:
+#: How long to wait for a quiet machine before each run (``--quiet-timeout``).
+QUIET_TIMEOUT = [60.0]
+
+
+def wait_quiet(threshold: float = 0.9, timeout: float | None = None) -> float:
     """The idle share of the whole machine over the last second, once it reaches
     ``threshold`` (or when ``timeout`` passes: the run then says how busy it was)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + (QUIET_TIMEOUT[0] if timeout is None else timeout)
     while True:
         idle0, total0 = _cpu_times()
         time.sleep(1)
@@ -250,9 +256,8 @@ def run_postfix(tmp: Path, sink_port: int, config: str, rep: int, messages: int)
     )
 
 
-def run_ferry(tmp: Path, sink_port: int, config: str, rep: int, messages: int) -> Run:
-    size, reuse = CONFIGS[config]
-    port = free_port()
+def ferry_config(tmp: Path, port: int, sink_port: int) -> Path:
+    """Ferry's configuration for the run: relay mode to the sink, queue under ``tmp``."""
     cfg = tmp / "ferry.toml"
     cfg.write_text(
         f'[server]\nhostname = "ferry.bench.test"\n'
@@ -265,13 +270,31 @@ def run_ferry(tmp: Path, sink_port: int, config: str, rep: int, messages: int) -
         f"require_tls = false\nmax_connections = 20\n"
         f"max_messages_per_connection = 1000000\n"
     )
-    log = tmp / "serve.log"
-    proc = subprocess.Popen(
+    return cfg
+
+
+def start_ferry(cfg: Path, src: Path | None = None) -> subprocess.Popen[bytes]:
+    """``ferry serve`` from the installed package, or from the source tree ``src``
+    (``--ferry-base``: the code before a change, run alternately with the code after)."""
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    log = cfg.parent / "serve.log"
+    return subprocess.Popen(
         [sys.executable, "-m", "ferry.cli", "--config", str(cfg), "serve"],
-        stdout=open(log, "wb"),  # noqa: SIM115
+        stdout=open(log, "wb"),
         stderr=subprocess.STDOUT,
-        cwd=tmp,
+        cwd=cfg.parent,
+        env=env,
     )
+
+
+def run_ferry(
+    tmp: Path, sink_port: int, config: str, rep: int, messages: int, src: Path | None = None
+) -> Run:
+    size, reuse = CONFIGS[config]
+    port = free_port()
+    proc = start_ferry(ferry_config(tmp, port, sink_port), src)
     try:
         wait_port("127.0.0.1", port)
         idle = wait_quiet()
@@ -295,7 +318,7 @@ def run_ferry(tmp: Path, sink_port: int, config: str, rep: int, messages: int) -
         proc.terminate()
         proc.wait(30)
     return Run(
-        "ferry",
+        "ferry" if src is None else "ferry-base",
         config,
         rep,
         messages,
@@ -327,7 +350,7 @@ def report(runs: list[Run]) -> None:
     )
     print(f"{'':<20} {'(min / med / max)':<24} {'(min / med / max)':<24} {'(min / med / max)':<20}")
     for config in configs:
-        for relay in ("postfix", "ferry"):
+        for relay in RELAYS:
             rs = [r for r in runs if r.config == config and r.relay == relay]
             if not rs:
                 continue
@@ -337,17 +360,18 @@ def report(runs: list[Run]) -> None:
                 f"{_spread_f([r.cpu_ms_per_msg for r in rs]):<20} "
                 f"{max(r.peak_mb for r in rs):.0f}"
             )
-        ratios = []
-        for rep in sorted({r.rep for r in runs if r.config == config}):
-            pair = {r.relay: r for r in runs if r.config == config and r.rep == rep}
-            if len(pair) == 2:
-                ratios.append(pair["ferry"].end_to_end_per_s / pair["postfix"].end_to_end_per_s)
-        if ratios:
-            listed = ", ".join(f"{x:.2f}" for x in ratios)
-            print(
-                f"{'':<11} ferry/postfix end to end per pair: {listed}; "
-                f"median {statistics.median(ratios):.2f}"
-            )
+        for ferry in RELAYS[1:]:
+            ratios = []
+            for rep in sorted({r.rep for r in runs if r.config == config}):
+                pair = {r.relay: r for r in runs if r.config == config and r.rep == rep}
+                if ferry in pair and "postfix" in pair:
+                    ratios.append(pair[ferry].end_to_end_per_s / pair["postfix"].end_to_end_per_s)
+            if ratios:
+                listed = ", ".join(f"{x:.2f}" for x in ratios)
+                print(
+                    f"{'':<11} {ferry}/postfix end to end per pair: {listed}; "
+                    f"median {statistics.median(ratios):.2f}"
+                )
     idles = [r.idle_before for r in runs]
     print(f"\nidle share before the runs: {min(idles):.0%}-{max(idles):.0%} (target >= 90 %)")
 
@@ -359,12 +383,22 @@ def main() -> None:
     ap.add_argument("--messages-1k", type=int, default=20000)
     ap.add_argument("--messages-100k", type=int, default=5000)
     ap.add_argument("--relays", default="postfix,ferry")
+    ap.add_argument(
+        "--ferry-base",
+        type=Path,
+        help="a source tree of Ferry (e.g. `git archive` of the commit before a change): "
+        "adds the relay ferry-base, run alternately with postfix and ferry",
+    )
+    ap.add_argument("--quiet-timeout", type=float, default=60.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     for tool in ("smtp-source", "smtp-sink", "postfix"):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} not found: apt-get install postfix (see the docstring)")
     relays = args.relays.split(",")
+    if args.ferry_base is not None and "ferry-base" not in relays:
+        relays.append("ferry-base")
+    QUIET_TIMEOUT[0] = args.quiet_timeout
     runs: list[Run] = []
     sink_port = free_port(SINK_HOST)
     sink = start_sink(sink_port)
@@ -377,8 +411,11 @@ def main() -> None:
                 order = relays if rep % 2 else list(reversed(relays))
                 for relay in order:
                     with tempfile.TemporaryDirectory(prefix="ferry-sbs-") as d:
-                        runner = run_ferry if relay == "ferry" else run_postfix
-                        run = runner(Path(d), sink_port, config, rep, messages)
+                        if relay == "postfix":
+                            run = run_postfix(Path(d), sink_port, config, rep, messages)
+                        else:
+                            src = args.ferry_base if relay == "ferry-base" else None
+                            run = run_ferry(Path(d), sink_port, config, rep, messages, src)
                     runs.append(run)
                     print(json.dumps(asdict(run)), flush=True)
     finally:

@@ -31,6 +31,8 @@ from ferry.dkim import (
     dns_record,
     normalize_domain,
     relaxed_body,
+    split_lazily,
+    split_message,
     txt_chunks,
 )
 from ferry.envelope import Reply
@@ -590,3 +592,84 @@ def test_cli_rejects_bad_input(cli: Callable[..., tuple[int, str]]) -> None:
     assert code != 0 and "1024" in out
     code, out = cli("show", "nothing.example")
     assert code != 0 and "no DKIM keys" in out
+
+
+# -- cheap when nothing signs (issue 12) ----------------------------------------------
+
+
+def _split_by_normalising_first(message: bytes) -> tuple[list[bytes], bytes]:
+    """The reference: every line end made CRLF, then header block and body split."""
+    message = re.sub(rb"\r\n|\r|\n", b"\r\n", message)
+    if message.startswith(b"\r\n"):
+        head, body = b"", message[2:]
+    elif b"\r\n\r\n" in message:
+        head, body = message.split(b"\r\n\r\n", 1)
+    else:
+        head, body = message, b""
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    return re.split(rb"\r\n(?![ \t])", head.removesuffix(b"\r\n")) if head else [], body
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        MESSAGE,
+        MESSAGE.replace(b"\r\n", b"\n"),
+        MESSAGE.replace(b"\r\n", b"\r"),
+        MESSAGE + b"bare\nLF and bare\rCR in the body\r\n",
+        b"A: 1\r\nB: 2\r\n\r\nbody without a final line end",
+        b"A: 1\r\nB: 2\r\n\r\n",
+        b"A: 1\r\nB: 2\r\n",
+        b"A: 1\nB: 2\r\n\r\nbody\r\n",  # a bare LF in the header block
+        b"A: 1\r\r\n\r\nbody\r\n",  # a bare CR just before the blank line
+        b"A: 1\r\n\r\n\nbody\r\n",  # a bare LF just after it
+        b"\r\nno header at all\r\n",
+        b"\nno header, bare LF\n",
+        b"A: folded\r\n\tcontinued\r\nB: 2\r\n\r\nx",
+        b"",
+    ],
+)
+def test_split_leaves_the_body_for_later_with_the_same_result(message: bytes) -> None:
+    fields, body_of = split_lazily(message)
+    want_fields, want_body = _split_by_normalising_first(message)
+    assert [raw for _, raw in fields] == [f for f in want_fields if f]
+    assert body_of() == want_body
+    assert split_message(message) == (fields, want_body)
+
+
+class _NoBodyScan(bytes):
+    """A message whose whole-buffer scans fail the test (slices are plain bytes)."""
+
+    def count(self, *args: object) -> int:  # type: ignore[override]
+        raise AssertionError("the whole message was scanned")
+
+
+def test_an_unsigned_message_is_not_canonicalised(store: KeyStore) -> None:
+    # Before issue 12 every message was CRLF-normalised (three counts over the whole
+    # buffer, 4 % of delivery at 100 KB) even when no key signs it: this failed then.
+    body = b"line\r\n" * 20000
+    other = MESSAGE.replace(b"alice@example.com>", b"alice@nokeys.example>") + body
+    result = Signer(store).sign(_NoBodyScan(other), envelope_sender="x@nokeys.example")
+    assert result.reason_code == "no_key"
+    signed = Signer(store).sign(MESSAGE + body, envelope_sender="")
+    assert signed.signed
+
+
+def test_the_serving_store_looks_at_the_disk_at_most_once_per_interval(tmp_path: Path) -> None:
+    now = [time.time_ns() + 10_000_000_000]  # files look old enough to be trusted
+    serving = KeyStore(tmp_path, clock_ns=lambda: now[0], recheck_ns=1_000_000_000)
+    assert serving.keys_for("example.com") == []  # no directory yet: cached as such
+    KeyStore(tmp_path).generate("example.com")  # `ferry dkim keygen` beside serve
+    now[0] += 999_000_000
+    assert serving.keys_for("example.com") == []  # within the interval: no look
+    now[0] += 1_000_000
+    assert [k.selector for k in serving.keys_for("example.com")] == ["ferry"]
+    KeyStore(tmp_path).rotate("example.com")
+    now[0] -= 5_000_000_000  # the clock set back: look again rather than trust it
+    assert [k.selector for k in serving.keys_for("example.com")] != ["ferry"]
+    # the default (every lookup compares the directory) sees a change at once
+    every_time = KeyStore(tmp_path, clock_ns=lambda: now[0] + 10_000_000_000)
+    before = every_time.keys_for("example.com")
+    KeyStore(tmp_path).rotate("example.com")
+    assert every_time.keys_for("example.com") != before

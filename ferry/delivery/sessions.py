@@ -51,6 +51,7 @@ from ferry.delivery.shaping import DestinationShaper, is_throttle_reply
 from ferry.delivery.smart_mode import DirectOutcome, SmartRouter, destination_group
 from ferry.delivery.smarthosts import CountStatus, SmartHostSet, is_transport_failure
 from ferry.dkim import KeyStore, Signer
+from ferry.dkim.keys import SERVE_RECHECK_NS
 from ferry.envelope import Reply, Status
 from ferry.events import (
     ConnectFailed,
@@ -798,7 +799,12 @@ def _status_for(reply: Reply, stage: Stage) -> Status:
 def make_signer(config: RelayConfig) -> Signer:
     """The DKIM signer the configuration describes."""
     k = config.dkim
-    store = KeyStore(k.keys_dir, default_selector=k.selector, extra_keys=k.keys or None)
+    store = KeyStore(
+        k.keys_dir,
+        default_selector=k.selector,
+        extra_keys=k.keys or None,
+        recheck_ns=SERVE_RECHECK_NS,  # no stat calls per message (issue 12)
+    )
     return Signer(
         store,
         enabled=k.enabled,

@@ -15,6 +15,7 @@ from ferry.dkim.signing import (
     relaxed_header,
     select_headers,
     sign_one,
+    split_lazily,
     split_message,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "relaxed_header",
     "select_headers",
     "sign_one",
+    "split_lazily",
     "split_message",
     "txt_chunks",
     "zone_line",

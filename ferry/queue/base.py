@@ -22,7 +22,6 @@ from typing import Any
 from ferry.domains import address_domain
 from ferry.envelope import EnvelopeIn, Priority, Reply, Status
 
-
 # The 8 hex digits after the time: a 12-bit number drawn once per process and a 20-bit
 # counter that starts at a random value. Drawing 4 random bytes per message cost a
 # read of /dev/urandom each (a system call, 2-6 % of the intake process): now one per

@@ -2,11 +2,17 @@
 
     python bench/side_by_side.py [--reps 3] [--configs 1k-new,1k-reuse,100k-new,100k-reuse]
                                  [--messages-1k 20000] [--messages-100k 5000] [--json FILE]
+                                 [--ferry-base DIR] [--quiet-timeout 60]
+
+``--ferry-base DIR`` adds a third relay, ``ferry-base``: Ferry run from the source tree
+DIR (e.g. ``git archive <commit> | tar -x -C DIR``) with the same virtualenv, so the code
+before and after a change alternate with Postfix in the same invocation. Each Ferry is
+compared with Postfix pair by pair.
 
 For every configuration (message size x connection mode) and repetition, in one invocation:
 
   1. wait for a quiet machine (at least 90 % of both cores idle over one second, for at most
-     a minute; the idle share found is printed with the run);
+     a minute or ``--quiet-timeout`` seconds; the idle share found is printed with the run);
   2. start the relay on loopback: Postfix (a private instance, ``bench/postfix_instance.py``,
      fsync on, relayhost = the sink) or Ferry (``ferry serve``, fsync on, delivery mode
      ``relay`` to one smart host = the sink, 20 connections as Postfix's default
@@ -345,31 +351,35 @@ def report(runs: list[Run]) -> None:
     configs = [c for c in CONFIGS if any(r.config == c for r in runs)]
     print()
     print(
-        f"{'config':<11} {'relay':<8} {'accept msgs/s':<24} {'end-to-end msgs/s':<24} "
+        f"{'config':<11} {'relay':<10} {'accept msgs/s':<24} {'end-to-end msgs/s':<24} "
         f"{'CPU ms/msg':<20} peak MB"
     )
-    print(f"{'':<20} {'(min / med / max)':<24} {'(min / med / max)':<24} {'(min / med / max)':<20}")
+    print(f"{'':<22} {'(min / med / max)':<24} {'(min / med / max)':<24} {'(min / med / max)':<20}")
     for config in configs:
         for relay in RELAYS:
             rs = [r for r in runs if r.config == config and r.relay == relay]
             if not rs:
                 continue
             print(
-                f"{config:<11} {relay:<8} {_spread([r.accept_per_s for r in rs]):<24} "
+                f"{config:<11} {relay:<10} {_spread([r.accept_per_s for r in rs]):<24} "
                 f"{_spread([r.end_to_end_per_s for r in rs]):<24} "
                 f"{_spread_f([r.cpu_ms_per_msg for r in rs]):<20} "
                 f"{max(r.peak_mb for r in rs):.0f}"
             )
-        for ferry in RELAYS[1:]:
+        for ferry, other in (
+            ("ferry-base", "postfix"),
+            ("ferry", "postfix"),
+            ("ferry", "ferry-base"),
+        ):
             ratios = []
             for rep in sorted({r.rep for r in runs if r.config == config}):
                 pair = {r.relay: r for r in runs if r.config == config and r.rep == rep}
-                if ferry in pair and "postfix" in pair:
-                    ratios.append(pair[ferry].end_to_end_per_s / pair["postfix"].end_to_end_per_s)
+                if ferry in pair and other in pair:
+                    ratios.append(pair[ferry].end_to_end_per_s / pair[other].end_to_end_per_s)
             if ratios:
                 listed = ", ".join(f"{x:.2f}" for x in ratios)
                 print(
-                    f"{'':<11} {ferry}/postfix end to end per pair: {listed}; "
+                    f"{'':<11} {ferry}/{other} end to end per pair: {listed}; "
                     f"median {statistics.median(ratios):.2f}"
                 )
     idles = [r.idle_before for r in runs]

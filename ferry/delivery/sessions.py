@@ -171,7 +171,7 @@ class Delivery:
         )
         self.block_patterns = tuple(d.block_patterns)
         self._bodies: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self.signer = make_signer(config)
+        self.signer = make_signer(config, SERVE_RECHECK_NS)  # no stat calls per message
         self.group_shapers: dict[str, DestinationShaper] = {}
         self.recorder = Recorder(
             config,
@@ -796,14 +796,11 @@ def _status_for(reply: Reply, stage: Stage) -> Status:
     return classify_reply(reply, stage=stage).status
 
 
-def make_signer(config: RelayConfig) -> Signer:
-    """The DKIM signer the configuration describes."""
+def make_signer(config: RelayConfig, recheck_ns: int = 0) -> Signer:
+    """The DKIM signer the configuration describes (``recheck_ns``: see KeyStore)."""
     k = config.dkim
     store = KeyStore(
-        k.keys_dir,
-        default_selector=k.selector,
-        extra_keys=k.keys or None,
-        recheck_ns=SERVE_RECHECK_NS,  # no stat calls per message (issue 12)
+        k.keys_dir, default_selector=k.selector, extra_keys=k.keys or None, recheck_ns=recheck_ns
     )
     return Signer(
         store,

@@ -128,7 +128,11 @@ def wait_quiet(threshold: float = 0.9, timeout: float | None = None) -> float:
 
 def _children(pid: int) -> list[int]:
     out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").glob("*"))
+    except OSError:  # the process exited meanwhile (Postfix's short-lived daemons)
+        return out
+    for task in tasks:
         try:
             out += [int(c) for c in (task / "children").read_text().split()]
         except OSError:

@@ -1,21 +1,17 @@
-"""The log's cheap parts (issue 12): the timestamp is formatted once a second, numbers
-skip the quoting check (the same line as before), and info lines are flushed in batches."""
+"""The text log line's cheap parts (issue 12): the timestamp is formatted once a second
+and numbers skip the quoting check, with the same line as before."""
 
 from __future__ import annotations
 
 import io
 import logging
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 import ferry.events as events
-from ferry.events.log import LineHandler, TextFormatter, _fmt_value
-from tests.world.wait import wait_until
+from ferry.events.log import TextFormatter, _fmt_value
 
 T0 = 1_764_590_399.25  # 2025-12-01T11:59:59.250Z
 
@@ -90,49 +86,3 @@ def test_an_event_line_through_the_logging_module(buffer: io.StringIO) -> None:
     [record] = seen
     assert (record.name, record.levelno, record.funcName) == ("ferry.events", 20, "log_event")
     assert record.ferry_fields == {"id": "Q1", "reason": "no key", "required": False}
-
-
-class _CountingStream(io.StringIO):
-    """A stream that counts its flushes (each one a write system call on a file)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flushes = 0
-
-    def flush(self) -> None:
-        self.flushes += 1
-        super().flush()
-
-
-def test_info_lines_are_flushed_in_batches_warnings_at_once() -> None:
-    # Before issue 12 every line was flushed on its own (a write per line on the event
-    # loop's thread): 100 lines, 100 flushes. This failed then.
-    stream = _CountingStream()
-    handler = LineHandler(stream, delay=0.01)
-    handler.setFormatter(TextFormatter())
-    for i in range(100):
-        handler.handle(_record(T0 + i / 1000, n=i))
-    assert stream.getvalue().count("\n") == 100  # every line written at once, in order
-    assert stream.flushes < 100
-    wait_until(lambda: stream.flushes >= 1, 5, message="the batch was never flushed")
-    before = stream.flushes
-    warning = _record(T0)
-    warning.levelno, warning.levelname = logging.WARNING, "WARNING"
-    handler.handle(warning)
-    assert stream.flushes == before + 1  # a warning does not wait
-    assert stream.getvalue().endswith(" warning word\n")
-
-
-def test_setup_logging_flushes_everything_at_exit(tmp_path: Path) -> None:
-    # A process that logs info lines and exits at once still leaves every line.
-    out = tmp_path / "log.txt"
-    code = (
-        "import sys\n"
-        "import ferry.events as events\n"
-        f"events.setup_logging('info', 'text', open({str(out)!r}, 'w'))\n"
-        "for i in range(50):\n"
-        "    events.emit(events.DkimUnsigned('no key', queue_id=f'Q{i}', required=False))\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-    lines = out.read_text().splitlines()
-    assert len(lines) == 50 and lines[-1].endswith('id=Q49 reason="no key" required=False')

@@ -11,7 +11,6 @@ import json
 import logging
 import re
 import sys
-import threading
 import time
 from typing import Any
 
@@ -47,7 +46,7 @@ def log_event(event: Event) -> None:
         __file__,
         0,
         event.log_message(),
-        (),
+        None,
         None,
         "log_event",
         {"ferry_fields": fields},
@@ -115,51 +114,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
-class LineHandler(logging.StreamHandler[Any]):
-    """A :class:`logging.StreamHandler` that writes every line at once but flushes
-    info and debug lines in batches, at most ``delay`` seconds later.
-
-    A flush per line was a ``write`` system call per log line on the event loop's
-    thread (three lines a message; each call also gives up the GIL to the SQLite
-    threads): 4 % of the delivery process in the profile. Warnings and errors are
-    flushed at once, and everything is flushed at exit (``logging.shutdown``); a
-    process killed outright loses at most ``delay`` seconds of info lines.
-    """
-
-    def __init__(self, stream: Any = None, delay: float = 0.05) -> None:
-        super().__init__(stream)
-        self.delay = delay
-        self._due = threading.Event()
-        self._flusher: threading.Thread | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.stream.write(self.format(record) + self.terminator)
-            if record.levelno >= logging.WARNING:
-                self.flush()
-            elif not self._due.is_set():
-                if self._flusher is None:
-                    self._flusher = threading.Thread(
-                        target=self._flush_later, name="ferry-log-flush", daemon=True
-                    )
-                    self._flusher.start()
-                self._due.set()
-        except RecursionError:  # as logging.StreamHandler.emit
-            raise
-        except Exception:
-            self.handleError(record)
-
-    def _flush_later(self) -> None:
-        while True:
-            self._due.wait()
-            time.sleep(self.delay)  # gather the lines of the next few milliseconds
-            self._due.clear()  # lines written from here on set it again
-            self.flush()
-
-
 def setup_logging(level: str = "info", fmt: str = "text", stream: Any = None) -> None:
     """Send Ferry's log lines to ``stream`` (stdout by default)."""
-    handler = LineHandler(stream or sys.stdout)
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("ferry")
     root.handlers[:] = [handler]

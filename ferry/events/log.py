@@ -46,7 +46,7 @@ def log_event(event: Event) -> None:
         __file__,
         0,
         event.log_message(),
-        None,
+        (),
         None,
         "log_event",
         {"ferry_fields": fields},

@@ -46,8 +46,8 @@ class Priority(enum.IntEnum):
 class Status(enum.StrEnum):
     """State of one recipient, or (derived) of a whole message.
 
-    The names are Zetian's. A recipient is only ever in the first seven; a
-    message additionally can be PartiallyDelivered.
+    A recipient is in one of these except PartiallyDelivered, which only a whole
+    message can be.
     """
 
     QUEUED = "Queued"
@@ -58,6 +58,8 @@ class Status(enum.StrEnum):
     EXPIRED = "Expired"
     CANCELLED = "Cancelled"
     PARTIALLY_DELIVERED = "PartiallyDelivered"
+    # Put aside by an operator (`ferry queue hold`): never claimed until released.
+    HELD = "Held"
 
     @classmethod
     def parse(cls, value: str) -> Status:
@@ -93,7 +95,7 @@ def message_status(recipient_statuses: list[Status] | tuple[Status, ...]) -> Sta
         return Status.IN_PROGRESS
     if Status.DELIVERED in states:
         return Status.PARTIALLY_DELIVERED
-    for pending in (Status.DEFERRED, Status.QUEUED):
+    for pending in (Status.DEFERRED, Status.QUEUED, Status.HELD):
         if pending in states:
             return pending
     for final in (Status.FAILED, Status.EXPIRED, Status.CANCELLED):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import signal
 import ssl
@@ -25,8 +26,25 @@ from ferry.envelope import EnvelopeIn
 from ferry.events import emit
 from ferry.intake.server import IntakeServer, run_hook
 from ferry.queue import open_queue
+from ferry.queue.selection import ALL_DESTINATIONS
 from ferry.queue.sqlite import SqliteQueue
 from ferry.tls import ensure_self_signed, server_context
+
+# Who set the hold that `delivery.hold = true` stands for (lifted at a start without it).
+HOLD_BY_CONFIG = "config:delivery.hold"
+
+# How often `ferry serve` looks for operator actions to log.
+OPERATOR_EVENTS_POLL = 1.0
+
+
+def is_fqdn(name: str) -> bool:
+    """A fully qualified domain name: at least two labels, not localhost, not an IP."""
+    labels = name.rstrip(".").split(".")
+    if len(labels) < 2 or any(not label for label in labels):
+        return False
+    if labels[-1].isdigit():
+        return False  # an IPv4 address
+    return name.rstrip(".").lower() not in ("localhost.localdomain",)
 
 
 class AlreadyRunning(RuntimeError):
@@ -59,8 +77,10 @@ class Service:
         *,
         before_queue: Callable[[EnvelopeIn], Awaitable[None]] | None = None,
         lock: bool = True,
+        config_file: str | None = None,
     ) -> None:
         self.config = config
+        self.config_file = config_file
         self.before_queue = before_queue
         self.use_lock = lock
         self.queue: SqliteQueue | None = None
@@ -68,6 +88,7 @@ class Service:
         self.scheduler: Scheduler | None = None
         self.workers: list[DeliveryProcess] = []
         self._lock: IO[str] | None = None
+        self._operator_log: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._take_lock()
@@ -80,9 +101,21 @@ class Service:
                 emit("leases_released", count=released)
             _clear_stats(self.config)
             d = self.config.delivery
+            # `delivery.hold` is the suspension of every destination, stored in the
+            # queue like `ferry queue suspend '*'`: `ferry queue resume '*'` lifts it
+            # without a restart; restarting with hold = false lifts it too.
+            now = time.time()
             if d.hold:
-                pass
-            elif d.workers == 0:
+                await self.queue.suspend(
+                    ALL_DESTINATIONS,
+                    now=now,
+                    until=None,
+                    reason="delivery.hold = true in the configuration",
+                    by=HOLD_BY_CONFIG,
+                )
+            else:
+                await self.queue.resume(ALL_DESTINATIONS, by=HOLD_BY_CONFIG)
+            if d.workers == 0:
                 self.scheduler = Scheduler(self.config, self.queue, owner=self._owner(0))
                 await self.scheduler.start()
             else:
@@ -102,12 +135,53 @@ class Service:
         except BaseException:
             await self.stop()
             raise
+        await self._log_start()
+        self._operator_log = asyncio.get_running_loop().create_task(self._relay_operator_events())
+
+    async def _log_start(self) -> None:
+        """One line that says what this relay is: version, files, listeners, delivery."""
+        from ferry import __version__
+
+        assert self.queue is not None and self.intake is not None
+        held = [s.domain for s in await self.queue.suspensions(now=time.time())]
+        listeners = ",".join(f"{h}:{p}/{m}" for h, p, m in self.intake.bound())
         emit(
             "started",
+            version=__version__,
+            config=str(Path(self.config_file).resolve()) if self.config_file else "(defaults)",
+            data_dir=str(Path(self.config.queue.path).resolve()),
             hostname=self.config.server.hostname,
+            listeners=listeners or "none",
             mode=self.config.delivery.mode,
-            queue=str(Path(self.config.queue.path).resolve()),
+            workers=self.config.delivery.workers,
+            hold="all" if ALL_DESTINATIONS in held else "no",
+            suspended=",".join(d for d in held if d != ALL_DESTINATIONS) or None,
         )
+        if not is_fqdn(self.config.server.hostname):
+            emit(
+                "hostname_not_fqdn",
+                level=logging.WARNING,
+                hostname=self.config.server.hostname,
+                advice="set server.hostname to this machine's public name (MX, HELO,"
+                " MAILER-DAEMON@ of bounces)",
+            )
+
+    async def _relay_operator_events(self) -> None:
+        """Log what operators do from other processes (`ferry queue hold ...`)."""
+        assert self.queue is not None
+        queue = self.queue
+        last = await queue.last_operator_event()
+        while True:
+            await asyncio.sleep(OPERATOR_EVENTS_POLL)  # polling another process's writes
+            try:
+                for ev in await queue.operator_events(last):
+                    last = ev.pop("id")
+                    ev.pop("at", None)
+                    emit("operator", **ev)
+            except RuntimeError:
+                return  # the queue closed under us: stopping
+            except Exception:
+                logging.getLogger("ferry").exception("reading operator events")
 
     async def submit(self, envelope: EnvelopeIn) -> str:
         """Queue a message durably (the same guarantee as SMTP's 250) and wake delivery."""
@@ -139,6 +213,11 @@ class Service:
             worker.notify()
 
     async def stop(self) -> None:
+        if self._operator_log is not None:
+            self._operator_log.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._operator_log
+            self._operator_log = None
         if self.intake is not None:
             await self.intake.stop()
             self.intake = None

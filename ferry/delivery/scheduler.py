@@ -28,6 +28,7 @@ from ferry.config import RelayConfig
 from ferry.delivery.mx import MxResolver
 from ferry.delivery.sessions import Delivery, Destination, WorkItem, make_shaper
 from ferry.queue.base import ClaimedRecipient, Queue
+from ferry.queue.selection import ALL_DESTINATIONS
 
 # How often a scheduler writes its statistics for `ferry stats` (another process).
 STATS_INTERVAL = 2.0
@@ -41,6 +42,10 @@ LOOP_INTERVAL = 0.005
 # Longest sleep with nothing due: picks up operator changes made from another process
 # (`ferry queue retry`) and expires idle connections.
 IDLE_POLL_SECONDS = 2.0
+
+# How often the scheduler re-reads the suspended destinations (`ferry queue suspend`,
+# from any process): the longest a suspension takes to be obeyed.
+SUSPENSIONS_POLL_SECONDS = 1.0
 
 
 def flat_stats(stats: dict[str, Any]) -> dict[str, Any]:
@@ -97,6 +102,8 @@ class Scheduler:
         self._stopping = False
         self._last_claim = 0.0
         self._last_renewal = time.monotonic()
+        self.suspended: frozenset[str] = frozenset()
+        self._suspensions_read = -math.inf
 
     # -- control -------------------------------------------------------------------
 
@@ -183,7 +190,8 @@ class Scheduler:
         return sum(
             len(d.pending)
             for d in self.destinations.values()
-            if d.relayed or d.shaper.active or d.shaper.open_wait(now) <= 0
+            if (d.relayed or d.shaper.active or d.shaper.open_wait(now) <= 0)
+            and not self._is_suspended(d.domain)
         )
 
     def _full(self) -> list[str]:
@@ -194,8 +202,23 @@ class Scheduler:
             if len(d.pending) >= self.per_destination_backlog
         ]
 
+    async def _read_suspensions(self) -> frozenset[str]:
+        """The destinations operators suspended (re-read at most every second)."""
+        now = time.monotonic()
+        if now - self._suspensions_read >= SUSPENSIONS_POLL_SECONDS:
+            self._suspensions_read = now
+            found = await self.queue.suspensions(now=self.clock())
+            self.suspended = frozenset(s.domain for s in found)
+        return self.suspended
+
+    def _is_suspended(self, domain: str) -> bool:
+        return ALL_DESTINATIONS in self.suspended or domain in self.suspended
+
     async def _claim(self) -> bool:
         """Claim due work if there is room; False when this pass did not claim."""
+        suspended = await self._read_suspensions()
+        if ALL_DESTINATIONS in suspended:
+            return False  # delivery held: nothing is claimed
         backlog = self._working_backlog(self.clock())
         room = self.max_backlog - backlog
         if room <= 0:
@@ -211,7 +234,7 @@ class Scheduler:
             now=self.clock(),
             limit=room,
             lease=self.config.queue.lease_seconds,
-            exclude_domains=self._full(),
+            exclude_domains=[*self._full(), *suspended],
         )
         self._add(claimed)
         return True
@@ -244,6 +267,8 @@ class Scheduler:
         now = self.clock()
         for dest in list(self.destinations.values()):
             shaper = dest.shaper
+            if self._is_suspended(dest.domain):
+                continue  # its claimed work waits (leases renewed) until resumed
             # More sessions for a destination only when its backlog calls for them.
             while (
                 dest.pending
@@ -280,11 +305,13 @@ class Scheduler:
         now = self.clock()
         waits = [IDLE_POLL_SECONDS]
         for dest in self.destinations.values():
-            if dest.pending and not dest.relayed:
+            if dest.pending and not dest.relayed and not self._is_suspended(dest.domain):
                 w = max(dest.shaper.open_wait(now), dest.shaper.send_wait(now))
                 if not math.isinf(w):
                     waits.append(max(0.0, w))
-        due = await self.queue.next_due(exclude_domains=self._full())
+        due = None
+        if ALL_DESTINATIONS not in self.suspended:
+            due = await self.queue.next_due(exclude_domains=[*self._full(), *self.suspended])
         if due is not None:
             # Due work we did not claim this pass (no room, or pacing) is looked at
             # again after CLAIM_INTERVAL -- sooner would only spin; a session ending
@@ -332,6 +359,7 @@ class Scheduler:
             "mx_cache_hits": mx.get("mx_cache_hits", 0),
             "mx_cache_size": mx.get("mx_cache_size", 0),
             "active_sessions": len(self.sessions),
+            "suspended": sorted(self.suspended),
             "backlog": self._backlog(),
             "smart_hosts": self.delivery.smart_hosts.stats(),
             "smart_routing": self.delivery.router.stats(),

@@ -1,0 +1,353 @@
+"""The SQLite queue's operator side: selections, pages, summaries, bulk changes, suspensions.
+
+Functions over a connection, run by ``SqliteQueue`` on its reader connections (reads)
+or its writer thread (changes). Reads walk partial indexes over waiting recipients
+only, and pages are keyset pages, so their cost follows the page and the waiting
+queue, not the history.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+from ferry.envelope import Status
+from ferry.queue.selection import (
+    AGE_BUCKETS,
+    Counts,
+    ListedMessage,
+    ListedRecipient,
+    Page,
+    Selection,
+    Summary,
+    Suspension,
+    normal_domain,
+)
+
+WAITING_SQL = "('Queued','Deferred','InProgress','Held')"
+
+# -- migration step: the operator tables and indexes (idempotent) ---------------------------
+
+OPERATOR_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS suspensions (
+    domain TEXT PRIMARY KEY,          -- a recipient domain, or '*' for every destination
+    since REAL NOT NULL,
+    until REAL,                       -- NULL: until resumed
+    reason TEXT NOT NULL DEFAULT '',
+    by TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS operator_events (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    by TEXT NOT NULL,
+    action TEXT NOT NULL,
+    selection TEXT NOT NULL,
+    messages INTEGER NOT NULL,
+    recipients INTEGER NOT NULL
+);
+-- `queue list` and `queue summary` walk only waiting recipients, newest first; the
+-- index covers what the summary groups by, so it never reads the table.
+CREATE INDEX IF NOT EXISTS recipients_waiting ON recipients(
+    arrival, message_id, domain, last_code, last_enhanced) WHERE status IN {WAITING_SQL};
+-- `queue list --all`: every message, newest first.
+CREATE INDEX IF NOT EXISTS messages_arrival ON messages(arrival, id);
+"""
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Add the operator tables, indexes and the attempts' ``tried`` column if missing."""
+    conn.executescript(OPERATOR_SCHEMA)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(attempts)")}
+    if "tried" not in columns:
+        # Every host tried in an attempt before the one that answered (JSON list).
+        conn.execute("ALTER TABLE attempts ADD COLUMN tried TEXT")
+
+
+# -- selections ----------------------------------------------------------------------
+
+
+def _where(sel: Selection, now: float) -> tuple[list[str], list[Any], bool]:
+    """Conditions on ``r`` (recipients) and ``m`` (messages); True if ``m`` is needed."""
+    where: list[str] = []
+    args: list[Any] = []
+    need_message = False
+    if sel.waiting_only:
+        where.append(f"r.status IN {WAITING_SQL}")
+    if sel.status is Status.PARTIALLY_DELIVERED:
+        where.append("m.status = ?")
+        args.append(sel.status.value)
+        need_message = True
+    elif sel.status is not None:
+        where.append("r.status = ?")
+        args.append(sel.status.value)
+    if sel.ids:
+        where.append(f"r.message_id IN ({','.join('?' * len(sel.ids))})")
+        args.extend(sel.ids)
+    if sel.domain is not None:
+        where.append("r.domain = ?")
+        args.append(sel.domain.lower().rstrip("."))
+    if sel.recipient is not None:
+        where.append("r.address = ? COLLATE NOCASE")
+        args.append(sel.recipient)
+    if sel.sender is not None:
+        where.append("m.sender = ? COLLATE NOCASE")
+        args.append("" if sel.sender in ("<>", "") else sel.sender)
+        need_message = True
+    if sel.older_than is not None:
+        where.append("r.arrival <= ?")
+        args.append(now - sel.older_than)
+    if sel.newer_than is not None:
+        where.append("r.arrival >= ?")
+        args.append(now - sel.newer_than)
+    if sel.reply is not None:
+        where.append(
+            "instr(lower(coalesce(r.last_code,'') || ' ' || coalesce(r.last_enhanced,'')"
+            " || ' ' || coalesce(r.last_text,'')), ?) > 0"
+        )
+        args.append(sel.reply.lower())
+    return where, args, need_message
+
+
+def _from(sel: Selection, need_message: bool) -> str:
+    index = " INDEXED BY recipients_waiting" if sel.waiting_only else ""
+    join = " JOIN messages m ON m.id = r.message_id" if need_message else ""
+    return f"recipients r{index}{join}"
+
+
+def selected_recipients(
+    conn: sqlite3.Connection, sel: Selection, now: float, statuses: tuple[Status, ...] = ()
+) -> list[tuple[int, str]]:
+    """(recipient id, message id) of every recipient the selection names."""
+    where, args, need_message = _where(sel, now)
+    if statuses:
+        where.append(f"r.status IN ({','.join('?' * len(statuses))})")
+        args.extend(s.value for s in statuses)
+    sql = f"SELECT r.id, r.message_id FROM {_from(sel, need_message)}"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return [(int(a), str(b)) for a, b in conn.execute(sql, args)]
+
+
+def list_page(
+    conn: sqlite3.Connection, sel: Selection, *, now: float, limit: int, after: str | None
+) -> Page:
+    """Messages with a selected recipient, newest first, ``limit`` per page."""
+    where, args, need_message = _where(sel, now)
+    if after:
+        row = conn.execute("SELECT arrival FROM messages WHERE id=?", (after,)).fetchone()
+        if row is not None:
+            # Keyset pagination: continue below the last line shown (no OFFSET scan).
+            where.append("(r.arrival, r.message_id) < (?, ?)")
+            args += [row[0], after]
+    if sel.waiting_only or where:
+        sql = f"SELECT DISTINCT r.arrival, r.message_id FROM {_from(sel, need_message)}"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY r.arrival DESC, r.message_id DESC LIMIT ?"
+    else:  # everything, history included: walk the messages by arrival
+        sql = "SELECT arrival, id FROM messages ORDER BY arrival DESC, id DESC LIMIT ?"
+    ids = [row[1] for row in conn.execute(sql, (*args, limit + 1))]
+    more = len(ids) > limit
+    ids = ids[:limit]
+    if not ids:
+        return Page((), None)
+    marks = ",".join("?" * len(ids))
+    messages = {
+        r[0]: r
+        for r in conn.execute(
+            f"SELECT id, arrival, size, sender, status FROM messages WHERE id IN ({marks})", ids
+        )
+    }
+    recipients: dict[str, list[ListedRecipient]] = {i: [] for i in ids}
+    for r in conn.execute(
+        "SELECT message_id, address, status, attempts, next_attempt, last_code, last_enhanced,"
+        f" last_text FROM recipients WHERE message_id IN ({marks}) ORDER BY id",
+        ids,
+    ):
+        recipients[r[0]].append(ListedRecipient(r[1], Status(r[2]), r[3], r[4], r[5], r[6], r[7]))
+    out = tuple(
+        ListedMessage(m[0], m[1], m[2], m[3], Status(m[4]), tuple(recipients[m[0]]))
+        for m in (messages[i] for i in ids if i in messages)
+    )
+    return Page(out, ids[-1] if more else None)
+
+
+def counts(conn: sqlite3.Connection) -> Counts:
+    """Waiting, held and deferred recipients (counted on the partial index)."""
+    rows = dict(
+        conn.execute(
+            "SELECT status, COUNT(*) FROM recipients INDEXED BY recipients_waiting"
+            f" WHERE status IN {WAITING_SQL} GROUP BY status"
+        ).fetchall()
+    )
+    return Counts(
+        waiting_recipients=sum(rows.values()),
+        held_recipients=rows.get("Held", 0),
+        deferred_recipients=rows.get("Deferred", 0),
+    )
+
+
+def summary(conn: sqlite3.Connection, sel: Selection, *, now: float) -> Summary:
+    """qshape's table: waiting recipients per domain and age bucket; and per last reply."""
+    where, args, need_message = _where(sel, now)
+    if not sel.waiting_only:
+        where.append(f"r.status IN {WAITING_SQL}")  # a shape of the waiting queue only
+    cases = " ".join(
+        f"WHEN r.arrival > {now - minutes * 60!r} THEN {i}" for i, minutes in enumerate(AGE_BUCKETS)
+    )
+    bucket = f"CASE {cases} ELSE {len(AGE_BUCKETS)} END"
+    cond = " WHERE " + " AND ".join(where)
+    src = _from(Selection(waiting_only=True), need_message)
+    by_domain: dict[str, list[int]] = {}
+    for domain, b, n in conn.execute(
+        f"SELECT r.domain, {bucket} AS b, COUNT(*) FROM {src}{cond} GROUP BY r.domain, b", args
+    ):
+        by_domain.setdefault(domain, [0] * (len(AGE_BUCKETS) + 1))[b] += n
+    by_reply: dict[tuple[int | None, str | None], int] = {}
+    for code, enhanced, n in conn.execute(
+        f"SELECT r.last_code, r.last_enhanced, COUNT(*) FROM {src}{cond}"
+        " GROUP BY r.last_code, r.last_enhanced",
+        args,
+    ):
+        by_reply[(code, enhanced)] = n
+    return Summary(now, by_domain, by_reply)
+
+
+# -- changes (writer thread) ---------------------------------------------------------
+
+
+def set_held(conn: sqlite3.Connection, ids: list[int], held: bool, now: float) -> int:
+    """Hold Queued/Deferred recipients, or release Held ones (to Queued or Deferred)."""
+    n = 0
+    for part in _chunks(ids):
+        marks = ",".join("?" * len(part))
+        if held:
+            n += conn.execute(
+                "UPDATE recipients SET status='Held' WHERE status IN ('Queued','Deferred')"
+                f" AND id IN ({marks})",
+                part,
+            ).rowcount
+        else:
+            # Released mail is due at once (it may have waited long past its retry).
+            n += conn.execute(
+                "UPDATE recipients SET status=CASE WHEN attempts>0 THEN 'Deferred'"
+                " ELSE 'Queued' END, next_attempt=MIN(coalesce(next_attempt, ?), ?)"
+                f" WHERE status='Held' AND id IN ({marks})",
+                (now, now, *part),
+            ).rowcount
+    return n
+
+
+def make_due(conn: sqlite3.Connection, ids: list[int], now: float) -> int:
+    n = 0
+    for part in _chunks(ids):
+        n += conn.execute(
+            "UPDATE recipients SET next_attempt=? WHERE status IN ('Queued','Deferred')"
+            f" AND id IN ({','.join('?' * len(part))})",
+            (now, *part),
+        ).rowcount
+    return n
+
+
+def cancel(conn: sqlite3.Connection, ids: list[int]) -> list[int]:
+    """Cancel waiting recipients; returns the ids really cancelled."""
+    done: list[int] = []
+    for part in _chunks(ids):
+        marks = ",".join("?" * len(part))
+        done += [
+            r[0]
+            for r in conn.execute(
+                f"SELECT id FROM recipients WHERE status IN {WAITING_SQL} AND id IN ({marks})",
+                part,
+            )
+        ]
+        conn.execute(
+            "UPDATE recipients SET status='Cancelled', next_attempt=NULL, lease_owner=NULL,"
+            f" lease_until=NULL WHERE status IN {WAITING_SQL} AND id IN ({marks})",
+            part,
+        )
+    return done
+
+
+def remove_messages(conn: sqlite3.Connection, message_ids: list[str]) -> int:
+    n = 0
+    for part in _chunks(message_ids):
+        n += conn.execute(
+            f"DELETE FROM messages WHERE id IN ({','.join('?' * len(part))})", part
+        ).rowcount
+    return n
+
+
+def log_operator_event(
+    conn: sqlite3.Connection,
+    *,
+    now: float,
+    by: str,
+    action: str,
+    selection: str,
+    messages: int,
+    recipients: int,
+) -> int:
+    """Keep the action in the queue (same transaction); `ferry serve` logs it."""
+    cur = conn.execute(
+        "INSERT INTO operator_events(at, by, action, selection, messages, recipients)"
+        " VALUES (?,?,?,?,?,?)",
+        (now, by, action, selection, messages, recipients),
+    )
+    return int(cur.lastrowid or 0)
+
+
+def operator_events_after(conn: sqlite3.Connection, after: int) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT id, at, by, action, selection, messages, recipients FROM operator_events"
+        " WHERE id > ? ORDER BY id LIMIT 1000",
+        (after,),
+    ).fetchall()
+    keys = ("id", "at", "by", "action", "selection", "messages", "recipients")
+    return [dict(zip(keys, r, strict=True)) for r in rows]
+
+
+def last_operator_event(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT coalesce(MAX(id), 0) FROM operator_events").fetchone()[0])
+
+
+# -- suspensions ---------------------------------------------------------------------
+
+
+def suspend(
+    conn: sqlite3.Connection, domain: str, *, now: float, until: float | None, reason: str, by: str
+) -> None:
+    conn.execute(
+        "INSERT INTO suspensions(domain, since, until, reason, by) VALUES (?,?,?,?,?)"
+        " ON CONFLICT(domain) DO UPDATE SET since=excluded.since, until=excluded.until,"
+        " reason=excluded.reason, by=excluded.by",
+        (normal_domain(domain), now, until, reason, by),
+    )
+
+
+def resume(conn: sqlite3.Connection, domain: str, by: str | None = None) -> bool:
+    """Lift a suspension (only one set by ``by`` when given)."""
+    sql, args = "DELETE FROM suspensions WHERE domain=?", [normal_domain(domain)]
+    if by is not None:
+        sql += " AND by=?"
+        args.append(by)
+    return conn.execute(sql, args).rowcount > 0
+
+
+def suspensions(conn: sqlite3.Connection, now: float) -> list[Suspension]:
+    """Suspensions in force (expired ones are left out, and deleted by the next write)."""
+    rows = conn.execute(
+        "SELECT domain, since, until, reason, by FROM suspensions"
+        " WHERE until IS NULL OR until > ? ORDER BY domain",
+        (now,),
+    ).fetchall()
+    return [Suspension(*r) for r in rows]
+
+
+def _chunks(ids: list[Any], size: int = 500) -> list[list[Any]]:
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+def tried_json(tried: tuple[str, ...] | list[str]) -> str | None:
+    return json.dumps(list(tried)) if tried else None

@@ -47,12 +47,16 @@ def test_cli_works_while_serving(served) -> None:  # type: ignore[no-untyped-def
     with smtplib.SMTP("127.0.0.1", port) as c:
         c.sendmail("s@example.org", ["a@example.net", "b@example.org"], _msg(1))
         c.sendmail("t@example.org", ["c@example.net"], _msg(2))
-    listing = cli_json(cfg, "queue", "list")
+    listing = cli_json(cfg, "queue", "list")["messages"]
     assert len(listing) == 2
     assert {m["sender"] for m in listing} == {"s@example.org", "t@example.org"}
-    assert len(cli_json(cfg, "queue", "list", "--sender", "t@example.org")) == 1
-    assert len(cli_json(cfg, "queue", "list", "--domain", "example.org")) == 1
-    assert len(cli_json(cfg, "queue", "list", "--status", "queued")) == 2
+
+    def listed(*args: str) -> list[dict[str, object]]:
+        return cli_json(cfg, "queue", "list", *args)["messages"]  # type: ignore[no-any-return]
+
+    assert len(listed("--sender", "t@example.org")) == 1
+    assert len(listed("--domain", "example.org")) == 1
+    assert len(listed("--status", "queued")) == 2
     first = next(m for m in listing if m["sender"] == "s@example.org")
     shown = cli_json(cfg, "queue", "show", first["id"])
     assert [r["address"] for r in shown["recipients"]] == ["a@example.net", "b@example.org"]
@@ -138,5 +142,5 @@ def test_sigkill_loses_nothing_that_got_250(tmp_path: Path, serve_factory) -> No
 
     # After a restart the queue is intact and served.
     serve_factory(cfg, port)
-    listing = cli_json(cfg, "queue", "list", "--limit", "100000")
+    listing = cli_json(cfg, "queue", "list", "--limit", "100000")["messages"]
     assert {m["id"] for m in listing} >= set(acked)

@@ -39,6 +39,7 @@ class Outcome:
     transport: bool = False  # the session failed, not this recipient (may fall back)
     route: str = "direct"  # "direct" | "host:h:port" | "smarthost:name"
     relayed_without_dsn: bool = False  # delivered to a hop that does not speak DSN
+    tried: tuple[str, ...] = ()  # hosts that failed before ``remote`` in this attempt
 
 
 @dataclass
@@ -148,6 +149,7 @@ class Recorder:
                     route=o.route,
                     tls=o.tls,
                     delay_warned=warned,
+                    tried=o.tried,
                 )
             )
             self._count(status, o.route, rcpt.domain)

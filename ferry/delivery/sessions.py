@@ -101,6 +101,8 @@ class _Session:
     # MX answers for this session's destination (the resolver caches too, but asking
     # it per message costs more than the message itself on a fast link)
     mx: dict[str, list[MxHost] | MxError] = field(default_factory=dict)
+    # Hosts that failed, per hop: "host[ip]:port reply" (recorded with each attempt).
+    tried: dict[str, list[str]] = field(default_factory=dict)
 
 
 # Bodies fetched ahead per session: enough to batch reads, small enough for big mail.
@@ -453,9 +455,14 @@ class Delivery:
             except MxError as exc:
                 return _all(claims, Status.DEFERRED, exc.reply, route=route, transport=True)
         conn = await self._mx_conn(hop, route, dest, targets, session)
+        tried = tuple(session.tried.get(hop.label, ()))
         if isinstance(conn, Reply):
-            return _all(claims, Status.DEFERRED, conn, route=route, transport=True)
-        return await self._transfer(conn, item, claims, data, session, hop.label)
+            return _with_tried(
+                _all(claims, Status.DEFERRED, conn, route=route, transport=True), tried
+            )
+        return _with_tried(
+            await self._transfer(conn, item, claims, data, session, hop.label), tried
+        )
 
     async def _mx_conn(
         self,
@@ -501,6 +508,7 @@ class Delivery:
                 if not (exc.tls_handshake_failed and not plain):
                     last = exc.reply
                     self._log_connect_failure(remote, exc)
+                    _note_tried(session, hop.label, remote, exc.reply)
                     continue
                 # Opportunistic TLS: retry this host in clear and remember it.
                 self.tls_fallback[ip] = now + TLS_FALLBACK_SECONDS
@@ -514,6 +522,7 @@ class Delivery:
                 except SmtpError as exc2:
                     last = exc2.reply
                     self._log_connect_failure(remote, exc2)
+                    _note_tried(session, hop.label, remote, exc2.reply)
                     continue
             conn = _Conn(client, key, name, remote, route, limit)
             session.conns[hop.label] = conn
@@ -532,6 +541,10 @@ class Delivery:
         """Through the smart host set: by priority and weight, failing over on transport
         errors (which open that host's circuit breaker)."""
         names = hop_smart_host_names(hop, self.smart_host_names)
+
+        def tried() -> tuple[str, ...]:
+            return tuple(t for n in names for t in session.tried.get(f"smarthost:{n}", ()))
+
         last = transport_failure_reply("refused", "no smart host is available")
         final: list[Outcome] = []
         broken: list[Outcome] = []
@@ -545,6 +558,7 @@ class Delivery:
             now = self.clock()
             broken = [o for o in outcomes if o.transport]
             if broken:
+                _note_tried(session, f"smarthost:{host.name}", conn.remote, broken[0].reply)
                 self.smart_hosts.report(
                     host.name,
                     now,
@@ -559,13 +573,15 @@ class Delivery:
                     self.smart_hosts.count(host.name, _count_name(o.status))
                     final.append(o)
             if not broken:
-                return final
+                return _with_tried(final, tried())
             # The session broke (421, lost connection): the rest try the next host now.
             claims = [o.claim for o in broken]
         if broken:
-            return final + broken
-        return final + _all(
-            claims, Status.DEFERRED, last, route=f"smarthost:{hop.name}", transport=True
+            return _with_tried(final + broken, tried())
+        return _with_tried(
+            final
+            + _all(claims, Status.DEFERRED, last, route=f"smarthost:{hop.name}", transport=True),
+            tried(),
         )
 
     async def _smart_conn(self, host: SmartHost, session: _Session) -> _Conn | Reply:
@@ -608,10 +624,12 @@ class Delivery:
                 client = await self._open_smart(ip, host)
             except credentials.CredentialError as exc:
                 last = transport_failure_reply("protocol", str(exc))
+                _note_tried(session, label, remote, last)
                 emit("smarthost_failed", level=logging.ERROR, host=host.name, reason=str(exc))
                 break
             except SmtpError as exc:
                 last = exc.reply
+                _note_tried(session, label, remote, exc.reply)
                 # The reply and the host, never the credentials (they are not in exc).
                 emit(
                     "smarthost_failed",
@@ -790,6 +808,20 @@ def _count_name(status: Status) -> CountStatus:
     if status is Status.DELIVERED:
         return "sent"
     return "failed" if status is Status.FAILED else "deferred"
+
+
+def _note_tried(session: _Session, label: str, remote: str, reply: Reply) -> None:
+    """Remember a host that failed, for the attempt's record (`ferry queue show`)."""
+    entries = session.tried.setdefault(label, [])
+    if len(entries) < 20:  # a session is bounded, but keep the record short
+        entries.append(f"{remote} {str(reply).splitlines()[0][:200]}")
+
+
+def _with_tried(outcomes: list[Outcome], tried: tuple[str, ...]) -> list[Outcome]:
+    if tried:
+        for o in outcomes:
+            o.tried = tried
+    return outcomes
 
 
 def _template(status: Status, reply: Reply) -> Outcome:

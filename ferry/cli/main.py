@@ -8,7 +8,6 @@ WAL lets both use it at once).
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import importlib
 import json
@@ -44,6 +43,8 @@ def _load(ctx: click.Context) -> RelayConfig:
 
 
 def _with_queue(ctx: click.Context, fn: Callable[[SqliteQueue], Awaitable[T]]) -> T:
+    import asyncio
+
     from ferry.queue.sqlite import SqliteQueue
 
     config = _load(ctx)

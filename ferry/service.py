@@ -25,6 +25,7 @@ from ferry.durations import parse_duration
 from ferry.envelope import EnvelopeIn
 from ferry.events import emit
 from ferry.intake.server import IntakeServer, run_hook
+from ferry.message import message_id
 from ferry.queue import open_queue
 from ferry.queue.selection import ALL_DESTINATIONS
 from ferry.queue.sqlite import SqliteQueue
@@ -194,6 +195,7 @@ class Service:
         emit(
             "accept",
             id=qid,
+            message_id=message_id(envelope.data),
             client="api",
             sender=envelope.sender or "<>",
             rcpts=len(envelope.recipients),

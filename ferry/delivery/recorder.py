@@ -40,6 +40,7 @@ class Outcome:
     route: str = "direct"  # "direct" | "host:h:port" | "smarthost:name"
     relayed_without_dsn: bool = False  # delivered to a hop that does not speak DSN
     tried: tuple[str, ...] = ()  # hosts that failed before ``remote`` in this attempt
+    session: str | None = None  # the outbound SMTP connection's ID (in log lines)
 
 
 @dataclass
@@ -160,6 +161,7 @@ class Recorder:
                 status=status.value,
                 route=o.route,
                 relay=o.remote or "none",
+                session=o.session,
                 tls=o.tls,
                 reply=str(o.reply)[:300],
                 attempt=rcpt.attempts + 1,

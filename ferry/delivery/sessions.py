@@ -16,7 +16,9 @@ import collections
 import itertools
 import logging
 import random
+import secrets
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -103,6 +105,8 @@ class _Session:
     mx: dict[str, list[MxHost] | MxError] = field(default_factory=dict)
     # Hosts that failed, per hop: "host[ip]:port reply" (recorded with each attempt).
     tried: dict[str, list[str]] = field(default_factory=dict)
+    # Queue IDs a connection failure now affects (the message in hand and the next ones).
+    affected: str = ""
 
 
 # Bodies fetched ahead per session: enough to batch reads, small enough for big mail.
@@ -327,6 +331,9 @@ class Delivery:
             raise _Stop
         open_claims = list(item.claims)
         final: list[Outcome] = []
+        session.affected = ",".join(
+            [message.id, *(w.message.id for w in itertools.islice(dest.pending, 9))]
+        )
         for i, hop in enumerate(plan.hops):
             last = i == len(plan.hops) - 1
             try:
@@ -507,7 +514,7 @@ class Delivery:
             except SmtpError as exc:
                 if not (exc.tls_handshake_failed and not plain):
                     last = exc.reply
-                    self._log_connect_failure(remote, exc)
+                    self._log_connect_failure(remote, exc, session.affected)
                     _note_tried(session, hop.label, remote, exc.reply)
                     continue
                 # Opportunistic TLS: retry this host in clear and remember it.
@@ -521,7 +528,7 @@ class Delivery:
                     client = await self._open(ip, hop.port, name, True)
                 except SmtpError as exc2:
                     last = exc2.reply
-                    self._log_connect_failure(remote, exc2)
+                    self._log_connect_failure(remote, exc2, session.affected)
                     _note_tried(session, hop.label, remote, exc2.reply)
                     continue
             conn = _Conn(client, key, name, remote, route, limit)
@@ -625,7 +632,13 @@ class Delivery:
             except credentials.CredentialError as exc:
                 last = transport_failure_reply("protocol", str(exc))
                 _note_tried(session, label, remote, last)
-                emit("smarthost_failed", level=logging.ERROR, host=host.name, reason=str(exc))
+                emit(
+                    "smarthost_failed",
+                    level=logging.ERROR,
+                    host=host.name,
+                    reason=str(exc),
+                    ids=session.affected or None,
+                )
                 break
             except SmtpError as exc:
                 last = exc.reply
@@ -635,6 +648,7 @@ class Delivery:
                     "smarthost_failed",
                     level=logging.WARNING,
                     host=host.name,
+                    ids=session.affected or None,
                     remote=remote,
                     stage=exc.stage,
                     kind=exc.kind,
@@ -699,9 +713,10 @@ class Delivery:
         )
         return await SmtpClient.connect(ip, host.port, options)
 
-    def _log_connect_failure(self, remote: str, exc: SmtpError) -> None:
+    def _log_connect_failure(self, remote: str, exc: SmtpError, ids: str = "") -> None:
         emit(
             "connect_failed",
+            ids=ids or None,
             host=remote,
             stage=exc.stage,
             kind=exc.kind,
@@ -734,7 +749,12 @@ class Delivery:
         specs = [
             RcptSpec(c.recipient.address, c.recipient.notify, c.recipient.orcpt) for c in claims
         ]
-        common = {"remote": conn.remote, "remote_name": conn.name, "route": conn.route}
+        common = {
+            "remote": conn.remote,
+            "remote_name": conn.name,
+            "route": conn.route,
+            "session": outbound_session_id(client),
+        }
         try:
             result = await client.send(
                 message.sender,
@@ -808,6 +828,17 @@ def _count_name(status: Status) -> CountStatus:
     if status is Status.DELIVERED:
         return "sent"
     return "failed" if status is Status.FAILED else "deferred"
+
+
+_outbound_ids: weakref.WeakKeyDictionary[SmtpClient, str] = weakref.WeakKeyDictionary()
+
+
+def outbound_session_id(client: SmtpClient) -> str:
+    """A short ID for one outbound SMTP connection, the same in every log line about it."""
+    sid = _outbound_ids.get(client)
+    if sid is None:
+        sid = _outbound_ids[client] = secrets.token_hex(5)
+    return sid
 
 
 def _note_tried(session: _Session, label: str, remote: str, reply: Reply) -> None:

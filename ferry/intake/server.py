@@ -16,6 +16,7 @@ import binascii
 import contextlib
 import logging
 import re
+import secrets
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,7 @@ from ferry.message import (
     MAX_HOPS,
     count_received,
     header_block,
+    message_id,
     priority_from_headers,
     protocol_name,
     received_header,
@@ -176,6 +178,8 @@ class SmtpConnection(asyncio.Protocol):
         self.user_priority: Priority | None = None
         self.txn = _Transaction()
         self.errors = 0
+        # In every log line about this connection (and the messages it hands over).
+        self.session_id = secrets.token_hex(5)
 
     # -- asyncio.Protocol --------------------------------------------------------
 
@@ -302,17 +306,35 @@ class SmtpConnection(asyncio.Protocol):
         try:
             if len(srv.connections) >= self.cfg.max_connections:
                 self.reply(421, "4.7.0", f"{self.cfg.hostname} Too many connections, try later")
-                emit("reject", client=self.peer_ip, code=421, reason="max_connections")
+                emit(
+                    "reject",
+                    session=self.session_id,
+                    client=self.peer_ip,
+                    code=421,
+                    reason="max_connections",
+                )
                 self.close()
                 return
             if count >= self.cfg.max_connections_per_ip:
                 self.reply(421, "4.7.0", f"{self.cfg.hostname} Too many connections from you")
-                emit("reject", client=self.peer_ip, code=421, reason="max_connections_per_ip")
+                emit(
+                    "reject",
+                    session=self.session_id,
+                    client=self.peer_ip,
+                    code=421,
+                    reason="max_connections_per_ip",
+                )
                 self.close()
                 return
             srv.connections.add(self)
             srv.per_ip[self.peer_ip] = count + 1
-            emit("connect", client=self.peer_ip, mode=self.listener.mode, tls=self.tls)
+            emit(
+                "connect",
+                session=self.session_id,
+                client=self.peer_ip,
+                mode=self.listener.mode,
+                tls=self.tls,
+            )
             self.reply(220, None, f"{self.cfg.hostname} ESMTP Ferry")
             await self._dialogue()
         except (_Closed, ConnectionError):
@@ -334,7 +356,7 @@ class SmtpConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.flush()
                 self.transport.close()
-            emit("disconnect", level=logging.DEBUG, client=self.peer_ip)
+            emit("disconnect", level=logging.DEBUG, session=self.session_id, client=self.peer_ip)
 
     async def _dialogue(self) -> None:
         handlers: dict[str, Callable[[str | None], Any]] = {
@@ -381,13 +403,20 @@ class SmtpConnection(asyncio.Protocol):
         self.errors += 1
         if self.errors >= self.cfg.max_errors:
             self.reply(421, "4.7.0", f"{self.cfg.hostname} Too many errors, closing connection")
-            emit("reject", client=self.peer_ip, code=421, reason="too many errors")
+            emit(
+                "reject",
+                session=self.session_id,
+                client=self.peer_ip,
+                code=421,
+                reason="too many errors",
+            )
             self.close()
             raise _Closed
 
     def reject(self, reply: Reply, **fields: Any) -> None:
         emit(
             "reject",
+            session=self.session_id,
             client=self.peer_ip,
             code=reply.code,
             status=reply.enhanced,
@@ -479,7 +508,13 @@ class SmtpConnection(asyncio.Protocol):
                 self.cfg.command_timeout,
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            emit("tls_failed", level=logging.WARNING, client=self.peer_ip, error=str(exc)[:200])
+            emit(
+                "tls_failed",
+                level=logging.WARNING,
+                session=self.session_id,
+                client=self.peer_ip,
+                error=str(exc)[:200],
+            )
             transport.abort()
             self.transport = None
             raise _Closed from None
@@ -490,7 +525,7 @@ class SmtpConnection(asyncio.Protocol):
         # RFC 3207 §4.2: the session starts over; the client must EHLO again.
         self.helo, self.esmtp = None, False
         self.txn = _Transaction()
-        emit("tls", client=self.peer_ip, tls=self.tls)
+        emit("tls", session=self.session_id, client=self.peer_ip, tls=self.tls)
 
     async def smtp_AUTH(self, arg: str | None) -> None:
         if self.helo is None or not self.esmtp:
@@ -541,6 +576,7 @@ class SmtpConnection(asyncio.Protocol):
             emit(
                 "auth",
                 level=logging.WARNING,
+                session=self.session_id,
                 client=self.peer_ip,
                 user=username[:64],
                 mechanism=mech,
@@ -552,7 +588,14 @@ class SmtpConnection(asyncio.Protocol):
         self.server.throttle.record_success(self.peer_ip)
         self.auth_user = record.name
         self.user_priority = record.priority
-        emit("auth", client=self.peer_ip, user=record.name, mechanism=mech, result="ok")
+        emit(
+            "auth",
+            session=self.session_id,
+            client=self.peer_ip,
+            user=record.name,
+            mechanism=mech,
+            result="ok",
+        )
         self.reply(235, "2.7.0", "Authentication successful")
 
     async def _challenge(self, prompt: str) -> str:
@@ -769,6 +812,8 @@ class SmtpConnection(asyncio.Protocol):
         emit(
             "accept",
             id=qid,
+            session=self.session_id,
+            message_id=message_id(data),
             client=self.peer_ip,
             sender=txn.sender or "<>",
             rcpts=len(txn.recipients),

@@ -109,7 +109,7 @@ def _header(ctx: click.Context, now: float) -> str:
     return (
         f"queue {config.data_dir.resolve() / 'queue.db'}: {counts.waiting_recipients} recipients"
         f" waiting ({counts.deferred_recipients} deferred, {counts.held_recipients} held);"
-        f" delivery {delivery_state(suspended)}"
+        f" delivery: {delivery_state(suspended)}"
     )
 
 

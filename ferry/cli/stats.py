@@ -27,7 +27,7 @@ def serve_pid(config: RelayConfig) -> int | None:
 
 
 def delivery_state(suspended: list[Suspension]) -> str:
-    """One line: delivering, held (every destination) or some destinations suspended."""
+    """One line: running, held (every destination) or some destinations suspended."""
     hold = [s for s in suspended if s.domain == ALL_DESTINATIONS]
     if hold:
         s = hold[0]
@@ -35,8 +35,8 @@ def delivery_state(suspended: list[Suspension]) -> str:
         why = f": {s.reason}" if s.reason else ""
         return f"HELD (every destination suspended{until}{why}; `ferry queue resume '*'`)"
     if suspended:
-        return "delivering; suspended: " + ", ".join(s.domain for s in suspended)
-    return "delivering"
+        return "running; suspended: " + ", ".join(s.domain for s in suspended)
+    return "running"
 
 
 def smart_host_table(console: Console, hosts: dict[str, Any]) -> None:

@@ -350,7 +350,10 @@ class OperatorMethods:
 
         def job(conn: sqlite3.Connection) -> None:
             sqlite_ops.suspend(conn, domain, now=now, until=until, reason=reason, by=by)
-            what = f"{domain} until {'resumed' if until is None else round(until)} {reason}"
+            end = "resumed"
+            if until is not None:
+                end = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until))
+            what = f"{domain} until {end} {reason}"
             sqlite_ops.log_operator_event(
                 conn, now=now, by=by, action="suspend", selection=what.strip(), messages=0,
                 recipients=0,

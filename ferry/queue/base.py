@@ -256,5 +256,5 @@ class Queue(abc.ABC):
     # Operator tools (ferry/queue/selection.py has the values): the list, summary, bulk
     # and suspension methods; delivery only needs this one.
     @abc.abstractmethod
-    async def suspensions(self, *, now: float) -> list[Suspension]:
+    async def suspensions(self, *, now: float) -> Sequence[Suspension]:
         """Destinations whose delivery is paused now (``*``: every destination)."""

@@ -46,10 +46,17 @@ CREATE TABLE IF NOT EXISTS operator_events (
     messages INTEGER NOT NULL,
     recipients INTEGER NOT NULL
 );
--- `queue list` and `queue summary` walk only waiting recipients, newest first; the
--- index covers what the summary groups by, so it never reads the table.
-CREATE INDEX IF NOT EXISTS recipients_waiting ON recipients(
-    arrival, message_id, domain, last_code, last_enhanced) WHERE status IN {WAITING_SQL};
+-- Operator reads walk only waiting recipients (partial indexes), never the history:
+-- `queue list`, newest first;
+DROP INDEX IF EXISTS recipients_waiting;  -- an earlier shape of the next one
+CREATE INDEX IF NOT EXISTS recipients_waiting_age ON recipients(arrival, message_id, domain)
+    WHERE status IN {WAITING_SQL};
+-- `queue list --domain` and the summary's domain x age table (range counts);
+CREATE INDEX IF NOT EXISTS recipients_waiting_domain ON recipients(domain, arrival, message_id)
+    WHERE status IN {WAITING_SQL};
+-- the counts by status and the summary's table by last reply.
+CREATE INDEX IF NOT EXISTS recipients_waiting_status ON recipients(
+    status, last_code, last_enhanced) WHERE status IN {WAITING_SQL};
 -- `queue list --all`: every message, newest first.
 CREATE INDEX IF NOT EXISTS messages_arrival ON messages(arrival, id);
 """
@@ -110,7 +117,10 @@ def _where(sel: Selection, now: float) -> tuple[list[str], list[Any], bool]:
 
 
 def _from(sel: Selection, need_message: bool) -> str:
-    index = " INDEXED BY recipients_waiting" if sel.waiting_only else ""
+    index = ""
+    if sel.waiting_only:
+        name = "domain" if sel.domain is not None else "age"
+        index = f" INDEXED BY recipients_waiting_{name}"
     join = " JOIN messages m ON m.id = r.message_id" if need_message else ""
     return f"recipients r{index}{join}"
 
@@ -177,7 +187,7 @@ def counts(conn: sqlite3.Connection) -> Counts:
     """Waiting, held and deferred recipients (counted on the partial index)."""
     rows = dict(
         conn.execute(
-            "SELECT status, COUNT(*) FROM recipients INDEXED BY recipients_waiting"
+            "SELECT status, COUNT(*) FROM recipients INDEXED BY recipients_waiting_status"
             f" WHERE status IN {WAITING_SQL} GROUP BY status"
         ).fetchall()
     )
@@ -190,6 +200,8 @@ def counts(conn: sqlite3.Connection) -> Counts:
 
 def summary(conn: sqlite3.Connection, sel: Selection, *, now: float) -> Summary:
     """qshape's table: waiting recipients per domain and age bucket; and per last reply."""
+    if sel == Selection():  # the whole waiting queue: from counts on the indexes
+        return _summary_by_counts(conn, now)
     where, args, need_message = _where(sel, now)
     if not sel.waiting_only:
         where.append(f"r.status IN {WAITING_SQL}")  # a shape of the waiting queue only
@@ -211,6 +223,41 @@ def summary(conn: sqlite3.Connection, sel: Selection, *, now: float) -> Summary:
         args,
     ):
         by_reply[(code, enhanced)] = n
+    return Summary(now, by_domain, by_reply)
+
+
+def _summary_by_counts(conn: sqlite3.Connection, now: float) -> Summary:
+    """The unfiltered summary from index range counts: no per-row work, no sorting.
+
+    Per domain, the recipients younger than each bucket's limit are counted on the
+    (domain, arrival) index; a count touches only the entries it counts, so the whole
+    table costs a few passes over the waiting recipients' index entries at most.
+    """
+    waiting = f"status IN {WAITING_SQL}"
+    totals = conn.execute(
+        f"SELECT domain, COUNT(*) FROM recipients INDEXED BY recipients_waiting_domain"
+        f" WHERE {waiting} GROUP BY domain"
+    ).fetchall()
+    by_domain: dict[str, list[int]] = {}
+    for name, total in totals:
+        younger = [
+            conn.execute(
+                "SELECT COUNT(*) FROM recipients INDEXED BY recipients_waiting_domain"
+                f" WHERE {waiting} AND domain = ? AND arrival > ?",
+                (name, now - minutes * 60),
+            ).fetchone()[0]
+            for minutes in AGE_BUCKETS
+        ]
+        cumulative = [*younger, total]
+        by_domain[name] = [b - a for a, b in zip([0, *cumulative], cumulative, strict=False)]
+    by_reply: dict[tuple[int | None, str | None], int] = {}
+    # Grouped in the index's order (status first): streamed, then merged across statuses.
+    for _status, code, enhanced, n in conn.execute(
+        "SELECT status, last_code, last_enhanced, COUNT(*) FROM recipients"
+        f" INDEXED BY recipients_waiting_status WHERE {waiting}"
+        " GROUP BY status, last_code, last_enhanced"
+    ):
+        by_reply[(code, enhanced)] = by_reply.get((code, enhanced), 0) + n
     return Summary(now, by_domain, by_reply)
 
 

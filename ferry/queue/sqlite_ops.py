@@ -57,8 +57,8 @@ CREATE INDEX IF NOT EXISTS recipients_waiting_domain ON recipients(domain, arriv
 -- the counts by status and the summary's table by last reply.
 CREATE INDEX IF NOT EXISTS recipients_waiting_status ON recipients(
     status, last_code, last_enhanced) WHERE status IN {WAITING_SQL};
--- `queue list --all`: every message, newest first.
-CREATE INDEX IF NOT EXISTS messages_arrival ON messages(arrival, id);
+-- (`queue list --all` walks the messages' primary key: queue IDs sort by arrival time.)
+DROP INDEX IF EXISTS messages_arrival;  -- an earlier shape, never needed
 """
 
 
@@ -144,19 +144,26 @@ def list_page(
 ) -> Page:
     """Messages with a selected recipient, newest first, ``limit`` per page."""
     where, args, need_message = _where(sel, now)
-    if after:
+    everything = not sel.waiting_only and not where
+    if after and not everything:
         row = conn.execute("SELECT arrival FROM messages WHERE id=?", (after,)).fetchone()
         if row is not None:
             # Keyset pagination: continue below the last line shown (no OFFSET scan).
             where.append("(r.arrival, r.message_id) < (?, ?)")
             args += [row[0], after]
-    if sel.waiting_only or where:
+    if not everything:
         sql = f"SELECT DISTINCT r.arrival, r.message_id FROM {_from(sel, need_message)}"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY r.arrival DESC, r.message_id DESC LIMIT ?"
-    else:  # everything, history included: walk the messages by arrival
-        sql = "SELECT arrival, id FROM messages ORDER BY arrival DESC, id DESC LIMIT ?"
+    else:
+        # Everything, history included: queue IDs start with their arrival time in ms,
+        # so the primary key is the arrival order (no index of our own to maintain).
+        sql = "SELECT NULL, id FROM messages"
+        if after:
+            sql += " WHERE id < ?"
+            args.append(after)
+        sql += " ORDER BY id DESC LIMIT ?"
     ids = [row[1] for row in conn.execute(sql, (*args, limit + 1))]
     more = len(ids) > limit
     ids = ids[:limit]

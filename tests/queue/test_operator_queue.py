@@ -101,27 +101,28 @@ async def test_pages_are_keyset_pages_in_arrival_order(queue: SqliteQueue) -> No
 
 
 async def test_filters(queue: SqliteQueue) -> None:
+    # Queue IDs sort by arrival, as real ones do (the newest has the greatest).
     _put(
         queue,
         [
-            ("M1", 1, "a@x.example", "Deferred", 451),
-            ("M2", 100, "b@y.example", "Queued", None),
-            ("M3", 1000, "c@x.example", "Delivered", None),
+            ("X9", 1, "a@x.example", "Deferred", 451),
+            ("X5", 100, "b@y.example", "Queued", None),
+            ("X1", 1000, "c@x.example", "Delivered", None),
         ],
     )
 
     async def ids(sel: Selection) -> list[str]:
         return [m.id for m in (await queue.list_page(sel, now=NOW, limit=10, after=None)).messages]
 
-    assert await ids(Selection()) == ["M1", "M2"]
-    assert await ids(Selection(waiting_only=False)) == ["M1", "M2", "M3"]
-    assert await ids(Selection(domain="X.example.")) == ["M1"]
-    assert await ids(Selection(reply="greylisted")) == ["M1"]
-    assert await ids(Selection(reply="4.7.1")) == ["M1"]
-    assert await ids(Selection(older_than=3600)) == ["M2"]
-    assert await ids(Selection(newer_than=120)) == ["M1"]
-    assert await ids(Selection(recipient="B@Y.example")) == ["M2"]
-    assert await ids(Selection(status=Status.DELIVERED, waiting_only=False)) == ["M3"]
+    assert await ids(Selection()) == ["X9", "X5"]
+    assert await ids(Selection(waiting_only=False)) == ["X9", "X5", "X1"]
+    assert await ids(Selection(domain="X.example.")) == ["X9"]
+    assert await ids(Selection(reply="greylisted")) == ["X9"]
+    assert await ids(Selection(reply="4.7.1")) == ["X9"]
+    assert await ids(Selection(older_than=3600)) == ["X5"]
+    assert await ids(Selection(newer_than=120)) == ["X9"]
+    assert await ids(Selection(recipient="B@Y.example")) == ["X5"]
+    assert await ids(Selection(status=Status.DELIVERED, waiting_only=False)) == ["X1"]
 
 
 async def test_hold_release_cancel_with_dsn(queue: SqliteQueue) -> None:

@@ -83,9 +83,7 @@ def machine_fqdn() -> str:
     help="Where the queue lives (default: DIRECTORY/ferry-data).",
 )
 @click.option("--force", is_flag=True, help="Replace an existing ferry.toml.")
-def init_command(
-    directory: str, hostname: str | None, data_dir: str | None, force: bool
-) -> None:
+def init_command(directory: str, hostname: str | None, data_dir: str | None, force: bool) -> None:
     """Write a commented starter DIRECTORY/ferry.toml and print the next steps."""
     import datetime
 

@@ -50,7 +50,7 @@ SUSPENSIONS_POLL_SECONDS = 1.0
 
 def flat_stats(stats: dict[str, Any]) -> dict[str, Any]:
     """The counters of ``Scheduler.stats()`` without the nested tables (for a log line)."""
-    return {k: v for k, v in stats.items() if not isinstance(v, dict)}
+    return {k: v for k, v in stats.items() if not isinstance(v, (dict, list))}
 
 
 def stats_dir(config: RelayConfig) -> Path:

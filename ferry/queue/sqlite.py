@@ -355,7 +355,12 @@ class OperatorMethods:
                 end = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until))
             what = f"{domain} until {end} {reason}"
             sqlite_ops.log_operator_event(
-                conn, now=now, by=by, action="suspend", selection=what.strip(), messages=0,
+                conn,
+                now=now,
+                by=by,
+                action="suspend",
+                selection=what.strip(),
+                messages=0,
                 recipients=0,
             )
 
@@ -371,9 +376,13 @@ class OperatorMethods:
             lifted = sqlite_ops.resume(conn, domain, by)
             if logged_by is not None:
                 sqlite_ops.log_operator_event(
-                    conn, now=time.time(), by=logged_by, action="resume",
+                    conn,
+                    now=time.time(),
+                    by=logged_by,
+                    action="resume",
                     selection=domain if lifted else f"{domain} (was not suspended)",
-                    messages=0, recipients=0,
+                    messages=0,
+                    recipients=0,
                 )
             return lifted
 
@@ -381,9 +390,7 @@ class OperatorMethods:
         return result
 
     async def suspensions(self, *, now: float) -> list[Suspension]:
-        result: list[Suspension] = await self._read(
-            lambda conn: sqlite_ops.suspensions(conn, now)
-        )
+        result: list[Suspension] = await self._read(lambda conn: sqlite_ops.suspensions(conn, now))
         return result
 
     async def operator_events(self, after: int) -> list[dict[str, Any]]:

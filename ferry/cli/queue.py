@@ -97,16 +97,17 @@ def _age(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def _header(ctx: click.Context, now: float) -> str:
+def _read_with_header(ctx: click.Context, now: float, fn: Callable[[Any], Any]) -> tuple[Any, str]:
+    """``fn(queue)``'s result and the listing's header line, from one opening of the queue."""
     from ferry.cli.stats import delivery_state
 
     config = _load(ctx)
 
-    async def read(q: Any) -> tuple[Any, Any]:
-        return await q.counts(), await q.suspensions(now=now)
+    async def read(q: Any) -> tuple[Any, Any, Any]:
+        return await fn(q), await q.counts(), await q.suspensions(now=now)
 
-    counts, suspended = _with_queue(ctx, read)
-    return (
+    result, counts, suspended = _with_queue(ctx, read)
+    return result, (
         f"queue {config.data_dir.resolve() / 'queue.db'}: {counts.waiting_recipients} recipients"
         f" waiting ({counts.deferred_recipients} deferred, {counts.held_recipients} held);"
         f" delivery: {delivery_state(suspended)}"
@@ -186,7 +187,10 @@ def queue_list(
     """
     sel: Selection = _selection(opts, everything=everything)
     now = time.time()
-    page: Page = _with_queue(ctx, lambda q: q.list_page(sel, now=now, limit=limit, after=after))
+    page: Page
+    page, header = _read_with_header(
+        ctx, now, lambda q: q.list_page(sel, now=now, limit=limit, after=after)
+    )
     if as_json:
         _print_json(
             {
@@ -196,7 +200,7 @@ def queue_list(
             }
         )
         return
-    click.echo(_header(ctx, now))
+    click.echo(header)
     for m in page.messages:
         click.echo(listed_line(m, now))
     if not page.messages:
@@ -243,12 +247,13 @@ def queue_summary(ctx: click.Context, top: int, as_json: bool, **opts: Any) -> N
     """Waiting recipients per destination and age in minutes, and per last reply (qshape)."""
     sel: Selection = _selection(opts)
     now = time.time()
-    s: Summary = _with_queue(ctx, lambda q: q.summary(sel, now=now))
+    s: Summary
+    s, header = _read_with_header(ctx, now, lambda q: q.summary(sel, now=now))
     data = summary_json(s)
     if as_json:
         _print_json(data)
         return
-    click.echo(_header(ctx, now))
+    click.echo(header)
     heads = ["T"] + [str(m) for m in AGE_BUCKETS] + [f"{AGE_BUCKETS[-1]}+"]
     rows = list(data["by_domain"].items())
     totals = [0] * (len(AGE_BUCKETS) + 1)

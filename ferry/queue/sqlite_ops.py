@@ -15,6 +15,7 @@ from typing import Any
 from ferry.envelope import Status
 from ferry.queue.selection import (
     AGE_BUCKETS,
+    WAITING,
     Counts,
     ListedMessage,
     ListedRecipient,
@@ -25,7 +26,7 @@ from ferry.queue.selection import (
     normal_domain,
 )
 
-WAITING_SQL = "('Queued','Deferred','InProgress','Held')"
+WAITING_SQL = "(" + ",".join(f"'{s.value}'" for s in WAITING) + ")"
 
 # -- migration step: the operator tables and indexes (idempotent) ---------------------------
 
@@ -46,17 +47,22 @@ CREATE TABLE IF NOT EXISTS operator_events (
     messages INTEGER NOT NULL,
     recipients INTEGER NOT NULL
 );
--- Operator reads walk only waiting recipients (partial indexes), never the history:
--- `queue list`, newest first;
-DROP INDEX IF EXISTS recipients_waiting;  -- an earlier shape of the next one
-CREATE INDEX IF NOT EXISTS recipients_waiting_age ON recipients(arrival, message_id, domain)
-    WHERE status IN {WAITING_SQL};
+-- Operator reads walk only waiting recipients (partial indexes), never the history, and
+-- each index holds every column its reads need (status included), so they never
+-- touch the table: `queue list`, newest first;
+DROP INDEX IF EXISTS recipients_waiting;  -- earlier shapes of these, never released
+DROP INDEX IF EXISTS recipients_waiting_age;
+DROP INDEX IF EXISTS recipients_waiting_domain;
+DROP INDEX IF EXISTS recipients_waiting_status;
+DROP INDEX IF EXISTS recipients_waiting_by_status;
+CREATE INDEX IF NOT EXISTS recipients_waiting_by_age ON recipients(
+    arrival, message_id, domain, status) WHERE status IN {WAITING_SQL};
 -- `queue list --domain` and the summary's domain x age table (range counts);
-CREATE INDEX IF NOT EXISTS recipients_waiting_domain ON recipients(domain, arrival, message_id)
-    WHERE status IN {WAITING_SQL};
+CREATE INDEX IF NOT EXISTS recipients_waiting_by_domain ON recipients(
+    domain, arrival, message_id, status) WHERE status IN {WAITING_SQL};
 -- the counts by status and the summary's table by last reply.
-CREATE INDEX IF NOT EXISTS recipients_waiting_status ON recipients(
-    status, last_code, last_enhanced) WHERE status IN {WAITING_SQL};
+CREATE INDEX IF NOT EXISTS recipients_waiting_by_reply ON recipients(
+    status, last_code, last_enhanced, domain, arrival) WHERE status IN {WAITING_SQL};
 -- (`queue list --all` walks the messages' primary key: queue IDs sort by arrival time.)
 DROP INDEX IF EXISTS messages_arrival;  -- an earlier shape, never needed
 """
@@ -116,11 +122,18 @@ def _where(sel: Selection, now: float) -> tuple[list[str], list[Any], bool]:
     return where, args, need_message
 
 
-def _from(sel: Selection, need_message: bool) -> str:
+def _from(sel: Selection, need_message: bool, *, whole: bool = False) -> str:
+    """The FROM clause. ``whole``: every match is read (no early stop at a page), so a
+    sender's messages are the cheaper start than the waiting recipients."""
+    if whole and sel.sender is not None and sel.domain is None:
+        return (
+            "messages m INDEXED BY messages_sender"
+            " CROSS JOIN recipients r INDEXED BY recipients_message ON r.message_id = m.id"
+        )
     index = ""
     if sel.waiting_only:
         name = "domain" if sel.domain is not None else "age"
-        index = f" INDEXED BY recipients_waiting_{name}"
+        index = f" INDEXED BY recipients_waiting_by_{name}"
     join = " JOIN messages m ON m.id = r.message_id" if need_message else ""
     return f"recipients r{index}{join}"
 
@@ -133,7 +146,7 @@ def selected_recipients(
     if statuses:
         where.append(f"r.status IN ({','.join('?' * len(statuses))})")
         args.extend(s.value for s in statuses)
-    sql = f"SELECT r.id, r.message_id FROM {_from(sel, need_message)}"
+    sql = f"SELECT r.id, r.message_id FROM {_from(sel, need_message, whole=True)}"
     if where:
         sql += " WHERE " + " AND ".join(where)
     return [(int(a), str(b)) for a, b in conn.execute(sql, args)]
@@ -194,7 +207,7 @@ def counts(conn: sqlite3.Connection) -> Counts:
     """Waiting, held and deferred recipients (counted on the partial index)."""
     rows = dict(
         conn.execute(
-            "SELECT status, COUNT(*) FROM recipients INDEXED BY recipients_waiting_status"
+            "SELECT status, COUNT(*) FROM recipients INDEXED BY recipients_waiting_by_reply"
             f" WHERE status IN {WAITING_SQL} GROUP BY status"
         ).fetchall()
     )
@@ -207,8 +220,8 @@ def counts(conn: sqlite3.Connection) -> Counts:
 
 def summary(conn: sqlite3.Connection, sel: Selection, *, now: float) -> Summary:
     """qshape's table: waiting recipients per domain and age bucket; and per last reply."""
-    if sel == Selection():  # the whole waiting queue: from counts on the indexes
-        return _summary_by_counts(conn, now)
+    if _countable(sel):
+        return _summary_by_counts(conn, sel, now)
     where, args, need_message = _where(sel, now)
     if not sel.waiting_only:
         where.append(f"r.status IN {WAITING_SQL}")  # a shape of the waiting queue only
@@ -217,7 +230,8 @@ def summary(conn: sqlite3.Connection, sel: Selection, *, now: float) -> Summary:
     )
     bucket = f"CASE {cases} ELSE {len(AGE_BUCKETS)} END"
     cond = " WHERE " + " AND ".join(where)
-    src = _from(Selection(waiting_only=True), need_message)
+    # The waiting recipients' index (or the sender's messages).
+    src = _from(Selection(domain=sel.domain, sender=sel.sender), need_message, whole=True)
     by_domain: dict[str, list[int]] = {}
     for domain, b, n in conn.execute(
         f"SELECT r.domain, {bucket} AS b, COUNT(*) FROM {src}{cond} GROUP BY r.domain, b", args
@@ -233,25 +247,39 @@ def summary(conn: sqlite3.Connection, sel: Selection, *, now: float) -> Summary:
     return Summary(now, by_domain, by_reply)
 
 
-def _summary_by_counts(conn: sqlite3.Connection, now: float) -> Summary:
-    """The unfiltered summary from index range counts: no per-row work, no sorting.
+def _countable(sel: Selection) -> bool:
+    """Can the summary be counted on the indexes alone (filters on their columns only)?"""
+    return (
+        sel.waiting_only
+        and sel.sender is None
+        and sel.recipient is None
+        and sel.reply is None
+        and not sel.ids
+        and (sel.status is None or sel.status in WAITING)
+    )
+
+
+def _summary_by_counts(conn: sqlite3.Connection, sel: Selection, now: float) -> Summary:
+    """The summary from index range counts: no per-row work, no sorting, no table reads.
 
     Per domain, the recipients younger than each bucket's limit are counted on the
     (domain, arrival) index; a count touches only the entries it counts, so the whole
     table costs a few passes over the waiting recipients' index entries at most.
     """
-    waiting = f"status IN {WAITING_SQL}"
+    where, args, _need_message = _where(sel, now)  # columns of both indexes only
+    cond = " AND ".join(where)
     totals = conn.execute(
-        f"SELECT domain, COUNT(*) FROM recipients INDEXED BY recipients_waiting_domain"
-        f" WHERE {waiting} GROUP BY domain"
+        "SELECT domain, COUNT(*) FROM recipients r INDEXED BY recipients_waiting_by_domain"
+        f" WHERE {cond} GROUP BY domain",
+        args,
     ).fetchall()
     by_domain: dict[str, list[int]] = {}
     for name, total in totals:
         younger = [
             conn.execute(
-                "SELECT COUNT(*) FROM recipients INDEXED BY recipients_waiting_domain"
-                f" WHERE {waiting} AND domain = ? AND arrival > ?",
-                (name, now - minutes * 60),
+                "SELECT COUNT(*) FROM recipients r INDEXED BY recipients_waiting_by_domain"
+                f" WHERE {cond} AND r.domain = ? AND r.arrival > ?",
+                (*args, name, now - minutes * 60),
             ).fetchone()[0]
             for minutes in AGE_BUCKETS
         ]
@@ -260,9 +288,10 @@ def _summary_by_counts(conn: sqlite3.Connection, now: float) -> Summary:
     by_reply: dict[tuple[int | None, str | None], int] = {}
     # Grouped in the index's order (status first): streamed, then merged across statuses.
     for _status, code, enhanced, n in conn.execute(
-        "SELECT status, last_code, last_enhanced, COUNT(*) FROM recipients"
-        f" INDEXED BY recipients_waiting_status WHERE {waiting}"
-        " GROUP BY status, last_code, last_enhanced"
+        "SELECT status, last_code, last_enhanced, COUNT(*) FROM recipients r"
+        f" INDEXED BY recipients_waiting_by_reply WHERE {cond}"
+        " GROUP BY status, last_code, last_enhanced",
+        args,
     ):
         by_reply[(code, enhanced)] = by_reply.get((code, enhanced), 0) + n
     return Summary(now, by_domain, by_reply)

@@ -70,8 +70,17 @@ async def test_summary_from_counts_equals_the_grouped_summary(queue: SqliteQueue
         rows.append((f"M{i:05d}", (i * 7) % 2000, f"u{i}@{domain}", status, 451 if i % 5 else None))
     _put(queue, rows)
     fast = await queue.summary(Selection(), now=NOW)
-    grouped = await queue.summary(Selection(older_than=0), now=NOW)  # the general path
-    assert fast.by_domain == grouped.by_domain and fast.by_reply == grouped.by_reply
+    # The same shape through the other two paths: rows grouped on the waiting index (any
+    # reply matches ""), and rows reached from the sender's messages.
+    for other in (Selection(reply=""), Selection(sender="s@x.example")):
+        grouped = await queue.summary(other, now=NOW)
+        assert fast.by_domain == grouped.by_domain and fast.by_reply == grouped.by_reply
+    older = await queue.summary(Selection(older_than=600 * 60), now=NOW)
+    assert (
+        older.by_domain
+        == (await queue.summary(Selection(older_than=600 * 60, reply=""), now=NOW)).by_domain
+    )
+    assert sum(older.by_domain["a.example"][:7]) == 0  # nothing younger than 600 min
     waiting = [r for r in rows if r[3] != "Delivered"]
     assert sum(sum(v) for v in fast.by_domain.values()) == len(waiting)
     expected = [0] * 10

@@ -160,7 +160,20 @@ def main() -> None:
         ),
         ("ferry queue list --reply greylisted", [*ferry, "queue", "list", "--reply", "greylisted"]),
         ("ferry queue list --older-than 1d", [*ferry, "queue", "list", "--older-than", "1d"]),
+        ("ferry queue list --status held", [*ferry, "queue", "list", "--status", "held"]),
         ("ferry queue summary", [*ferry, "queue", "summary"]),
+        (
+            "ferry queue summary --older-than 1h",
+            [*ferry, "queue", "summary", "--older-than", "1h"],
+        ),
+        (
+            "ferry queue summary --reply greylisted",
+            [*ferry, "queue", "summary", "--reply", "greylisted"],
+        ),
+        (
+            "ferry queue summary --sender app3@bench.example",
+            [*ferry, "queue", "summary", "--sender", "app3@bench.example"],
+        ),
         ("ferry queue show ID", [*ferry, "queue", "show", some_id]),
         ("ferry queue suspended", [*ferry, "queue", "suspended"]),
         ("ferry queue stats", [*ferry, "queue", "stats"]),

@@ -114,6 +114,7 @@ def _where(sel: Selection, now: float) -> tuple[list[str], list[Any], bool]:
         where.append("r.arrival >= ?")
         args.append(now - sel.newer_than)
     if sel.reply is not None:
+        where.append("r.last_code IS NOT NULL")  # no reply, nothing to match
         where.append(
             "instr(lower(coalesce(r.last_code,'') || ' ' || coalesce(r.last_enhanced,'')"
             " || ' ' || coalesce(r.last_text,'')), ?) > 0"
@@ -131,7 +132,10 @@ def _from(sel: Selection, need_message: bool, *, whole: bool = False) -> str:
             " CROSS JOIN recipients r INDEXED BY recipients_message ON r.message_id = m.id"
         )
     index = ""
-    if sel.waiting_only:
+    if whole and sel.waiting_only and sel.reply is not None and sel.domain is None:
+        # Only recipients with a reply can match: the index has them apart.
+        index = " INDEXED BY recipients_waiting_by_reply"
+    elif sel.waiting_only:
         name = "domain" if sel.domain is not None else "age"
         index = f" INDEXED BY recipients_waiting_by_{name}"
     join = " JOIN messages m ON m.id = r.message_id" if need_message else ""
@@ -231,19 +235,19 @@ def summary(conn: sqlite3.Connection, sel: Selection, *, now: float) -> Summary:
     bucket = f"CASE {cases} ELSE {len(AGE_BUCKETS)} END"
     cond = " WHERE " + " AND ".join(where)
     # The waiting recipients' index (or the sender's messages).
-    src = _from(Selection(domain=sel.domain, sender=sel.sender), need_message, whole=True)
+    src = _from(
+        Selection(domain=sel.domain, sender=sel.sender, reply=sel.reply), need_message, whole=True
+    )
     by_domain: dict[str, list[int]] = {}
-    for domain, b, n in conn.execute(
-        f"SELECT r.domain, {bucket} AS b, COUNT(*) FROM {src}{cond} GROUP BY r.domain, b", args
-    ):
-        by_domain.setdefault(domain, [0] * (len(AGE_BUCKETS) + 1))[b] += n
     by_reply: dict[tuple[int | None, str | None], int] = {}
-    for code, enhanced, n in conn.execute(
-        f"SELECT r.last_code, r.last_enhanced, COUNT(*) FROM {src}{cond}"
-        " GROUP BY r.last_code, r.last_enhanced",
+    # One pass: both tables from the same groups.
+    for domain, b, code, enhanced, n in conn.execute(
+        f"SELECT r.domain, {bucket} AS b, r.last_code, r.last_enhanced, COUNT(*)"
+        f" FROM {src}{cond} GROUP BY r.domain, b, r.last_code, r.last_enhanced",
         args,
     ):
-        by_reply[(code, enhanced)] = n
+        by_domain.setdefault(domain, [0] * (len(AGE_BUCKETS) + 1))[b] += n
+        by_reply[(code, enhanced)] = by_reply.get((code, enhanced), 0) + n
     return Summary(now, by_domain, by_reply)
 
 

@@ -70,9 +70,9 @@ async def test_summary_from_counts_equals_the_grouped_summary(queue: SqliteQueue
         rows.append((f"M{i:05d}", (i * 7) % 2000, f"u{i}@{domain}", status, 451 if i % 5 else None))
     _put(queue, rows)
     fast = await queue.summary(Selection(), now=NOW)
-    # The same shape through the other two paths: rows grouped on the waiting index (any
-    # reply matches ""), and rows reached from the sender's messages.
-    for other in (Selection(reply=""), Selection(sender="s@x.example")):
+    # The same shape through the other two paths: rows grouped (a summary is of waiting
+    # mail even with --all), and rows reached from the sender's messages.
+    for other in (Selection(waiting_only=False), Selection(sender="s@x.example")):
         grouped = await queue.summary(other, now=NOW)
         assert fast.by_domain == grouped.by_domain and fast.by_reply == grouped.by_reply
     older = await queue.summary(Selection(older_than=600 * 60), now=NOW)
@@ -83,6 +83,8 @@ async def test_summary_from_counts_equals_the_grouped_summary(queue: SqliteQueue
     assert sum(older.by_domain["a.example"][:7]) == 0  # nothing younger than 600 min
     waiting = [r for r in rows if r[3] != "Delivered"]
     assert sum(sum(v) for v in fast.by_domain.values()) == len(waiting)
+    replied = await queue.summary(Selection(reply="greylisted"), now=NOW)
+    assert sum(replied.by_reply.values()) == sum(1 for r in waiting if r[4])
     expected = [0] * 10
     for r in waiting:
         if r[2].endswith("@a.example"):

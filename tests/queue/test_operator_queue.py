@@ -76,10 +76,8 @@ async def test_summary_from_counts_equals_the_grouped_summary(queue: SqliteQueue
         grouped = await queue.summary(other, now=NOW)
         assert fast.by_domain == grouped.by_domain and fast.by_reply == grouped.by_reply
     older = await queue.summary(Selection(older_than=600 * 60), now=NOW)
-    assert (
-        older.by_domain
-        == (await queue.summary(Selection(older_than=600 * 60, reply=""), now=NOW)).by_domain
-    )
+    grouped = await queue.summary(Selection(older_than=600 * 60, waiting_only=False), now=NOW)
+    assert older.by_domain == grouped.by_domain
     assert sum(older.by_domain["a.example"][:7]) == 0  # nothing younger than 600 min
     waiting = [r for r in rows if r[3] != "Delivered"]
     assert sum(sum(v) for v in fast.by_domain.values()) == len(waiting)

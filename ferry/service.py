@@ -90,6 +90,9 @@ class Service:
         self.workers: list[DeliveryProcess] = []
         self._lock: IO[str] | None = None
         self._operator_log: asyncio.Task[None] | None = None
+        # Every destination suspended (re-read every second): accepting then wakes no
+        # delivery process -- there is nothing it may do.
+        self._held = config.delivery.hold
 
     async def start(self) -> None:
         self._take_lock()
@@ -168,7 +171,8 @@ class Service:
             )
 
     async def _relay_operator_events(self) -> None:
-        """Log what operators do from other processes (`ferry queue hold ...`)."""
+        """Log what operators do from other processes (`ferry queue hold ...`), and
+        follow whether delivery is held."""
         assert self.queue is not None
         queue = self.queue
         last = await queue.last_operator_event()
@@ -179,6 +183,8 @@ class Service:
                     last = ev.pop("id")
                     ev.pop("at", None)
                     emit("operator", **ev)
+                held = await queue.suspensions(now=time.time())
+                self._held = any(s.domain == ALL_DESTINATIONS for s in held)
             except RuntimeError:
                 return  # the queue closed under us: stopping
             except Exception:
@@ -209,6 +215,8 @@ class Service:
         return f"{self.config.server.hostname}:{os.getpid()}:{n}"
 
     def _accepted(self, _queue_id: str) -> None:
+        if self._held:
+            return  # delivery picks the mail up by itself within seconds of a resume
         if self.scheduler is not None:
             self.scheduler.notify()
         for worker in self.workers:

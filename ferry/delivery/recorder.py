@@ -1,8 +1,11 @@
 """From outcomes to the queue: retries, expiry, DSNs, statistics (Postfix's bounce/defer).
 
-Sessions hand every transaction's outcomes to ``Recorder.finish`` and go on at once;
-the recorder task writes them in batches (many transactions, one queue write) and then
-queues whatever DSNs they call for.
+Sessions hand every transaction's outcomes to ``Recorder.finish`` and wait until they
+are committed before their connection starts another transaction (issue 10.1: a crash
+may repeat only the transactions in flight, at most one per connection). Waiting costs
+little because it is shared: one recorder task writes whatever outcomes are waiting in
+one queue write (many transactions, one commit), together with the DSNs they call for,
+while the next ones gather behind it -- group commit across connections.
 """
 
 from __future__ import annotations
@@ -66,7 +69,17 @@ class DeliveryStats:
     )
 
 
-_Entry = tuple[MessageInfo, list[AttemptResult], list[Report], list[Report], list[Report], float]
+@dataclass(slots=True)
+class _Entry:
+    """One transaction's outcomes, waiting for the commit that records them."""
+
+    message: MessageInfo
+    results: list[AttemptResult]
+    failed: list[Report]
+    delayed: list[Report]
+    relayed: list[Report]
+    now: float
+    recorded: asyncio.Future[None]
 
 
 class Recorder:
@@ -102,8 +115,13 @@ class Recorder:
         self._outbox: list[_Entry] = []
         self._task: asyncio.Task[None] | None = None
 
-    def finish(self, message: MessageInfo, outcomes: list[Outcome]) -> None:
-        """Take one transaction's outcomes: retries decided now, written soon."""
+    async def finish(self, message: MessageInfo, outcomes: list[Outcome]) -> None:
+        """Record one transaction's outcomes; returns once they are committed.
+
+        Retries are decided now; the write is shared with every other session's
+        outcomes waiting at the same moment. Cancelling the caller does not cancel
+        the write.
+        """
         now = self.clock()
         results: list[AttemptResult] = []
         failed: list[Report] = []
@@ -164,9 +182,12 @@ class Recorder:
                 delay=round(now - message.arrival, 3),
                 next=round(next_attempt - now, 1) if next_attempt else None,
             )
-        self._outbox.append((message, results, failed, delayed, relayed, now))
+        loop = asyncio.get_running_loop()
+        entry = _Entry(message, results, failed, delayed, relayed, now, loop.create_future())
+        self._outbox.append(entry)
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._drain())
+            self._task = loop.create_task(self._drain())
+        await asyncio.shield(entry.recorded)
 
     def drop(self, claims: list[ClaimedRecipient]) -> None:
         """Forget claims that need no record (their message was removed meanwhile)."""
@@ -176,15 +197,15 @@ class Recorder:
         delay = 0.5
         while self._outbox:
             batch, self._outbox = self._outbox, []
-            results = [r for entry in batch for r in entry[1]]
+            results = [r for entry in batch for r in entry.results]
             dsns: list[tuple[EnvelopeIn, float, MessageInfo, list[Report]]] = []
             if self.config.delivery.bounces:
-                for message, _results, failed, delayed, relayed, now in batch:
+                for e in batch:
                     try:
-                        dsns += await self._dsns(message, failed, delayed, relayed, now)
+                        dsns += await self._dsns(e.message, e.failed, e.delayed, e.relayed, e.now)
                     except Exception:  # a bug in a report must not stop the record
                         logging.getLogger("ferry.delivery").exception(
-                            "building a DSN for %s failed", message.id
+                            "building a DSN for %s failed", e.message.id
                         )
             life = self.policy.message_lifetime
             try:
@@ -192,7 +213,7 @@ class Recorder:
                 ids = await self.queue.record(
                     self.owner,
                     results,
-                    now=max(e[5] for e in batch),
+                    now=max(e.now for e in batch),
                     new_messages=[
                         (env, now + life, [r.recipient.id for r in reports])
                         for env, now, _m, reports in dsns
@@ -208,6 +229,9 @@ class Recorder:
                 continue
             delay = 0.5
             self.held.difference_update(r.recipient_id for r in results)
+            for e in batch:
+                if not e.recorded.done():
+                    e.recorded.set_result(None)  # the sessions waiting on it go on
             for qid, (_env, _now, message, reports) in zip(ids, dsns, strict=True):
                 if qid is None:
                     continue  # its outcomes were discarded (cancelled meanwhile)

@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ferry.config import RelayConfig
-from ferry.delivery.bounces import Report, dsn_envelope
+from ferry.delivery.bounces import (
+    NOTICE_KEY,
+    Report,
+    double_bounce_envelope,
+    dsn_envelope,
+    is_postmaster_notice,
+)
 from ferry.delivery.retry import RetryPolicy, after_temporary_failure
 from ferry.durations import parse_duration
 from ferry.envelope import EnvelopeIn, Reply, Status
@@ -53,7 +59,8 @@ class DeliveryStats:
     deferred: int = 0
     expired: int = 0
     bounced: int = 0  # DSNs queued
-    dsn_dropped: int = 0  # DSNs (sender <>) that could not be delivered
+    double_bounces: int = 0  # undeliverable DSNs (sender <>) reported to the postmaster
+    dsn_dropped: int = 0  # postmaster notices that could not be delivered either
     connections: int = 0
     tls_fallbacks: int = 0
     direct_sent: int = 0
@@ -110,6 +117,7 @@ class Recorder:
         self.delay_warning_after = parse_duration(d.delay_warning_after)
         self.hostname = config.server.hostname
         self.bounce_from = d.bounce_sender or f"MAILER-DAEMON@{self.hostname}"
+        self.postmaster = d.postmaster or f"postmaster@{self.hostname}"
         self.stats = DeliveryStats()
         self.held: set[int] = set()  # recipient ids claimed and not yet recorded
         self._outbox: list[_Entry] = []
@@ -232,9 +240,21 @@ class Recorder:
             for e in batch:
                 if not e.recorded.done():
                     e.recorded.set_result(None)  # the sessions waiting on it go on
-            for qid, (_env, _now, message, reports) in zip(ids, dsns, strict=True):
+            for qid, (env, _now, message, reports) in zip(ids, dsns, strict=True):
                 if qid is None:
                     continue  # its outcomes were discarded (cancelled meanwhile)
+                if NOTICE_KEY in env.extra:
+                    self.stats.double_bounces += 1
+                    emit(
+                        "double_bounce",
+                        level=logging.WARNING,
+                        id=qid,
+                        about=message.id,
+                        to=self.postmaster,
+                        rcpts=len(reports),
+                        reply=str(reports[0].reply)[:300],
+                    )
+                    continue
                 self.stats.bounced += 1
                 emit(
                     "dsn",
@@ -262,9 +282,23 @@ class Recorder:
         relayed: list[Report],
         now: float,
     ) -> list[tuple[EnvelopeIn, float, MessageInfo, list[Report]]]:
-        """The DSN messages these reports call for (none for a message from <>)."""
+        """The DSN messages these reports call for; for a failed message from <> (a
+        double bounce), the postmaster's notice."""
         if message.sender == "" and failed:
-            # RFC 5321 §4.5.5: a DSN that cannot be delivered is dropped, never bounced.
+            # RFC 5321 §4.5.5: a report is never bounced to its (null) sender. Postfix's
+            # answer: tell the postmaster -- unless this is that notice failing in turn.
+            if not is_postmaster_notice(message):
+                original = await self.read_body(message.id) or b""
+                notice = double_bounce_envelope(
+                    message,
+                    original,
+                    failed,
+                    hostname=self.hostname,
+                    bounce_from=self.bounce_from,
+                    postmaster=self.postmaster,
+                    now=now,
+                )
+                return [(notice, now, message, failed)]
             self.stats.dsn_dropped += len(failed)
             for r in failed:
                 emit(

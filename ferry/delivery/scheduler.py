@@ -316,6 +316,7 @@ class Scheduler:
             "deferred": s.deferred,
             "expired": s.expired,
             "bounced": s.bounced,
+            "double_bounces": s.double_bounces,
             "dsn_dropped": s.dsn_dropped,
             "connections": s.connections,
             "connections_reused": self.delivery.pool.reused,

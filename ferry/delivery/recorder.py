@@ -3,9 +3,8 @@
 Sessions hand every transaction's outcomes to ``Recorder.finish`` and wait until they
 are committed before their connection starts another transaction (issue 10.1: a crash
 may repeat only the transactions in flight, at most one per connection). Waiting costs
-little because it is shared: one recorder task writes whatever outcomes are waiting in
-one queue write (many transactions, one commit), together with the DSNs they call for,
-while the next ones gather behind it -- group commit across connections.
+little because it is shared: the queue's writer commits every write waiting at the same
+moment in one transaction (group commit across connections).
 """
 
 from __future__ import annotations
@@ -86,7 +85,6 @@ class _Entry:
     delayed: list[Report]
     relayed: list[Report]
     now: float
-    recorded: asyncio.Future[None]
 
 
 class Recorder:
@@ -120,8 +118,7 @@ class Recorder:
         self.postmaster = d.postmaster or f"postmaster@{self.hostname}"
         self.stats = DeliveryStats()
         self.held: set[int] = set()  # recipient ids claimed and not yet recorded
-        self._outbox: list[_Entry] = []
-        self._task: asyncio.Task[None] | None = None
+        self._writing: set[asyncio.Task[None]] = set()  # outcomes being recorded
 
     async def finish(self, message: MessageInfo, outcomes: list[Outcome]) -> None:
         """Record one transaction's outcomes; returns once they are committed.
@@ -190,89 +187,82 @@ class Recorder:
                 delay=round(now - message.arrival, 3),
                 next=round(next_attempt - now, 1) if next_attempt else None,
             )
-        loop = asyncio.get_running_loop()
-        entry = _Entry(message, results, failed, delayed, relayed, now, loop.create_future())
-        self._outbox.append(entry)
-        if self._task is None or self._task.done():
-            self._task = loop.create_task(self._drain())
-        await asyncio.shield(entry.recorded)
+        entry = _Entry(message, results, failed, delayed, relayed, now)
+        # Shielded: a cancelled session (shutdown) must not cancel the write itself.
+        task = asyncio.get_running_loop().create_task(self._record(entry))
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+        await asyncio.shield(task)
 
     def drop(self, claims: list[ClaimedRecipient]) -> None:
         """Forget claims that need no record (their message was removed meanwhile)."""
         self.held.difference_update(c.recipient.id for c in claims)
 
-    async def _drain(self) -> None:
-        delay = 0.5
-        while self._outbox:
-            batch, self._outbox = self._outbox, []
-            results = [r for entry in batch for r in entry.results]
-            dsns: list[tuple[EnvelopeIn, float, MessageInfo, list[Report]]] = []
-            if self.config.delivery.bounces:
-                for e in batch:
-                    try:
-                        dsns += await self._dsns(e.message, e.failed, e.delayed, e.relayed, e.now)
-                    except Exception:  # a bug in a report must not stop the record
-                        logging.getLogger("ferry.delivery").exception(
-                            "building a DSN for %s failed", e.message.id
-                        )
-            life = self.policy.message_lifetime
+    async def _record(self, e: _Entry) -> None:
+        """Write one transaction's outcomes and the DSNs they call for, in one queue
+        transaction. Each session's write goes to the queue at once; the queue's writer
+        commits every write waiting at that moment together (group commit), so waiting
+        for it costs one commit, not a batch interval."""
+        dsns: list[tuple[EnvelopeIn, float, MessageInfo, list[Report]]] = []
+        if self.config.delivery.bounces:
             try:
-                # The outcomes and the DSNs they call for, in one transaction.
+                dsns = await self._dsns(e.message, e.failed, e.delayed, e.relayed, e.now)
+            except Exception:  # a bug in a report must not stop the record
+                logging.getLogger("ferry.delivery").exception(
+                    "building a DSN for %s failed", e.message.id
+                )
+        life = self.policy.message_lifetime
+        delay = 0.5
+        while True:
+            try:
                 ids = await self.queue.record(
                     self.owner,
-                    results,
-                    now=max(e.now for e in batch),
+                    e.results,
+                    now=e.now,
                     new_messages=[
                         (env, now + life, [r.recipient.id for r in reports])
                         for env, now, _m, reports in dsns
                     ],
                 )
+                break
             except Exception:
                 # Keep the outcomes (and the leases: the ids stay held) and try again;
                 # dropping them would strand the recipients InProgress.
                 logging.getLogger("ferry.delivery").exception("recording outcomes failed")
-                self._outbox = batch + self._outbox
                 await asyncio.sleep(delay)  # back off, not a synchronisation point
                 delay = min(delay * 2, 30.0)
-                continue
-            delay = 0.5
-            self.held.difference_update(r.recipient_id for r in results)
-            for e in batch:
-                if not e.recorded.done():
-                    e.recorded.set_result(None)  # the sessions waiting on it go on
-            for qid, (env, _now, message, reports) in zip(ids, dsns, strict=True):
-                if qid is None:
-                    continue  # its outcomes were discarded (cancelled meanwhile)
-                if NOTICE_KEY in env.extra:
-                    self.stats.double_bounces += 1
-                    emit(
-                        "double_bounce",
-                        level=logging.WARNING,
-                        id=qid,
-                        about=message.id,
-                        to=self.postmaster,
-                        rcpts=len(reports),
-                        reply=str(reports[0].reply)[:300],
-                    )
-                    continue
-                self.stats.bounced += 1
+        self.held.difference_update(r.recipient_id for r in e.results)
+        for qid, (env, _now, message, reports) in zip(ids, dsns, strict=True):
+            if qid is None:
+                continue  # its outcomes were discarded (cancelled meanwhile)
+            if NOTICE_KEY in env.extra:
+                self.stats.double_bounces += 1
                 emit(
-                    "dsn",
+                    "double_bounce",
+                    level=logging.WARNING,
                     id=qid,
                     about=message.id,
-                    to=message.sender,
-                    action=reports[0].action,
+                    to=self.postmaster,
                     rcpts=len(reports),
+                    reply=str(reports[0].reply)[:300],
                 )
-            if any(ids) and self.on_enqueue is not None:
-                self.on_enqueue()
+                continue
+            self.stats.bounced += 1
+            emit(
+                "dsn",
+                id=qid,
+                about=message.id,
+                to=message.sender,
+                action=reports[0].action,
+                rcpts=len(reports),
+            )
+        if any(ids) and self.on_enqueue is not None:
+            self.on_enqueue()
 
     async def flush(self) -> None:
         """Wait until every outcome so far is recorded (shutdown, tests)."""
-        while self._outbox or (self._task is not None and not self._task.done()):
-            if self._task is None or self._task.done():
-                self._task = asyncio.get_running_loop().create_task(self._drain())
-            await asyncio.shield(self._task)
+        while self._writing:
+            await asyncio.gather(*(asyncio.shield(t) for t in list(self._writing)))
 
     async def _dsns(
         self,

@@ -119,6 +119,8 @@ class Recorder:
         self.stats = DeliveryStats()
         self.held: set[int] = set()  # recipient ids claimed and not yet recorded
         self._writing: set[asyncio.Task[None]] = set()  # outcomes being recorded
+        self._gathering: list[_Entry] | None = None  # the write this turn's outcomes join
+        self._gather_task: asyncio.Task[None] | None = None
 
     async def finish(self, message: MessageInfo, outcomes: list[Outcome]) -> None:
         """Record one transaction's outcomes; returns once they are committed.
@@ -188,37 +190,50 @@ class Recorder:
                 next=round(next_attempt - now, 1) if next_attempt else None,
             )
         entry = _Entry(message, results, failed, delayed, relayed, now)
+        if self._gathering is None:
+            # The first outcome of this turn of the event loop starts a write; the
+            # other sessions finishing in the same turn join it (one queue job).
+            self._gathering = []
+            self._gather_task = asyncio.get_running_loop().create_task(
+                self._record(self._gathering)
+            )
+            self._writing.add(self._gather_task)
+            self._gather_task.add_done_callback(self._writing.discard)
+        self._gathering.append(entry)
+        assert self._gather_task is not None
         # Shielded: a cancelled session (shutdown) must not cancel the write itself.
-        task = asyncio.get_running_loop().create_task(self._record(entry))
-        self._writing.add(task)
-        task.add_done_callback(self._writing.discard)
-        await asyncio.shield(task)
+        await asyncio.shield(self._gather_task)
 
     def drop(self, claims: list[ClaimedRecipient]) -> None:
         """Forget claims that need no record (their message was removed meanwhile)."""
         self.held.difference_update(c.recipient.id for c in claims)
 
-    async def _record(self, e: _Entry) -> None:
-        """Write one transaction's outcomes and the DSNs they call for, in one queue
-        transaction. Each session's write goes to the queue at once; the queue's writer
-        commits every write waiting at that moment together (group commit), so waiting
-        for it costs one commit, not a batch interval."""
+    async def _record(self, batch: list[_Entry]) -> None:
+        """Write these transactions' outcomes and the DSNs they call for, in one queue
+        transaction. A write goes to the queue at once (not behind the previous one);
+        the queue's writer commits every write waiting at that moment together (group
+        commit), so waiting for it costs about one commit."""
+        await asyncio.sleep(0)  # let the sessions finishing in this turn join
+        if self._gathering is batch:
+            self._gathering, self._gather_task = None, None
         dsns: list[tuple[EnvelopeIn, float, MessageInfo, list[Report]]] = []
         if self.config.delivery.bounces:
-            try:
-                dsns = await self._dsns(e.message, e.failed, e.delayed, e.relayed, e.now)
-            except Exception:  # a bug in a report must not stop the record
-                logging.getLogger("ferry.delivery").exception(
-                    "building a DSN for %s failed", e.message.id
-                )
+            for e in batch:
+                try:
+                    dsns += await self._dsns(e.message, e.failed, e.delayed, e.relayed, e.now)
+                except Exception:  # a bug in a report must not stop the record
+                    logging.getLogger("ferry.delivery").exception(
+                        "building a DSN for %s failed", e.message.id
+                    )
+        results = [r for e in batch for r in e.results]
         life = self.policy.message_lifetime
         delay = 0.5
         while True:
             try:
                 ids = await self.queue.record(
                     self.owner,
-                    e.results,
-                    now=e.now,
+                    results,
+                    now=max(e.now for e in batch),
                     new_messages=[
                         (env, now + life, [r.recipient.id for r in reports])
                         for env, now, _m, reports in dsns
@@ -231,7 +246,7 @@ class Recorder:
                 logging.getLogger("ferry.delivery").exception("recording outcomes failed")
                 await asyncio.sleep(delay)  # back off, not a synchronisation point
                 delay = min(delay * 2, 30.0)
-        self.held.difference_update(r.recipient_id for r in e.results)
+        self.held.difference_update(r.recipient_id for r in results)
         for qid, (env, _now, message, reports) in zip(ids, dsns, strict=True):
             if qid is None:
                 continue  # its outcomes were discarded (cancelled meanwhile)

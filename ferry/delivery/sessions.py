@@ -211,9 +211,11 @@ class Delivery:
         session = _Session()
         try:
             while dest.pending:
-                await self._prefetch(dest)
+                # Take the item before any await: other sessions of this destination
+                # pop from the same deque meanwhile (issue 10.7).
                 item = dest.pending.popleft()
                 try:
+                    await self._prefetch(item, dest)
                     await self._deliver(dest, item, session)
                 except _Stop:
                     return  # the item is back in dest.pending or recorded
@@ -222,7 +224,7 @@ class Delivery:
                     # message (retried later) instead of stranding it InProgress.
                     logging.getLogger("ferry.delivery").exception("delivery failed")
                     reply = Reply(451, "4.3.0", "Internal error during delivery; will retry")
-                    self._finish(
+                    await self._finish(
                         item,
                         [Outcome(c, Status.DEFERRED, reply, synthetic=True) for c in item.claims],
                     )
@@ -230,13 +232,16 @@ class Delivery:
             for conn in session.conns.values():
                 self.pool.give(conn.key, conn.client)
 
-    async def _prefetch(self, dest: Destination) -> None:
-        """Read the next messages' bytes in one queue read, not one read each."""
-        if not dest.pending or dest.pending[0].message.id in self._bodies:
+    async def _prefetch(self, first: WorkItem, dest: Destination) -> None:
+        """Read this message's bytes and the next ones' in one queue read, not one each."""
+        if first.message.id in self._bodies:
             return  # already read ahead
         wanted: list[str] = []
         size = 0
-        for item in itertools.islice(dest.pending, PREFETCH_MESSAGES):
+        # The snapshot is taken without an await: the deque cannot change under it.
+        for item in itertools.chain(
+            (first,), itertools.islice(dest.pending, PREFETCH_MESSAGES - 1)
+        ):
             mid = item.message.id
             if mid not in self._bodies and mid not in wanted:
                 if wanted and size + item.message.size > PREFETCH_BYTES:
@@ -320,20 +325,20 @@ class Delivery:
         signed = self._sign(message, data)
         if signed is None:
             reply = Reply(451, "4.7.0", "DKIM signing is required for this domain and failed")
-            self._finish(
+            await self._finish(
                 item, [Outcome(c, Status.DEFERRED, reply, synthetic=True) for c in item.claims]
             )
             return
         if count_received(header_block(data)) > MAX_HOPS:
             # RFC 5321 §6.3: a message that has crossed this many relays is looping.
             reply = Reply(554, "5.4.6", "Too many hops (mail loop detected)")
-            self._finish(
+            await self._finish(
                 item, [Outcome(c, Status.FAILED, reply, synthetic=True) for c in item.claims]
             )
             return
         planned = await self._plan(dest.domain, message.extra.get("route"), session)
         if isinstance(planned, Outcome):
-            self._finish(
+            await self._finish(
                 item,
                 [Outcome(c, planned.status, planned.reply, synthetic=True) for c in item.claims],
             )
@@ -342,11 +347,18 @@ class Delivery:
         if mx_hosts and self.config.shaping and dest.domain not in self.config.shaping:
             self._join_group(dest, group or destination_group([h.name for h in mx_hosts]))
         now = self.clock()
-        if plan.hops[0].kind != "smarthost" and dest.shaper.send_wait(now) > 0:
-            dest.pending.appendleft(item)  # over this destination's message rate
-            raise _Stop
+        rated = plan.hops[0].kind != "smarthost"
+        if rated:
+            if dest.shaper.send_wait(now) > 0:
+                dest.pending.appendleft(item)  # over this destination's message rate
+                raise _Stop
+            # Spend the slot now, before the transfer's awaits: the other sessions of
+            # this destination must not all see the last free one (issue 10.7).
+            dest.shaper.reserve_send(now)
         open_claims = list(item.claims)
         final: list[Outcome] = []
+        recorded = False  # some outcomes of this item are already in the queue
+        decided: list[Outcome] = []  # every outcome recorded, for the throttle check
         for i, hop in enumerate(plan.hops):
             last = i == len(plan.hops) - 1
             try:
@@ -355,11 +367,11 @@ class Delivery:
                 # Throttled before this hop could connect. Nothing decided yet: the item
                 # waits in the destination's queue. Some recipients decided at an
                 # earlier hop: those are recorded, the rest deferred to a later attempt.
-                if not final and len(open_claims) == len(item.claims):
+                if not recorded and not final and len(open_claims) == len(item.claims):
                     dest.pending.appendleft(item)
                 else:
                     reply = Reply(451, "4.4.5", "Destination throttled; will retry")
-                    self._finish(
+                    await self._finish(
                         item,
                         final
                         + [Outcome(c, Status.DEFERRED, reply, synthetic=True) for c in open_claims],
@@ -398,14 +410,22 @@ class Delivery:
             open_claims = carried
             if not open_claims:
                 break
-        self._finish(item, final)
+            if final:
+                # Issue 10.1: what this hop settled (delivered, above all) is recorded
+                # before the next hop's transaction starts, so a crash there cannot
+                # send it twice.
+                await self._finish(item, final)
+                decided += final
+                final, recorded = [], True
+        await self._finish(item, final)
+        decided += final
         if any(
-            is_throttle_reply(o.reply.code, o.reply.text) and o.route == "direct" for o in final
+            is_throttle_reply(o.reply.code, o.reply.text) and o.route == "direct" for o in decided
         ):
             pause = dest.shaper.throttled(self.clock())
             emit(Throttled(dest.domain, pause, dest.shaper.allowed_connections))
             raise _Stop
-        dest.shaper.sent(self.clock())
+        dest.shaper.sent(self.clock(), reserved=rated)
 
     def _join_group(self, dest: Destination, group: str) -> None:
         """``[shaping."google.com"]``: every domain hosted there shares one set of limits."""
@@ -442,8 +462,11 @@ class Delivery:
             return result.headers + data
         return None
 
-    def _finish(self, item: WorkItem, outcomes: list[Outcome]) -> None:
-        self.recorder.finish(item.message, outcomes)
+    async def _finish(self, item: WorkItem, outcomes: list[Outcome]) -> None:
+        """Record outcomes; returns once they are committed (issue 10.1: the session's
+        connection starts no new transaction before its last one is recorded)."""
+        if outcomes:
+            await self.recorder.finish(item.message, outcomes)
 
     # -- one hop -------------------------------------------------------------------
 
@@ -494,6 +517,7 @@ class Delivery:
         limit = self.config.delivery.messages_per_connection
         tried = False
         for name, ip in targets:  # RFC 5321 §5.1: in preference order
+            now = self.clock()  # not the time before the last target's connect attempt
             plain = self.tls_fallback.get(ip, 0) > now
             key = (hop.label, ip, hop.port, plain)
             remote = f"{name}[{ip}]:{hop.port}"
@@ -549,11 +573,17 @@ class Delivery:
         final: list[Outcome] = []
         broken: list[Outcome] = []
         for host in self.smart_hosts.order(self.clock(), names):
-            conn = await self._smart_conn(host, session)
-            if isinstance(conn, Reply):
-                last = conn
+            if self.smart_hosts.breakers[host.name].state == "open":
+                # Its circuit opened while this session was busy with an earlier host
+                # (another session saw it fail): the order is older than that news.
                 continue
+            # The slot first, then the connection: a held connection checked as usable
+            # and then left waiting for a slot may have timed out by the time it is used.
             async with self.smart_slots[host.name]:
+                conn = await self._smart_conn(host, session)
+                if isinstance(conn, Reply):
+                    last = conn
+                    continue
                 outcomes = await self._transfer(conn, item, claims, data, session, conn.route)
             now = self.clock()
             broken = [o for o in outcomes if o.transport]

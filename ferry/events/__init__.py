@@ -19,6 +19,7 @@ from ferry.events.delivery import (
     DirectRateLimited,
     DkimSigned,
     DkimUnsigned,
+    DoubleBounce,
     DsnDropped,
     DsnQueued,
     Expired,
@@ -70,6 +71,7 @@ from ferry.events.system import (
 subscribe(log_event)
 
 __all__ = [
+    "DoubleBounce",
     "GaveUp",
     "Purged",
     "QueueStorageLost",

@@ -346,7 +346,8 @@ class DsnQueued(Event):
 
 @dataclass(frozen=True, slots=True)
 class DsnDropped(Event):
-    """A DSN itself failed: it is dropped, never bounced (RFC 5321 §4.5.5)."""
+    """A postmaster notice about a double bounce failed too: it is dropped, never bounced
+    (RFC 5321 §4.5.5); the failed DSN stays in the queue's history."""
 
     name = "dsn_dropped"
     level = logging.WARNING
@@ -429,4 +430,27 @@ class GaveUp(Event):
             "reason": self.reason,
             "attempts": self.attempts,
             "age": round(self.age, 3),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DoubleBounce(Event):
+    """A DSN (to the null sender ``<>``) could not be delivered: a notice about message
+    ``about`` goes to ``delivery.postmaster`` as message ``queue_id`` (never bounced)."""
+
+    name = "double_bounce"
+    level = logging.WARNING
+    queue_id: str
+    about: str
+    to: str
+    recipients: int
+    reply: Reply | None
+
+    def log_fields(self) -> dict[str, Any]:
+        return {
+            "id": self.queue_id,
+            "about": self.about,
+            "to": self.to,
+            "rcpts": self.recipients,
+            "reply": cut(self.reply, 300) if self.reply else None,
         }

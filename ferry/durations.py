@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import math
 import re
 
@@ -42,3 +43,26 @@ def parse_duration(text: str | int | float) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"not a duration: {text!r}")
     return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest text :func:`parse_duration` reads back as ``seconds``: 345600 -> "4d".
+
+    Whole units, largest first ("1h30m"); a fraction stays on the seconds ("1m0.5s").
+    """
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"not a duration: {seconds!r}")
+    whole = int(seconds)
+    fraction = seconds - whole
+    parts: list[str] = []
+    for unit, size in _UNIT_SECONDS.items():
+        if unit == "s":
+            break
+        count, whole = divmod(whole, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    rest = whole + fraction
+    if rest or not parts:
+        text = format(decimal.Decimal(repr(rest)), "f")  # never "1e-07": no exponent
+        parts.append(f"{int(rest)}s" if rest == int(rest) else f"{text}s")
+    return "".join(parts)

@@ -138,6 +138,28 @@ class Reply:
         return "\r\n".join(self.lines())
 
 
+def split_address(text: str) -> tuple[str, str]:
+    """``(local part, domain)`` of ``local@domain``: the one address split.
+
+    At the *last* '@', since a quoted local part may contain '@' (RFC 5321 §4.1.2)
+    while a domain cannot. The domain comes back as written. Raises ValueError when
+    there is no '@'; either part may be empty, for callers that allow it (an alias key
+    "@domain"). :class:`Address` is the strict form.
+    """
+    local, sep, domain = text.rpartition("@")
+    if not sep:
+        raise ValueError(f"not an address: {text!r}")
+    return local, domain
+
+
+def domain_of(address: str) -> str:
+    """The domain of an address in the one form (A-labels, lower case); "" when none."""
+    # Imported here: ferry.domains needs dnspython, which `ferry --help` must not load.
+    from ferry.domains import address_domain
+
+    return address_domain(address)
+
+
 @dataclass(frozen=True, slots=True)
 class Address:
     """An envelope address split at the last '@' (domain lower-cased)."""
@@ -147,13 +169,54 @@ class Address:
 
     @classmethod
     def parse(cls, text: str) -> Address:
-        local, sep, domain = text.rpartition("@")
-        if not sep or not local or not domain:
+        """Both parts must be there; raises ValueError otherwise."""
+        local, domain = split_address(text)
+        if not local or not domain:
             raise ValueError(f"not an address: {text!r}")
         return cls(local, domain.lower())
 
     def __str__(self) -> str:
         return f"{self.local}@{self.domain}"
+
+
+# -- RFC 3461 §4.1 NOTIFY -----------------------------------------------------------
+
+#: The keywords a NOTIFY list may hold (NEVER stands alone).
+NOTIFY_KEYWORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+#: RFC 3461 §4.1: without a NOTIFY parameter an MTA may act as if it were FAILURE or
+#: FAILURE,DELAY; we take the second, so senders hear of delays.
+DEFAULT_NOTIFY = frozenset({"FAILURE", "DELAY"})
+
+
+def _notify_words(value: str) -> list[str]:
+    words = [w.strip().upper() for w in value.split(",")]
+    if words == ["NEVER"]:
+        return []
+    # RFC 3461 §4.1: "NEVER" or a list of SUCCESS, FAILURE, DELAY; a keyword twice
+    # (or NEVER among others) means the client is confused: refuse rather than guess.
+    if not set(words) <= NOTIFY_KEYWORDS or len(set(words)) != len(words):
+        raise ValueError(f"bad NOTIFY value {value!r}: NEVER, or SUCCESS,FAILURE,DELAY")
+    return words
+
+
+def parse_notify(value: str | None) -> frozenset[str]:
+    """The keywords of an RFC 3461 §4.1 NOTIFY value: the one NOTIFY parser.
+
+    Intake validates the RCPT parameter with it (:func:`normalize_notify`), delivery
+    reads the stored value with it (``dsn.needs_dsn``). None (no parameter) gives
+    DEFAULT_NOTIFY, "NEVER" the empty set; keywords are case-insensitive. Raises
+    ValueError on an empty value, an unknown keyword, a keyword twice, or NEVER with
+    others.
+    """
+    if value is None:
+        return DEFAULT_NOTIFY
+    return frozenset(_notify_words(value))
+
+
+def normalize_notify(value: str) -> str:
+    """A NOTIFY value as stored and passed on: "NEVER", or the keywords upper-cased
+    in the order given ("SUCCESS,FAILURE"). Raises ValueError as :func:`parse_notify`."""
+    return ",".join(_notify_words(value)) or "NEVER"
 
 
 @dataclass(slots=True)
@@ -166,7 +229,7 @@ class RecipientIn:
 
     @property
     def domain(self) -> str:
-        return self.address.rpartition("@")[2].lower()
+        return domain_of(self.address)
 
 
 @dataclass(slots=True)

@@ -15,6 +15,8 @@ _HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 def header_block(data: bytes) -> bytes:
     """The header section (without the blank line); the whole input when there is no body."""
+    if data.startswith((b"\r\n", b"\n")):
+        return b""  # RFC 5322 §2.1: no header fields, the body follows the empty line
     m = _HEADER_END.search(data)
     return data[: m.start()] if m else data
 

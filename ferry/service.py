@@ -16,20 +16,34 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from ferry.config import RelayConfig
 from ferry.delivery.process import DeliveryProcess
 from ferry.delivery.scheduler import Scheduler, flat_stats, stats_dir
-from ferry.durations import parse_duration
 from ferry.envelope import EnvelopeIn
-from ferry.events import emit
+from ferry.events import (
+    Accepted,
+    DeliveryTotals,
+    HostnameNotFqdn,
+    LeasesReleased,
+    OperatorBulkAction,
+    Started,
+    Stopping,
+    emit,
+)
 from ferry.intake.server import IntakeServer, run_hook
 from ferry.message import message_id
 from ferry.queue import open_queue
+from ferry.queue.base import IdempotencyRecord
+from ferry.queue.retention import Retention
 from ferry.queue.selection import ALL_DESTINATIONS
-from ferry.queue.sqlite import SqliteQueue
-from ferry.tls import ensure_self_signed, server_context
+from ferry.queue.sqlite import QueueDamaged, SqliteQueue
+from ferry.tls import self_signed_context, server_context
+
+if TYPE_CHECKING:
+    from ferry.http.server import Api
+    from ferry.http.webhooks import WebhookSender
 
 # Who set the hold that `delivery.hold = true` stands for (lifted at a start without it).
 HOLD_BY_CONFIG = "config:delivery.hold"
@@ -53,12 +67,15 @@ class AlreadyRunning(RuntimeError):
 
 
 def load_tls(config: RelayConfig) -> ssl.SSLContext:
-    """The configured certificate, or the self-signed one made on first run."""
+    """The configured certificate, or the self-signed one made on first run.
+
+    An operator's certificate that cannot be used stops the start with
+    ``<path>: <reason>`` (TlsMaterialError); Ferry's own self-signed pair is remade.
+    """
     s = config.server
     if s.tls_cert and s.tls_key:
         return server_context(s.tls_cert, s.tls_key)
-    cert, key = ensure_self_signed(config.data_dir, s.hostname)
-    return server_context(cert, key)
+    return self_signed_context(config.data_dir, s.hostname)
 
 
 def _clear_stats(config: RelayConfig) -> None:
@@ -88,6 +105,9 @@ class Service:
         self.intake: IntakeServer | None = None
         self.scheduler: Scheduler | None = None
         self.workers: list[DeliveryProcess] = []
+        self.http: Api | None = None
+        self.webhooks: WebhookSender | None = None
+        self.retention: Retention | None = None
         self._lock: IO[str] | None = None
         self._operator_log: asyncio.Task[None] | None = None
         # Every destination suspended (re-read every second): accepting then wakes no
@@ -97,13 +117,26 @@ class Service:
     async def start(self) -> None:
         self._take_lock()
         try:
+            if self.config.http.listen:
+                # Before the delivery workers start: they inherit where to count.
+                from ferry.metrics import install, metrics_dir
+
+                install(metrics_dir(self.config.data_dir), fresh=True)
             self.queue = open_queue(self.config)
+            # A damaged database would answer 451 to every message with the reason only
+            # in the log: refuse to start instead, saying how to recover.
+            problems = await self.queue.check(quick=True)
+            if problems:
+                raise QueueDamaged(self.queue.db_path, problems)
             # One server per queue directory: leases left by a previous (crashed) run of
             # this node are ours to hand back at once instead of waiting for them to expire.
             released = await self.queue.release_leases()
             if released:
-                emit("leases_released", count=released)
+                emit(LeasesReleased(released))
             _clear_stats(self.config)
+            # History purge in this process, the one that owns intake's writes.
+            self.retention = Retention(self.queue, retention=self.config.queue.history_retention)
+            self.retention.start()
             d = self.config.delivery
             # `delivery.hold` is the suspension of every destination, stored in the
             # queue like `ferry queue suspend '*'`: `ferry queue resume '*'` lifts it
@@ -136,6 +169,16 @@ class Service:
                 before_queue=self.before_queue,
             )
             await self.intake.start()
+            if self.config.webhooks:
+                from ferry.http.webhooks import WebhookSender
+
+                self.webhooks = WebhookSender(self.config, lambda: self.queue)
+                await self.webhooks.start()
+            if self.config.http.listen:
+                from ferry.http.server import Api
+
+                self.http = Api(self.config, self)
+                await self.http.start()
         except BaseException:
             await self.stop()
             raise
@@ -150,24 +193,25 @@ class Service:
         held = [s.domain for s in await self.queue.suspensions(now=time.time())]
         listeners = ",".join(f"{h}:{p}/{m}" for h, p, m in self.intake.bound())
         emit(
-            "started",
-            version=__version__,
-            config=str(Path(self.config_file).resolve()) if self.config_file else "(defaults)",
-            data_dir=str(Path(self.config.queue.path).resolve()),
-            hostname=self.config.server.hostname,
-            listeners=listeners or "none",
-            mode=self.config.delivery.mode,
-            workers=self.config.delivery.workers,
-            hold="all" if ALL_DESTINATIONS in held else "no",
-            suspended=",".join(d for d in held if d != ALL_DESTINATIONS) or None,
+            Started(
+                hostname=self.config.server.hostname,
+                mode=self.config.delivery.mode,
+                queue=str(Path(self.config.queue.path).resolve()),
+                version=__version__,
+                config=str(Path(self.config_file).resolve()) if self.config_file else "(defaults)",
+                listeners=listeners or "none",
+                workers=self.config.delivery.workers,
+                hold="all" if ALL_DESTINATIONS in held else "no",
+                suspended=",".join(d for d in held if d != ALL_DESTINATIONS) or None,
+            )
         )
         if not is_fqdn(self.config.server.hostname):
             emit(
-                "hostname_not_fqdn",
-                level=logging.WARNING,
-                hostname=self.config.server.hostname,
-                advice="set server.hostname to this machine's public name (MX, HELO,"
-                " MAILER-DAEMON@ of bounces)",
+                HostnameNotFqdn(
+                    self.config.server.hostname,
+                    "set server.hostname to this machine's public name (MX, HELO,"
+                    " MAILER-DAEMON@ of bounces)",
+                )
             )
 
     async def _relay_operator_events(self) -> None:
@@ -180,9 +224,16 @@ class Service:
             await asyncio.sleep(OPERATOR_EVENTS_POLL)  # polling another process's writes
             try:
                 for ev in await queue.operator_events(last):
-                    last = ev.pop("id")
-                    ev.pop("at", None)
-                    emit("operator", **ev)
+                    last = ev["id"]
+                    emit(
+                        OperatorBulkAction(
+                            ev["by"],
+                            ev["action"],
+                            ev["selection"],
+                            ev["messages"],
+                            ev["recipients"],
+                        )
+                    )
                 held = await queue.suspensions(now=time.time())
                 self._held = any(s.domain == ALL_DESTINATIONS for s in held)
             except RuntimeError:
@@ -190,23 +241,39 @@ class Service:
             except Exception:
                 logging.getLogger("ferry").exception("reading operator events")
 
-    async def submit(self, envelope: EnvelopeIn) -> str:
-        """Queue a message durably (the same guarantee as SMTP's 250) and wake delivery."""
+    async def submit(
+        self,
+        envelope: EnvelopeIn,
+        *,
+        queue_id: str | None = None,
+        idempotency: IdempotencyRecord | None = None,
+        client: str = "api",
+    ) -> str:
+        """Queue a message durably (the same guarantee as SMTP's 250) and wake delivery.
+
+        With ``idempotency``, raises :class:`IdempotencyReplay` when its key was used.
+        """
         if self.queue is None:
             raise RuntimeError("the service is not running")
         if self.before_queue is not None:
             await run_hook(self.before_queue, envelope)
-        lifetime = parse_duration(self.config.delivery.message_lifetime)
-        qid = await self.queue.enqueue(envelope, expires=time.time() + lifetime)
+        lifetime = self.config.delivery.message_lifetime  # seconds, parsed at load
+        qid = await self.queue.enqueue(
+            envelope,
+            queue_id=queue_id,
+            expires=time.time() + lifetime,
+            idempotency=idempotency,
+        )
         emit(
-            "accept",
-            id=qid,
-            message_id=message_id(envelope.data),
-            client="api",
-            sender=envelope.sender or "<>",
-            rcpts=len(envelope.recipients),
-            size=len(envelope.data),
-            priority=envelope.priority.name.lower(),
+            Accepted(
+                queue_id=qid,
+                client=client,
+                sender=envelope.sender,
+                recipients=tuple(r.address for r in envelope.recipients),
+                size=len(envelope.data),
+                priority=envelope.priority,
+                message_id=message_id(envelope.data),
+            )
         )
         self._accepted(qid)
         return qid
@@ -215,6 +282,8 @@ class Service:
         return f"{self.config.server.hostname}:{os.getpid()}:{n}"
 
     def _accepted(self, _queue_id: str) -> None:
+        if self.webhooks is not None:
+            self.webhooks.notify()
         if self._held:
             return  # delivery picks the mail up by itself within seconds of a resume
         if self.scheduler is not None:
@@ -223,6 +292,12 @@ class Service:
             worker.notify()
 
     async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
+        if self.webhooks is not None:
+            await self.webhooks.stop()
+            self.webhooks = None
         if self._operator_log is not None:
             self._operator_log.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -236,8 +311,11 @@ class Service:
         self.workers.clear()
         if self.scheduler is not None:
             await self.scheduler.stop()
-            emit("delivery_stats", **flat_stats(self.scheduler.stats()))
+            emit(DeliveryTotals(flat_stats(self.scheduler.stats())))
             self.scheduler = None
+        if self.retention is not None:
+            await self.retention.stop()
+            self.retention = None
         if self.queue is not None:
             await self.queue.close()
             self.queue = None
@@ -273,5 +351,5 @@ class Service:
         try:
             await stop.wait()
         finally:
-            emit("stopping")
+            emit(Stopping())
             await self.stop()

@@ -34,6 +34,7 @@ from ferry import (
     RelayConfig,
     Status,
 )
+from ferry.envelope import Reply
 from tests.delivery.relay_world import World
 from tests.test_dkim import txt_lookup
 from tests.world.wait import async_wait_until
@@ -145,7 +146,8 @@ async def test_send_defaults_recipients_from_headers_and_never_stores_bcc(world:
     [got] = mx.messages
     assert got.mail_from == "alice@sender.test"
     assert sorted(got.rcpt_tos) == ["cc@example.net", "hidden@example.net", "to@example.net"]
-    assert b"hidden@" not in got.data and stored is not None and b"Bcc" not in stored
+    # What was stored is what was sent; once every recipient is final the body is gone.
+    assert b"hidden@" not in got.data and b"Bcc" not in got.data and stored is None
     parsed = got.parsed
     assert parsed["Message-ID"] and parsed["Date"]  # added, as an MTA does
     assert b"\r\n" in got.data and b"\n" not in got.data.replace(b"\r\n", b"")
@@ -662,6 +664,21 @@ async def test_direct_service_rate_limits_connections_per_domain(
     assert fake.sleeps == [60.0]  # the third connection to rate.test waited for the window
 
 
+async def test_direct_service_judges_replies_as_the_engine_does(
+    world: World, seed_config: RelayConfig
+) -> None:
+    # A host that refuses the session (554 greeting) says nothing about the recipient:
+    # the engine defers and retries, and so does the seed's service (it used to bounce).
+    mx = world.mx("mx.closed.test").publish(world.dns, "closed.test")
+    mx.on("greeting", "554 5.7.1 no SMTP service here")
+    fake = FakeTime()
+    service = ferry.DirectSmtpService(seed_config, sleep=fake.sleep, clock=fake.clock)
+    [result] = (await service.deliver(email_message("a@closed.test"), None, "s@x.test")).values()
+    assert (result.status, result.attempts, fake.sleeps) == (Status.DEFERRED, 3, [2.0, 4.0])
+    assert result.reply is not None and result.reply.code == 554
+    assert service.get_stats()["bounced"] == 0
+
+
 def _dkim_dns(world: World) -> Any:
     """dkimpy's TXT lookup, asking the test world's DNS server."""
     return txt_lookup(world.dns)
@@ -763,3 +780,44 @@ def test_hybrid_relay_stops_when_its_loop_ends(world: World) -> None:
             assert _ferry_threads() == []
     finally:
         seed.configure(None)
+
+
+async def test_hooks_receive_the_whole_multiline_reply(world: World) -> None:
+    """A long multi-line reply reaches the hook as the server sent it (no 300-char cut)."""
+    mx = world.mx("mx.long.test").publish(world.dns, "long.test")
+    texts = [f"line {n}: " + "x" * 70 for n in range(6)]  # ~480 characters in all
+    wire = "\r\n".join(
+        f"550{'-' if n < len(texts) - 1 else ' '}5.7.1 {text}" for n, text in enumerate(texts)
+    )
+    mx.on("rcpt", wire, rcpt="long@long.test")
+    failed: list[DeliveryResult] = []
+    async with Relay(world.config(), listen=False, on_failed=failed.append) as relay:
+        results = await relay.send(email_message("long@long.test"), timeout=15)
+        await async_wait_until(lambda: len(failed) == 1, 10, message=lambda: str(failed))
+    [result] = failed
+    expected = Reply(550, "5.7.1", "\n".join(texts))
+    assert len(str(expected)) > 300
+    assert result.reply == expected
+    assert result.relay is not None and result.relay.startswith("mx.long.test[")
+    assert results["long@long.test"].reply == expected
+
+
+async def test_queue_operations_are_operator_events(world: World) -> None:
+    world.mx("mx.ops.test").publish(world.dns, "ops.test").on("rcpt", "451 4.7.1 later")
+    seen: list[ferry.events.Event] = []
+    unsubscribe = ferry.events.subscribe(seen.append)
+    try:
+        async with Relay(world.config(retry_schedule=["1h"]), listen=False) as relay:
+            queue_id = await relay.submit(email_message("a@ops.test"))
+            await relay.wait(queue_id, until="attempted", timeout=15)
+            await relay.queue.cancel(queue_id)
+            await relay.queue.remove(queue_id)
+    finally:
+        unsubscribe()
+    actions = [e for e in seen if isinstance(e, ferry.events.OperatorAction)]
+    assert [(a.action, a.queue_id, a.count, a.via) for a in actions] == [
+        ("cancel", queue_id, 1, "api"),
+        ("remove", queue_id, 1, "api"),
+    ]
+    [deferred] = [e for e in seen if isinstance(e, ferry.events.Deferred)]
+    assert deferred.reply == Reply(451, "4.7.1", "later") and deferred.retry_in is not None

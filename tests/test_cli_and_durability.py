@@ -99,6 +99,7 @@ def test_sigkill_loses_nothing_that_got_250(tmp_path: Path, serve_factory) -> No
     def client() -> None:
         try:
             with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+                c.ehlo("client.test")  # server.require_helo (RFC 5321 §4.1.4)
                 while not stop.is_set():
                     with lock:
                         i = next(counter)

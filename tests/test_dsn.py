@@ -1,12 +1,18 @@
-"""RFC 3464 DSNs: built, parsed back, and checked as MIME."""
+"""RFC 3464 DSNs: built, parsed back, and checked as MIME.
+
+What each DSN says is in tests/cases/dsn (one file per request and its rendered parts,
+read by test_dsn_case); the tests above it check properties every DSN must have.
+"""
 
 from __future__ import annotations
 
 import email
 import re
+import tomllib
 from dataclasses import replace
 from email.message import Message
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -19,6 +25,7 @@ from ferry.delivery.dsn import (
     never_bounce,
     parse_dsn,
 )
+from ferry.delivery.outcomes import parse_reply_text
 from ferry.envelope import Reply
 
 NOW = 1_700_000_000.0
@@ -52,15 +59,6 @@ DELAYED = DsnRecipient(
     will_retry_until=ARRIVAL + 4 * 86400,
     diagnostic_type="x-ferry",
 )
-DELIVERED = DsnRecipient(
-    final_recipient="dave@example.com",
-    original_recipient=None,
-    action="delivered",
-    status="2.0.0",
-    remote_mta="mx.example.com",
-    diagnostic=Reply(250, "2.0.0", "Ok: queued as 4XyZ"),
-    last_attempt=NOW - 10,
-)
 REQUEST = DsnRequest(
     reporting_mta="relay.example.com",
     original_sender="alice@example.com",
@@ -93,58 +91,6 @@ def text_of(part: Message) -> str:
 
 def date_of(value: str) -> float:
     return parsedate_to_datetime(value).timestamp()
-
-
-@pytest.mark.parametrize(
-    ("recipient", "subject"),
-    [
-        (FAILED, "Undelivered Mail Returned to Sender"),
-        (DELAYED, "Delayed Mail (still being retried)"),
-        (DELIVERED, "Successful Mail Delivery Report"),
-    ],
-)
-def test_round_trip_per_action(recipient: DsnRecipient, subject: str) -> None:
-    dsn = build(recipients=(recipient,))
-    per_message, per_recipient = parse_dsn(dsn)
-
-    assert per_message["reporting-mta"] == "dns; relay.example.com"
-    assert date_of(per_message["arrival-date"]) == ARRIVAL
-    assert per_message["x-ferry-queue-id"] == "Q1A2B3"
-    [fields] = per_recipient
-    assert fields["final-recipient"] == f"rfc822; {recipient.final_recipient}"
-    assert fields["action"] == recipient.action
-    assert fields["status"] == recipient.status
-    assert date_of(fields["last-attempt-date"]) == recipient.last_attempt
-    assert recipient.diagnostic is not None
-    reply = recipient.diagnostic
-    expected = f"{recipient.diagnostic_type}; {reply.code} {reply.enhanced} {reply.text}"
-    assert fields["diagnostic-code"] == expected
-    assert ("remote-mta" in fields) == (recipient.remote_mta is not None)
-    if recipient.remote_mta:
-        assert fields["remote-mta"] == f"dns; {recipient.remote_mta}"
-    assert ("will-retry-until" in fields) == (recipient.action == "delayed")
-    if recipient.will_retry_until:
-        assert date_of(fields["will-retry-until"]) == recipient.will_retry_until
-    assert email.message_from_bytes(dsn)["Subject"] == subject
-
-
-def test_mixed_report_keeps_recipient_order_and_leads_with_failure() -> None:
-    dsn = build(recipients=(DELIVERED, FAILED, DELAYED))
-    _, per_recipient = parse_dsn(dsn)
-    assert [(r["final-recipient"], r["action"], r["status"]) for r in per_recipient] == [
-        ("rfc822; dave@example.com", "delivered", "2.0.0"),
-        ("rfc822; bob@example.net", "failed", "5.1.1"),
-        ("rfc822; carol@example.org", "delayed", "4.4.1"),
-    ]
-    assert email.message_from_bytes(dsn)["Subject"] == "Undelivered Mail Returned to Sender"
-    text = text_of(parts(dsn)[0])
-    for address in ("<dave@example.com>", "<bob@example.net>", "<carol@example.org>"):
-        assert address in text
-
-
-def test_delayed_and_delivered_report_is_a_delay_warning() -> None:
-    dsn = build(recipients=(DELIVERED, DELAYED))
-    assert email.message_from_bytes(dsn)["Subject"] == "Delayed Mail (still being retried)"
 
 
 def test_report_is_a_well_formed_multipart_report() -> None:
@@ -274,33 +220,6 @@ def test_build_is_deterministic_and_varies_with_time() -> None:
     assert len(ids) == 2
 
 
-def test_human_text_names_the_server_reply_and_gives_advice() -> None:
-    text = text_of(parts(build(recipients=(FAILED, DELAYED)))[0])
-    assert "This is the mail system at host relay.example.com." in text
-    assert "The mail server mx.example.net said: 550 5.1.1 <bob@example.net>:" in text
-    assert "typos" in text  # advice for 5.1.1
-    # our own diagnostic is not attributed to a remote server
-    assert "Reason: 451 4.4.1 connection refused" in text
-    assert "keep trying until" in text
-    assert all(len(line) <= 78 for line in text.split("\r\n"))
-
-
-def test_non_ascii_diagnostic_and_address_stay_ascii_in_the_report() -> None:
-    recipient = replace(
-        FAILED,
-        final_recipient="josé@exämple.net",
-        diagnostic=Reply(550, "5.1.1", "Boîte inconnue"),
-    )
-    dsn = build(recipients=(recipient,))
-    _, [fields] = parse_dsn(dsn)
-    # RFC 6533 §3 utf-8 address type with \x{HEX} escapes
-    assert fields["final-recipient"] == r"utf-8; jos\x{E9}@ex\x{E4}mple.net"
-    assert fields["diagnostic-code"] == "smtp; 550 5.1.1 Bo?te inconnue"
-    text = parts(dsn)[0]
-    assert text.get_content_charset() == "utf-8"
-    assert "Boîte inconnue" in text_of(text)
-
-
 def test_caller_text_cannot_inject_headers() -> None:
     dsn = build(
         envid="env\r\nBcc: victim@example.com",
@@ -397,3 +316,95 @@ def test_recipient_rejects_nonsense(changes: dict[str, Any]) -> None:
 def test_request_rejects_nonsense(changes: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         replace(REQUEST, **changes)
+
+
+# -- data-driven cases: tests/cases/dsn (see its README) -----------------------------------
+
+DSN_CASES = Path(__file__).parent / "cases" / "dsn"
+
+
+def _crlf(text: str) -> str:
+    return re.sub(r"\r\n|\r|\n", "\r\n", text)
+
+
+def _wire_reply(text: str) -> Reply:
+    """A reply as it came over the wire ("550-..." lines, then "550 ...")."""
+    lines = text.strip("\n").split("\n")
+    return parse_reply_text(int(lines[0][:3]), [line[4:] for line in lines])
+
+
+def load_dsn_case(path: Path) -> dict[str, Any]:
+    """A case file as build_dsn's arguments (``request``, ``now``, ``message_id_domain``)
+    and ``expected``."""
+    case = tomllib.loads(path.read_text(encoding="utf-8"))
+    fields = dict(case["request"])
+    recipients = []
+    for given in fields.pop("recipients"):
+        r: dict[str, Any] = {"original_recipient": None, "remote_mta": None, "diagnostic": None}
+        r |= {"last_attempt": None} | given
+        if r["diagnostic"] is not None:
+            r["diagnostic"] = _wire_reply(r["diagnostic"])
+        recipients.append(DsnRecipient(**r))
+    fields["original"] = _crlf(fields["original"]).encode()
+    request = DsnRequest(**({"envid": None, "ret": None} | fields), recipients=tuple(recipients))
+    return {
+        "request": request,
+        "now": float(case["now"]),
+        "message_id_domain": case["message_id_domain"],
+        "expected": case["expected"],
+    }
+
+
+def rendered_parts(dsn: bytes) -> tuple[Message, list[tuple[Message, bytes]]]:
+    """The top-level header section, and each MIME part's headers and exact body bytes."""
+    top = email.message_from_bytes(dsn)
+    boundary = top.get_boundary()
+    assert boundary is not None
+    chunks = dsn.split(f"\r\n--{boundary}".encode())
+    assert chunks[-1] == b"--\r\n"  # the close delimiter ends the message
+    out = []
+    for chunk in chunks[1:-1]:
+        head, body = chunk.removeprefix(b"\r\n").split(b"\r\n\r\n", 1)
+        out.append((email.message_from_bytes(head + b"\r\n\r\n"), body))
+    return top, out
+
+
+def _decode(part: Message, body: bytes) -> str:
+    return body.decode(part.get_content_charset() or "utf-8").replace("\r\n", "\n")
+
+
+@pytest.mark.parametrize("path", sorted(DSN_CASES.glob("*.toml")), ids=lambda p: p.stem)
+def test_dsn_case(path: Path) -> None:
+    """tests/cases/dsn: one file per DSN request, with the parts it must render to."""
+    case = load_dsn_case(path)
+    request: DsnRequest = case["request"]
+    expected: dict[str, Any] = case["expected"]
+    if "error" in expected:
+        with pytest.raises(ValueError, match=expected["error"]):
+            build_dsn(request, now=case["now"], message_id_domain=case["message_id_domain"])
+        return
+    dsn = build_dsn(request, now=case["now"], message_id_domain=case["message_id_domain"])
+    top, parts_ = rendered_parts(dsn)
+    assert top["Subject"] == expected["subject"]
+    assert top["To"] == f"<{request.original_sender}>"
+    assert top["Content-Transfer-Encoding"] == expected.get("transfer_encoding", "7bit")
+    [(text_h, text), (_status_h, status), (returned_h, returned)] = parts_
+    assert [h.get_content_type() for h, _ in parts_] == [
+        "text/plain",
+        "message/delivery-status",
+        expected["returned_type"],
+    ]
+    assert _decode(text_h, text) == expected["text"]
+    assert text_h.get_content_charset() == ("us-ascii" if text.isascii() else "utf-8")
+    assert status.decode("ascii").replace("\r\n", "\n") == expected["delivery_status"]
+    # RFC 5322 §2.1.1: lines of at most 78 characters, in both parts we write.
+    assert all(len(line) <= 78 for line in (text + status).decode().split("\r\n"))
+    original = request.original
+    header_section = original.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    assert returned == (original if expected["returns"] == "full" else header_section)
+    assert returned_h["Content-Transfer-Encoding"] == ("7bit" if returned.isascii() else "8bit")
+    # What a mail client reads back agrees with what was written (RFC 3464 §2).
+    per_message, per_recipient = parse_dsn(dsn)
+    assert per_message["reporting-mta"] == f"dns; {request.reporting_mta}"
+    assert [r["action"] for r in per_recipient] == [r.action for r in request.recipients]
+    assert [r["status"] for r in per_recipient] == [r.status for r in request.recipients]

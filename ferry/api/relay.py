@@ -21,6 +21,9 @@ Hooks (Zetian's ``MessageReceived`` + ``QueueForRelayAsync``, and delivery callb
 - *accepted*, *delivered*, *deferred*, *failed* and *expired* hooks are called after
   the fact, per message (accepted) or per recipient (the others).
 
+The hooks are fed by Ferry's typed events (:mod:`ferry.events`): a delivery hook's
+:class:`DeliveryResult` carries the server's whole reply, as the event does.
+
 Hooks may be coroutine functions or plain functions. One that raises is logged and
 changes nothing: the message is queued (or stays queued) as it was. The DSNs Ferry
 sends are messages too: their deliveries reach the per-recipient hooks (they are
@@ -48,10 +51,20 @@ from email.parser import BytesHeaderParser
 from typing import Any, Literal, NewType, TypeAlias, TypeVar
 
 from ferry.config import RelayConfig
-from ferry.delivery.outcomes import parse_reply_text
-from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply, Status
-from ferry.events import emit, subscribe
+from ferry.delivery.retry import RetryPolicy, fill_give_up, policy_for
+from ferry.envelope import Address, EnvelopeIn, Priority, RecipientIn, Reply, Status
+from ferry.events import (
+    Accepted,
+    Event,
+    ExpiredCleared,
+    HookFailed,
+    OperatorAction,
+    RecipientOutcome,
+    emit,
+    subscribe,
+)
 from ferry.queue.base import MessageInfo, QueueStats, RecipientInfo
+from ferry.routes import check_route_target
 from ferry.service import Service
 from ferry.stats import combine
 
@@ -99,8 +112,6 @@ _OUTCOME_HOOKS = {
     Status.FAILED: "failed",
     Status.EXPIRED: "expired",
 }
-_EVENT_HOOKS = {status.value: hook for status, hook in _OUTCOME_HOOKS.items()}
-_FINAL_EVENT_STATUSES = {Status.DELIVERED.value, Status.FAILED.value, Status.EXPIRED.value}
 
 
 # -- value types ----------------------------------------------------------------------
@@ -162,18 +173,17 @@ class DeliveryResult:
         )
 
     @classmethod
-    def from_event(cls, fields: dict[str, Any]) -> DeliveryResult:
-        """The result as a ``delivery`` event reports it (see :mod:`ferry.events`)."""
-        relay = fields.get("relay")
+    def from_event(cls, event: RecipientOutcome) -> DeliveryResult:
+        """The result as an outcome event reports it (see :mod:`ferry.events`)."""
         return cls(
-            recipient=str(fields.get("rcpt", "")),
-            status=Status.parse(str(fields.get("status", "Deferred"))),
-            queue_id=fields.get("id"),
-            route=fields.get("route"),
-            reply=_parse_reply(fields.get("reply")),
-            relay=None if relay in (None, "none") else str(relay),
-            tls=fields.get("tls"),
-            attempts=int(fields.get("attempt") or 0),
+            recipient=event.recipient,
+            status=event.status,
+            queue_id=event.queue_id,
+            route=event.route,
+            reply=event.reply,
+            relay=event.next_hop,
+            tls=event.tls,
+            attempts=event.attempt,
         )
 
 
@@ -318,18 +328,12 @@ _D = TypeVar("_D", bound=DeliveryHook)
 
 
 def check_route(route: str, smart_hosts: Sequence[str]) -> str:
-    """``route`` if it names a way out (``direct``, ``mx:host[:port]``, a smart host)."""
-    route = route.strip()
-    if route == "direct" or route in smart_hosts:
-        return route
-    if route.startswith("mx:"):
-        host, _, port = route[3:].partition(":")
-        if host and (not port or (port.isdigit() and 0 < int(port) < 65536)):
-            return route
-    raise ValueError(
-        f"route {route!r} is not 'direct', 'mx:host[:port]' or a smart host"
-        f" (have: {list(smart_hosts)})"
-    )
+    """``route`` if it names a way out (``direct``, ``mx:host[:port]``, a smart host).
+
+    The same parser as ``[routes]`` and the delivery engine (:mod:`ferry.routes`).
+    """
+    check_route_target(route, smart_hosts)
+    return route.strip()
 
 
 # -- messages ---------------------------------------------------------------------------
@@ -344,8 +348,11 @@ def _check_address(address: str) -> str:
     address = address.strip()
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1]
-    local, sep, domain = address.rpartition("@")
-    if not sep or not local or not domain or any(c in address for c in " \r\n<>"):
+    try:
+        Address.parse(address)
+    except ValueError:
+        raise ValueError(f"not an email address: {address!r}") from None
+    if any(c in address for c in " \r\n<>"):
         raise ValueError(f"not an email address: {address!r}")
     return address
 
@@ -447,17 +454,6 @@ def prepare_message(
     return data, sender, addresses
 
 
-def _parse_reply(text: Any) -> Reply | None:
-    """A Reply back from its string form (``str(Reply)``, as events carry it)."""
-    if not text or not isinstance(text, str):
-        return None
-    lines = text.split("\r\n")
-    code = lines[0][:3]
-    if not code.isdigit():
-        return None
-    return parse_reply_text(int(code), [line[4:] for line in lines])
-
-
 # -- the queue, Zetian's operations ------------------------------------------------------
 
 
@@ -476,7 +472,11 @@ class RelayQueue:
     async def get(self, queue_id: str) -> MessageInfo | None:
         """One message with its recipients and their attempt history (None: no such id)."""
         info: MessageInfo | None = await self._queue().get(queue_id)
-        return info
+        return None if info is None else fill_give_up(self._policy(), info)
+
+    def _policy(self) -> RetryPolicy:
+        # ``gives_up``: the real give-up time, the one `ferry queue show` prints.
+        return policy_for(self._relay.config)
 
     async def get_all(self, *, limit: int | None = None) -> list[MessageInfo]:
         """Every message in the queue (newest first), with its recipients."""
@@ -501,16 +501,18 @@ class RelayQueue:
             out += batch
             if len(batch) < want:
                 break
-        return out
+        policy = self._policy()
+        return [fill_give_up(policy, m) for m in out]
 
     async def read_message(self, queue_id: str) -> bytes | None:
-        """The stored message bytes."""
+        """The stored message bytes (None once every recipient is final: the body goes then)."""
         data: bytes | None = await self._queue().read_message(queue_id)
         return data
 
     async def retry(self, queue_id: str) -> int:
         """Make the message's pending recipients due now; returns how many."""
         n: int = await self._queue().retry(queue_id, now=time.time())
+        emit(OperatorAction("retry", queue_id, n, via="api"))
         service = self._relay._service
         if n and service is not None and service.scheduler is not None:
             service.scheduler.notify()
@@ -519,12 +521,14 @@ class RelayQueue:
     async def cancel(self, queue_id: str) -> int:
         """Cancel the message's not yet final recipients; returns how many."""
         n: int = await self._queue().cancel(queue_id, now=time.time())
+        emit(OperatorAction("cancel", queue_id, n, via="api"))
         self._relay._poke(queue_id)
         return n
 
     async def remove(self, queue_id: str) -> bool:
         """Delete the message and its history; False when there was no such message."""
         removed: bool = await self._queue().remove(queue_id)
+        emit(OperatorAction("remove", queue_id, int(removed), via="api"))
         self._relay._poke(queue_id)
         return removed
 
@@ -552,7 +556,7 @@ class _Waiter:
         self.wake = asyncio.Event()
 
     def record(self, result: DeliveryResult) -> None:
-        if self.until == "attempted" or result.status.value in _FINAL_EVENT_STATUSES:
+        if self.until == "attempted" or result.status.is_final:
             self.done[result.recipient] = result
             if self.pending is not None and self.pending <= self.done.keys():
                 self.wake.set()
@@ -1002,18 +1006,12 @@ class Relay:
             except Exception as exc:
                 message._priority, message._route = before
                 logger.exception("routing hook %s failed; its changes are ignored", _name(hook))
-                emit(
-                    "hook_failed",
-                    level=logging.WARNING,
-                    hook="routing",
-                    function=_name(hook),
-                    error=f"{type(exc).__name__}: {exc}",
-                )
+                emit(HookFailed("routing", _name(hook), f"{type(exc).__name__}: {exc}"))
         message._apply()
 
-    def _on_event(self, event: str, fields: dict[str, Any]) -> None:
+    def _on_event(self, event: Event) -> None:
         """Every Ferry event in the process passes here; keep only this relay's."""
-        if event not in ("delivery", "accept"):
+        if not isinstance(event, (RecipientOutcome, Accepted)):
             return
         try:
             loop = asyncio.get_running_loop()
@@ -1021,26 +1019,26 @@ class Relay:
             return  # emitted outside any loop: not from this relay
         if loop is not self._loop or self._service is None:
             return
-        if event == "accept":
+        if isinstance(event, Accepted):
             if self._accepted_hooks:
                 accepted = AcceptedMessage(
-                    queue_id=str(fields.get("id")),
-                    sender="" if fields.get("sender") == "<>" else str(fields.get("sender", "")),
-                    recipients=int(fields.get("rcpts") or 0),
-                    size=int(fields.get("size") or 0),
-                    priority=Priority.parse(str(fields.get("priority") or "normal")),
-                    client=fields.get("client"),
-                    user=fields.get("user"),
+                    queue_id=event.queue_id,
+                    sender=event.sender,
+                    recipients=len(event.recipients),
+                    size=event.size,
+                    priority=event.priority,
+                    client=event.client,
+                    user=event.user,
                 )
                 self._schedule("accepted", list(self._accepted_hooks), accepted)
             return
         for drainer in self._drainers:
             drainer.set()
-        waiters = self._waiters.get(str(fields.get("id")))
-        hooks = self._delivery_hooks.get(_EVENT_HOOKS.get(str(fields.get("status")), ""))
+        waiters = self._waiters.get(event.queue_id)
+        hooks = self._delivery_hooks.get(_OUTCOME_HOOKS[event.status])
         if not waiters and not hooks:
             return  # the common case under load: nobody is listening for this one
-        result = DeliveryResult.from_event(fields)
+        result = DeliveryResult.from_event(event)
         for waiter in waiters or []:
             waiter.record(result)
         if hooks:
@@ -1069,14 +1067,8 @@ class Relay:
                     await outcome
             except Exception as exc:
                 logger.exception("%s hook %s failed", kind, _name(hook))
-                emit(
-                    "hook_failed",
-                    level=logging.WARNING,
-                    hook=kind,
-                    function=_name(hook),
-                    id=payload.queue_id,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
+                error = f"{type(exc).__name__}: {exc}"
+                emit(HookFailed(kind, _name(hook), error, queue_id=payload.queue_id))
 
     async def _cleanup(self, interval: float) -> None:
         while True:
@@ -1087,7 +1079,7 @@ class Relay:
                 logger.exception("clearing expired messages failed")
                 continue
             if cleared:
-                emit("expired_cleared", count=cleared)
+                emit(ExpiredCleared(cleared))
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

@@ -16,6 +16,9 @@ Two ways out, as in the seed:
   STARTTLS, up to three attempts with 2 s / 4 s backoff (8 s would come next),
   and a per-domain limit of 10 new connections a minute. Nothing is stored: when
   the call returns ``False`` the message is not delivered and nobody will retry.
+  It is a thin adapter over the delivery engine's own pieces -- the MX resolver and
+  its walk order, the SMTP client with the engine's options and timeouts, the one
+  reply classifier, the shaper's rate window -- not a second engine.
 - **Through the queue** -- :func:`send_email_hybrid` hands the message to a
   process-wide :class:`ferry.Relay` (:func:`get_hybrid_relay`) in the configured
   delivery mode (direct, relay, hybrid or smart), then waits for the outcomes.
@@ -39,11 +42,21 @@ from typing import Any
 
 from ferry.api.relay import DeliveryResult, MessageLike, Relay, prepare_message
 from ferry.config import RelayConfig
-from ferry.delivery.client import ClientOptions, RcptSpec, SmtpClient, SmtpError
-from ferry.delivery.mx import MxError, MxResolver
-from ferry.delivery.outcomes import Outcome, classify_reply, transport_failure_reply
-from ferry.envelope import Priority, Reply, Status
-from ferry.events import emit
+from ferry.delivery.client import RcptSpec, SmtpClient, SmtpError, mx_options
+from ferry.delivery.mx import MxError, MxResolver, mx_targets
+from ferry.delivery.outcomes import ReplyClass, Stage, classify_reply, transport_failure_reply
+from ferry.delivery.shaping import RateWindow
+from ferry.domains import address_domain
+from ferry.envelope import Priority, Reply
+from ferry.events import (
+    ConnectFailed,
+    DirectDelivery,
+    DirectRateLimited,
+    DkimSigned,
+    DkimUnsigned,
+    TlsFallback,
+    emit,
+)
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
@@ -82,28 +95,33 @@ _PARSE_POLICY = email.policy.SMTP.clone(refold_source="none")
 Sleep = Callable[[float], Awaitable[Any]]
 
 
+#: One recipient's result of one attempt: the verdict, the reply, the server, TLS.
+_Decided = tuple[ReplyClass, Reply, str | None, str | None]
+
+
 class _RateLimiter:
-    """At most ``limit`` new connections per domain in any ``window`` seconds; waits."""
+    """At most ``limit`` new connections per domain in any ``window`` seconds; waits.
+
+    The counting is the delivery shaper's :class:`RateWindow`; only the waiting (with
+    the injected ``sleep``) is the seed's: it has no scheduler to come back later.
+    """
 
     def __init__(self, limit: int, window: float, clock: Callable[[], float], sleep: Sleep) -> None:
         if limit < 1 or window <= 0:
             raise ValueError("rate limit needs limit >= 1 and window > 0")
         self.limit, self.window, self.clock, self.sleep = limit, window, clock, sleep
-        self._opened: dict[str, collections.deque[float]] = {}
+        self._windows: dict[str, RateWindow] = {}
 
     async def acquire(self, domain: str) -> None:
-        opened = self._opened.setdefault(domain, collections.deque())
+        window = self._windows.setdefault(domain, RateWindow(self.limit, self.window))
         while True:
             now = self.clock()
-            while opened and now - opened[0] >= self.window:
-                opened.popleft()
-            if len(opened) < self.limit:
-                opened.append(now)
+            wait = window.next_allowed(now) - now
+            if wait <= 0:
+                window.record(now)
                 return
-            emit(
-                "direct_rate_limited", domain=domain, wait=round(self.window - (now - opened[0]), 3)
-            )
-            await self.sleep(self.window - (now - opened[0]))
+            emit(DirectRateLimited(domain, wait))
+            await self.sleep(wait)
 
 
 class DirectSmtpService:
@@ -113,9 +131,11 @@ class DirectSmtpService:
     Per recipient domain and call: MX lookup (cached for the records' TTL, capped by
     ``dns.mx_cache_ttl``), each MX host in preference order on ``delivery.mx_port``,
     opportunistic STARTTLS (a failed handshake is retried in clear), one transaction
-    for all of the domain's recipients. Temporary failures (4xx, unreachable hosts,
-    DNS trouble) are retried up to ``max_attempts`` times, waiting
-    ``retry_delays[n]`` after failed attempt ``n + 1``; permanent ones (5xx) are not.
+    for all of the domain's recipients. Replies are judged by the engine's one rule
+    (:func:`ferry.delivery.outcomes.classify_reply`): temporary failures (4xx, a 552 to
+    RCPT, unreachable or refusing hosts, DNS trouble) are retried up to
+    ``max_attempts`` times, waiting ``retry_delays[n]`` after failed attempt ``n + 1``;
+    permanent ones (5xx to MAIL, RCPT, DATA; a domain that does not exist) are not.
     ``sleep`` and ``clock`` are injectable (tests).
     """
 
@@ -191,7 +211,7 @@ class DirectSmtpService:
         )
         by_domain: dict[str, list[str]] = {}
         for rcpt in rcpts:
-            by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)
+            by_domain.setdefault(address_domain(rcpt), []).append(rcpt)
         parts = await asyncio.gather(
             *(self._deliver_domain(d, rs, data, sender) for d, rs in by_domain.items())
         )
@@ -210,27 +230,15 @@ class DirectSmtpService:
             outcomes = await self._attempt(domain, pending, data, sender)
             retry: list[str] = []
             for rcpt in pending:
-                outcome, reply, relay, tls = outcomes[rcpt]
-                status = {
-                    Outcome.DELIVERED: Status.DELIVERED,
-                    Outcome.FAILED: Status.FAILED,
-                    Outcome.DEFERRED: Status.DEFERRED,
-                }[outcome]
+                verdict, reply, relay, tls = outcomes[rcpt]
+                status = verdict.status
                 results[rcpt] = DeliveryResult(
                     rcpt, status, None, "direct", reply, relay, tls, attempt
                 )
-                emit(
-                    "direct_delivery",
-                    rcpt=rcpt,
-                    status=status.value,
-                    relay=relay or "none",
-                    tls=tls,
-                    reply=str(reply)[:300],
-                    attempt=attempt,
-                )
-                if outcome is Outcome.DELIVERED:
+                emit(DirectDelivery(rcpt, status, relay, tls, reply, attempt))
+                if verdict is ReplyClass.DELIVERED:
                     self._stats["sent"] += 1
-                elif outcome is Outcome.FAILED:
+                elif verdict is ReplyClass.PERMANENT:
                     self._stats["failed"] += 1
                     self._stats["bounced"] += 1
                 else:
@@ -244,99 +252,76 @@ class DirectSmtpService:
 
     async def _attempt(
         self, domain: str, rcpts: list[str], data: bytes, sender: str
-    ) -> dict[str, tuple[Outcome, Reply, str | None, str | None]]:
+    ) -> dict[str, _Decided]:
         """One attempt for one domain: every MX address in turn until all are decided."""
         try:
             hosts = await self.resolver.resolve(domain)
         except MxError as exc:
-            outcome = Outcome.FAILED if exc.permanent else Outcome.DEFERRED
-            return {r: (outcome, exc.reply, None, None) for r in rcpts}
-        decided: dict[str, tuple[Outcome, Reply, str | None, str | None]] = {}
+            # As the engine: NXDOMAIN and null MX are answers (bounce), a failed
+            # lookup is not (retry).
+            verdict = ReplyClass.PERMANENT if exc.permanent else ReplyClass.TEMPORARY
+            return {r: (verdict, exc.reply, None, None) for r in rcpts}
+        decided: dict[str, _Decided] = {}
         undecided = list(rcpts)
-        last: SmtpError | None = None
+        last: Reply | None = None
         utf8 = not sender.isascii() or not all(r.isascii() for r in rcpts)
-        for host in hosts:
-            for ip in host.addresses:
-                if not undecided:
-                    break
-                try:
-                    client = await self._connect(domain, ip, host.name)
-                except SmtpError as exc:
-                    last = exc
-                    emit("connect_failed", host=f"{host.name}[{ip}]", reply=str(exc.reply)[:300])
-                    continue
-                label = f"{host.name}[{ip}]:{client.port}"
-                try:
-                    result = await client.send(
-                        sender,
-                        [RcptSpec(r) for r in undecided],
-                        data,
-                        smtputf8=utf8,
-                        body_8bit=not data.isascii(),
-                    )
-                except SmtpError as exc:  # the session failed: decided ones stay decided
-                    last = exc
-                    still: list[str] = []
-                    for rcpt, reply in zip(
-                        undecided, exc.partial or [None] * len(undecided), strict=False
-                    ):
-                        if reply is None:
-                            still.append(rcpt)
-                        else:
-                            decided[rcpt] = (
-                                classify_reply(reply, stage="rcpt"),
-                                reply,
-                                label,
-                                client.tls,
-                            )
-                    undecided = still
-                    continue
-                finally:
-                    await client.quit()
-                for rcpt, reply, stage in zip(
-                    undecided, result.replies, result.stages, strict=True
-                ):
-                    decided[rcpt] = (classify_reply(reply, stage=stage), reply, label, client.tls)
-                undecided = []
-        if undecided:
-            if last is not None:
-                reply = last.reply
-                outcome = Outcome.FAILED if reply.is_permanent else Outcome.DEFERRED
-            else:
-                reply = transport_failure_reply("unreachable", f"no usable MX host for {domain}")
-                outcome = Outcome.DEFERRED
-            for rcpt in undecided:
-                decided[rcpt] = (outcome, reply, None, None)
+        for name, ip in mx_targets(hosts):  # RFC 5321 §5.1
+            if not undecided:
+                break
+            try:
+                client = await self._connect(domain, ip, name)
+            except SmtpError as exc:
+                last = exc.reply
+                emit(ConnectFailed(f"{name}[{ip}]", exc.reply))
+                continue
+            label = f"{name}[{ip}]:{client.port}"
+            try:
+                result = await client.send(
+                    sender,
+                    [RcptSpec(r) for r in undecided],
+                    data,
+                    smtputf8=utf8,
+                    body_8bit=not data.isascii(),
+                )
+            except SmtpError as exc:  # the session failed: decided ones stay decided
+                last = exc.reply
+                partial = exc.partial or [None] * len(undecided)
+                stages: list[Stage] = exc.partial_stages or ["rcpt"] * len(undecided)
+                still: list[str] = []
+                for rcpt, reply, stage in zip(undecided, partial, stages, strict=True):
+                    if reply is None:
+                        still.append(rcpt)
+                    else:
+                        verdict = classify_reply(reply, stage=stage)
+                        decided[rcpt] = (verdict, reply, label, client.tls)
+                undecided = still
+                continue
+            finally:
+                await client.quit()
+            for rcpt, reply, stage in zip(undecided, result.replies, result.stages, strict=True):
+                decided[rcpt] = (classify_reply(reply, stage=stage), reply, label, client.tls)
+            undecided = []
+        # No host took the rest: the hosts failed, not the recipients (a transport
+        # failure, whatever the last host said before MAIL FROM): try again later.
+        if undecided and last is None:
+            last = transport_failure_reply("unreachable", f"no usable MX host for {domain}")
+        for rcpt in undecided:
+            assert last is not None
+            decided[rcpt] = (ReplyClass.TRANSPORT, last, None, None)
         return decided
 
     async def _connect(self, domain: str, ip: str, name: str) -> SmtpClient:
         """A session with opportunistic STARTTLS; in clear if the TLS handshake fails."""
+        port = self.config.delivery.mx_port
         await self._limiter.acquire(domain)
         try:
-            return await SmtpClient.connect(ip, self.config.delivery.mx_port, self._options(name))
+            return await SmtpClient.connect(ip, port, mx_options(self.config, name))
         except SmtpError as exc:
             if not exc.tls_handshake_failed:
                 raise
-        emit("tls_fallback", host=f"{name}[{ip}]")
+        emit(TlsFallback(f"{name}[{ip}]"))
         await self._limiter.acquire(domain)
-        return await SmtpClient.connect(
-            ip, self.config.delivery.mx_port, self._options(name, tls="none")
-        )
-
-    def _options(self, name: str, tls: str = "opportunistic") -> ClientOptions:
-        d = self.config.delivery
-        return ClientOptions(
-            helo_name=self.config.server.hostname,
-            tls="none" if tls == "none" else "opportunistic",
-            server_name=name,
-            source_address=d.source_address or None,
-            connect_timeout=d.connect_timeout,
-            greeting_timeout=d.command_timeout,
-            command_timeout=d.command_timeout,
-            data_init_timeout=min(d.command_timeout, 120.0),
-            data_block_timeout=min(d.command_timeout, 180.0),
-            final_timeout=600.0 if d.command_timeout >= 300 else d.command_timeout,
-        )
+        return await SmtpClient.connect(ip, port, mx_options(self.config, name, plain=True))
 
 
 # -- the process-wide defaults ----------------------------------------------------------
@@ -470,12 +455,12 @@ def _sign(config: RelayConfig, data: bytes, mail_from: str) -> tuple[bytes, Any]
         result = _dkim_signer(config).sign(data, envelope_sender=mail_from)
     except Exception as exc:  # never lose the message over a signature
         logger.warning("DKIM signing failed, sending unsigned: %s", exc)
-        emit("dkim_unsigned", level=logging.WARNING, reason=f"{type(exc).__name__}: {exc}")
+        emit(DkimUnsigned(f"{type(exc).__name__}: {exc}", failed=True))
         return data, None
     if result.signed:
-        emit("dkim_signed", domain=result.domain, selectors=",".join(result.selectors))
+        emit(DkimSigned(result.domain, tuple(result.selectors)))
         return result.headers + data, result
-    emit("dkim_unsigned", domain=result.domain, reason=result.unsigned_reason)
+    emit(DkimUnsigned(result.unsigned_reason, domain=result.domain))
     return data, result
 
 

@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ferry.config import ConfigError, RelayConfig
+from ferry.cli.common import config_path, load_config
 from ferry.dkim import DkimKey, KeyEntry, KeyStore, dns_record, txt_chunks, zone_line
 
 console = Console()
@@ -25,10 +25,7 @@ console = Console()
 def _store(ctx: click.Context) -> KeyStore:
     """The key store of the loaded configuration (``--keys-dir`` wins)."""
     obj = ctx.obj if isinstance(ctx.obj, dict) else {}
-    try:
-        config = RelayConfig.load(obj.get("config"))
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    config = load_config(config_path(ctx))  # the one load path (exit 1 on error)
     keys_dir = obj.get("dkim_keys_dir") or config.dkim.keys_dir
     try:
         return KeyStore(keys_dir, default_selector=config.dkim.selector)

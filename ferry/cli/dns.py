@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ferry.config import ConfigError, RelayConfig
+from ferry.cli.common import config_path, load_config
+from ferry.config import RelayConfig
 from ferry.dnscheck.checks import Check, check_domain, failed, parse_tags, public_key_b64
 
 MARKS = {
@@ -93,11 +94,7 @@ def dns_check(ctx: click.Context, domain: str, ip: str | None, as_json: bool) ->
 
     Exits 1 if a required check (SPF, DKIM with local keys, DMARC, PTR with --ip) fails.
     """
-    obj = ctx.find_root().obj or {}
-    try:
-        config = RelayConfig.load(obj.get("config"))
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    config = load_config(config_path(ctx))  # the one load path (exit 1 on error)
     try:
         keys = local_dkim_keys(config, domain)
     except (OSError, ValueError) as exc:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from ferry import __version__
+from ferry.cli.common import config_option, config_path, load_config
 from ferry.envelope import Priority
 
 if TYPE_CHECKING:
@@ -34,15 +35,13 @@ def _ts(value: float | None) -> str:
 
 
 def _load(ctx: click.Context) -> RelayConfig:
-    from ferry.config import ConfigError, RelayConfig
-
-    try:
-        return RelayConfig.load(ctx.obj.get("config"))
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    """The configuration, through the one load path (``ferry.cli.common``)."""
+    return load_config(config_path(ctx))
 
 
-def _with_queue(ctx: click.Context, fn: Callable[[SqliteQueue], Awaitable[T]]) -> T:
+def _with_queue(
+    ctx: click.Context, fn: Callable[[SqliteQueue], Awaitable[T]], *, readonly: bool = False
+) -> T:
     import asyncio
 
     from ferry.queue.sqlite import SqliteQueue
@@ -50,7 +49,11 @@ def _with_queue(ctx: click.Context, fn: Callable[[SqliteQueue], Awaitable[T]]) -
     config = _load(ctx)
 
     async def run() -> T:
-        queue = SqliteQueue(config.queue.path)
+        # Never create a queue: a wrong path must not look like an empty queue.
+        try:
+            queue = SqliteQueue(config.queue.path, create=False, readonly=readonly)
+        except OSError as exc:  # QueueNotFound, QueueDamaged
+            raise click.ClickException(str(exc)) from None
         try:
             return await fn(queue)
         finally:
@@ -70,6 +73,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("ferry.cli.init:init_command", "Write a starter ferry.toml and print next steps."),
     "dns": ("ferry.cli.dns:dns", "Check a sending domain's DNS (SPF, DKIM, DMARC, MX)."),
     "dkim": ("ferry.cli.dkim:dkim", "Create, list, rotate and remove DKIM signing keys."),
+    "token": ("ferry.cli.token:token", "Create, list and revoke HTTP API tokens."),
+    "webhooks": ("ferry.cli.webhooks:webhooks", "Webhook endpoints: backlog, failures, replay."),
 }
 
 
@@ -112,7 +117,8 @@ class LazyGroup(click.Group):
     "config_path",
     envvar="FERRY_CONFIG",
     type=click.Path(dir_okay=False),
-    help="Path to ferry.toml (default: $FERRY_CONFIG, else built-in defaults).",
+    help="Path to ferry.toml (default: $FERRY_CONFIG, else built-in defaults and"
+    " the data directory $FERRY_DATA or ./ferry-data).",
 )
 @click.version_option(message="ferry %(version)s", version=__version__)
 @click.pass_context
@@ -127,6 +133,7 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 
 
 @main.command()
+@config_option
 @click.pass_context
 def serve(ctx: click.Context) -> None:
     """Run the relay (SMTP intake and delivery) until interrupted."""
@@ -137,7 +144,7 @@ def serve(ctx: click.Context) -> None:
     config = _load(ctx)
     setup_logging(config.log.level, config.log.format)
     try:
-        run_async(Service(config, config_file=ctx.obj.get("config")).run_forever())
+        run_async(Service(config, config_file=config_path(ctx)).run_forever())
     except AlreadyRunning as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
@@ -160,13 +167,7 @@ def config_group() -> None:
 @click.pass_context
 def config_check(ctx: click.Context, file: str | None, as_json: bool) -> None:
     """Validate FILE (or the active config) and print the effective settings, secrets masked."""
-    from ferry.config import ConfigError, RelayConfig
-
-    try:
-        config = RelayConfig.load(file or ctx.obj.get("config"))
-    except ConfigError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
+    config = load_config(file or config_path(ctx))  # the same load as `ferry serve`
     data = config.masked()
     if as_json:
         _print_json(data)

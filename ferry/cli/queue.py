@@ -106,7 +106,7 @@ def _read_with_header(ctx: click.Context, now: float, fn: Callable[[Any], Any]) 
     async def read(q: Any) -> tuple[Any, Any, Any]:
         return await fn(q), await q.counts(), await q.suspensions(now=now)
 
-    result, counts, suspended = _with_queue(ctx, read)
+    result, counts, suspended = _with_queue(ctx, read, readonly=True)
     return result, (
         f"queue {config.data_dir.resolve() / 'queue.db'}: {counts.waiting_recipients} recipients"
         f" waiting ({counts.deferred_recipients} deferred, {counts.held_recipients} held);"
@@ -117,11 +117,26 @@ def _read_with_header(ctx: click.Context, now: float, fn: Callable[[Any], Any]) 
 # -- list ----------------------------------------------------------------------------
 
 
-def listed_json(m: ListedMessage, now: float) -> dict[str, Any]:
+def gives_up(m: ListedMessage, policy: Any) -> float | None:
+    """The message's real give-up time (its last waiting recipient's), as `queue show`
+    computes it: ``ferry.delivery.retry.give_up_time``; None when nothing waits."""
+    from ferry.delivery.retry import give_up_time
+
+    times = [
+        give_up_time(policy, expires=m.expires, attempts=r.attempts, next_attempt=r.next_attempt).at
+        for r in m.recipients
+        if not r.status.is_final
+    ]
+    return max(times) if times else None
+
+
+def listed_json(m: ListedMessage, now: float, policy: Any = None) -> dict[str, Any]:
+    until = gives_up(m, policy) if policy is not None else None
     return {
         "id": m.id,
         "status": m.status.value,
         "arrival": _ts(m.arrival),
+        "expires": _ts(until) if until is not None else None,
         "age_seconds": round(now - m.arrival, 1),
         "size": m.size,
         "sender": m.sender,
@@ -144,7 +159,7 @@ def _reply_text(code: int | None, enhanced: str | None, text: str | None) -> str
     return " ".join(str(x) for x in (code, enhanced, (text or "").replace("\r\n", " ")) if x)
 
 
-def listed_line(m: ListedMessage, now: float) -> str:
+def listed_line(m: ListedMessage, now: float, policy: Any = None) -> str:
     """One message, one line: ID STATUS AGE SIZE SENDER -> RECIPIENTS next=... reply."""
     waiting = [r for r in m.recipients if not r.status.is_final] or list(m.recipients)
     shown = ", ".join(r.address for r in waiting[:3])
@@ -163,9 +178,11 @@ def listed_line(m: ListedMessage, now: float) -> str:
     if replied:
         r = replied[0]
         reply = " " + (_reply_text(r.last_code, r.last_enhanced, r.last_text) or "")
+    until = gives_up(m, policy) if policy is not None else None
+    gives = f"  gives up in {_age(until - now)}" if until is not None else ""
     return (
         f"{m.id}  {m.status.value:<12} {_age(now - m.arrival):>7} {m.size:>8}"
-        f"  {m.sender or '<>'} -> {shown}  next={nxt}{reply}"
+        f"  {m.sender or '<>'} -> {shown}  next={nxt}{gives}{reply}"
     )
 
 
@@ -191,18 +208,22 @@ def queue_list(
     page, header = _read_with_header(
         ctx, now, lambda q: q.list_page(sel, now=now, limit=limit, after=after)
     )
+    from ferry.delivery.retry import policy_for
+
+    config = _load(ctx)
+    policy = policy_for(config)
     if as_json:
         _print_json(
             {
-                "queue": str(_load(ctx).data_dir.resolve() / "queue.db"),
-                "messages": [listed_json(m, now) for m in page.messages],
+                "queue": str(config.data_dir.resolve()),
+                "messages": [listed_json(m, now, policy) for m in page.messages],
                 "next_page_after": page.after,
             }
         )
         return
     click.echo(header)
     for m in page.messages:
-        click.echo(listed_line(m, now))
+        click.echo(listed_line(m, now, policy))
     if not page.messages:
         click.echo("(no messages)")
     elif page.after:
@@ -288,7 +309,9 @@ def message_json(m: MessageInfo, history: bool = False) -> dict[str, Any]:
         "size": m.size,
         "priority": m.priority.name.lower(),
         "arrival": _ts(m.arrival),
-        "expires": _ts(m.expires),
+        # The real give-up time (issue 11.1): retry.fill_give_up; None once finished.
+        "expires": _ts(m.gives_up) if m.gives_up is not None else None,
+        "finished": _ts(m.finished) if m.finished is not None else None,
         "client_address": m.client_address,
         "client_helo": m.client_helo,
         "auth_user": m.auth_user,
@@ -303,6 +326,9 @@ def message_json(m: MessageInfo, history: bool = False) -> dict[str, Any]:
                 "status": r.status.value,
                 "attempts": r.attempts,
                 "next_attempt": _ts(r.next_attempt) if r.next_attempt else None,
+                "gives_up": _ts(r.gives_up) if r.gives_up is not None else None,
+                "gives_up_reason": r.gives_up_reason,
+                "expiry_reason": r.expiry_reason,
                 "last_reply": str(r.last_reply) if r.last_reply else None,
                 "route": r.route,
                 **(
@@ -346,19 +372,24 @@ def split_message(data: bytes) -> tuple[bytes, bytes]:
 def queue_show(ctx: click.Context, message_id: str, body: bool, full: bool, as_json: bool) -> None:
     """Show one message: envelope, recipients and every attempt with every host tried."""
     if body or full:
-        data = _with_queue(ctx, lambda q: q.read_message(message_id))
+        data = _with_queue(ctx, lambda q: q.read_message(message_id), readonly=True)
         if data is None:
             raise click.ClickException(f"no stored message {message_id}")
         out = data if full else split_message(data)[0]
         sys.stdout.buffer.write(out)
         sys.stdout.flush()
         return
-    m = _with_queue(ctx, lambda q: q.get(message_id))
+    from ferry.delivery.retry import fill_give_up, policy_for
+
+    m = _with_queue(ctx, lambda q: q.get(message_id), readonly=True)
     if m is None:
         raise click.ClickException(f"no message {message_id}")
+    fill_give_up(policy_for(_load(ctx)), m)
     data_ = message_json(m, history=True)
     if as_json:
-        _print_json(data_)
+        from ferry.cli.common import queue_location
+
+        _print_json({"queue": queue_location(_load(ctx)), **data_})
         return
     for key in (
         "id",
@@ -412,15 +443,18 @@ def queue_stats(ctx: click.Context, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from ferry.cli.common import queue_header, queue_location
     from ferry.cli.stats import smart_host_table
     from ferry.stats import relay_stats
 
-    st = _with_queue(ctx, lambda q: q.statistics(now=time.time()))
+    st = _with_queue(ctx, lambda q: q.statistics(now=time.time()), readonly=True)
     data = stats_json(st)
-    relay = relay_stats(_load(ctx))
+    config = _load(ctx)
+    relay = relay_stats(config)
     if as_json:
-        _print_json({**data, "smart_hosts": relay["smart_hosts"]})
+        _print_json({"queue": queue_location(config), **data, "smart_hosts": relay["smart_hosts"]})
         return
+    queue_header(config)
     console = Console()
     smart_host_table(console, relay["smart_hosts"])
     table = Table("statistic", "value")
@@ -562,7 +596,7 @@ def queue_resume(ctx: click.Context, domain: str) -> None:
 @click.pass_context
 def queue_suspended(ctx: click.Context, as_json: bool) -> None:
     """List suspended destinations ('*' = every destination: delivery is held)."""
-    found = _with_queue(ctx, lambda q: q.suspensions(now=time.time()))
+    found = _with_queue(ctx, lambda q: q.suspensions(now=time.time()), readonly=True)
     if as_json:
         _print_json(
             [
@@ -583,3 +617,15 @@ def queue_suspended(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"{name}  since {_ts(s.since)}  until {until}  by {s.by}  {s.reason}".rstrip())
     if not found:
         click.echo("(no destination is suspended)")
+
+
+def _attach() -> None:
+    """Queue commands that live in their own modules."""
+    from ferry.cli.purge import purge
+    from ferry.cli.queue_check import check
+
+    queue_group.add_command(check)
+    queue_group.add_command(purge)
+
+
+_attach()

@@ -66,13 +66,15 @@ def stats_command(ctx: click.Context, as_json: bool) -> None:
 
     config = _load(ctx)
     data = relay_stats(config)
-    suspended = _with_queue(ctx, lambda q: q.suspensions(now=time.time()))
+    suspended = _with_queue(ctx, lambda q: q.suspensions(now=time.time()), readonly=True)
     pid = serve_pid(config)
     data["serve_pid"] = pid
     data["held"] = any(s.domain == ALL_DESTINATIONS for s in suspended)
     data["suspended"] = [s.domain for s in suspended]
     if as_json:
-        _print_json(data)
+        from ferry.cli.common import queue_location
+
+        _print_json({"queue": queue_location(config), **data})
         return
     console = Console()
     click.echo(f"ferry serve: {f'running (pid {pid})' if pid else 'not running'}")

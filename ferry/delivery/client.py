@@ -33,8 +33,9 @@ import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from ferry.config import RelayConfig
 from ferry.delivery.outcomes import Stage, parse_reply_text, transport_failure_reply
 from ferry.envelope import Reply
 from ferry.tls import describe
@@ -45,6 +46,8 @@ __all__ = [
     "RcptSpec",
     "SmtpClient",
     "SmtpError",
+    "mx_options",
+    "session_options",
     "TlsMode",
     "TransactionResult",
     "dot_stuff",
@@ -96,6 +99,45 @@ class ClientOptions:
         return self.password is not None or self.oauth_token is not None
 
 
+def session_options(config: RelayConfig, **overrides: Any) -> ClientOptions:
+    """The client options ``config`` asks for: our name, source address, timeouts.
+
+    The one place the engine and the seed functions take them from; ``overrides`` set
+    the rest (TLS mode, server name, credentials). RFC 5321 §4.5.3.2 asks for 5 min
+    per command, 2 min for DATA initiation, 3 min per data block and 10 min for the
+    reply to the final dot; ``delivery.command_timeout`` shortens them only when the
+    operator asked for shorter timeouts.
+    """
+    d = config.delivery
+    base: dict[str, Any] = {
+        "helo_name": config.server.hostname,
+        "source_address": d.source_address or None,
+        "connect_timeout": d.connect_timeout,
+        "greeting_timeout": d.command_timeout,
+        "command_timeout": d.command_timeout,
+        "data_init_timeout": min(d.command_timeout, 120.0),
+        "data_block_timeout": min(d.command_timeout, 180.0),
+        "final_timeout": 600.0 if d.command_timeout >= 300 else d.command_timeout,
+    }
+    base.update(overrides)
+    return ClientOptions(**base)
+
+
+def mx_options(
+    config: RelayConfig, server_name: str, *, plain: bool = False, ca_file: str | None = None
+) -> ClientOptions:
+    """Options for an MX host: STARTTLS whenever offered, certificates not checked
+    (RFC 7435 opportunistic security: no MX certificate can be expected to verify), or
+    in clear after a failed handshake (``plain``)."""
+    return session_options(
+        config,
+        tls="none" if plain else "opportunistic",
+        verify_certificate=False,
+        ca_file=ca_file,
+        server_name=server_name,
+    )
+
+
 @dataclass(frozen=True)
 class RcptSpec:
     """One recipient of a transaction with its RFC 3461 parameters."""
@@ -143,6 +185,8 @@ class SmtpError(Exception):
         self.kind = kind
         self._tls_handshake = tls_handshake
         self.partial: list[Reply | None] = []
+        # The stage that decided each ``partial`` reply ("mail" or "rcpt").
+        self.partial_stages: list[Stage] = []
 
     @property
     def tls_handshake_failed(self) -> bool:
@@ -499,6 +543,7 @@ class SmtpClient:
                 )
             except SmtpError as exc:
                 exc.partial = list(finals)
+                exc.partial_stages = list(stages)
                 self.close()
                 raise
             except BaseException:  # cancelled mid-dialogue: the state is unknown

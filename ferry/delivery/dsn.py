@@ -23,7 +23,7 @@ from email.message import Message
 from email.utils import format_datetime, formataddr, parseaddr
 from typing import Literal
 
-from ferry.envelope import Reply
+from ferry.envelope import Reply, parse_notify
 
 Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
 
@@ -35,29 +35,8 @@ _NOTIFY_FOR_ACTION: dict[str, str] = {
     "relayed": "SUCCESS",
     "expanded": "SUCCESS",
 }
-_NOTIFY_KEYWORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
-# RFC 3461 §4.1: without a NOTIFY parameter an MTA may act as if it were
-# FAILURE or FAILURE,DELAY; we take the second, so senders hear of delays.
-DEFAULT_NOTIFY = frozenset({"FAILURE", "DELAY"})
 
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
-
-
-def parse_notify(notify: str | None) -> frozenset[str]:
-    """The set of NOTIFY keywords in an RFC 3461 §4.1 NOTIFY value.
-
-    None gives DEFAULT_NOTIFY; "NEVER" gives the empty set. Raises ValueError
-    on unknown keywords or NEVER mixed with others (which §4.1 forbids), so
-    intake can use this to validate the RCPT parameter.
-    """
-    if notify is None:
-        return DEFAULT_NOTIFY
-    words = [w.strip().upper() for w in notify.split(",")]
-    if words == ["NEVER"]:
-        return frozenset()
-    if not words or not set(words) <= _NOTIFY_KEYWORDS:
-        raise ValueError(f"bad NOTIFY value {notify!r}")
-    return frozenset(words)
 
 
 def needs_dsn(notify: str | None, action: str) -> bool:
@@ -106,6 +85,8 @@ class DsnRecipient:
     last_attempt: float | None
     will_retry_until: float | None = None
     diagnostic_type: str = "smtp"
+    # An expiry's cause ("lifetime" or "max_retries"), so the text says which limit ran out.
+    expiry_reason: str | None = None
 
     def __post_init__(self) -> None:
         if self.action not in _NOTIFY_FOR_ACTION:
@@ -169,6 +150,13 @@ _ADVICE = {
     "7": "The recipient's server refused the message by policy. If its reply"
     " mentions a block list or reputation, please tell the postmaster of this"
     " mail system.",
+}
+# An expiry says which limit ran out (delivery.message_lifetime or delivery.max_retries).
+_EXPIRY_ADVICE = {
+    "lifetime": "The message could not be delivered before its time in the queue ran out,"
+    " and has expired.",
+    "max_retries": "The message could not be delivered within the allowed number of delivery"
+    " attempts, and has expired.",
 }
 _DEFAULT_ADVICE = (
     "If the problem persists, contact the postmaster of this mail system and include this report."
@@ -269,6 +257,8 @@ def _advice(r: DsnRecipient) -> str | None:
     if r.action != "failed":
         return None
     _, subject, detail = r.status.split(".")
+    if r.expiry_reason in _EXPIRY_ADVICE:
+        return _EXPIRY_ADVICE[r.expiry_reason]
     return _ADVICE.get(f"{subject}.{detail}") or _ADVICE.get(subject) or _DEFAULT_ADVICE
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "MxHost",
     "MxResolver",
     "is_null_mx",
+    "mx_targets",
     "order_mx",
     "parse_nameserver",
     "to_a_labels",
@@ -79,6 +80,12 @@ def order_mx(records: Sequence[tuple[int, str]], rng: random.Random) -> list[tup
     shuffled = list(records)
     rng.shuffle(shuffled)
     return sorted(shuffled, key=lambda record: record[0])  # stable: keeps the shuffle
+
+
+def mx_targets(hosts: Sequence[MxHost]) -> list[tuple[str, str]]:
+    """(host name, address) pairs to try, in order: each host by preference, each of its
+    addresses as resolved (RFC 5321 §5.1: try each address until one succeeds)."""
+    return [(h.name, a) for h in hosts for a in h.addresses]
 
 
 def is_null_mx(records: Sequence[tuple[int, str]]) -> bool:

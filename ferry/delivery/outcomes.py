@@ -1,9 +1,10 @@
 """Classifying what happened to a delivery attempt (pure).
 
-The SMTP client reports raw replies; these functions turn them into one of
-three outcomes, build replies for failures that never got one (refused
-connections, timeouts), and spot "you are on a block list" rejections that
-hybrid mode answers by retrying through a smart host.
+The SMTP client reports raw replies; :func:`classify_reply` (the one reply
+classifier) turns them into a :class:`ReplyClass` -- delivered, temporary,
+permanent or transport failure. The other functions build replies for failures
+that never got one (refused connections, timeouts), and spot "you are on a
+block list" rejections that hybrid mode answers by retrying through a smart host.
 """
 
 from __future__ import annotations
@@ -14,51 +15,86 @@ from collections.abc import Sequence
 from typing import Literal
 
 from ferry.config import DEFAULT_BLOCK_PATTERNS
-from ferry.envelope import Reply
+from ferry.envelope import Reply, Status
 
 Stage = Literal["connect", "greeting", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "dot"]
 
-
-class Outcome(enum.Enum):
-    """The result of an attempt for one recipient."""
-
-    DELIVERED = "delivered"
-    FAILED = "failed"  # permanent: bounce now
-    DEFERRED = "deferred"  # temporary: retry later (see retry.py)
+#: Stages before MAIL FROM: a failure there is the host's, not a recipient's (RFC 5321
+#: §3.1 greeting, §4.1.1.1 EHLO, RFC 3207 STARTTLS, RFC 4954 AUTH).
+SESSION_STAGES: frozenset[str] = frozenset({"connect", "greeting", "ehlo", "starttls", "auth"})
 
 
-def classify_reply(reply: Reply, *, stage: Stage) -> Outcome:
-    """Classify the reply that ended an attempt at ``stage``.
+class ReplyClass(enum.Enum):
+    """What a reply means for the recipients it answered (see :func:`classify_reply`).
+
+    Not to be confused with the recorder's ``Outcome`` (a recipient's recorded result):
+    this is the verdict on one reply, from which the recorder's status follows.
+    """
+
+    DELIVERED = "delivered"  # accepted: the reply to the final "."
+    TEMPORARY = "temporary"  # this recipient or message: retry later (see retry.py)
+    PERMANENT = "permanent"  # this recipient or message: bounce now
+    TRANSPORT = "transport"  # the host or session failed, not the recipient: retry
+
+    @property
+    def status(self) -> Status:
+        """The recipient's status after such a reply: a transport failure defers it."""
+        if self is ReplyClass.DELIVERED:
+            return Status.DELIVERED
+        return Status.FAILED if self is ReplyClass.PERMANENT else Status.DEFERRED
+
+
+def classify_reply(reply: Reply | None, *, stage: Stage) -> ReplyClass:
+    """Classify the reply that ended an attempt at ``stage``: the one rule used by the
+    engine, the smart hosts' circuit breakers, the Python API and the seed functions.
 
     The contract: call this with the reply that *decides* a recipient's fate,
     which is either a failure reply (4xx/5xx) at any stage, or the reply to
-    the final "." at stage ``"dot"``. Plain SMTP has no per-recipient answer
-    after DATA, so the reply to "." decides for every accepted recipient
-    (RFC 5321 §4.1.1.4). A positive reply at any other stage is not an
-    outcome (the transaction goes on) and raises ValueError; an unexpected
-    positive reply (say 250 to DATA) is a protocol error for the client to
-    report with ``transport_failure_reply("protocol", ...)``.
+    the final "." at stage ``"dot"``, or None when the attempt got no SMTP reply
+    at all (refused, unreachable, timed out, connection lost, TLS handshake
+    failed, protocol error: the cases :func:`transport_failure_reply` makes up a
+    reply for; pass None, not that synthetic 451). Plain SMTP has no
+    per-recipient answer after DATA, so the reply to "." decides for every
+    accepted recipient (RFC 5321 §4.1.1.4). A positive reply at any other
+    stage is not an outcome (the transaction goes on) and raises ValueError;
+    an unexpected positive reply (say 250 to DATA) is a protocol error.
 
+    In this order:
+
+    - no reply → TRANSPORT.
     - 2xx at "dot" → DELIVERED. A 3xx there is not a valid answer to "."
       (RFC 5321 §4.3.2 allows only 250 or a failure), so the message was not
-      accepted: DEFERRED, to try again rather than lose it.
-    - 4xx → DEFERRED (RFC 5321 §4.2.1: transient negative completion).
-    - 5xx → FAILED, except 552 at RCPT: RFC 821 gave "too many recipients"
-      the code 552, so RFC 5321 §4.5.3.1.10 says clients should treat a 552
-      there as temporary: DEFERRED (the rest are retried in a later
-      transaction).
+      accepted: TEMPORARY, to try again rather than lose it.
+    - 421 at any stage → TRANSPORT: RFC 5321 §3.8 "service not available,
+      closing transmission channel" is the server ending the session,
+      whatever command it answered.
+    - any failure before MAIL FROM (connect, greeting, EHLO, STARTTLS, AUTH)
+      → TRANSPORT: it judges the host, not a recipient, and RFC 5321 §5.1 has
+      the client try the next address of the host list.
+    - 4xx → TEMPORARY (RFC 5321 §4.2.1: transient negative completion).
+    - 552 at RCPT → TEMPORARY: RFC 821 gave "too many recipients" the code
+      552, so RFC 5321 §4.5.3.1.10 says clients should treat a 552 there as
+      temporary (452); the rest are retried in a later transaction. This holds
+      whatever the enhanced code says (even 5.3.4): a retry loses nothing, a
+      wrong bounce loses the mail.
+    - 5xx → PERMANENT (RFC 5321 §4.2.1: permanent negative completion),
+      including 552 at MAIL, DATA or "." (RFC 1870 §6.1: message too big).
     """
+    if reply is None:
+        return ReplyClass.TRANSPORT
     if not 200 <= reply.code < 600:
         raise ValueError(f"not an SMTP reply code: {reply.code}")
     if reply.is_success:
         if stage != "dot":
             raise ValueError(f"{reply.code} at stage {stage!r} is not an outcome")
-        return Outcome.DELIVERED if reply.code < 300 else Outcome.DEFERRED
-    if reply.is_transient:
-        return Outcome.DEFERRED
+        return ReplyClass.DELIVERED if reply.code < 300 else ReplyClass.TEMPORARY
+    if reply.code == 421 or stage in SESSION_STAGES:  # RFC 5321 §3.8, §5.1
+        return ReplyClass.TRANSPORT
+    if reply.is_transient:  # RFC 5321 §4.2.1
+        return ReplyClass.TEMPORARY
     if reply.code == 552 and stage == "rcpt":  # RFC 5321 §4.5.3.1.10
-        return Outcome.DEFERRED
-    return Outcome.FAILED
+        return ReplyClass.TEMPORARY
+    return ReplyClass.PERMANENT
 
 
 TransportFailure = Literal[

@@ -21,12 +21,13 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
 
 from ferry.config import RelayConfig
-from ferry.events import emit
+from ferry.events import DeliveryTotals, WorkerDied, WorkerStarted, emit
 
 RESTART_DELAY = 1.0
 
@@ -81,7 +82,7 @@ class DeliveryProcess:
         if self._wfd is not None:
             os.close(self._wfd)
         self._wfd = wfd
-        emit("delivery_worker", pid=self.proc.pid, owner=self.owner)
+        emit(WorkerStarted(self.proc.pid, self.owner))
 
     async def start(self) -> None:
         self._spawn()
@@ -95,7 +96,7 @@ class DeliveryProcess:
                 code = await asyncio.to_thread(self.proc.wait)
                 if self._stopping:
                     return
-                emit("delivery_worker_died", level=logging.ERROR, pid=self.proc.pid, code=code)
+                emit(WorkerDied(self.proc.pid, code))
                 await self._release()
                 await asyncio.sleep(RESTART_DELAY)  # no hot restart loop on a crashing worker
                 if not self._stopping:
@@ -181,7 +182,7 @@ async def _worker(config: RelayConfig, owner: str, notify_fd: int) -> None:
         with contextlib.suppress(Exception):
             loop.remove_reader(notify_fd)
         await scheduler.stop()
-        emit("delivery_stats", **flat_stats(scheduler.stats()))
+        emit(DeliveryTotals(flat_stats(scheduler.stats())))
         await queue.close()
 
 
@@ -195,6 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     from ferry.runtime import run_async
 
     setup_logging(config.log.level, config.log.format)
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if config.http.listen and directory:  # the parent serves /metrics: count here too
+        from ferry.metrics import install
+
+        install(Path(directory), fresh=False)
     run_async(_worker(config, args.owner, args.notify_fd))
 
 

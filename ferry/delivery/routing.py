@@ -42,31 +42,46 @@ must not be relayed.
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from ferry.config import DEFAULT_BLOCK_PATTERNS, DeliveryMode
 from ferry.delivery.outcomes import is_blocked_reply
-from ferry.delivery.routes import NextHop, direct_hop
 from ferry.envelope import Reply
+
+# Route strings are parsed in one place, the shared leaf ferry.routes (the configuration
+# validator uses the same parser); these names are re-exported for the engine.
+from ferry.routes import (
+    ALL_SMART_HOSTS,
+    NextHop,
+    RouteTarget,
+    direct_hop,
+    normalize_domain,
+    parse_route_target,
+    smarthost_hop,
+    validate_routes,
+)
+
+__all__ = [
+    "ALL_SMART_HOSTS",
+    "FALLBACK_ALL",
+    "NO_FALLBACK",
+    "RoutePlan",
+    "RouteTarget",
+    "hop_smart_host_names",
+    "match_route",
+    "normalize_domain",
+    "parse_route_target",
+    "plan_route",
+    "should_fall_back",
+    "smarthost_hop",
+    "validate_routes",
+]
 
 Fallback = Literal["transport", "temporary", "blocked"]
 FALLBACK_ALL: frozenset[str] = frozenset({"transport", "temporary", "blocked"})
 NO_FALLBACK: frozenset[str] = frozenset()
-
-#: The name of the smarthost hop meaning "every configured smart host".
-ALL_SMART_HOSTS = "*"
-
-RouteTarget = str | list[str]
-
-# RFC 1035 §2.3.1 labels (underscores tolerated, as resolvers do), at most 253 octets.
-_HOSTNAME = re.compile(
-    r"(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-    r"(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*"
-)
 
 
 @dataclass(frozen=True)
@@ -91,23 +106,6 @@ class RoutePlan:
             raise ValueError(f"unknown fallback kinds: {sorted(unknown)}")
 
 
-def normalize_domain(domain: str) -> str:
-    """Lower-case, without the trailing root dot ("Example.COM." -> "example.com")."""
-    return domain.strip().lower().rstrip(".")
-
-
-def smarthost_hop(names: Sequence[str] | None = None) -> NextHop:
-    """The hop for the smart host set: all hosts (``None``) or the named ones."""
-    if names is None:
-        return NextHop("smarthost", ALL_SMART_HOSTS, 0)
-    if not names:
-        raise ValueError("a smarthost hop needs at least one name")
-    for name in names:
-        if not name or "," in name or name == ALL_SMART_HOSTS:
-            raise ValueError(f"smart host name {name!r} cannot be used in a route")
-    return NextHop("smarthost", ",".join(names), 0)
-
-
 def hop_smart_host_names(hop: NextHop, configured: Sequence[str]) -> list[str]:
     """The smart host names a ``smarthost`` hop stands for ("*" = all ``configured``)."""
     if hop.kind != "smarthost":
@@ -115,102 +113,6 @@ def hop_smart_host_names(hop: NextHop, configured: Sequence[str]) -> list[str]:
     if hop.name == ALL_SMART_HOSTS:
         return list(configured)
     return hop.name.split(",")
-
-
-def _parse_mx_target(item: str, spec: str, mx_port: int) -> NextHop:
-    """``host``, ``host:port``, ``[ip-literal]`` or ``[ip-literal]:port``."""
-    port = mx_port
-    if spec.startswith("["):
-        literal, sep, rest = spec[1:].partition("]")
-        if not sep:
-            raise ValueError(f"route target {item!r}: unclosed '['")
-        try:
-            ipaddress.ip_address(literal)
-        except ValueError:
-            raise ValueError(f"route target {item!r}: {literal!r} is not an IP address") from None
-        host = literal
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"route target {item!r}: expected ':port' after ']'")
-            port = _parse_port(item, rest[1:])
-    else:
-        host, sep, port_text = spec.rpartition(":")
-        if not sep:
-            host = spec
-        else:
-            port = _parse_port(item, port_text)
-        if ":" in host:
-            raise ValueError(f"route target {item!r}: write an IPv6 address as [address]")
-        host = host.lower().rstrip(".")
-        if not _HOSTNAME.fullmatch(host):
-            raise ValueError(f"route target {item!r}: {host!r} is not a host name")
-    return NextHop("host", host, port)
-
-
-def _parse_port(item: str, text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise ValueError(f"route target {item!r}: {text!r} is not a port (1-65535)")
-    return int(text)
-
-
-def parse_route_target(
-    target: RouteTarget,
-    smart_host_names: set[str] | frozenset[str],
-    *,
-    domain: str,
-    mx_port: int,
-) -> list[NextHop]:
-    """Parse a ``[routes]`` value into hops for ``domain``.
-
-    Each item is ``"direct"`` (the domain's MX, on ``mx_port``), ``"mx:host[:port]"``
-    (a fixed host, default port ``mx_port``; IPv6 as ``mx:[2001:db8::1]:25``) or the
-    name of a configured smart host. A list gives several items in order; consecutive
-    smart host names become one smarthost hop (one balanced set). Keywords are
-    case-insensitive; smart host names are exact ("direct" as a keyword wins over a
-    smart host of that name). Raises ValueError naming the bad value.
-    """
-    items = [target] if isinstance(target, str) else target
-    if not isinstance(items, list) or not items:
-        raise ValueError(f"route target {target!r}: expected a name or a non-empty list")
-    hops: list[NextHop] = []
-    pending: list[str] = []  # consecutive smart host names, merged into one hop
-    seen: set[str] = set()
-
-    def flush() -> None:
-        if pending:
-            hops.append(smarthost_hop(list(pending)))
-            pending.clear()
-
-    for raw in items:
-        if not isinstance(raw, str) or not raw.strip():
-            raise ValueError(f"route target {raw!r}: expected a non-empty string")
-        item = raw.strip()
-        lowered = item.lower()
-        key = lowered if lowered == "direct" or lowered.startswith("mx:") else item
-        if key in seen:
-            raise ValueError(f"route target {item!r} is listed twice")
-        seen.add(key)
-        if lowered == "direct":
-            flush()
-            hops.append(direct_hop(domain, mx_port))
-        elif lowered.startswith("mx:"):
-            flush()
-            spec = item[3:].strip()
-            if not spec:
-                raise ValueError(f"route target {item!r}: missing host after 'mx:'")
-            hops.append(_parse_mx_target(item, spec, mx_port))
-        elif item in smart_host_names:
-            pending.append(item)
-        else:
-            known = ", ".join(sorted(smart_host_names)) or "none configured"
-            raise ValueError(
-                f"route target {item!r} is not 'direct', 'mx:host[:port]' or a smart host "
-                f"(smart hosts: {known})"
-            )
-    flush()
-    if len(set(hops)) != len(hops):  # e.g. "mx:a" and "mx:a:25" with mx_port 25
-        raise ValueError(f"route target {target!r} names the same hop twice")
-    return hops
 
 
 def match_route(domain: str, routes: Mapping[str, RouteTarget]) -> tuple[str, RouteTarget] | None:
@@ -237,31 +139,6 @@ def match_route(domain: str, routes: Mapping[str, RouteTarget]) -> tuple[str, Ro
         if length > best_len:
             best, best_len = (key, target), length
     return best
-
-
-def validate_routes(
-    routes: Mapping[str, RouteTarget], smart_host_names: set[str] | frozenset[str], *, mx_port: int
-) -> None:
-    """Check every ``[routes]`` key and target at startup; ValueError names the entry."""
-    seen: dict[str, str] = {}
-    for key, target in routes.items():
-        k = normalize_domain(key)
-        if k != "*":
-            bare = k[2:] if k.startswith("*.") else k
-            if not _HOSTNAME.fullmatch(bare):
-                raise ValueError(
-                    f"routes: {key!r} is not a domain, '*.domain' or '*' "
-                    "(a wildcard may only be the whole first label)"
-                )
-        if k in seen:
-            raise ValueError(f"routes: {key!r} and {seen[k]!r} are the same key")
-        seen[k] = key
-        try:
-            parse_route_target(
-                target, smart_host_names, domain=k.removeprefix("*.").lstrip("*"), mx_port=mx_port
-            )
-        except ValueError as exc:
-            raise ValueError(f"routes: {key!r}: {exc}") from None
 
 
 def _describe(target: RouteTarget) -> str:

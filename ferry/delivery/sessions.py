@@ -24,9 +24,21 @@ from dataclasses import dataclass, field
 
 from ferry.config import RelayConfig, SmartHost
 from ferry.delivery import credentials
-from ferry.delivery.client import ClientOptions, RcptSpec, SmtpClient, SmtpError
-from ferry.delivery.mx import MxError, MxHost, MxResolver
-from ferry.delivery.outcomes import is_blocked_reply, transport_failure_reply
+from ferry.delivery.client import (
+    ClientOptions,
+    RcptSpec,
+    SmtpClient,
+    SmtpError,
+    mx_options,
+    session_options,
+)
+from ferry.delivery.mx import MxError, MxHost, MxResolver, mx_targets
+from ferry.delivery.outcomes import (
+    Stage,
+    classify_reply,
+    is_blocked_reply,
+    transport_failure_reply,
+)
 from ferry.delivery.pool import ConnectionPool
 from ferry.delivery.recorder import DeliveryStats, Outcome, Recorder
 from ferry.delivery.routes import NextHop
@@ -39,11 +51,21 @@ from ferry.delivery.routing import (
 )
 from ferry.delivery.shaping import DestinationShaper, is_throttle_reply
 from ferry.delivery.smart_mode import DirectOutcome, SmartRouter, destination_group
-from ferry.delivery.smarthosts import CountStatus, SmartHostSet
+from ferry.delivery.smarthosts import CountStatus, SmartHostSet, is_transport_failure
 from ferry.dkim import KeyStore, Signer
-from ferry.durations import parse_duration
 from ferry.envelope import Reply, Status
-from ferry.events import emit
+from ferry.events import (
+    ConnectFailed,
+    DkimUnsigned,
+    HopFallback,
+    RouteFallback,
+    RouteInvalid,
+    SmartHostFailed,
+    SmartHostUnusable,
+    Throttled,
+    TlsFallback,
+    emit,
+)
 from ferry.message import MAX_HOPS, count_received, header_block
 from ferry.queue.base import ClaimedRecipient, MessageInfo, Queue
 
@@ -139,9 +161,7 @@ class Delivery:
         self.pool = ConnectionPool(max_transactions=d.messages_per_connection)
         self.tls_fallback: dict[str, float] = {}
         self.hostname = config.server.hostname
-        self.smart_hosts = SmartHostSet(
-            config.smart_hosts, base_cooldown=parse_duration(d.smart_host_cooldown)
-        )
+        self.smart_hosts = SmartHostSet(config.smart_hosts, base_cooldown=d.smart_host_cooldown)
         self.smart_host_names = [h.name for h in config.smart_hosts]
         self.smart_slots = {
             h.name: asyncio.Semaphore(h.max_connections) for h in config.smart_hosts
@@ -150,7 +170,7 @@ class Delivery:
             window=d.smart_window,
             min_samples=d.smart_min_samples,
             threshold=d.smart_threshold,
-            cooldown=parse_duration(d.smart_cooldown),
+            cooldown=d.smart_cooldown,
         )
         self.block_patterns = tuple(d.block_patterns)
         self._bodies: collections.OrderedDict[str, bytes] = collections.OrderedDict()
@@ -195,9 +215,11 @@ class Delivery:
         session = _Session()
         try:
             while dest.pending:
-                await self._prefetch(dest)
+                # Take the item before any await: other sessions of this destination
+                # pop from the same deque meanwhile (issue 10.7).
                 item = dest.pending.popleft()
                 try:
+                    await self._prefetch(item, dest)
                     await self._deliver(dest, item, session)
                 except _Stop:
                     return  # the item is back in dest.pending or recorded
@@ -206,7 +228,7 @@ class Delivery:
                     # message (retried later) instead of stranding it InProgress.
                     logging.getLogger("ferry.delivery").exception("delivery failed")
                     reply = Reply(451, "4.3.0", "Internal error during delivery; will retry")
-                    self._finish(
+                    await self._finish(
                         item,
                         [Outcome(c, Status.DEFERRED, reply, synthetic=True) for c in item.claims],
                     )
@@ -214,13 +236,16 @@ class Delivery:
             for conn in session.conns.values():
                 self.pool.give(conn.key, conn.client)
 
-    async def _prefetch(self, dest: Destination) -> None:
-        """Read the next messages' bytes in one queue read, not one read each."""
-        if not dest.pending or dest.pending[0].message.id in self._bodies:
+    async def _prefetch(self, first: WorkItem, dest: Destination) -> None:
+        """Read this message's bytes and the next ones' in one queue read, not one each."""
+        if first.message.id in self._bodies:
             return  # already read ahead
         wanted: list[str] = []
         size = 0
-        for item in itertools.islice(dest.pending, PREFETCH_MESSAGES):
+        # The snapshot is taken without an await: the deque cannot change under it.
+        for item in itertools.chain(
+            (first,), itertools.islice(dest.pending, PREFETCH_MESSAGES - 1)
+        ):
             mid = item.message.id
             if mid not in self._bodies and mid not in wanted:
                 if wanted and size + item.message.size > PREFETCH_BYTES:
@@ -261,7 +286,7 @@ class Delivery:
             try:
                 self._base_plan(domain, routes=routes)
             except ValueError:
-                emit("route_invalid", level=logging.WARNING, domain=domain, route=override)
+                emit(RouteInvalid(domain, override))
                 routes = self.config.routes
         plan = self._base_plan(domain, routes=routes)
         smart = (
@@ -286,7 +311,7 @@ class Delivery:
             fallback = self._base_plan(domain, routes=routes, mx_failed=True)
             if any(h.kind == "mx" for h in fallback.hops):
                 return _template(Status.DEFERRED, exc.reply)
-            emit("route", domain=domain, reason=fallback.reason)
+            emit(RouteFallback(domain, fallback.reason))
             return fallback, None, None
         group = None
         if smart:
@@ -304,20 +329,20 @@ class Delivery:
         signed = self._sign(message, data)
         if signed is None:
             reply = Reply(451, "4.7.0", "DKIM signing is required for this domain and failed")
-            self._finish(
+            await self._finish(
                 item, [Outcome(c, Status.DEFERRED, reply, synthetic=True) for c in item.claims]
             )
             return
         if count_received(header_block(data)) > MAX_HOPS:
             # RFC 5321 §6.3: a message that has crossed this many relays is looping.
             reply = Reply(554, "5.4.6", "Too many hops (mail loop detected)")
-            self._finish(
+            await self._finish(
                 item, [Outcome(c, Status.FAILED, reply, synthetic=True) for c in item.claims]
             )
             return
         planned = await self._plan(dest.domain, message.extra.get("route"), session)
         if isinstance(planned, Outcome):
-            self._finish(
+            await self._finish(
                 item,
                 [Outcome(c, planned.status, planned.reply, synthetic=True) for c in item.claims],
             )
@@ -326,14 +351,21 @@ class Delivery:
         if mx_hosts and self.config.shaping and dest.domain not in self.config.shaping:
             self._join_group(dest, group or destination_group([h.name for h in mx_hosts]))
         now = self.clock()
-        if plan.hops[0].kind != "smarthost" and dest.shaper.send_wait(now) > 0:
-            dest.pending.appendleft(item)  # over this destination's message rate
-            raise _Stop
+        rated = plan.hops[0].kind != "smarthost"
+        if rated:
+            if dest.shaper.send_wait(now) > 0:
+                dest.pending.appendleft(item)  # over this destination's message rate
+                raise _Stop
+            # Spend the slot now, before the transfer's awaits: the other sessions of
+            # this destination must not all see the last free one (issue 10.7).
+            dest.shaper.reserve_send(now)
         open_claims = list(item.claims)
         final: list[Outcome] = []
         session.affected = ",".join(
             [message.id, *(w.message.id for w in itertools.islice(dest.pending, 9))]
         )
+        recorded = False  # some outcomes of this item are already in the queue
+        decided: list[Outcome] = []  # every outcome recorded, for the throttle check
         for i, hop in enumerate(plan.hops):
             last = i == len(plan.hops) - 1
             try:
@@ -342,11 +374,11 @@ class Delivery:
                 # Throttled before this hop could connect. Nothing decided yet: the item
                 # waits in the destination's queue. Some recipients decided at an
                 # earlier hop: those are recorded, the rest deferred to a later attempt.
-                if not final and len(open_claims) == len(item.claims):
+                if not recorded and not final and len(open_claims) == len(item.claims):
                     dest.pending.appendleft(item)
                 else:
                     reply = Reply(451, "4.4.5", "Destination throttled; will retry")
-                    self._finish(
+                    await self._finish(
                         item,
                         final
                         + [Outcome(c, Status.DEFERRED, reply, synthetic=True) for c in open_claims],
@@ -371,33 +403,36 @@ class Delivery:
                     carried.append(o.claim)
                     self.stats.fallbacks += 1
                     emit(
-                        "fallback",
-                        id=message.id,
-                        rcpt=o.claim.recipient.address,
-                        route=o.route,
-                        reply=str(o.reply)[:200],
-                        next=plan.hops[i + 1].label,
-                        reason=plan.reason,
+                        HopFallback(
+                            queue_id=message.id,
+                            recipient=o.claim.recipient.address,
+                            route=o.route,
+                            reply=o.reply,
+                            next_hop=plan.hops[i + 1].label,
+                            reason=plan.reason,
+                        )
                     )
                 else:
                     final.append(o)
             open_claims = carried
             if not open_claims:
                 break
-        self._finish(item, final)
+            if final:
+                # Issue 10.1: what this hop settled (delivered, above all) is recorded
+                # before the next hop's transaction starts, so a crash there cannot
+                # send it twice.
+                await self._finish(item, final)
+                decided += final
+                final, recorded = [], True
+        await self._finish(item, final)
+        decided += final
         if any(
-            is_throttle_reply(o.reply.code, o.reply.text) and o.route == "direct" for o in final
+            is_throttle_reply(o.reply.code, o.reply.text) and o.route == "direct" for o in decided
         ):
             pause = dest.shaper.throttled(self.clock())
-            emit(
-                "throttled",
-                level=logging.WARNING,
-                destination=dest.domain,
-                pause=round(pause, 1),
-                connections=dest.shaper.allowed_connections,
-            )
+            emit(Throttled(dest.domain, pause, dest.shaper.allowed_connections))
             raise _Stop
-        dest.shaper.sent(self.clock())
+        dest.shaper.sent(self.clock(), reserved=rated)
 
     def _join_group(self, dest: Destination, group: str) -> None:
         """``[shaping."google.com"]``: every domain hosted there shares one set of limits."""
@@ -426,18 +461,19 @@ class Delivery:
             stats.dkim_unsigned_reasons[code] = stats.dkim_unsigned_reasons.get(code, 0) + 1
             if code != "disabled":
                 emit(
-                    "dkim_unsigned",
-                    level=logging.INFO if not result.required else logging.WARNING,
-                    id=message.id,
-                    reason=result.unsigned_reason,
-                    required=result.required,
+                    DkimUnsigned(
+                        result.unsigned_reason, queue_id=message.id, required=result.required
+                    )
                 )
         if result.signed or not result.required:
             return result.headers + data
         return None
 
-    def _finish(self, item: WorkItem, outcomes: list[Outcome]) -> None:
-        self.recorder.finish(item.message, outcomes)
+    async def _finish(self, item: WorkItem, outcomes: list[Outcome]) -> None:
+        """Record outcomes; returns once they are committed (issue 10.1: the session's
+        connection starts no new transaction before its last one is recorded)."""
+        if outcomes:
+            await self.recorder.finish(item.message, outcomes)
 
     # -- one hop -------------------------------------------------------------------
 
@@ -455,7 +491,7 @@ class Delivery:
             return await self._via_smart_hosts(hop, item, claims, data, session)
         route = "direct" if hop.kind == "mx" else hop.label
         if hop.kind == "mx":
-            targets = [(h.name, a) for h in (mx_hosts or []) for a in h.addresses]
+            targets = mx_targets(mx_hosts or [])
         else:
             try:
                 targets = [(hop.name, a) for a in await self.resolver.host_addresses(hop.name)]
@@ -493,6 +529,7 @@ class Delivery:
         limit = self.config.delivery.messages_per_connection
         tried = False
         for name, ip in targets:  # RFC 5321 §5.1: in preference order
+            now = self.clock()  # not the time before the last target's connect attempt
             plain = self.tls_fallback.get(ip, 0) > now
             key = (hop.label, ip, hop.port, plain)
             remote = f"{name}[{ip}]:{hop.port}"
@@ -520,9 +557,7 @@ class Delivery:
                 # Opportunistic TLS: retry this host in clear and remember it.
                 self.tls_fallback[ip] = now + TLS_FALLBACK_SECONDS
                 self.stats.tls_fallbacks += 1
-                emit(
-                    "tls_fallback", level=logging.WARNING, host=remote, reason=exc.reply.text[:200]
-                )
+                emit(TlsFallback(remote, exc.reply))
                 key = (hop.label, ip, hop.port, True)
                 try:
                     client = await self._open(ip, hop.port, name, True)
@@ -556,11 +591,17 @@ class Delivery:
         final: list[Outcome] = []
         broken: list[Outcome] = []
         for host in self.smart_hosts.order(self.clock(), names):
-            conn = await self._smart_conn(host, session)
-            if isinstance(conn, Reply):
-                last = conn
+            if self.smart_hosts.breakers[host.name].state == "open":
+                # Its circuit opened while this session was busy with an earlier host
+                # (another session saw it fail): the order is older than that news.
                 continue
+            # The slot first, then the connection: a held connection checked as usable
+            # and then left waiting for a slot may have timed out by the time it is used.
             async with self.smart_slots[host.name]:
+                conn = await self._smart_conn(host, session)
+                if isinstance(conn, Reply):
+                    last = conn
+                    continue
                 outcomes = await self._transfer(conn, item, claims, data, session, conn.route)
             now = self.clock()
             broken = [o for o in outcomes if o.transport]
@@ -632,27 +673,21 @@ class Delivery:
             except credentials.CredentialError as exc:
                 last = transport_failure_reply("protocol", str(exc))
                 _note_tried(session, label, remote, last)
-                emit(
-                    "smarthost_failed",
-                    level=logging.ERROR,
-                    host=host.name,
-                    reason=str(exc),
-                    ids=session.affected or None,
-                )
+                emit(SmartHostUnusable(host.name, str(exc), ids=session.affected or None))
                 break
             except SmtpError as exc:
                 last = exc.reply
                 _note_tried(session, label, remote, exc.reply)
                 # The reply and the host, never the credentials (they are not in exc).
                 emit(
-                    "smarthost_failed",
-                    level=logging.WARNING,
-                    host=host.name,
-                    ids=session.affected or None,
-                    remote=remote,
-                    stage=exc.stage,
-                    kind=exc.kind,
-                    reply=str(exc.reply)[:300],
+                    SmartHostFailed(
+                        host.name,
+                        remote,
+                        exc.stage,
+                        exc.kind,
+                        exc.reply,
+                        ids=session.affected or None,
+                    )
                 )
                 continue
             conn = _Conn(
@@ -667,30 +702,11 @@ class Delivery:
         return last
 
     def _options(self, **kw: object) -> ClientOptions:
-        d = self.config.delivery
-        base: dict[str, object] = {
-            "helo_name": self.hostname,
-            "source_address": d.source_address or None,
-            "connect_timeout": d.connect_timeout,
-            "greeting_timeout": d.command_timeout,
-            "command_timeout": d.command_timeout,
-            # RFC 5321 §4.5.3.2: DATA initiation 2 min, data block 3 min, final dot
-            # 10 min -- shortened only when the operator asked for shorter timeouts.
-            "data_init_timeout": min(d.command_timeout, 120.0),
-            "data_block_timeout": min(d.command_timeout, 180.0),
-            "final_timeout": 600.0 if d.command_timeout >= 300 else d.command_timeout,
-        }
-        base.update(kw)
-        return ClientOptions(**base)  # type: ignore[arg-type]
+        return session_options(self.config, **kw)
 
     async def _open(self, ip: str, port: int, name: str, plain: bool) -> SmtpClient:
         self.stats.connections += 1
-        options = self._options(
-            tls="none" if plain else "opportunistic",
-            verify_certificate=False,
-            ca_file=self.ca_file,
-            server_name=name,
-        )
+        options = mx_options(self.config, name, plain=plain, ca_file=self.ca_file)
         return await SmtpClient.connect(ip, port, options)
 
     async def _open_smart(self, ip: str, host: SmartHost) -> SmtpClient:
@@ -714,14 +730,7 @@ class Delivery:
         return await SmtpClient.connect(ip, host.port, options)
 
     def _log_connect_failure(self, remote: str, exc: SmtpError, ids: str = "") -> None:
-        emit(
-            "connect_failed",
-            ids=ids or None,
-            host=remote,
-            stage=exc.stage,
-            kind=exc.kind,
-            reply=str(exc.reply)[:300],
-        )
+        emit(ConnectFailed(remote, exc.reply, stage=exc.stage, kind=exc.kind, ids=ids or None))
 
     async def _body(self, message_id: str) -> bytes | None:
         data = self._bodies.get(message_id)
@@ -773,9 +782,12 @@ class Delivery:
             # Replies already final when the session died (a RCPT refused) stand; the
             # rest are deferred with the session's error and may try the next hop.
             partial = exc.partial or [None] * len(claims)
-            transport = exc.kind != "reply" or exc.reply.code == 421
+            stages = exc.partial_stages or ["rcpt"] * len(claims)
+            transport = is_transport_failure(
+                exc.reply if exc.kind == "reply" else None, stage=exc.stage
+            )
             outcomes = []
-            for c, got in zip(claims, partial, strict=True):
+            for c, got, got_at in zip(claims, partial, stages, strict=True):
                 if got is None:
                     outcomes.append(
                         Outcome(
@@ -792,7 +804,7 @@ class Delivery:
                     outcomes.append(
                         Outcome(
                             c,
-                            _status_for(got, final=False),
+                            _status_for(got, got_at),
                             got,
                             tls=client.tls,
                             **common,  # type: ignore[arg-type]
@@ -802,7 +814,7 @@ class Delivery:
         dsn_capable = "DSN" in client.extensions
         outcomes = []
         for claim, reply, stage in zip(claims, result.replies, result.stages, strict=True):
-            status = _status_for(reply, final=stage == "dot")
+            status = _status_for(reply, stage)
             outcomes.append(
                 Outcome(
                     claim,
@@ -870,17 +882,9 @@ def _summary(outcomes: list[Outcome], patterns: tuple[str, ...]) -> DirectOutcom
     return "failed"
 
 
-def _status_for(reply: Reply, *, final: bool) -> Status:
-    """Recipient status from its reply (RFC 5321 §4.2.1 classes)."""
-    if 200 <= reply.code < 300:
-        return Status.DELIVERED
-    if reply.code >= 500:
-        # RFC 5321 §4.5.3.1.10: 552 to RCPT ("too many recipients") is temporary; a size
-        # refusal (5.3.4) stays permanent.
-        if reply.code == 552 and not final and reply.enhanced != "5.3.4":
-            return Status.DEFERRED
-        return Status.FAILED
-    return Status.DEFERRED
+def _status_for(reply: Reply, stage: Stage) -> Status:
+    """Recipient status from the reply that decided it at ``stage`` (the one classifier)."""
+    return classify_reply(reply, stage=stage).status
 
 
 def make_signer(config: RelayConfig) -> Signer:

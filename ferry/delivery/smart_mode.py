@@ -35,6 +35,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ferry.domains import domain_key
+from ferry.events import SmartRouteSwitched, emit
+
 log = logging.getLogger(__name__)
 
 Choice = Literal["direct", "relay"]
@@ -79,7 +82,7 @@ def destination_group(mx_hosts: Sequence[str]) -> str:
     """
     if not mx_hosts:
         raise ValueError("no MX hosts to group")
-    host = mx_hosts[0].strip().lower().rstrip(".")
+    host = domain_key(mx_hosts[0])
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not host:
@@ -163,7 +166,7 @@ class SmartRouter:
         if choice != g.choice:
             g.switches += 1
             g.changed_at = now
-            log.info("smart routing: %s -> %s: %s", name, choice, reason)
+            emit(SmartRouteSwitched(name, choice, reason))
         g.choice = choice
         g.reason = reason
 

@@ -26,40 +26,30 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ferry.config import SmartHost
-from ferry.delivery.outcomes import Stage
+from ferry.delivery.outcomes import ReplyClass, Stage, classify_reply
 from ferry.envelope import Reply
+from ferry.events import SmartHostState, emit
 
 log = logging.getLogger(__name__)
 
 BreakerState = Literal["closed", "open", "half_open"]
 CountStatus = Literal["sent", "failed", "deferred"]
 
-#: Stages where any failure is the host's, not a recipient's: the session never got as
-#: far as naming a sender (RFC 5321 §3.1 greeting, §4.1.1.1 EHLO, RFC 3207 STARTTLS,
-#: RFC 4954 AUTH).
-SESSION_STAGES: frozenset[str] = frozenset({"connect", "greeting", "ehlo", "starttls", "auth"})
-
 
 def is_transport_failure(reply: Reply | None, *, stage: Stage) -> bool:
     """Whether a failure counts against the host (its breaker), not against a recipient.
 
-    - ``reply is None``: there was no SMTP reply at all (refused, unreachable, timed
-      out, connection lost, TLS handshake failed: the cases for which
-      ``outcomes.transport_failure_reply`` makes up a reply). Pass ``None`` for those
-      whatever the stage, not the synthetic reply: its 451 would read as a recipient's
-      temporary failure at MAIL/RCPT/DATA;
-    - any negative reply before MAIL FROM (greeting, EHLO, STARTTLS, AUTH);
-    - 421 at any stage: RFC 5321 §3.8 "service not available, closing transmission
-      channel" is the server shutting the session, whatever command it answered.
-
-    A 4xx/5xx at MAIL, RCPT, DATA or the final "." judges the message or recipient and
-    returns False.
+    That is :func:`outcomes.classify_reply` saying TRANSPORT: no SMTP reply at all
+    (``reply is None``: refused, unreachable, timed out, connection lost, TLS handshake
+    failed -- pass None for those whatever the stage, not the synthetic reply
+    ``outcomes.transport_failure_reply`` made up: its 451 would read as a recipient's
+    temporary failure at MAIL/RCPT/DATA), any negative reply before MAIL FROM, or a
+    421 at any stage (RFC 5321 §3.8). A 4xx/5xx at MAIL, RCPT, DATA or the final "."
+    judges the message or recipient and returns False, as does a positive reply.
     """
-    if reply is None:
-        return True
-    if reply.is_success:
+    if reply is not None and reply.is_success:
         return False
-    return reply.code == 421 or stage in SESSION_STAGES
+    return classify_reply(reply, stage=stage) is ReplyClass.TRANSPORT
 
 
 class CircuitBreaker:
@@ -326,7 +316,7 @@ class SmartHostSet:
                 )
             if probe is not None:
                 self.breakers[probe.name].allow(now)
-                log.info("smart host %s: cool-down over, probing", probe.name)
+                emit(SmartHostState(probe.name, "half_open"))
                 # The probe leads; the healthy ones follow by weight. The balancer is
                 # not advanced: this attempt's traffic is the probe's.
                 result.append(probe)
@@ -369,14 +359,9 @@ class SmartHostSet:
             breaker.record_success(now)
         if breaker.state != before:
             if breaker.state == "open":
-                log.warning(
-                    "smart host %s: circuit open for %.0fs after %s",
-                    name,
-                    breaker.cooldown or 0.0,
-                    breaker.last_error,
-                )
+                emit(SmartHostState(name, "open", breaker.cooldown, breaker.last_error))
             elif breaker.state == "closed":
-                log.info("smart host %s: recovered, back in rotation", name)
+                emit(SmartHostState(name, "closed"))
 
     def count(self, name: str, status: CountStatus) -> None:
         """Count one recipient's outcome through host ``name``."""

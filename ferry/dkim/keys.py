@@ -52,9 +52,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import idna
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from ferry.domains import to_a_labels
+from ferry.envelope import split_address
 
 logger = logging.getLogger("ferry.dkim")
 
@@ -77,12 +79,10 @@ def normalize_domain(domain: str) -> str:
     :class:`ValueError` for something that is not a domain name (this also keeps
     path separators and ``..`` out of the keys directory).
     """
-    name = domain.strip().rstrip(".").lower()
-    if not name.isascii():
-        try:
-            name = idna.encode(name, uts46=True).decode("ascii")
-        except idna.IDNAError as exc:
-            raise ValueError(f"{domain!r} is not a domain name: {exc}") from None
+    try:
+        name = to_a_labels(domain)
+    except ValueError as exc:
+        raise ValueError(f"{domain!r} is not a domain name: {exc}") from None
     if len(name) > 253 or not _DOMAIN.match(name):
         raise ValueError(f"{domain!r} is not a domain name")
     return name
@@ -104,7 +104,7 @@ def address_domain(address: str) -> str | None:
     if "@" not in address:
         return None
     try:
-        return normalize_domain(address.rsplit("@", 1)[1])
+        return normalize_domain(split_address(address)[1])
     except ValueError:
         return None
 

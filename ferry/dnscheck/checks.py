@@ -32,7 +32,7 @@ from ferry.dnscheck.spf import (
     parse_record,
     spf_records,
 )
-from ferry.domains import to_a_labels
+from ferry.domains import domain_key, to_a_labels
 
 __all__ = [
     "Check",
@@ -257,7 +257,7 @@ def _temp(name: str, error: str, required: bool) -> Check:
 
 
 def _same_host(a: str, b: str) -> bool:
-    return a.lower().rstrip(".") == b.lower().rstrip(".")
+    return domain_key(a) == domain_key(b)
 
 
 async def _check_mx(lookup: Lookup, domain: str, hostname: str) -> Check:
@@ -583,7 +583,7 @@ async def check_domain(
     domain = to_a_labels(domain)
     if ip is not None:
         ip = str(ipaddress.ip_address(ip))
-    hostname = hostname.lower().rstrip(".")
+    hostname = domain_key(hostname)
     dns = lookup if lookup is not None else DnsLookup(nameservers, timeout)
     jobs: list[Awaitable[Check]] = [
         _check_mx(dns, domain, hostname),

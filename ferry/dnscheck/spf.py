@@ -45,6 +45,7 @@ import dns.nameserver
 import dns.resolver
 import dns.reversename
 
+from ferry.envelope import split_address
 from ferry.resolver import parse_nameserver
 
 __all__ = [
@@ -586,9 +587,7 @@ async def check_host(
     address = ipaddress.ip_address(ip)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped  # RFC 7208 §5: an IPv4-mapped address is IPv4
-    local, at, sender_domain = sender.rpartition("@")
-    if not at:
-        local, sender_domain = "", sender
+    local, sender_domain = split_address(sender) if "@" in sender else ("", sender)
     sender_domain = sender_domain or domain
     local = local or "postmaster"  # RFC 7208 §4.3
     state = _State(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 
+from ferry.envelope import Address, split_address
 from ferry.intake.policy import domain_matches, normalise_domain
 
 log = logging.getLogger("ferry.aliases")
@@ -22,25 +23,17 @@ MAX_DEPTH = 10
 SUBADDRESS_SEPARATOR = "+"
 
 
-def _split(address: str) -> tuple[str, str]:
-    # The last '@' separates the domain: a quoted local part may contain '@'.
-    local, sep, domain = address.rpartition("@")
-    if not sep:
-        raise ValueError(f"not an address: {address!r}")
-    return local, domain
-
-
 def _lookup_key(address: str) -> str:
     # Lookup is case-insensitive in both parts; RFC 5321 §2.4 lets us treat
     # our own local parts case-insensitively, and operators expect it.
-    local, domain = _split(address)
+    local, domain = split_address(address)
     return f"{local.lower()}@{normalise_domain(domain)}"
 
 
 def _dedupe_key(address: str) -> str:
     # A remote local part may be case-sensitive (RFC 5321 §2.4), so two
     # targets differing only in local-part case are kept apart; domains not.
-    local, domain = _split(address)
+    local, domain = split_address(address)
     return f"{local}@{normalise_domain(domain)}"
 
 
@@ -60,7 +53,7 @@ class AliasTable:
         self._table: dict[str, tuple[str, ...]] = {}
         for key, value in aliases.items():
             targets = (value,) if isinstance(value, str) else tuple(value)
-            if "@" not in key or not _split(key)[1]:
+            if "@" not in key or not split_address(key)[1]:
                 raise ValueError(f"alias {key!r}: key must be user@domain or @domain")
             if not self.is_local(key):
                 # expand() never looks at non-local domains, so such an entry
@@ -69,9 +62,11 @@ class AliasTable:
             if not targets:
                 raise ValueError(f"alias {key!r}: no targets")
             for target in targets:
-                local, _, domain = target.rpartition("@")
-                if not local or not domain:
-                    raise ValueError(f"alias {key!r}: target {target!r} is not an address")
+                try:
+                    Address.parse(target)
+                except ValueError:
+                    msg = f"alias {key!r}: target {target!r} is not an address"
+                    raise ValueError(msg) from None
             norm = _lookup_key(key)
             if norm in self._table:
                 raise ValueError(f"alias {key!r}: duplicate of another key (case-insensitive)")
@@ -79,7 +74,7 @@ class AliasTable:
 
     def is_local(self, address: str) -> bool:
         """True if the address's domain is one of our local domains."""
-        return domain_matches(_split(address)[1], self._local_domains)
+        return domain_matches(split_address(address)[1], self._local_domains)
 
     def expand(self, address: str) -> list[str] | None:
         """Return the final targets of ``address``, or None if it does not exist.
@@ -97,7 +92,7 @@ class AliasTable:
         return list(found.values()) or None
 
     def _lookup(self, address: str) -> tuple[str, ...] | None:
-        local, domain = _lookup_key(address).rsplit("@", 1)
+        local, domain = split_address(_lookup_key(address))
         candidates = [f"{local}@{domain}"]
         base, sep, _tag = local.partition(SUBADDRESS_SEPARATOR)
         if sep and base:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ferry.envelope import Reply
+from ferry.envelope import Reply, normalize_notify, split_address
 
 
 class CommandError(Exception):
@@ -52,8 +52,8 @@ def check_mailbox(address: str, *, utf8: bool) -> str | None:
     """Return a problem description for ``address``, or None when it is a valid Mailbox."""
     if not utf8 and not address.isascii():
         return "non-ASCII address without SMTPUTF8"
-    local, at, domain = address.rpartition("@")
-    if not at or not local:
+    local, domain = split_address(address) if "@" in address else ("", "")
+    if not local:
         return "address must be local-part@domain"
     if len(local.encode("utf-8", "surrogateescape")) > MAX_LOCAL_PART:
         return f"local part longer than {MAX_LOCAL_PART} octets"
@@ -132,8 +132,13 @@ def parse_params(text: str) -> dict[str, str | None]:
 
 
 def decode_xtext(text: str) -> str:
-    """RFC 3461 §4 xtext: ``+XX`` is the byte with hex value XX."""
-    out = []
+    """RFC 3461 §4 xtext: ``+XX`` is the octet with hex value XX.
+
+    The octets are UTF-8 (what :func:`encode_xtext` and the delivery client write, and
+    RFC 6533 §3 for UTF-8 addresses); octets that are not UTF-8 are kept one character
+    per octet rather than refused.
+    """
+    out = bytearray()
     i = 0
     while i < len(text):
         ch = text[i]
@@ -141,14 +146,17 @@ def decode_xtext(text: str) -> str:
             hexpart = text[i + 1 : i + 3]
             if len(hexpart) != 2 or not all(c in "0123456789ABCDEF" for c in hexpart):
                 raise CommandError(501, "5.5.4", "Malformed xtext")
-            out.append(chr(int(hexpart, 16)))
+            out.append(int(hexpart, 16))
             i += 3
         elif "!" <= ch <= "~" and ch != "=":
-            out.append(ch)
+            out.append(ord(ch))
             i += 1
         else:
             raise CommandError(501, "5.5.4", "Malformed xtext")
-    return "".join(out)
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        return out.decode("latin-1")
 
 
 def encode_xtext(text: str) -> str:
@@ -159,19 +167,14 @@ def encode_xtext(text: str) -> str:
     )
 
 
-_NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})
-
-
 def parse_notify(value: str | None) -> str:
-    """RFC 3461 §4.1: NEVER alone, or a comma list of SUCCESS, FAILURE, DELAY."""
+    """RFC 3461 §4.1 NOTIFY, by the one parser (ferry.envelope): the value to store."""
     if not value:
         raise CommandError(501, "5.5.4", "NOTIFY requires a value")
-    items = [v.strip().upper() for v in value.split(",")]
-    if items == ["NEVER"]:
-        return "NEVER"
-    if not items or any(v not in _NOTIFY_VALUES for v in items) or len(set(items)) != len(items):
-        raise CommandError(501, "5.5.4", "NOTIFY must be NEVER or SUCCESS,FAILURE,DELAY")
-    return ",".join(items)
+    try:
+        return normalize_notify(value)
+    except ValueError:
+        raise CommandError(501, "5.5.4", "NOTIFY must be NEVER or SUCCESS,FAILURE,DELAY") from None
 
 
 def parse_orcpt(value: str | None) -> str:

@@ -13,6 +13,8 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ferry.domains import domain_key, to_a_labels
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -25,8 +27,9 @@ class RcptDecision(enum.Enum):
 
 
 def normalise_domain(domain: str) -> str:
-    """Lower-case a domain and drop a trailing root dot (``Example.COM.``)."""
-    return domain.strip().lower().rstrip(".")
+    """The domain in the one form Ferry compares (ferry.domains): ``Bücher.TEST.`` is
+    ``xn--bcher-kva.test``. Wildcard patterns keep their ``*.`` or ``.`` prefix."""
+    return domain_key(domain)
 
 
 def domain_matches(domain: str, patterns: Iterable[str]) -> bool:
@@ -52,12 +55,14 @@ def domain_matches(domain: str, patterns: Iterable[str]) -> bool:
 def _domain_set(entries: Iterable[str], what: str) -> frozenset[str]:
     out = set()
     for entry in entries:
-        norm = normalise_domain(entry)
         # An empty entry or a bare "*." would silently match nothing (or, in a
         # sloppier matcher, everything): reject it so the typo is seen.
-        if norm in ("", "*", "*.", "."):
+        if entry.strip().lower() in ("", "*", "*.", "."):
             raise ValueError(f"{what} entry {entry!r} is not a domain")
-        out.add(norm)
+        try:
+            out.add(to_a_labels(entry))
+        except ValueError as exc:
+            raise ValueError(f"{what} entry {entry!r} is not a domain: {exc}") from None
     return frozenset(out)
 
 

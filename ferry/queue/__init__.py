@@ -17,4 +17,8 @@ def open_queue(config: RelayConfig, *, durable: bool = True) -> SqliteQueue:
     """
     from ferry.queue.sqlite import SqliteQueue
 
-    return SqliteQueue(config.queue.path, batch=config.queue.commit_batch, durable=durable)
+    # The event log is written only when something reads it (webhooks or the HTTP API).
+    event_log = bool(config.webhooks or config.http.listen)
+    return SqliteQueue(
+        config.queue.path, batch=config.queue.commit_batch, durable=durable, event_log=event_log
+    )

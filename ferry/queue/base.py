@@ -17,6 +17,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ferry.domains import address_domain
 from ferry.envelope import EnvelopeIn, Priority, Reply, Status
 from ferry.queue.selection import Suspension
 
@@ -25,6 +26,30 @@ def new_queue_id(now: float | None = None) -> str:
     """A short, time-sortable, unguessable id: 11 hex digits of ms + 8 random."""
     ms = int((time.time() if now is None else now) * 1000)
     return f"{ms:011X}{secrets.token_hex(4).upper()}"
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    """A client's idempotency key, stored in the same transaction as its message.
+
+    ``key`` is scoped by whoever presented it (``"token:NAME:key"``, ``"smtp:USER:key"``):
+    two clients never share one. ``fingerprint`` is a hash of the request that carried
+    it; ``response`` the answer given (replayed for a repeat with the same fingerprint).
+    """
+
+    key: str
+    fingerprint: str
+    queue_id: str
+    response: str
+    expires: float
+
+
+class IdempotencyReplay(Exception):
+    """The key was already used before it expired: ``record`` is the first use."""
+
+    def __init__(self, record: IdempotencyRecord) -> None:
+        super().__init__(f"idempotency key already used for {record.queue_id}")
+        self.record = record
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +81,15 @@ class RecipientInfo:
     route: str | None
     delay_warned: bool = False
     history: list[Attempt] = field(default_factory=list)
+    expiry_reason: str | None = None  # an Expired recipient: "lifetime" or "max_retries"
+    # A pending recipient: when Ferry gives up at the latest, and which limit says so
+    # (filled by ferry.delivery.retry.fill_give_up from the retry policy, not stored).
+    gives_up: float | None = None
+    gives_up_reason: str | None = None
 
     @property
     def domain(self) -> str:
-        return self.address.rpartition("@")[2].lower()
+        return address_domain(self.address)
 
 
 @dataclass(slots=True)
@@ -81,6 +111,12 @@ class MessageInfo:
     smtputf8: bool
     extra: dict[str, str] = field(default_factory=dict)  # e.g. {"route": "sendgrid"}
     recipients: list[RecipientInfo] = field(default_factory=list)
+    # When its last recipient became final (its body is gone from then on; the history
+    # stays for queue.history_retention). None while work is left.
+    finished: float | None = None
+    # Work left: when its last pending recipient will be given up on (fill_give_up).
+    # ``expires`` is the end of its lifetime alone; this is the real give-up time.
+    gives_up: float | None = None
 
 
 @dataclass(slots=True)
@@ -111,6 +147,7 @@ class AttemptResult:
     counts_as_attempt: bool = True
     delay_warned: bool = False  # a "delayed" DSN has been sent for this recipient
     tried: tuple[str, ...] = ()  # hosts that failed before ``next_hop`` in this attempt
+    expiry_reason: str | None = None  # status Expired: "lifetime" or "max_retries"
 
 
 @dataclass(slots=True)
@@ -143,13 +180,25 @@ class Queue(abc.ABC):
 
     @abc.abstractmethod
     async def enqueue(
-        self, envelope: EnvelopeIn, *, queue_id: str | None = None, expires: float | None = None
+        self,
+        envelope: EnvelopeIn,
+        *,
+        queue_id: str | None = None,
+        expires: float | None = None,
+        idempotency: IdempotencyRecord | None = None,
     ) -> str:
         """Store a message durably (fsynced) and return its queue id.
 
         ``queue_id`` lets intake name the id in the Received: header it prepends.
-        ``expires`` defaults to four days after arrival.
+        ``expires`` defaults to four days after arrival. With ``idempotency``, the key
+        is written in the same transaction as the message; if an unexpired record with
+        that key exists, nothing is stored and :class:`IdempotencyReplay` is raised
+        with the existing record, so two requests with one key never both enqueue.
         """
+
+    @abc.abstractmethod
+    async def idempotency(self, key: str, *, now: float) -> IdempotencyRecord | None:
+        """The unexpired record stored under ``key``, if any."""
 
     @abc.abstractmethod
     async def claim(
@@ -177,6 +226,11 @@ class Queue(abc.ABC):
         new_messages: Sequence[tuple[EnvelopeIn, float, Sequence[int]]] = (),
     ) -> list[str | None]:
         """Record outcomes for leased recipients and release their leases.
+
+        A message whose every recipient is now final is finished at ``now``: its body
+        is deleted in the same transaction (a DSN about it is built before, and queued
+        here with its own copy of what it needs); its history stays until ``purge``.
+        The same holds wherever recipients become final (``cancel``).
 
         ``new_messages`` (envelope, expiry, the recipient ids it reports on) are queued
         in the same transaction -- the DSNs these outcomes call for, so a failure is
@@ -232,6 +286,30 @@ class Queue(abc.ABC):
     @abc.abstractmethod
     async def clear_expired(self) -> int:
         """Delete messages whose every recipient is final and at least one expired."""
+
+    @abc.abstractmethod
+    async def purge(self, *, before: float, limit: int) -> int:
+        """Delete up to ``limit`` finished messages (every recipient final) with their
+        recipients and attempt history, those finished before ``before``, oldest first;
+        returns how many. Callers repeat it in small batches (``ferry.queue.retention``).
+        """
+
+    async def reclaim_space(self, *, pages: int) -> int:
+        """Give back up to ``pages`` free pages to the file system; returns how many.
+
+        A backend whose engine reclaims space itself (PostgreSQL's autovacuum) keeps
+        this default and returns 0.
+        """
+        return 0
+
+    async def free_space(self) -> tuple[int, int]:
+        """(free pages, total pages) of the store, for deciding when to reclaim."""
+        return (0, 0)
+
+    async def checkpoint(self) -> None:
+        """Let the file system see what ``reclaim_space`` gave back (SQLite: a WAL
+        checkpoint, without waiting for anyone); a no-op where nothing is needed."""
+        return None
 
     @abc.abstractmethod
     async def extend_leases(self, owner: str, recipient_ids: Sequence[int], *, until: float) -> int:

@@ -82,6 +82,8 @@ class ListedMessage:
     sender: str
     status: Status
     recipients: tuple[ListedRecipient, ...]
+    expires: float = 0.0  # end of life (arrival + lifetime); the display's give-up time
+    # comes from ferry.delivery.retry.give_up_time, as for `queue show`
 
 
 @dataclass(frozen=True, slots=True)

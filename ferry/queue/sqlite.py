@@ -14,6 +14,7 @@ lets them read freely and SQLite's lock serialises their short writes.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import concurrent.futures
 import contextlib
 import json
@@ -22,10 +23,12 @@ import queue as _stdqueue
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ferry.domains import domain_key
 from ferry.envelope import (
     FINAL_STATUSES,
     EnvelopeIn,
@@ -34,11 +37,15 @@ from ferry.envelope import (
     Status,
     message_status,
 )
-from ferry.queue import sqlite_ops
+from ferry.events import QueueStorageLost as QueueStorageLostEvent
+from ferry.events import emit
+from ferry.queue import outbox, sqlite_ops
 from ferry.queue.base import (
     Attempt,
     AttemptResult,
     ClaimedRecipient,
+    IdempotencyRecord,
+    IdempotencyReplay,
     MessageInfo,
     Queue,
     QueueStats,
@@ -55,10 +62,11 @@ from ferry.queue.selection import (
     Summary,
     Suspension,
 )
+from ferry.queue.sqlite_schema import migrate
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+# Version 1; later versions are steps in sqlite_schema.MIGRATIONS.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (
@@ -125,17 +133,96 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE INDEX IF NOT EXISTS attempts_recipient ON attempts(recipient_id);
 """
 
+QUEUE_TABLES = frozenset({"meta", "messages", "bodies", "recipients", "attempts"})
+
 PENDING_SQL = "('Queued', 'Deferred', 'InProgress')"
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open the database with the settings every connection must share."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
+
+
+class QueueNotFound(FileNotFoundError):
+    """There is no queue database at the configured path (and none was to be created)."""
+
+    def __init__(self, db_path: Path) -> None:
+        super().__init__(
+            f"no queue exists at {db_path} (`ferry serve` creates it on its first start;"
+            " check queue.path, pass --config FILE or set FERRY_DATA)"
+        )
+
+
+class QueueDamaged(OSError):
+    """SQLite found the queue database corrupt; the message says how to recover."""
+
+    def __init__(self, db_path: Path, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        shown = "\n".join(f"  {p}" for p in self.problems[:10])
+        more = len(self.problems) - 10
+        super().__init__(
+            f"the queue database {db_path} is damaged:\n{shown}"
+            + (f"\n  ... and {more} more" if more > 0 else "")
+            + "\n"
+            + recovery_steps(db_path)
+        )
+
+
+class QueueStorageLost(OSError):
+    """The database file was deleted or replaced under a running writer."""
+
+
+def recovery_steps(db_path: Path) -> str:
+    """What an operator does with a damaged queue (the README says the same)."""
+    db = str(db_path)
+    new = str(db_path.with_name("queue-recovered.db"))
+    aside = db_path.parent / "damaged"
+    return (
+        "To recover: stop ferry, then with SQLite's command-line shell (sqlite3):\n"
+        f"  sqlite3 {db} .recover | sqlite3 {new}\n"
+        "  (if .recover fails -- Debian's and Ubuntu's sqlite3 lack what it needs and say\n"
+        '  "SQL logic error" or "no such table: sqlite_dbpage" -- use .dump instead:\n'
+        f"  rm {new}; sqlite3 {db} .dump | sqlite3 {new})\n"
+        f"  mkdir -p {aside} && mv {db}* {aside}/\n"
+        f"  mv {new} {db}\n"
+        "  ferry queue check\n"
+        "and start ferry again."
+    )
+
+
+def _sqlite_uri(path: Path, mode: str) -> str:
+    # A URI so that mode=rw / mode=ro refuse to create a missing file.
+    return "file:" + urllib.parse.quote(str(path.absolute())) + f"?mode={mode}"
+
+
+def connect(path: Path, *, create: bool = True, readonly: bool = False) -> sqlite3.Connection:
+    """Open the database with the settings every connection must share.
+
+    ``create=False`` never makes a new database file (QueueNotFound instead);
+    ``readonly=True`` opens an existing one for reading only (the CLI's listings).
+    """
+    if readonly or not create:
+        if not path.is_file():
+            raise QueueNotFound(path)
+        conn = sqlite3.connect(
+            _sqlite_uri(path, "ro" if readonly else "rw"),
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=30,
+        )
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    if readonly:
+        # The file is in WAL mode already (its creator set it); a reader cannot change it.
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
     conn.execute("PRAGMA journal_mode=WAL")
     # FULL: the WAL is fsynced at every commit -- a 250 must survive power loss.
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=30000")
+    # The WAL file keeps its high-water mark unless limited: truncate it to this after
+    # a checkpoint, so a burst does not leave the disk usage high (retention, 11.2).
+    conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     return conn
 
 
@@ -163,9 +250,11 @@ def begin_immediate(conn: sqlite3.Connection) -> None:
 class _Writer(threading.Thread):
     """The one thread that runs jobs against the database, committing in groups."""
 
-    def __init__(self, path: Path, batch: int, durable: bool = True) -> None:
+    def __init__(self, path: Path, batch: int, durable: bool = True, create: bool = True) -> None:
         super().__init__(name="ferry-queue-writer", daemon=True)
-        self.conn = connect(path)
+        self.path = path
+        self.conn = connect(path, create=create)
+        self.identity: dict[Path, tuple[int, int]] = {}
         if not durable:
             # Delivery bookkeeping (claims, outcomes) in a worker process: WAL commits
             # without fsync (NORMAL is still crash-safe; only a power loss can undo the
@@ -176,7 +265,32 @@ class _Writer(threading.Thread):
         self.jobs: _stdqueue.SimpleQueue[
             tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future[Any]] | None
         ] = _stdqueue.SimpleQueue()
+        #: Commits, the jobs they carried and the seconds they took (metrics read these).
         self.commits = 0
+        self.committed_jobs = 0
+        self.commit_seconds = 0.0
+
+    def remember_files(self) -> None:
+        """Note which files (device, inode) the connection has open: the database and its WAL."""
+        for p in (self.path, self.path.with_name(self.path.name + "-wal")):
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(p)
+                self.identity[p] = (st.st_dev, st.st_ino)
+
+    def check_files(self) -> None:
+        """Raise QueueStorageLost if the database or its WAL is no longer at its path.
+
+        SQLite keeps writing into a deleted (unlinked) file without complaint, and
+        everything committed there is gone at the next start: a 250 would be a lie.
+        Two stat() calls per group commit (microseconds) make that impossible.
+        """
+        for p, (dev, ino) in self.identity.items():
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                raise QueueStorageLost(f"{p}: deleted while in use") from None
+            if (st.st_dev, st.st_ino) != (dev, ino):
+                raise QueueStorageLost(f"{p}: replaced by another file while in use") from None
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -214,6 +328,7 @@ class _Writer(threading.Thread):
     ) -> None:
         conn = self.conn
         results: list[tuple[concurrent.futures.Future[Any], bool, Any]] = []
+        started = time.perf_counter()
         try:
             begin_immediate(conn)
             for fn, fut in group:
@@ -229,8 +344,11 @@ class _Writer(threading.Thread):
                 else:
                     conn.execute("RELEASE job")
                     results.append((fut, True, value))
+            self.check_files()
             conn.execute("COMMIT")
             self.commits += 1
+            self.committed_jobs += len(results)
+            self.commit_seconds += time.perf_counter() - started
         except BaseException as exc:  # the commit itself failed: nobody succeeded
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -437,23 +555,49 @@ class SqliteQueue(OperatorMethods, Queue):
     """The SQLite implementation of the queue contract."""
 
     def __init__(
-        self, path: str | os.PathLike[str], *, batch: int = 256, durable: bool = True
+        self,
+        path: str | os.PathLike[str],
+        *,
+        batch: int = 256,
+        durable: bool = True,
+        event_log: bool = False,
+        create: bool = True,
+        readonly: bool = False,
     ) -> None:
+        """Open (``create=True``: or make) the queue in directory ``path``.
+
+        ``create=False`` opens only an existing database (QueueNotFound otherwise);
+        ``readonly=True`` also has no writer: for the CLI's listings, which must never
+        make or change a database. A database SQLite cannot read raises QueueDamaged.
+        """
         directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.db_path = directory / "queue.db"
-        self._writer = _Writer(self.db_path, batch, durable)
-        self._writer.conn.executescript(SCHEMA)
-        # Migration step (operator tools): suspensions, operator events, hosts tried,
-        # indexes over waiting recipients. Idempotent, independent of SCHEMA_VERSION.
-        sqlite_ops.migrate(self._writer.conn)
-        self._writer.conn.execute(
-            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
-            (str(SCHEMA_VERSION),),
-        )
-        # From here on begin_immediate() does the waiting for the write lock.
-        self._writer.conn.execute("PRAGMA busy_timeout=0")
-        self._writer.start()
+        self.db_path = self.database_path(directory)
+        self.readonly = readonly
+        self._writer: _Writer | None = None
+        self._storage_lost = False
+        if readonly:
+            if not self.db_path.is_file():
+                raise QueueNotFound(self.db_path)
+        else:
+            if create:
+                directory.mkdir(parents=True, exist_ok=True)
+            try:
+                self._writer = _Writer(self.db_path, batch, durable, create)
+                # Create, or upgrade step by step (ferry/queue/sqlite_schema.py).
+                migrate(self._writer.conn, SCHEMA, begin_immediate)
+            except sqlite3.DatabaseError as exc:
+                if self._writer is not None:
+                    self._writer.conn.close()
+                if isinstance(exc, sqlite3.OperationalError):  # locked, I/O, permissions
+                    raise
+                # SQLITE_NOTADB "file is not a database", SQLITE_CORRUPT "malformed"
+                raise QueueDamaged(self.db_path, [str(exc)]) from None
+            # From here on begin_immediate() does the waiting for the write lock.
+            self._writer.conn.execute("PRAGMA busy_timeout=0")
+            self._writer.remember_files()
+            self._writer.start()
+        #: Write the event log (webhooks, ``GET /v1/events``) with every state change.
+        self.event_log = event_log
         self._closed = False
         # Reads run on their own connections in worker threads: WAL lets them proceed
         # while the writer is busy, so a read never waits behind someone else's fsync.
@@ -465,8 +609,35 @@ class SqliteQueue(OperatorMethods, Queue):
 
     # -- plumbing ---------------------------------------------------------------
 
+    @staticmethod
+    def database_path(directory: str | os.PathLike[str]) -> Path:
+        """The database file of the queue in ``directory`` (queue.path)."""
+        return Path(directory) / "queue.db"
+
+    @property
+    def _w(self) -> _Writer:
+        if self._writer is None:
+            raise RuntimeError(f"{self.db_path}: the queue is open read-only")
+        return self._writer
+
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.wrap_future(self._writer.submit(fn))
+        try:
+            value = await asyncio.wrap_future(self._w.submit(fn))
+        except QueueStorageLost as exc:
+            if not self._storage_lost:
+                # Once per loss, not once per refused message.
+                self._storage_lost = True
+                emit(
+                    QueueStorageLostEvent(
+                        str(self.db_path),
+                        str(exc),
+                        "every write is refused (451 4.3.0) until ferry is restarted"
+                        " on a restored or new queue database",
+                    )
+                )
+            raise
+        self._storage_lost = False
+        return value
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.to_thread(self._read_sync, fn)
@@ -479,7 +650,7 @@ class SqliteQueue(OperatorMethods, Queue):
         try:
             conn = getattr(self._local, "conn", None)
             if conn is None:
-                conn = connect(self.db_path)
+                conn = connect(self.db_path, create=False, readonly=self.readonly)
                 self._local.conn = conn
                 with self._readers_lock:
                     self._readers.append(conn)
@@ -504,28 +675,75 @@ class SqliteQueue(OperatorMethods, Queue):
 
     def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a job from a thread with no event loop (tools, tests)."""
-        return self._writer.submit(fn).result()
+        return self._w.submit(fn).result()
 
     @property
     def commits(self) -> int:
         """How many group commits the writer has made (for stats and benchmarks)."""
-        return self._writer.commits
+        return self._writer.commits if self._writer is not None else 0
 
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            await asyncio.to_thread(self._writer.stop)
+            if self._writer is not None:
+                await asyncio.to_thread(self._writer.stop)
             await asyncio.to_thread(self._close_readers)
+
+    async def check(self, *, quick: bool = False) -> list[str]:
+        """SQLite's integrity_check (or the faster quick_check): [] when the database is sound.
+
+        quick_check skips the index-content comparison: linear in the database size,
+        cheap enough for every start.
+        """
+        return await asyncio.to_thread(_integrity, self.db_path, quick)
 
     # -- intake -----------------------------------------------------------------
 
     async def enqueue(
-        self, envelope: EnvelopeIn, *, queue_id: str | None = None, expires: float | None = None
+        self,
+        envelope: EnvelopeIn,
+        *,
+        queue_id: str | None = None,
+        expires: float | None = None,
+        idempotency: IdempotencyRecord | None = None,
     ) -> str:
         now = time.time()
         qid = queue_id or new_queue_id(now)
         exp = expires if expires is not None else now + 4 * 86400
-        return await self._run(lambda conn: _insert_message(conn, qid, envelope, now, exp))
+        log = self.event_log
+
+        def insert(conn: sqlite3.Connection) -> str:
+            _insert_message(conn, qid, envelope, now, exp)
+            if log:
+                _received_event(conn, qid, envelope, now)
+            return qid
+
+        if idempotency is None:
+            return await self._run(insert)
+
+        def job(conn: sqlite3.Connection) -> str:
+            # The writer thread runs one job at a time inside its transaction: the
+            # look-up and the insert below cannot interleave with another request's.
+            existing = _idempotency_row(conn, idempotency.key, now)
+            if existing is not None:
+                raise IdempotencyReplay(existing)
+            conn.execute(
+                "INSERT OR REPLACE INTO idempotency(key, fingerprint, queue_id, response,"
+                " expires) VALUES (?,?,?,?,?)",
+                (
+                    idempotency.key,
+                    idempotency.fingerprint,
+                    qid,
+                    idempotency.response,
+                    idempotency.expires,
+                ),
+            )
+            return insert(conn)
+
+        return await self._run(job)
+
+    async def idempotency(self, key: str, *, now: float) -> IdempotencyRecord | None:
+        return await self._read(lambda conn: _idempotency_row(conn, key, now))
 
     # -- delivery ---------------------------------------------------------------
 
@@ -569,7 +787,7 @@ class SqliteQueue(OperatorMethods, Queue):
             recips = _load_recipients(conn, chosen)
             msg_ids = sorted({r.message_id for r in recips})
             messages = {m.id: m for m in _load_messages(conn, msg_ids)}
-            _refresh_message_status(conn, msg_ids)
+            _refresh_message_status(conn, msg_ids, now)
             return [ClaimedRecipient(r, messages[r.message_id], until) for r in recips]
 
         return await self._run(job)
@@ -584,17 +802,22 @@ class SqliteQueue(OperatorMethods, Queue):
     ) -> list[str | None]:
         ids = [new_queue_id(now) for _ in new_messages]
 
+        log = self.event_log
+
         def job(conn: sqlite3.Connection) -> list[str | None]:
             touched: set[str] = set()
             updated: set[int] = set()
+            addresses: dict[int, tuple[str, str, Status]] = {}
+            metadata: dict[str, Any] = {}
             for res in results:
                 row = conn.execute(
-                    "SELECT message_id, lease_owner, status, attempts FROM recipients WHERE id=?",
+                    "SELECT message_id, lease_owner, status, attempts, address FROM recipients"
+                    " WHERE id=?",
                     (res.recipient_id,),
                 ).fetchone()
                 if row is None:
                     continue  # removed by an operator meanwhile
-                message_id, lease_owner, status, attempts_before = row
+                message_id, lease_owner, status, attempts_before, address = row
                 if status != Status.IN_PROGRESS.value or lease_owner != owner:
                     # Cancelled meanwhile, or our lease expired and another worker owns it.
                     continue
@@ -645,9 +868,26 @@ class SqliteQueue(OperatorMethods, Queue):
                             sqlite_ops.tried_json(res.tried),
                         ),
                     )
+                    if log:
+                        _outcome_event(
+                            conn,
+                            now,
+                            message_id,
+                            address,
+                            res,
+                            new_status,
+                            attempts_before + 1,
+                            metadata,
+                        )
+                if res.expiry_reason is not None and new_status is Status.EXPIRED:
+                    conn.execute(
+                        "UPDATE recipients SET expiry_reason=? WHERE id=?",
+                        (res.expiry_reason, res.recipient_id),
+                    )
                 touched.add(message_id)
                 updated.add(res.recipient_id)
-            _refresh_message_status(conn, sorted(touched))
+                addresses[res.recipient_id] = (message_id, address, new_status)
+            _refresh_message_status(conn, sorted(touched), now)
             # A DSN goes in only if an outcome it reports was really recorded (not one
             # discarded because the recipient was cancelled or taken over meanwhile).
             out: list[str | None] = []
@@ -655,6 +895,14 @@ class SqliteQueue(OperatorMethods, Queue):
                 if updated.intersection(about):
                     _insert_message(conn, qid, envelope, now, expires)
                     out.append(qid)
+                    if log:
+                        _dsn_events(
+                            conn,
+                            now,
+                            qid,
+                            [addresses[i] for i in about if i in addresses],
+                            metadata,
+                        )
                 else:
                     out.append(None)
             return out
@@ -760,7 +1008,12 @@ class SqliteQueue(OperatorMethods, Queue):
             if status in (Status.QUEUED, Status.DEFERRED, Status.IN_PROGRESS):
                 # A pending state: every message with a recipient in it, partially
                 # delivered ones included (an operator asking "what is deferred?").
-                where.append("id IN (SELECT message_id FROM recipients WHERE status=?)")
+                # The pending term lets SQLite use the recipients_pending partial index:
+                # the cost follows the pending queue, not the history.
+                where.append(
+                    "id IN (SELECT message_id FROM recipients"
+                    f" WHERE status IN {PENDING_SQL} AND status=?)"
+                )
                 args.append(status.value)
             elif status is not None:
                 where.append("status=?")
@@ -770,7 +1023,7 @@ class SqliteQueue(OperatorMethods, Queue):
                 args.append(sender)
             if domain is not None:
                 where.append("id IN (SELECT message_id FROM recipients WHERE domain=?)")
-                args.append(domain.lower())
+                args.append(domain_key(domain))
             sql = "SELECT id FROM messages"
             if where:
                 sql += " WHERE " + " AND ".join(where)
@@ -794,8 +1047,11 @@ class SqliteQueue(OperatorMethods, Queue):
                 " AND status IN ('Queued','Deferred')",
                 (now, message_id),
             )
+            if log and cur.rowcount:
+                _operator_event(conn, now, message_id, "retry", cur.rowcount)
             return cur.rowcount
 
+        log = self.event_log
         return await self._run(job)
 
     async def cancel(self, message_id: str, *, now: float) -> int:
@@ -805,16 +1061,74 @@ class SqliteQueue(OperatorMethods, Queue):
                 f" lease_until=NULL WHERE message_id=? AND status IN {PENDING_SQL}",
                 (message_id,),
             )
+            _refresh_message_status(conn, [message_id], now)
             _refresh_message_status(conn, [message_id])
+            if log and cur.rowcount:
+                _operator_event(conn, now, message_id, "cancel", cur.rowcount)
             return cur.rowcount
 
+        log = self.event_log
         return await self._run(job)
 
     async def remove(self, message_id: str) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
-            return conn.execute("DELETE FROM messages WHERE id=?", (message_id,)).rowcount > 0
+            gone = conn.execute("DELETE FROM messages WHERE id=?", (message_id,)).rowcount > 0
+            if log and gone:
+                _operator_event(conn, time.time(), message_id, "remove", 1)
+            return gone
 
+        log = self.event_log
         return await self._run(job)
+
+    # -- the event log (webhooks, GET /v1/events) ----------------------------------
+
+    async def events(
+        self, *, after: int, types: Sequence[str] = (), limit: int = 100
+    ) -> builtins.list[outbox.StoredEvent]:
+        return await self._read(lambda c: outbox.read(c, after=after, types=types, limit=limit))
+
+    async def events_by_id(self, ids: Sequence[int]) -> builtins.list[outbox.StoredEvent]:
+        return await self._read(lambda c: outbox.by_ids(c, ids))
+
+    async def webhook_cursor(self, endpoint: str) -> int:
+        return await self._run(lambda c: outbox.cursor(c, endpoint))
+
+    async def webhook_done(
+        self, endpoint: str, *, after: int | None = None, retried: Sequence[int] = ()
+    ) -> None:
+        def job(c: sqlite3.Connection) -> None:
+            if after is not None:
+                outbox.advance(c, endpoint, after)
+            outbox.retried(c, endpoint, retried)
+
+        await self._run(job)
+
+    async def webhook_failed(
+        self, endpoint: str, event_ids: Sequence[int], *, now: float, error: str, after: int | None
+    ) -> None:
+        def job(c: sqlite3.Connection) -> None:
+            outbox.fail(c, endpoint, event_ids, now, error)
+            if after is not None:
+                outbox.advance(c, endpoint, after)
+
+        await self._run(job)
+
+    async def webhook_retries(self, endpoint: str, limit: int) -> builtins.list[int]:
+        return await self._read(lambda c: outbox.retries(c, endpoint, limit))
+
+    async def webhook_failures(self) -> builtins.list[tuple[str, int, float, str]]:
+        return await self._read(outbox.failures)
+
+    async def webhook_retry(self, endpoint: str | None) -> int:
+        return await self._run(lambda c: outbox.request_retry(c, endpoint))
+
+    def commit_counters(self) -> tuple[int, int, float]:
+        """(commits, jobs committed, seconds spent) by this process's writer."""
+        w = self._w
+        return w.commits, w.committed_jobs, w.commit_seconds
+
+    async def webhook_rewind(self, endpoint: str, since: float) -> int:
+        return await self._run(lambda c: outbox.rewind(c, endpoint, since))
 
     async def clear_expired(self) -> int:
         def job(conn: sqlite3.Connection) -> int:
@@ -827,9 +1141,18 @@ class SqliteQueue(OperatorMethods, Queue):
         return await self._run(job)
 
     async def statistics(self, *, now: float) -> QueueStats:
+        # Counts come from counters kept by triggers (sqlite_schema.py) and ages from the
+        # pending rows only: the cost follows the pending queue, not the history.
         def job(conn: sqlite3.Connection) -> QueueStats:
             st = QueueStats()
-            counts = dict(conn.execute("SELECT status, COUNT(*) FROM messages GROUP BY status"))
+            counts: dict[str, int] = {}
+            by_priority: dict[int, int] = {}
+            for status, prio, n, size in conn.execute(
+                "SELECT status, priority, n, size FROM message_counts WHERE n != 0"
+            ):
+                counts[status] = counts.get(status, 0) + n
+                by_priority[prio] = by_priority.get(prio, 0) + n
+                st.total_size += size
             st.total_messages = sum(counts.values())
             st.queued_messages = counts.get("Queued", 0)
             st.in_progress_messages = counts.get("InProgress", 0)
@@ -839,41 +1162,178 @@ class SqliteQueue(OperatorMethods, Queue):
             st.failed_messages = counts.get("Failed", 0)
             st.expired_messages = counts.get("Expired", 0)
             st.cancelled_messages = counts.get("Cancelled", 0)
-            size, oldest = conn.execute("SELECT SUM(size), MIN(arrival) FROM messages").fetchone()
-            st.total_size = size or 0
-            st.oldest_message_time = oldest
+            # messages_arrival index: one step, not a scan.
+            st.oldest_message_time = conn.execute("SELECT MIN(arrival) FROM messages").fetchone()[0]
+            # A recipient arrives with its message, and a message is finished exactly
+            # when its last recipient is final: the oldest unfinished message is the
+            # oldest pending recipient's (messages_pending_arrival: one index step).
             st.oldest_pending_recipient_time = conn.execute(
-                f"SELECT MIN(arrival) FROM recipients WHERE status IN {PENDING_SQL}"
+                "SELECT MIN(arrival) FROM messages WHERE finished IS NULL"
             ).fetchone()[0]
             # Every message with work left, PartiallyDelivered ones included.
-            avg_age = conn.execute(
-                "SELECT AVG(? - arrival) FROM messages WHERE id IN (SELECT message_id"
-                f" FROM recipients WHERE status IN {PENDING_SQL})",
-                (now,),
-            ).fetchone()[0]
-            st.average_queue_time = avg_age
-            st.average_retry_count = conn.execute(
-                "SELECT AVG(CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END) FROM recipients"
-            ).fetchone()[0]
+            pending, arrival_sum = conn.execute(
+                "SELECT n, arrival_sum FROM pending_totals WHERE id=1"
+            ).fetchone()
+            st.average_queue_time = now - arrival_sum / pending if pending else None
+            n, retries = conn.execute(
+                "SELECT n, retries FROM recipient_counts WHERE id=1"
+            ).fetchone()
+            st.average_retry_count = retries / n if n else None
             st.messages_by_priority = {
-                Priority(p).name.capitalize(): n
-                for p, n in conn.execute(
-                    "SELECT priority, COUNT(*) FROM messages GROUP BY priority"
-                )
+                Priority(p).name.capitalize(): n for p, n in sorted(by_priority.items())
             }
-            st.messages_by_smart_host = {
-                route: n
-                for route, n in conn.execute(
-                    "SELECT route, COUNT(DISTINCT message_id) FROM recipients"
-                    " WHERE route IS NOT NULL GROUP BY route"
-                )
-            }
+            st.messages_by_smart_host = dict(
+                conn.execute("SELECT route, n FROM route_counts WHERE n > 0 ORDER BY route")
+            )
             return st
 
         return await self._read(job)
 
+    # -- retention ----------------------------------------------------------------
+
+    async def purge(self, *, before: float, limit: int) -> int:
+        return await self._run(lambda conn: _purge(conn, before, limit))
+
+    async def reclaim_space(self, *, pages: int) -> int:
+        return await self._run(lambda conn: _reclaim(conn, pages))
+
+    async def checkpoint(self) -> None:
+        def run() -> None:
+            # Its own connection, outside any transaction; PASSIVE never waits for
+            # readers or writers: what it cannot copy now, a later checkpoint will.
+            conn = connect(self.db_path)
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            finally:
+                conn.close()
+
+        await asyncio.to_thread(run)
+
+    async def free_space(self) -> tuple[int, int]:
+        def job(conn: sqlite3.Connection) -> tuple[int, int]:
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            total = conn.execute("PRAGMA page_count").fetchone()[0]
+            return int(free), int(total)
+
+        return await self._read(job)
+
+
+def _integrity(db_path: Path, quick: bool) -> list[str]:
+    # Its own read-only connection: a damaged file can fail any statement, COMMIT included.
+    pragma = "quick_check" if quick else "integrity_check"
+    conn = connect(db_path, readonly=True)
+    try:
+        rows = [r[0] for r in conn.execute(f"PRAGMA {pragma}")]
+    except sqlite3.DatabaseError as exc:  # too damaged to even walk
+        return [str(exc)]
+    finally:
+        conn.close()
+    # One row may hold several problems separated by newlines.
+    lines = [ln for r in rows for ln in str(r).splitlines() if ln.strip()]
+    if lines != ["ok"]:
+        return [ln for ln in lines if not ln.startswith("***")]
+    # Sound as a file, but is it a whole queue? (A recovery that stopped half way is not.)
+    conn = connect(db_path, readonly=True)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        conn.close()
+    missing = sorted(QUEUE_TABLES - tables)
+    return [f"not a complete Ferry queue: no table {', '.join(missing)}"] if missing else []
+
 
 # -- helpers run on the writer thread --------------------------------------------
+
+
+def _idempotency_row(conn: sqlite3.Connection, key: str, now: float) -> IdempotencyRecord | None:
+    row = conn.execute(
+        "SELECT key, fingerprint, queue_id, response, expires FROM idempotency"
+        " WHERE key = ? AND expires > ?",
+        (key, now),
+    ).fetchone()
+    return IdempotencyRecord(*row) if row else None
+
+
+def _reply_json(reply: Reply | None) -> dict[str, Any] | None:
+    if reply is None:
+        return None
+    return {"code": reply.code, "enhanced": reply.enhanced, "text": reply.text}
+
+
+def _received_event(conn: sqlite3.Connection, qid: str, envelope: EnvelopeIn, now: float) -> None:
+    meta = json.loads(envelope.extra["metadata"]) if "metadata" in envelope.extra else {}
+    outbox.add(
+        conn,
+        now,
+        "received",
+        qid,
+        {
+            "sender": envelope.sender,
+            "recipients": [r.address for r in envelope.recipients],
+            "size": len(envelope.data),
+            "priority": envelope.priority.name.lower(),
+            "client": envelope.client_address or envelope.auth_user,
+            "metadata": meta,
+        },
+    )
+
+
+def _outcome_event(
+    conn: sqlite3.Connection,
+    now: float,
+    message_id: str,
+    address: str,
+    res: AttemptResult,
+    status: Status,
+    attempt: int,
+    metadata: dict[str, Any],
+) -> None:
+    outbox.add(
+        conn,
+        now,
+        outbox.STATUS_EVENT.get(status.value, status.value.lower()),
+        message_id,
+        {
+            "recipient": address,
+            "reply": _reply_json(res.reply),
+            "attempt": attempt,
+            "next_hop": res.next_hop,
+            "route": res.route,
+            "tls": res.tls,
+            "next_attempt": res.next_attempt if status == Status.DEFERRED else None,
+            "metadata": outbox.metadata_of(conn, message_id, metadata),
+        },
+    )
+
+
+def _dsn_events(
+    conn: sqlite3.Connection,
+    now: float,
+    dsn_id: str,
+    about: list[tuple[str, str, Status]],
+    metadata: dict[str, Any],
+) -> None:
+    """A DSN was queued: "delayed" for a delay warning, "bounced" for a failure report."""
+    for message_id, address, status in about:
+        if status == Status.DELIVERED:
+            continue
+        outbox.add(
+            conn,
+            now,
+            "bounced" if status.is_final else "delayed",
+            message_id,
+            {
+                "recipient": address,
+                "dsn_id": dsn_id,
+                "metadata": outbox.metadata_of(conn, message_id, metadata),
+            },
+        )
+
+
+def _operator_event(
+    conn: sqlite3.Connection, now: float, message_id: str, action: str, count: int
+) -> None:
+    outbox.add(conn, now, "operator", message_id, {"action": action, "recipients": count})
 
 
 def _insert_message(
@@ -935,7 +1395,7 @@ def _exec_in(
 
 _MSG_COLS = (
     "id, sender, size, priority, arrival, expires, status, client_address, client_helo,"
-    " auth_user, envid, ret, smtputf8, extra"
+    " auth_user, envid, ret, smtputf8, extra, finished"
 )
 
 
@@ -957,6 +1417,7 @@ def _load_messages(conn: sqlite3.Connection, ids: list[str]) -> list[MessageInfo
             ret=r[11],
             smtputf8=bool(r[12]),
             extra=json.loads(r[13]) if r[13] else {},
+            finished=r[14],
         )
         for r in rows
     }
@@ -965,7 +1426,7 @@ def _load_messages(conn: sqlite3.Connection, ids: list[str]) -> list[MessageInfo
 
 _RCPT_COLS = (
     "id, message_id, address, orcpt, notify, status, attempts, next_attempt,"
-    " last_code, last_enhanced, last_text, route, delay_warned"
+    " last_code, last_enhanced, last_text, route, delay_warned, expiry_reason"
 )
 
 
@@ -986,6 +1447,7 @@ def _load_recipients(
             last_reply=_reply(r[8], r[9], r[10]),
             route=r[11],
             delay_warned=bool(r[12]),
+            expiry_reason=r[13],
         )
         for r in rows
     }
@@ -1009,8 +1471,14 @@ def _load_recipients(
     return [by_id[i] for i in ids if i in by_id]
 
 
-def _refresh_message_status(conn: sqlite3.Connection, message_ids: list[str]) -> None:
-    """Keep messages.status equal to what its recipients' statuses derive (same txn)."""
+def _refresh_message_status(
+    conn: sqlite3.Connection, message_ids: list[str], now: float | None = None
+) -> None:
+    """Keep messages.status equal to what its recipients' statuses derive (same txn).
+
+    A message whose every recipient is final is finished: ``finished`` is set and its
+    body deleted, in this same transaction (retention, issue 11.2).
+    """
     if not message_ids:
         return
     statuses: dict[str, list[Status]] = {m: [] for m in message_ids}
@@ -1022,6 +1490,69 @@ def _refresh_message_status(conn: sqlite3.Connection, message_ids: list[str]) ->
         "UPDATE messages SET status=? WHERE id=?",
         [(message_status(s).value, mid) for mid, s in statuses.items()],
     )
+    _finish(conn, [m for m, s in statuses.items() if s and all(x.is_final for x in s)], now)
 
 
-__all__ = ["FINAL_STATUSES", "SqliteQueue", "connect"]
+# -- retention (schema version 2: see sqlite_schema.py) --------------------------
+
+
+def _finish(conn: sqlite3.Connection, message_ids: list[str], now: float | None) -> None:
+    """Mark messages finished and drop their bodies: nothing will read them again.
+
+    Every DSN about them was built from the body before the outcome that finished
+    them was recorded (``Recorder``), and is queued with its own copy.
+    """
+    if not message_ids:
+        return
+    at = time.time() if now is None else now
+    _exec_in(
+        conn,
+        "UPDATE messages SET finished=? WHERE finished IS NULL AND id IN ({})",
+        message_ids,
+        prefix=(at,),
+    )
+    _exec_in(conn, "DELETE FROM bodies WHERE message_id IN ({})", message_ids)
+
+
+def _purge(conn: sqlite3.Connection, before: float, limit: int) -> int:
+    # The partial index messages_finished holds finished messages only, oldest first.
+    ids = [
+        r[0]
+        for r in conn.execute(
+            "SELECT id FROM messages WHERE finished IS NOT NULL AND finished < ?"
+            " ORDER BY finished LIMIT ?",
+            (before, limit),
+        )
+    ]
+    # ON DELETE CASCADE takes recipients and attempts; triggers keep the counters.
+    _exec_in(conn, "DELETE FROM messages WHERE id IN ({})", ids)
+    # The event log and used idempotency keys follow the same retention.
+    outbox.purge(conn, before=before, limit=limit)
+    conn.execute(
+        "DELETE FROM idempotency WHERE key IN"
+        " (SELECT key FROM idempotency WHERE expires < ? LIMIT ?)",
+        (time.time(), limit),
+    )
+    return len(ids)
+
+
+def _reclaim(conn: sqlite3.Connection, pages: int) -> int:
+    before = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    # Python's sqlite3 steps a PRAGMA that returns no columns only once, and one step of
+    # incremental_vacuum gives back one page: so one statement per page (microseconds,
+    # all inside this one transaction; executescript() would commit the group).
+    for _ in range(min(pages, before)):
+        conn.execute("PRAGMA incremental_vacuum(1)")
+    after = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    return before - after
+
+
+__all__ = [
+    "FINAL_STATUSES",
+    "QueueDamaged",
+    "QueueNotFound",
+    "QueueStorageLost",
+    "SqliteQueue",
+    "connect",
+    "recovery_steps",
+]

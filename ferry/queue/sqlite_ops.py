@@ -64,17 +64,7 @@ CREATE INDEX IF NOT EXISTS recipients_waiting_by_domain ON recipients(
 CREATE INDEX IF NOT EXISTS recipients_waiting_by_reply ON recipients(
     status, last_code, last_enhanced, domain, arrival) WHERE status IN {WAITING_SQL};
 -- (`queue list --all` walks the messages' primary key: queue IDs sort by arrival time.)
-DROP INDEX IF EXISTS messages_arrival;  -- an earlier shape, never needed
 """
-
-
-def migrate(conn: sqlite3.Connection) -> None:
-    """Add the operator tables, indexes and the attempts' ``tried`` column if missing."""
-    conn.executescript(OPERATOR_SCHEMA)
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(attempts)")}
-    if "tried" not in columns:
-        # Every host tried in an attempt before the one that answered (JSON list).
-        conn.execute("ALTER TABLE attempts ADD COLUMN tried TEXT")
 
 
 # -- selections ----------------------------------------------------------------------
@@ -190,7 +180,9 @@ def list_page(
     messages = {
         r[0]: r
         for r in conn.execute(
-            f"SELECT id, arrival, size, sender, status FROM messages WHERE id IN ({marks})", ids
+            "SELECT id, arrival, size, sender, status, expires FROM messages"
+            f" WHERE id IN ({marks})",
+            ids,
         )
     }
     recipients: dict[str, list[ListedRecipient]] = {i: [] for i in ids}
@@ -201,7 +193,7 @@ def list_page(
     ):
         recipients[r[0]].append(ListedRecipient(r[1], Status(r[2]), r[3], r[4], r[5], r[6], r[7]))
     out = tuple(
-        ListedMessage(m[0], m[1], m[2], m[3], Status(m[4]), tuple(recipients[m[0]]))
+        ListedMessage(m[0], m[1], m[2], m[3], Status(m[4]), tuple(recipients[m[0]]), m[5])
         for m in (messages[i] for i in ids if i in messages)
     )
     return Page(out, ids[-1] if more else None)

@@ -16,14 +16,18 @@ PACKAGE = Path(__file__).resolve().parents[2] / "ferry"
 #: Shared leaves: plain values and helpers every layer may use.
 LEAVES = (
     "ferry.config",
+    "ferry.routes",
     "ferry.envelope",
     "ferry.events",
     "ferry.message",
     "ferry.durations",
     "ferry.domains",
+    "ferry.files",
     "ferry.resolver",
     "ferry.tls",
     "ferry.runtime",
+    "ferry.metrics",
+    "ferry.idempotency",
     "ferry.dkim",
 )
 #: The stages of a message's trip: intake → queue → delivery.

@@ -1,13 +1,17 @@
-"""Reply classification, synthetic transport failures, block detection, reply parsing."""
+"""Reply classification (cases in tests/cases/replies), synthetic transport failures,
+block detection, reply parsing."""
 
 from __future__ import annotations
+
+import tomllib
+from pathlib import Path
 
 import pytest
 
 from ferry.config import DEFAULT_BLOCK_PATTERNS
 from ferry.delivery.outcomes import (
     TRANSPORT_FAILURES,
-    Outcome,
+    ReplyClass,
     Stage,
     classify_reply,
     enhanced_from_reply,
@@ -15,37 +19,53 @@ from ferry.delivery.outcomes import (
     parse_reply_text,
     transport_failure_reply,
 )
-from ferry.envelope import Reply
+from ferry.delivery.smarthosts import is_transport_failure
+from ferry.envelope import Reply, Status
 
 ALL_STAGES: tuple[Stage, ...] = (
     "connect", "greeting", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "dot"
 )  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("code", "enhanced", "stage", "outcome"),
-    [
-        (250, "2.0.0", "dot", Outcome.DELIVERED),
-        (251, None, "dot", Outcome.DELIVERED),
-        (354, None, "dot", Outcome.DEFERRED),  # not a valid answer to "."
-        (421, "4.7.0", "greeting", Outcome.DEFERRED),
-        (450, "4.2.1", "rcpt", Outcome.DEFERRED),
-        (451, "4.3.0", "dot", Outcome.DEFERRED),
-        (452, "4.5.3", "rcpt", Outcome.DEFERRED),
-        (454, "4.7.0", "starttls", Outcome.DEFERRED),
-        (550, "5.1.1", "rcpt", Outcome.FAILED),
-        (552, "5.2.2", "rcpt", Outcome.DEFERRED),  # RFC 5321 §4.5.3.1.10
-        (552, None, "rcpt", Outcome.DEFERRED),
-        (552, "5.3.4", "dot", Outcome.FAILED),  # message too big: permanent after DATA
-        (552, "5.3.4", "mail", Outcome.FAILED),
-        (554, "5.7.1", "connect", Outcome.FAILED),
-        (535, "5.7.8", "auth", Outcome.FAILED),
-        (503, "5.5.1", "data", Outcome.FAILED),
-        (500, None, "ehlo", Outcome.FAILED),
-    ],
-)
-def test_classify_reply(code: int, enhanced: str | None, stage: Stage, outcome: Outcome) -> None:
-    assert classify_reply(Reply(code, enhanced, "text"), stage=stage) is outcome
+CASES = Path(__file__).parent.parent / "cases" / "replies"
+
+
+def _wire_reply(text: str) -> Reply:
+    """A reply as it came over the wire ("550-..." lines, then "550 ...")."""
+    lines = text.strip("\n").split("\n")
+    return parse_reply_text(int(lines[0][:3]), [line[4:] for line in lines])
+
+
+@pytest.mark.parametrize("path", sorted(CASES.glob("*.toml")), ids=lambda p: p.stem)
+def test_reply_case(path: Path) -> None:
+    """tests/cases/replies: one file per (stage, reply) → class; see its README."""
+    case = tomllib.loads(path.read_text())
+    stage: Stage = case["stage"]
+    reply = _wire_reply(case["reply"]) if "reply" in case else None
+    expected: str = case["expected"]
+    if expected == "error":
+        with pytest.raises(ValueError):
+            classify_reply(reply, stage=stage)
+        return
+    verdict = classify_reply(reply, stage=stage)
+    assert verdict is ReplyClass(expected)
+    # The smart hosts' circuit breakers count exactly the transport failures.
+    assert is_transport_failure(reply, stage=stage) is (verdict is ReplyClass.TRANSPORT)
+    assert (
+        verdict.status
+        is {
+            "delivered": Status.DELIVERED,
+            "temporary": Status.DEFERRED,
+            "transport": Status.DEFERRED,
+            "permanent": Status.FAILED,
+        }[expected]
+    )
+
+
+def test_reply_cases_cover_every_class_and_stage() -> None:
+    cases = [tomllib.loads(p.read_text()) for p in CASES.glob("*.toml")]
+    assert {c["expected"] for c in cases} == {*(v.value for v in ReplyClass), "error"}
+    assert {c["stage"] for c in cases} == set(ALL_STAGES)
 
 
 @pytest.mark.parametrize("stage", [s for s in ALL_STAGES if s != "dot"])
@@ -79,7 +99,7 @@ def test_transport_failure_reply(kind: str, enhanced: str) -> None:
     assert (reply.code, reply.enhanced) == (451, enhanced)
     assert reply.text.endswith(": mx.example.net[192.0.2.1]:25")
     for stage in ALL_STAGES:  # a transport failure is never final, wherever it happens
-        assert classify_reply(reply, stage=stage) is Outcome.DEFERRED
+        assert classify_reply(reply, stage=stage).status is Status.DEFERRED
 
 
 def test_every_transport_failure_kind_is_tested() -> None:

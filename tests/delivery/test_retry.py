@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+import tomllib
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from ferry.delivery.retry import (
@@ -9,6 +15,7 @@ from ferry.delivery.retry import (
     RetryDecision,
     RetryPolicy,
     after_temporary_failure,
+    give_up_time,
     next_delay,
 )
 from ferry.durations import parse_duration
@@ -22,7 +29,8 @@ def test_default_schedule_is_zetians() -> None:
     minutes = [60 * 2**i for i in range(6)]  # 1, 2, 4, 8, 16, 32 minutes
     hours = [3600, 7200, 14400]  # 1 h doubling to the 4 h cap
     assert tuple(minutes + hours) == DEFAULT_SCHEDULE
-    assert (DEFAULT.max_retries, DEFAULT.message_lifetime, DEFAULT.jitter) == (10, 4 * DAY, 0.1)
+    # The lifetime governs by default (issue 11.1): no retry count limit unless set.
+    assert (DEFAULT.max_retries, DEFAULT.message_lifetime, DEFAULT.jitter) == (None, 4 * DAY, 0.1)
 
 
 @pytest.mark.parametrize(
@@ -82,7 +90,8 @@ def test_jitter_applies_to_retry_time() -> None:
 
 @pytest.mark.parametrize(("attempts", "kind"), [(10, "retry"), (11, "expire"), (12, "expire")])
 def test_max_retries_counts_retries(attempts: int, kind: str) -> None:
-    decision = after_temporary_failure(DEFAULT, attempts=attempts, arrival=0, now=60, rand=0.5)
+    policy = RetryPolicy(max_retries=10)
+    decision = after_temporary_failure(policy, attempts=attempts, arrival=0, now=60, rand=0.5)
     assert decision.kind == kind
     assert decision.reason == (None if kind == "retry" else "max_retries")
 
@@ -117,10 +126,20 @@ def _life(policy: RetryPolicy) -> tuple[list[float], RetryDecision]:
         times.append(decision.at)
 
 
-def test_default_life_is_one_attempt_and_ten_retries() -> None:
-    times, decision = _life(DEFAULT)
+def test_max_retries_life_is_one_attempt_and_ten_retries() -> None:
+    times, decision = _life(RetryPolicy(max_retries=10))
     assert times == [0, 60, 180, 420, 900, 1860, 3780, 7380, 14580, 28980, 43380]
     assert decision.reason == "max_retries"
+
+
+def test_default_life_lasts_the_lifetime() -> None:
+    # Before issue 11.1 the default max_retries = 10 ended it after 12 hours while every
+    # display promised 4 days.
+    times, decision = _life(DEFAULT)
+    assert times[-1] == 4 * DAY and decision.reason == "lifetime"
+    assert len(times) == 32  # 9 scheduled steps to 4 h, then every 4 h, then one at the end
+    # RFC 5321 §4.5.4.1: from the seventh retry on, at least 30 minutes apart.
+    assert all(b - a >= 1800 for a, b in itertools.pairwise(times[6:]))
 
 
 def test_lifetime_bound_life_ends_with_an_attempt_at_expiry() -> None:
@@ -184,3 +203,70 @@ def test_policy_from_config_parses_durations() -> None:
     policy = RetryPolicy.from_config(["1m", 300, "1h"], max_retries=5, message_lifetime="2d")
     assert policy == RetryPolicy(schedule=(60, 300, 3600), max_retries=5, message_lifetime=2 * DAY)
     assert RetryPolicy.from_config() == DEFAULT
+
+
+# -- the real give-up time (issue 11.1) ---------------------------------------------
+
+CASES = tomllib.loads(
+    (Path(__file__).parent.parent / "cases" / "give_up" / "cases.toml").read_text()
+)["case"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_give_up_time_cases(case: dict[str, Any]) -> None:
+    policy = RetryPolicy(
+        schedule=tuple(case.get("schedule", DEFAULT_SCHEDULE)),
+        max_retries=case.get("max_retries"),
+        jitter=case.get("jitter", 0.0),
+    )
+    got = give_up_time(
+        policy,
+        expires=case["expires"],
+        attempts=case["attempts"],
+        next_attempt=case["next_attempt"],
+    )
+    assert (got.at, got.reason) == pytest.approx(tuple(case["want"]))
+
+
+POLICIES = [
+    RetryPolicy(),
+    RetryPolicy(max_retries=0),
+    RetryPolicy(max_retries=3),
+    RetryPolicy(max_retries=10),
+    RetryPolicy(max_retries=40),
+    RetryPolicy(max_retries=10, message_lifetime=3 * 3600),
+    RetryPolicy(schedule=(5, 50), max_retries=7, message_lifetime=300),
+    RetryPolicy(schedule=(1800,), max_retries=500, jitter=0.3),
+]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=repr)
+@pytest.mark.parametrize("seed", range(5))
+def test_give_up_time_is_a_bound_the_retry_rules_keep(policy: RetryPolicy, seed: int) -> None:
+    """Live a recipient's whole life with random jitter: at every step, the give-up time
+    shown is never earlier than the last attempt really made, never grows, and names the
+    limit that really ended it."""
+    rng = random.Random(seed)
+    expires = policy.message_lifetime
+    at, attempts, shown = 0.0, 0, []
+    while True:
+        shown.append(give_up_time(policy, expires=expires, attempts=attempts, next_attempt=at))
+        attempts += 1
+        decision = after_temporary_failure(
+            policy, attempts=attempts, arrival=0, now=at, rand=rng.random()
+        )
+        if decision.at is None:
+            break
+        at = decision.at
+    assert all(g.at >= at for g in shown)
+    assert all(a.at >= b.at for a, b in itertools.pairwise(shown))
+    assert shown[-1].at == at  # the last attempt: known exactly
+    assert {g.reason for g in shown[-1:]} == {decision.reason}
+
+
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p.max_retries is not None], ids=repr)
+def test_give_up_time_is_exact_without_jitter(policy: RetryPolicy) -> None:
+    exact = RetryPolicy(policy.schedule, policy.max_retries, policy.message_lifetime, jitter=0)
+    times, decision = _life(exact)
+    got = give_up_time(exact, expires=exact.message_lifetime, attempts=0, next_attempt=0)
+    assert (got.at, got.reason) == (times[-1], decision.reason)

@@ -7,7 +7,7 @@ from typing import Any
 
 from ferry.delivery.dsn import parse_dsn
 from ferry.envelope import Status
-from ferry.events import subscribe
+from ferry.events import Event, SmartHostFailed, subscribe
 from tests.delivery.relay_world import SENDER, World, msg
 from tests.harness import wait_until
 
@@ -91,8 +91,8 @@ def test_failover_to_backup_tier_and_back(world: World) -> None:
 def test_wrong_password_moves_on_and_never_logs_it(world: World, tmp_path: Any) -> None:
     first = world.mx("first.auth.test", starttls=True, auth={"user": "right"})
     second = world.mx("second.auth.test", starttls=True, auth={"user": "right"})
-    events: list[tuple[str, dict[str, Any]]] = []
-    unsubscribe = subscribe(lambda e, f: events.append((e, dict(f))))
+    events: list[Event] = []
+    unsubscribe = subscribe(events.append)
     try:
         svc = world.relay(
             mode="relay",
@@ -107,10 +107,11 @@ def test_wrong_password_moves_on_and_never_logs_it(world: World, tmp_path: Any) 
         assert second.wait_for_messages(1, 15)
     finally:
         unsubscribe()
-    failures = [f for e, f in events if e == "smarthost_failed"]
-    assert failures and failures[0]["host"] == "first"
-    assert "535" in failures[0]["reply"]
+    failures = [e for e in events if isinstance(e, SmartHostFailed)]
+    assert failures and failures[0].host == "first"
+    assert failures[0].reply.code == 535
     assert "wrong-Pa55" not in repr(events)
+    assert "wrong-Pa55" not in repr([e.log_fields() for e in events])
     assert first.messages == []
 
 
@@ -253,3 +254,29 @@ def test_shaping_by_mx_group_is_shared_by_its_domains(world: World) -> None:
     wait_until(lambda: len(a.messages) + len(b.messages) >= 1, 15, "one bigmail delivery")
     # both domains are hosted by bigmail.test: one new connection a minute between them
     assert len(a.messages) + len(b.messages) == 1
+
+
+def test_hybrid_recipient_delivered_at_the_mx_is_recorded_before_the_relay_hop(
+    world: World,
+) -> None:
+    """Issue 10.1: a recipient the MX accepted is recorded with the reply that delivered
+    it, before the same message's next transaction (the relay hop for the recipient the
+    MX deferred) begins. Before, both waited for the end of the relay's transaction: a
+    crash during it sent the first recipient's copy again."""
+    mx = world.mx("mx.hyb4.test").publish(world.dns, "hyb4.test")
+    mx.on("rcpt", "451 4.7.1 greylisted, try later", rcpt="later@hyb4.test")
+    relay = world.mx("smtp.hyb4-relay.test")
+    relay.on("data", "354 go ahead", delay=30)  # the relay's transaction hangs
+    svc = world.relay(
+        mode="hybrid", smart_hosts=[world.smart_host(relay, "fallback")], command_timeout=60
+    )
+    qid = world.send(svc, ["now@hyb4.test", "later@hyb4.test"])
+    wait_until(lambda: any(c.startswith("DATA") for c in relay.commands), 15, "DATA at relay")
+    assert mx.wait_for_messages(1, 15)
+
+    def first_recorded() -> bool:
+        m = world.message(svc, qid)
+        return [r.status for r in m.recipients] == [Status.DELIVERED, Status.IN_PROGRESS]
+
+    wait_until(first_recorded, 10, "the MX's delivery recorded while the relay hop runs")
+    assert relay.messages == []

@@ -7,14 +7,11 @@ from collections import Counter
 import pytest
 
 from ferry.config import SmartHost
-from ferry.delivery.outcomes import Stage
 from ferry.delivery.smarthosts import (
     CircuitBreaker,
     SmartHostSet,
     SmoothWeightedRR,
-    is_transport_failure,
 )
-from ferry.envelope import Reply
 
 
 def host(name: str, priority: int = 10, weight: int = 100) -> SmartHost:
@@ -407,27 +404,3 @@ def test_set_accessors() -> None:
         False,
         "y.example.net",
     )
-
-
-# --- is_transport_failure ----------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("reply", "stage", "expected"),
-    [
-        (None, "connect", True),
-        (None, "data", True),  # connection lost mid-DATA
-        (Reply(421, "4.3.2", "shutting down"), "greeting", True),
-        (Reply(421, "4.7.0", "too many connections"), "rcpt", True),
-        (Reply(554, "5.7.1", "no service"), "greeting", True),
-        (Reply(454, "4.7.0", "TLS not available"), "starttls", True),
-        (Reply(535, "5.7.8", "authentication credentials invalid"), "auth", True),
-        (Reply(550, "5.1.1", "user unknown"), "rcpt", False),
-        (Reply(451, "4.3.0", "try later"), "rcpt", False),
-        (Reply(552, "5.3.4", "too big"), "dot", False),
-        (Reply(554, "5.7.1", "sender not verified"), "mail", False),
-        (Reply(250, "2.0.0", "ok"), "dot", False),
-    ],
-)
-def test_is_transport_failure(reply: Reply | None, stage: Stage, expected: bool) -> None:
-    assert is_transport_failure(reply, stage=stage) is expected

@@ -559,3 +559,170 @@ def test_concurrent_sessions_share_commits(relay: ThreadedService) -> None:
     assert len(queued(relay)) == n_threads * per_thread
     # Every message was committed (fsynced) before its 250; group commit shares fsyncs.
     assert relay.queue.commits - commits_before <= n_threads * per_thread
+
+
+# -- HELO/EHLO first (RFC 5321 §4.1.4) ----------------------------------------------
+
+
+def test_mail_rcpt_data_before_helo_are_refused(relay: ThreadedService) -> None:
+    w = Wire(relay.port())
+    for line in ("MAIL FROM:<s@example.org>", "RCPT TO:<a@example.net>", "DATA"):
+        assert w.cmd(line) == (503, "5.5.1 Send HELO/EHLO first"), line
+    assert w.cmd("HELO c")[0] == 250
+    assert w.cmd("MAIL FROM:<s@example.org>")[0] == 250
+    w.close()
+    assert queued(relay) == []
+
+
+def test_require_helo_false_keeps_accepting_mail_without_helo(relay_factory: Any) -> None:
+    svc = relay_factory(require_helo=False)
+    w = Wire(svc.port())
+    assert w.cmd("MAIL FROM:<printer@example.org>")[0] == 250
+    assert w.cmd("RCPT TO:<a@example.net>")[0] == 250
+    assert w.cmd("DATA")[0] == 354
+    assert w.cmd(MSG + b".\r\n")[0] == 250
+    w.close()
+    [m] = queued(svc)
+    assert m.sender == "printer@example.org"
+    assert body_of(svc, m.id).startswith(b"Received: from unknown ")
+
+
+# -- deadlines, not idle timers ------------------------------------------------------
+
+
+class Dribbler(Wire):
+    """A slow client: sends bytes one small piece at a time and notices when the server
+    answers. The pacing between pieces is the client's behaviour under test, not a
+    synchronisation: every wait is a ``select`` on the socket that returns at once when
+    the server speaks."""
+
+    def dribble(self, data: bytes, every: float, piece: int = 1) -> tuple[int, str, int]:
+        """Send ``data`` ``piece`` octets at a time; stop early when a reply arrives.
+        Returns (code, text, octets sent before the reply)."""
+        import select
+
+        sent = 0
+        while sent < len(data):
+            self.sock.sendall(data[sent : sent + piece])
+            sent = min(sent + piece, len(data))
+            readable, _, _ = select.select([self.sock], [], [], every)
+            if readable:
+                return (*self.reply(), sent)
+        return (*self.reply(), sent)
+
+    def closed_by_server(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionError:
+            return True
+
+
+def test_command_deadline_cuts_off_a_dribbling_client(relay_factory: Any) -> None:
+    # Before: the idle timer restarted on every byte, so this command was answered 250
+    # after 40 x 0.05 s although command_timeout is 0.5 s.
+    svc = relay_factory(command_timeout=0.5)
+    w = Dribbler(svc.port())
+    line = b"NOOP " + b"x" * 33 + b"\r\n"
+    code, text, sent = w.dribble(line, every=0.05)
+    assert (code, text) == (421, "4.4.2 mx.ferry.test Error: timeout exceeded")
+    assert sent < len(line)
+    assert w.closed_by_server()
+    w.close()
+
+
+def test_data_deadline_cuts_off_a_dribbling_body(relay_factory: Any) -> None:
+    # Before: one body byte every 0.05 s held the connection although data_timeout = 0.6 s.
+    svc = relay_factory(data_timeout=0.6, data_min_rate=1_000_000)
+    w = Dribbler(svc.port())
+    w.cmd("EHLO c")
+    w.cmd("MAIL FROM:<s@example.org>")
+    w.cmd("RCPT TO:<a@example.net>")
+    assert w.cmd("DATA")[0] == 354
+    body = MSG * 3 + b".\r\n"
+    code, text, sent = w.dribble(body, every=0.05)
+    assert (code, text) == (421, "4.4.2 mx.ferry.test Error: timeout exceeded")
+    assert sent < len(body)
+    assert w.closed_by_server()
+    w.close()
+    assert queued(svc) == []
+
+
+def test_slow_large_message_above_the_minimum_rate_gets_through(relay_factory: Any) -> None:
+    # data_timeout alone (0.3 s) is too short for this message, but it arrives faster
+    # than data_min_rate, so the deadline grows with it: max(0.3, size / rate).
+    svc = relay_factory(data_timeout=0.3, data_min_rate=500, max_message_size=100_000)
+    w = Dribbler(svc.port())
+    w.cmd("EHLO c")
+    w.cmd("MAIL FROM:<s@example.org>")
+    w.cmd("RCPT TO:<a@example.net>")
+    assert w.cmd("DATA")[0] == 354
+    body = MSG + (b"y" * 98 + b"\r\n") * 80 + b".\r\n"  # ~8 KB in ~0.8 s: ~10 KB/s
+    code, text, sent = w.dribble(body, every=0.01, piece=100)
+    assert code == 250, text
+    assert sent == len(body)
+    w.close()
+    assert len(queued(svc)) == 1
+
+
+def test_declared_size_extends_the_data_deadline(relay_factory: Any) -> None:
+    # SIZE=20000 at 10,000 octets/s promises 2 s: a pause longer than data_timeout
+    # (0.3 s) early in the body is within the deadline.
+    svc = relay_factory(data_timeout=0.3, data_min_rate=10_000, max_message_size=100_000)
+    w = Dribbler(svc.port())
+    w.cmd("EHLO c")
+    w.cmd("MAIL FROM:<s@example.org> SIZE=20000")
+    w.cmd("RCPT TO:<a@example.net>")
+    assert w.cmd("DATA")[0] == 354
+    body = MSG + b".\r\n"
+    code, text, _ = w.dribble(body, every=0.5, piece=len(MSG))
+    assert code == 250, text
+    w.close()
+
+
+def test_undecodable_bytes_quoted_in_a_reply_do_not_end_the_session(
+    relay: ThreadedService,
+) -> None:
+    # Before: the reply quoting "\xff=1" could not be encoded, the session died with
+    # "421 4.3.0 Internal error". Found by tests/fuzz.
+    w = Wire(relay.port())
+    w.cmd("EHLO c")
+    code, text = w.cmd(b"MAIL FROM:<s@example.org> \xff=1")
+    assert (code, text) == (501, "5.5.4 Bad parameter syntax: ?=1")
+    assert w.cmd("NOOP")[0] == 250
+    w.close()
+
+
+def _send_with_key(port: int, ca: Any, key: str | None, body: str, user: bool = True) -> str:
+    """One message over STARTTLS (+ AUTH when ``user``); the 250 reply's text."""
+    headers = f"Idempotency-Key: {key}\r\n" if key else ""
+    msg = f"From: a@example.org\r\n{headers}Subject: order\r\n\r\n{body}\r\n"
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+        c.ehlo("client.test")
+        c.starttls(context=ca.client_context())
+        c.ehlo("client.test")
+        if user:
+            c.login("alice", PASSWORD)
+        c.mail("a@example.org")
+        c.rcpt("b@example.net")
+        code, reply = c.data(msg.encode())
+    assert code in (250, 554), (code, reply)
+    return f"{code} {reply.decode()}"
+
+
+def test_smtp_idempotency_key_from_an_authenticated_client(
+    relay: ThreadedService, tls_files: Any
+) -> None:
+    port = relay.port()
+    first = _send_with_key(port, tls_files, '"order-7"', "hello")
+    qid = first.split("queued as ")[1].split()[0]
+    # the same message again (a client that lost the 250 and retried): same id, one copy
+    again = _send_with_key(port, tls_files, '"order-7"', "hello")
+    assert again.startswith(f"250 2.0.0 Ok: queued as {qid}")
+    assert [m.id for m in queued(relay)] == [qid]
+    # the same key for other content is refused, and queues nothing
+    other = _send_with_key(port, tls_files, '"order-7"', "something else")
+    assert other.startswith("554") and "Idempotency-Key" in other
+    # another key, or no authentication, is an ordinary new message
+    assert _send_with_key(port, tls_files, "order-8", "hello").startswith("250")
+    assert _send_with_key(port, tls_files, None, "hello").startswith("250")
+    assert len(queued(relay)) == 3

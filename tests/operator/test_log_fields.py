@@ -6,7 +6,7 @@ import threading
 from typing import Any
 
 from ferry.envelope import Status
-from ferry.events import subscribe
+from ferry.events import Event, subscribe
 from ferry.service import is_fqdn
 from tests.delivery.relay_world import World
 
@@ -17,9 +17,10 @@ class Recorded:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.stop = subscribe(self.add)
 
-    def add(self, event: str, fields: dict[str, Any]) -> None:
+    def add(self, event: Event) -> None:
+        # What the log line shows: the event's word and its fields.
         with self.lock:
-            self.events.append((event, dict(fields)))
+            self.events.append((event.name, event.log_fields()))
 
     def named(self, event: str) -> list[dict[str, Any]]:
         with self.lock:

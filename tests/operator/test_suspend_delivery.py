@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from ferry.envelope import Status
+from ferry.queue.sqlite import SqliteQueue
 from tests.delivery.relay_world import World, msg
 from tests.harness import ThreadedService, run_cli, wait_until, write_toml
 
 
 def _cli_config(world: World) -> Path:
-    """A config file naming the relay's data directory, for the `ferry` CLI."""
+    """A config file naming the relay's data directory, for the `ferry` CLI, and the
+    queue there (as `ferry serve` makes it: the CLI never creates one)."""
+    asyncio.run(SqliteQueue(world.tmp_path / "data").close())
     return write_toml(world.tmp_path / "cli.toml", f'[queue]\npath = "{world.tmp_path / "data"}"\n')
 
 

@@ -165,6 +165,17 @@ class _Envelope(Envelope):
         self.raw_rcpt_options: list[tuple[str, ...]] = []  # parallel to rcpt_tos
 
 
+def _is_reply(reply: str) -> bool:
+    """One reply line, or several joined by CRLF (RFC 5321 §4.2.1: "250-" until "250 ")."""
+    lines = reply.split("\r\n")
+    return all(
+        line[:3].isdigit()
+        and line[:3] == lines[0][:3]
+        and line[3:4] in ((" ", "") if n == len(lines) - 1 else ("-",))
+        for n, line in enumerate(lines)
+    )
+
+
 def _params(arg: str | None) -> tuple[str, ...]:
     """The parameters after ``FROM:<...>`` / ``TO:<...>``, case preserved."""
     if not arg:
@@ -435,7 +446,7 @@ class MxServer:
         """
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
-        if reply is not None and not (reply[:3].isdigit() and reply[3:4] in (" ", "")):
+        if reply is not None and not _is_reply(reply):
             raise ValueError(f"not an SMTP reply: {reply!r}")
         if rcpt is not None and stage != "rcpt":
             raise ValueError("rcpt= only applies to the rcpt stage")
@@ -483,6 +494,17 @@ class MxServer:
         """How many TCP connections were accepted."""
         with self._cond:
             return self._connections
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open now (call it inside :meth:`MxFactory.at_once`)."""
+        return len(self._sessions)
+
+    @property
+    def busy_connections(self) -> int:
+        """Connections inside a mail transaction now: MAIL seen, the reply to the final
+        dot not yet sent (call it inside :meth:`MxFactory.at_once`)."""
+        return sum(1 for s in self._sessions if s.envelope and s.envelope.mail_from is not None)
 
     def wait_for_messages(self, count: int = 1, timeout: float = 10.0) -> list[ReceivedMessage]:
         """Block until at least ``count`` messages arrived; return them all."""
@@ -622,6 +644,17 @@ class MxFactory:
         """Run ``coro`` on the world loop and wait for its result."""
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return future.result(timeout)
+
+    def at_once(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        """Run ``fn`` on the world loop: while it runs, no server reads or answers.
+
+        A crash test reads "connections open now" and kills a process in one instant.
+        """
+
+        async def run() -> T:
+            return fn()
+
+        return self._call(run(), timeout)
 
     def __call__(
         self,

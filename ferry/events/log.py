@@ -1,7 +1,8 @@
-"""One event model: every notable thing Ferry does is one ``emit(event, **fields)``.
+"""The log: one subscriber that writes each event as one line (text or JSON).
 
-Today events become one structured log line each (text ``key=value`` or JSON); the
-metrics, webhooks and DSN triggers of later issues subscribe to the same stream.
+``2026-11-24T12:00:00.123Z info accept id=... size=...`` -- the event's log word, then
+its :meth:`~ferry.events.base.Event.log_fields`. This is the only place where values
+are shortened (for display); subscribers get the events themselves.
 """
 
 from __future__ import annotations
@@ -11,24 +12,12 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
-logger = logging.getLogger("ferry.events")
+from ferry.events.base import Event
 
 # Field names that may never carry their value into a log line.
 _SECRET_WORDS = ("password", "secret", "token", "credential")
-
-Subscriber = Callable[[str, dict[str, Any]], None]
-_subscribers: list[Subscriber] = []
-
-
-def subscribe(fn: Subscriber) -> Callable[[], None]:
-    """Call ``fn(event, fields)`` for every event; returns an unsubscribe function."""
-    _subscribers.append(fn)
-    return lambda: _subscribers.remove(fn) if fn in _subscribers else None
-
-
 _secret_keys: dict[str, bool] = {}
 
 
@@ -39,18 +28,17 @@ def _is_secret(key: str) -> bool:
     return known
 
 
-def emit(event: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Record one event."""
+def log_event(event: Event) -> None:
+    """The log subscriber: one line per event, at the event's level."""
+    level = event.log_level()
+    logger = logging.getLogger(event.logger)  # cached by the logging module
+    if not logger.isEnabledFor(level):
+        return
+    fields = event.log_fields()
     for key in fields:
         if _is_secret(key):
             fields[key] = "********"
-    if logger.isEnabledFor(level):
-        logger.log(level, event, extra={"ferry_fields": fields})
-    for fn in list(_subscribers):
-        try:
-            fn(event, fields)
-        except Exception:  # a subscriber must never break the pipeline
-            logger.exception("event subscriber failed")
+    logger.log(level, event.log_message(), extra={"ferry_fields": fields})
 
 
 # Printable ASCII except space, '"', '=' and backslash: written as is, else JSON-quoted.

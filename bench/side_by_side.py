@@ -1,0 +1,393 @@
+"""Ferry and Postfix side by side, measured the same way by Postfix's own C tools. Not a test.
+
+    python bench/side_by_side.py [--reps 3] [--configs 1k-new,1k-reuse,100k-new,100k-reuse]
+                                 [--messages-1k 20000] [--messages-100k 5000] [--json FILE]
+
+For every configuration (message size x connection mode) and repetition, in one invocation:
+
+  1. wait for a quiet machine (at least 90 % of both cores idle over one second, for at most
+     a minute; the idle share found is printed with the run);
+  2. start the relay on loopback: Postfix (a private instance, ``bench/postfix_instance.py``,
+     fsync on, relayhost = the sink) or Ferry (``ferry serve``, fsync on, delivery mode
+     ``relay`` to one smart host = the sink, 20 connections as Postfix's default
+     destination concurrency);
+  3. inject with ``smtp-source`` (50 sessions; ``-d`` keeps each connection for all its
+     messages, without it every message has a connection of its own);
+  4. receive with ``smtp-sink`` on 127.0.0.2;
+  5. stop the clock when the relay's queue is empty (every message handed to the sink).
+
+Postfix and Ferry alternate within each repetition, so slow drift of the machine affects
+both. Printed per configuration and relay: min / median / max of the accept rate (messages
+÷ smtp-source's run time), the end-to-end rate (messages ÷ time from the first connection
+to the last delivery), CPU milliseconds per message (user + system of the relay's whole
+process tree, children reaped included) and peak memory (the largest sum of the tree's
+proportional set sizes, sampled every 0.25 s); then the Ferry/Postfix end-to-end ratio of
+each pair and their median.
+
+Needs root (Postfix's master) and Debian's postfix package for smtp-source, smtp-sink and
+postfix itself. Everything listens on 127.0.0.0/8 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+from postfix_instance import PostfixInstance  # noqa: E402
+
+SINK_HOST = "127.0.0.2"
+SESSIONS = 50
+CONFIGS = {
+    "1k-new": (1024, False),
+    "1k-reuse": (1024, True),
+    "100k-new": (102400, False),
+    "100k-reuse": (102400, True),
+}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Run:
+    relay: str
+    config: str
+    rep: int
+    messages: int
+    idle_before: float
+    accept_per_s: float
+    end_to_end_per_s: float
+    cpu_ms_per_msg: float
+    peak_mb: float
+
+
+# -- the machine -------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(host: str, port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {host}:{port}")
+
+
+def _cpu_times() -> tuple[int, int]:
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    values = [int(v) for v in fields]
+    idle = values[3] + values[4]  # idle + iowait
+    return idle, sum(values[:8])
+
+
+def wait_quiet(threshold: float = 0.9, timeout: float = 60) -> float:
+    """The idle share of the whole machine over the last second, once it reaches
+    ``threshold`` (or when ``timeout`` passes: the run then says how busy it was)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        idle0, total0 = _cpu_times()
+        time.sleep(1)
+        idle1, total1 = _cpu_times()
+        share = (idle1 - idle0) / max(1, total1 - total0)
+        if share >= threshold or time.monotonic() > deadline:
+            return round(share, 3)
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def tree(roots: list[int]) -> list[int]:
+    seen: list[int] = []
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.append(pid)
+        todo += _children(pid)
+    return seen
+
+
+def cpu_seconds(roots: list[int]) -> float:
+    """User + system time of ``roots`` and their live descendants, plus what the roots
+    reaped (cutime/cstime): a child that exits moves its time into its parent's."""
+    ticks = 0
+    root_set = set(roots)
+    for pid in tree(roots):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        utime, stime, cutime, cstime = (int(v) for v in fields[11:15])
+        ticks += utime + stime
+        if pid in root_set:
+            ticks += cutime + cstime
+    return ticks / CLK_TCK
+
+
+def pss_mb(roots: list[int]) -> float:
+    total = 0
+    for pid in tree(roots):
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+        except OSError:
+            continue
+    return total / 1024
+
+
+class PeakMemory(threading.Thread):
+    def __init__(self, roots_of: object) -> None:
+        super().__init__(daemon=True)
+        self.roots_of = roots_of
+        self.peak = 0.0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.25):
+            self.peak = max(self.peak, pss_mb(self.roots_of()))  # type: ignore[operator]
+
+    def stop(self) -> float:
+        self.stopped.set()
+        self.join(5)
+        return round(self.peak, 1)
+
+
+# -- the tools ---------------------------------------------------------------------
+
+
+def start_sink(port: int) -> subprocess.Popen[bytes]:
+    cmd = ["smtp-sink", "-u", "nobody", "-m", "1000", f"{SINK_HOST}:{port}", "1024"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(SINK_HOST, port)
+    return proc
+
+
+def smtp_source(port: int, messages: int, size: int, reuse: bool) -> float:
+    args = ["smtp-source", "-s", str(SESSIONS), "-m", str(messages), "-l", str(size)]
+    args += ["-f", "sender@example.org", "-t", "rcpt@example.net"]
+    if reuse:
+        args.append("-d")
+    t0 = time.perf_counter()
+    subprocess.run([*args, f"127.0.0.1:{port}"], check=True)
+    return time.perf_counter() - t0
+
+
+def wait_until(done: object, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise SystemExit("the relay did not empty its queue in time")
+        time.sleep(0.02)
+
+
+# -- the relays ----------------------------------------------------------------------
+
+
+def run_postfix(tmp: Path, sink_port: int, config: str, rep: int, messages: int) -> Run:
+    size, reuse = CONFIGS[config]
+    port = free_port()
+    tmp.chmod(0o755)  # Postfix's unprivileged daemons must reach their directories
+    with PostfixInstance(
+        tmp / "postfix", listen=("127.0.0.1", port), relay_to=(SINK_HOST, sink_port)
+    ) as pf:
+        idle = wait_quiet()
+
+        def roots() -> list[int]:
+            pid = pf.master_pid()
+            return [pid] if pid else []
+
+        cpu0 = cpu_seconds(roots())
+        mem = PeakMemory(roots)
+        mem.start()
+        t0 = time.perf_counter()
+        accept_secs = smtp_source(port, messages, size, reuse)
+        wait_until(pf.queue_empty)
+        secs = time.perf_counter() - t0
+        cpu = cpu_seconds(roots()) - cpu0
+        peak = mem.stop()
+    return Run(
+        "postfix",
+        config,
+        rep,
+        messages,
+        idle,
+        round(messages / accept_secs),
+        round(messages / secs),
+        round(cpu * 1000 / messages, 3),
+        peak,
+    )
+
+
+def run_ferry(tmp: Path, sink_port: int, config: str, rep: int, messages: int) -> Run:
+    size, reuse = CONFIGS[config]
+    port = free_port()
+    cfg = tmp / "ferry.toml"
+    cfg.write_text(
+        f'[server]\nhostname = "ferry.bench.test"\n'
+        f'listen = [{{ address = "127.0.0.1", port = {port}, mode = "mta" }}]\n'
+        f"max_connections_per_ip = 500\n"
+        f'[queue]\npath = "{tmp}/data"\n'
+        f'[delivery]\nmode = "relay"\n'
+        f"[[smart_hosts]]\n"
+        f'name = "sink"\nhost = "{SINK_HOST}"\nport = {sink_port}\ntls = "none"\n'
+        f"require_tls = false\nmax_connections = 20\n"
+        f"max_messages_per_connection = 1000000\n"
+    )
+    log = tmp / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ferry.cli", "--config", str(cfg), "serve"],
+        stdout=open(log, "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+        cwd=tmp,
+    )
+    try:
+        wait_port("127.0.0.1", port)
+        idle = wait_quiet()
+        db = sqlite3.connect(f"file:{tmp}/data/queue.db?mode=ro", uri=True)
+
+        def delivered() -> bool:
+            n = db.execute("SELECT COUNT(*) FROM recipients WHERE status = 'Delivered'")
+            return int(n.fetchone()[0]) >= messages
+
+        cpu0 = cpu_seconds([proc.pid])
+        mem = PeakMemory(lambda: [proc.pid])
+        mem.start()
+        t0 = time.perf_counter()
+        accept_secs = smtp_source(port, messages, size, reuse)
+        wait_until(delivered)
+        secs = time.perf_counter() - t0
+        cpu = cpu_seconds([proc.pid]) - cpu0
+        peak = mem.stop()
+        db.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return Run(
+        "ferry",
+        config,
+        rep,
+        messages,
+        idle,
+        round(messages / accept_secs),
+        round(messages / secs),
+        round(cpu * 1000 / messages, 3),
+        peak,
+    )
+
+
+# -- the report ----------------------------------------------------------------------
+
+
+def _spread(values: list[float]) -> str:
+    return f"{min(values):,.0f} / {statistics.median(values):,.0f} / {max(values):,.0f}"
+
+
+def _spread_f(values: list[float]) -> str:
+    return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
+
+
+def report(runs: list[Run]) -> None:
+    configs = [c for c in CONFIGS if any(r.config == c for r in runs)]
+    print()
+    print(
+        f"{'config':<11} {'relay':<8} {'accept msgs/s':<24} {'end-to-end msgs/s':<24} "
+        f"{'CPU ms/msg':<20} peak MB"
+    )
+    print(f"{'':<20} {'(min / med / max)':<24} {'(min / med / max)':<24} {'(min / med / max)':<20}")
+    for config in configs:
+        for relay in ("postfix", "ferry"):
+            rs = [r for r in runs if r.config == config and r.relay == relay]
+            if not rs:
+                continue
+            print(
+                f"{config:<11} {relay:<8} {_spread([r.accept_per_s for r in rs]):<24} "
+                f"{_spread([r.end_to_end_per_s for r in rs]):<24} "
+                f"{_spread_f([r.cpu_ms_per_msg for r in rs]):<20} "
+                f"{max(r.peak_mb for r in rs):.0f}"
+            )
+        ratios = []
+        for rep in sorted({r.rep for r in runs if r.config == config}):
+            pair = {r.relay: r for r in runs if r.config == config and r.rep == rep}
+            if len(pair) == 2:
+                ratios.append(pair["ferry"].end_to_end_per_s / pair["postfix"].end_to_end_per_s)
+        if ratios:
+            listed = ", ".join(f"{x:.2f}" for x in ratios)
+            print(
+                f"{'':<11} ferry/postfix end to end per pair: {listed}; "
+                f"median {statistics.median(ratios):.2f}"
+            )
+    idles = [r.idle_before for r in runs]
+    print(f"\nidle share before the runs: {min(idles):.0%}-{max(idles):.0%} (target >= 90 %)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--messages-1k", type=int, default=20000)
+    ap.add_argument("--messages-100k", type=int, default=5000)
+    ap.add_argument("--relays", default="postfix,ferry")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    for tool in ("smtp-source", "smtp-sink", "postfix"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} not found: apt-get install postfix (see the docstring)")
+    relays = args.relays.split(",")
+    runs: list[Run] = []
+    sink_port = free_port(SINK_HOST)
+    sink = start_sink(sink_port)
+    try:
+        for rep in range(1, args.reps + 1):
+            for config in args.configs.split(","):
+                size, _ = CONFIGS[config]
+                messages = args.messages_1k if size < 10000 else args.messages_100k
+                # Alternate which relay goes first, so neither always runs on a warmer machine.
+                order = relays if rep % 2 else list(reversed(relays))
+                for relay in order:
+                    with tempfile.TemporaryDirectory(prefix="ferry-sbs-") as d:
+                        runner = run_ferry if relay == "ferry" else run_postfix
+                        run = runner(Path(d), sink_port, config, rep, messages)
+                    runs.append(run)
+                    print(json.dumps(asdict(run)), flush=True)
+    finally:
+        sink.terminate()
+        sink.wait(10)
+    report(runs)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in runs], indent=1))
+
+
+if __name__ == "__main__":
+    main()

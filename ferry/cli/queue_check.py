@@ -1,0 +1,60 @@
+"""``ferry queue check``: SQLite's integrity check of the queue database, with a summary."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import click
+
+from ferry.config import ConfigError, RelayConfig
+from ferry.queue.sqlite import QueueDamaged, QueueNotFound, SqliteQueue, recovery_steps
+
+
+async def _check(path: str, quick: bool) -> tuple[list[str], dict[str, int]]:
+    queue = SqliteQueue(path, create=False, readonly=True)
+    try:
+        problems = await queue.check(quick=quick)
+        counts: dict[str, int] = {}
+        if not problems:
+            st = await queue.statistics(now=0)
+            counts = {"messages": st.total_messages, "bytes": st.total_size}
+        return problems, counts
+    finally:
+        await queue.close()
+
+
+@click.command("check")
+@click.option("--quick", is_flag=True, help="quick_check instead of integrity_check (faster).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def check(ctx: click.Context, quick: bool, as_json: bool) -> None:
+    """Check the queue database for corruption (exit 0: sound, 1: damaged or missing).
+
+    Read-only: safe while `ferry serve` runs.
+    """
+    try:
+        config = RelayConfig.load(ctx.obj.get("config"))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    db = SqliteQueue.database_path(config.queue.path)
+    try:
+        problems, counts = asyncio.run(_check(config.queue.path, quick))
+    except QueueNotFound as exc:
+        raise click.ClickException(str(exc)) from None
+    except QueueDamaged as exc:
+        problems, counts = exc.problems, {}
+    if as_json:
+        click.echo(
+            json.dumps({"path": str(db), "ok": not problems, "problems": problems, **counts})
+        )
+    elif problems:
+        click.echo(f"{db}: damaged, {len(problems)} problem(s):")
+        for line in problems[:20]:
+            click.echo(f"  {line}")
+        if len(problems) > 20:
+            click.echo(f"  ... and {len(problems) - 20} more")
+        click.echo(recovery_steps(db))
+    else:
+        click.echo(f"{db}: ok ({counts['messages']} messages, {counts['bytes']} bytes of mail)")
+    ctx.exit(1 if problems else 0)

@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ferry.durations import parse_duration
 from ferry.envelope import EnvelopeIn, Reply, Status
@@ -28,6 +28,7 @@ from ferry.queue.selection import (
 if TYPE_CHECKING:
     from ferry.config import RelayConfig
     from ferry.queue.base import MessageInfo
+    from ferry.queue.selection import ListedMessage
     from ferry.queue.sqlite import SqliteQueue
 
 #: The reply a cancelled recipient's DSN reports (RFC 3463 X.0.0: other, permanent).
@@ -151,3 +152,55 @@ async def suspend(
 
 async def resume(queue: SqliteQueue, domain: str, *, by: str | None = None) -> bool:
     return await queue.resume(domain, logged_by=by or operator_name())
+
+
+# -- listings (one JSON shape for `ferry queue list --json` and GET /v1/messages) ------
+
+
+def iso_time(value: float) -> str:
+    """An epoch time as the listings print it (UTC, to the second)."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(value, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def gives_up(m: ListedMessage, policy: Any) -> float | None:
+    """The message's real give-up time (its last waiting recipient's), as `queue show`
+    computes it: ``ferry.delivery.retry.give_up_time``; None when nothing waits."""
+    from ferry.delivery.retry import give_up_time
+
+    times = [
+        give_up_time(policy, expires=m.expires, attempts=r.attempts, next_attempt=r.next_attempt).at
+        for r in m.recipients
+        if not r.status.is_final
+    ]
+    return max(times) if times else None
+
+
+def listed_json(m: ListedMessage, now: float, policy: Any = None) -> dict[str, Any]:
+    until = gives_up(m, policy) if policy is not None else None
+    return {
+        "id": m.id,
+        "status": m.status.value,
+        "arrival": iso_time(m.arrival),
+        "expires": iso_time(until) if until is not None else None,
+        "age_seconds": round(now - m.arrival, 1),
+        "size": m.size,
+        "sender": m.sender,
+        "recipients": [
+            {
+                "address": r.address,
+                "status": r.status.value,
+                "attempts": r.attempts,
+                "next_attempt": iso_time(r.next_attempt) if r.next_attempt else None,
+                "last_reply": reply_text(r.last_code, r.last_enhanced, r.last_text),
+            }
+            for r in m.recipients
+        ],
+    }
+
+
+def reply_text(code: int | None, enhanced: str | None, text: str | None) -> str | None:
+    if code is None:
+        return None
+    return " ".join(str(x) for x in (code, enhanced, (text or "").replace("\r\n", " ")) if x)

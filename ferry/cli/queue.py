@@ -16,6 +16,8 @@ import click
 
 from ferry.cli.main import _load, _print_json, _ts, _with_queue
 from ferry.envelope import Status
+from ferry.operations import gives_up, listed_json
+from ferry.operations import reply_text as _reply_text
 from ferry.queue.base import MessageInfo, QueueStats
 from ferry.queue.selection import (
     AGE_BUCKETS,
@@ -115,48 +117,6 @@ def _read_with_header(ctx: click.Context, now: float, fn: Callable[[Any], Any]) 
 
 
 # -- list ----------------------------------------------------------------------------
-
-
-def gives_up(m: ListedMessage, policy: Any) -> float | None:
-    """The message's real give-up time (its last waiting recipient's), as `queue show`
-    computes it: ``ferry.delivery.retry.give_up_time``; None when nothing waits."""
-    from ferry.delivery.retry import give_up_time
-
-    times = [
-        give_up_time(policy, expires=m.expires, attempts=r.attempts, next_attempt=r.next_attempt).at
-        for r in m.recipients
-        if not r.status.is_final
-    ]
-    return max(times) if times else None
-
-
-def listed_json(m: ListedMessage, now: float, policy: Any = None) -> dict[str, Any]:
-    until = gives_up(m, policy) if policy is not None else None
-    return {
-        "id": m.id,
-        "status": m.status.value,
-        "arrival": _ts(m.arrival),
-        "expires": _ts(until) if until is not None else None,
-        "age_seconds": round(now - m.arrival, 1),
-        "size": m.size,
-        "sender": m.sender,
-        "recipients": [
-            {
-                "address": r.address,
-                "status": r.status.value,
-                "attempts": r.attempts,
-                "next_attempt": _ts(r.next_attempt) if r.next_attempt else None,
-                "last_reply": _reply_text(r.last_code, r.last_enhanced, r.last_text),
-            }
-            for r in m.recipients
-        ],
-    }
-
-
-def _reply_text(code: int | None, enhanced: str | None, text: str | None) -> str | None:
-    if code is None:
-        return None
-    return " ".join(str(x) for x in (code, enhanced, (text or "").replace("\r\n", " ")) if x)
 
 
 def listed_line(m: ListedMessage, now: float, policy: Any = None) -> str:

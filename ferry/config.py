@@ -725,7 +725,7 @@ _TOP_LEVEL_JSON = frozenset({"aliases", "smart_hosts", "routes", "shaping"})
 #: Every other ``FERRY_*`` variable must name a setting, or loading fails: a misspelt
 #: ``FERRY_DELIVERY_HOLD`` (one underscore) must not be silently ignored.
 NOT_SETTINGS: frozenset[str] = frozenset(
-    {"FERRY_CONFIG", "FERRY_DATA", "FERRY_EVENT_LOOP", "FERRY_VENV"}
+    {"FERRY_CONFIG", "FERRY_DATA", "FERRY_EVENT_LOOP", "FERRY_VENV", "FERRY_TEST_PG_DSN"}
 )
 #: Prefixes of variables for tools around Ferry (the benchmarks), not for Ferry itself.
 NOT_SETTINGS_PREFIXES: tuple[str, ...] = ("FERRY_BENCH_",)

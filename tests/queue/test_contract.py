@@ -1,4 +1,4 @@
-"""The queue contract, run against every backend (SQLite today, PostgreSQL later)."""
+"""The queue contract, run against every backend: SQLite and PostgreSQL alike."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import pytest
 from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply, Status
 from ferry.queue.base import AttemptResult, Queue
 from ferry.queue.sqlite import SqliteQueue
-
-BACKENDS = ["sqlite"]
+from tests.queue.backends import BACKENDS, open_backend
 
 
 @pytest.fixture(params=BACKENDS)
 async def queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Queue]:
-    q = SqliteQueue(tmp_path / "q")
+    # The PostgreSQL server is started only when a PostgreSQL case runs.
+    dsn = request.getfixturevalue("pg_dsn") if request.param == "postgres" else None
+    q = await open_backend(request.param, tmp_path, dsn)
     yield q
     await q.close()
 

@@ -32,6 +32,7 @@ from ferry.tls import self_signed_context, server_context
 if TYPE_CHECKING:
     from ferry.http.server import Api
     from ferry.http.webhooks import WebhookSender
+    from ferry.queue.postgres import PostgresQueue
 
 
 class AlreadyRunning(RuntimeError):
@@ -71,7 +72,7 @@ class Service:
         self.config = config
         self.before_queue = before_queue
         self.use_lock = lock
-        self.queue: SqliteQueue | None = None
+        self.queue: SqliteQueue | PostgresQueue | None = None
         self.intake: IntakeServer | None = None
         self.scheduler: Scheduler | None = None
         self.workers: list[DeliveryProcess] = []
@@ -88,15 +89,18 @@ class Service:
                 from ferry.metrics import install, metrics_dir
 
                 install(metrics_dir(self.config.data_dir), fresh=True)
-            self.queue = open_queue(self.config)
+            self.queue = queue = open_queue(self.config)
             # A damaged database would answer 451 to every message with the reason only
-            # in the log: refuse to start instead, saying how to recover.
-            problems = await self.queue.check(quick=True)
-            if problems:
-                raise QueueDamaged(self.queue.db_path, problems)
+            # in the log: refuse to start instead, saying how to recover. (PostgreSQL:
+            # connects and refuses a schema newer than this Ferry knows.)
+            problems = await queue.check(quick=True)
+            if problems and isinstance(queue, SqliteQueue):
+                raise QueueDamaged(queue.db_path, problems)
             # One server per queue directory: leases left by a previous (crashed) run of
             # this node are ours to hand back at once instead of waiting for them to expire.
-            released = await self.queue.release_leases()
+            # A PostgreSQL queue is shared by several nodes: the others' leases are theirs,
+            # and a dead node's run out by themselves.
+            released = await queue.release_leases() if isinstance(queue, SqliteQueue) else 0
             if released:
                 emit(LeasesReleased(released))
             _clear_stats(self.config)

@@ -127,13 +127,14 @@ class PostgresQueue(Queue):
         outcomes (a message is then sent twice, never lost). Intake's queue is durable.
         """
         self.description = describe_dsn(dsn)
-        self._conninfo = conninfo(dsn, password_file)
+        #: The connection string (holds a password when one was given: never log it).
+        self.conninfo = conninfo(dsn, password_file)
         self.batch = batch
         self.durable = durable
         #: Write the event log (webhooks, ``GET /v1/events``) with every state change.
         self.event_log = event_log
         self._pool = AsyncConnectionPool(
-            self._conninfo,
+            self.conninfo,
             min_size=1,
             max_size=pool_size,
             kwargs={"autocommit": True},
@@ -171,12 +172,23 @@ class PostgresQueue(Queue):
     async def _open(self) -> None:
         if self._closed:
             raise RuntimeError("the queue is closed")
+        # One direct connection first: a wrong password or an unreachable server fails
+        # at once with libpq's words (the pool would retry until its timeout).
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.conninfo, autocommit=True, connect_timeout=30
+            )
+        except psycopg.OperationalError as exc:
+            # libpq's message names host, port and user, never the password.
+            raise ConnectionError(f"cannot connect to {self.description}: {exc}") from None
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
         try:
             await self._pool.open(wait=True, timeout=30)
         except psycopg_pool_errors() as exc:
             raise ConnectionError(f"cannot connect to {self.description}: {exc}") from None
-        async with self._pool.connection() as conn:
-            await migrate(conn)
         self._writer = asyncio.create_task(self._write_loop(), name="ferry-queue-writer")
         self._opened = True
 

@@ -1,0 +1,149 @@
+"""What only the PostgreSQL backend has: its schema versions, its password handling, and
+several nodes (queues) working on one database at once."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from ferry.config import RelayConfig
+from ferry.envelope import EnvelopeIn, RecipientIn, Reply, Status
+from ferry.queue import open_queue
+from ferry.queue.base import AttemptResult
+from ferry.queue.postgres import PostgresQueue, describe_dsn
+from ferry.queue.postgres_schema import LATEST, SchemaTooNew
+from tests.queue.backends import fresh_schema
+
+OK = Reply(250, "2.0.0", "ok")
+T0 = 1_800_000_000.0
+
+
+def env(*rcpts: str) -> EnvelopeIn:
+    return EnvelopeIn(
+        sender="s@example.org", recipients=[RecipientIn(r) for r in rcpts], data=b"x\r\n"
+    )
+
+
+def version(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_schema_is_created_once_and_reopening_changes_nothing(pg_dsn: str) -> None:
+    dsn = fresh_schema(pg_dsn)
+    # Three nodes starting at once: the advisory lock lets one create, the others wait.
+    queues = [PostgresQueue(dsn) for _ in range(3)]
+    await asyncio.gather(*(q.open() for q in queues))
+    qid = await queues[0].enqueue(env("a@x.test"))
+    for q in queues:
+        await q.close()
+    assert version(dsn) == LATEST
+    q = await PostgresQueue(dsn).open()
+    try:
+        assert (await q.get(qid)) is not None
+    finally:
+        await q.close()
+    assert version(dsn) == LATEST
+
+
+async def test_a_newer_schema_is_refused(pg_dsn: str) -> None:
+    dsn = fresh_schema(pg_dsn)
+    await (await PostgresQueue(dsn).open()).close()
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(LATEST + 1),))
+    q = PostgresQueue(dsn)
+    with pytest.raises(SchemaTooNew, match="newer Ferry"):
+        await q.open()
+    await q.close()
+
+
+async def test_password_from_password_file_and_never_in_descriptions(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    dsn = fresh_schema(pg_dsn)
+    password = conninfo_to_dict(dsn)["password"]
+    assert password
+    # the DSN without its password
+    bare = make_conninfo("", **{k: v for k, v in conninfo_to_dict(dsn).items() if k != "password"})
+    secret = tmp_path / "pg-password"
+    secret.write_text(f"{password}\n")
+    config = RelayConfig.load(
+        env={
+            "FERRY_QUEUE__BACKEND": "postgres",
+            "FERRY_QUEUE__DSN": bare,
+            "FERRY_QUEUE__PASSWORD_FILE": str(secret),
+            "FERRY_QUEUE__PATH": str(tmp_path / "data"),
+        }
+    )
+    q = open_queue(config)
+    assert isinstance(q, PostgresQueue)
+    try:
+        qid = await q.enqueue(env("a@x.test"))
+        assert (await q.get(qid)) is not None
+    finally:
+        await q.close()
+    assert password not in describe_dsn(dsn)
+    assert password not in repr(config) and password not in str(config.masked())
+    with_password = RelayConfig.load(
+        env={"FERRY_QUEUE__BACKEND": "postgres", "FERRY_QUEUE__DSN": dsn}
+    )
+    assert password not in str(with_password.masked()) and password not in repr(with_password)
+
+
+async def test_a_wrong_password_is_refused_without_showing_it(pg_dsn: str) -> None:
+    wrong = make_conninfo(fresh_schema(pg_dsn), password="wrong-secret-1234")
+    q = PostgresQueue(wrong)
+    with pytest.raises(ConnectionError) as raised:
+        await q.open()
+    await q.close()
+    assert "wrong-secret-1234" not in str(raised.value)
+    assert "127.0.0.1" in str(raised.value)
+
+
+async def test_nodes_claiming_at_once_never_share_a_recipient(pg_dsn: str) -> None:
+    dsn = fresh_schema(pg_dsn)
+    nodes = [await PostgresQueue(dsn).open() for _ in range(3)]
+    try:
+        await asyncio.gather(*(nodes[i % 3].enqueue(env(f"r{i}@x.test")) for i in range(300)))
+        claimed: list[list[int]] = [[] for _ in nodes]
+
+        async def drain(n: int) -> None:
+            while batch := await nodes[n].claim(f"node{n}", now=T0 * 2, limit=7, lease=60):
+                claimed[n] += [c.recipient.id for c in batch]
+
+        await asyncio.gather(*(drain(n) for n in range(3)))
+        everything = [i for ids in claimed for i in ids]
+        assert len(everything) == 300 and len(set(everything)) == 300
+    finally:
+        for q in nodes:
+            await q.close()
+
+
+async def test_two_nodes_finishing_one_message_at_once_finish_it(pg_dsn: str) -> None:
+    # Each node records one of a message's two recipients in the same instant: without
+    # the message lock each would still see the other's recipient in progress, and the
+    # message would never be finished (status stuck, body kept forever).
+    dsn = fresh_schema(pg_dsn)
+    a, b = await PostgresQueue(dsn).open(), await PostgresQueue(dsn).open()
+    try:
+        for _round in range(20):
+            qid = await a.enqueue(env("one@x.test", "two@x.test"))
+            [ca] = await a.claim("a", now=T0 * 2, limit=1, lease=60)
+            [cb] = await b.claim("b", now=T0 * 2, limit=1, lease=60)
+            await asyncio.gather(
+                a.record("a", [AttemptResult(ca.recipient.id, Status.DELIVERED, OK)], now=T0),
+                b.record("b", [AttemptResult(cb.recipient.id, Status.DELIVERED, OK)], now=T0),
+            )
+            m = await a.get(qid)
+            assert m is not None
+            assert (m.status, m.finished) == (Status.DELIVERED, T0)
+            assert await a.read_message(qid) is None
+    finally:
+        await a.close()
+        await b.close()

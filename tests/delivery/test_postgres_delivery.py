@@ -1,0 +1,101 @@
+"""The relay on a PostgreSQL queue, end to end: SMTP in, the test world's MX servers out."""
+
+from __future__ import annotations
+
+import smtplib
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from ferry.envelope import Status
+from ferry.queue.postgres import PostgresQueue
+from tests.delivery.relay_world import SENDER, World, msg
+from tests.harness import ThreadedService, free_port, wait_until, write_toml
+from tests.queue.backends import fresh_schema
+
+
+def test_relay_on_postgres_accepts_delivers_and_bounces(world: World, pg_dsn: str) -> None:
+    ok = world.mx("mx.pgok.test").publish(world.dns, "pgok.test")
+    bad = world.mx("mx.pgbad.test").publish(world.dns, "pgbad.test")
+    bad.on("rcpt", "550 5.1.1 no such user")
+    config = world.config()
+    config.queue.backend = "postgres"
+    config.queue.dsn = type(config.queue.dsn)(fresh_schema(pg_dsn))
+    svc = ThreadedService(config).__enter__()
+    world.relays.append(svc)
+    assert isinstance(svc.queue, PostgresQueue)
+    good = world.send(svc, ["a@pgok.test", "b@pgok.test"], msg("pg one"))
+    failed = world.send(svc, ["x@pgbad.test"], msg("pg two"))
+    assert ok.wait_for_messages(1, 15)
+    assert b"Subject: pg one" in ok.messages[0].data
+    world.wait_status(svc, good, Status.DELIVERED)
+    m = world.wait_status(svc, failed, Status.FAILED)
+    assert m.recipients[0].last_reply.code == 550
+    [dsn] = world.dsns(1)  # the bounce went through the PostgreSQL queue too
+    assert (dsn.mail_from, dsn.rcpt_tos) == ("", (SENDER,))
+    # The body is gone once a message is finished; its history stays.
+    assert svc.call(svc.queue.read_message(good)) is None
+    stats = svc.call(svc.queue.statistics(now=0))
+    assert stats.delivered_messages >= 1 and stats.failed_messages == 1
+
+
+def _serve_config(world: World, dsn: str, port: int, name: str) -> Path:
+    # The password in a file beside the config, the DSN without it (as the README says).
+    parts = conninfo_to_dict(dsn)
+    password = str(parts.pop("password"))
+    (world.tmp_path / f"{name}.pgpass").write_text(password + "\n")
+    bare = make_conninfo("", **parts)
+    return write_toml(
+        world.tmp_path / f"{name}.toml",
+        f"""
+[server]
+hostname = "{name}.ferry.test"
+listen = [{{ address = "127.0.0.1", port = {port}, mode = "mta" }}]
+users_file = "{world.tmp_path}/users"
+[queue]
+path = "{world.tmp_path / name}"
+backend = "postgres"
+dsn = "{bare}"
+password_file = "{name}.pgpass"
+lease_seconds = 3
+[delivery]
+mx_port = {world.mx.port}
+command_timeout = 60
+[dns]
+nameservers = ["{world.dns.address}"]
+""",
+    )
+
+
+def _recipient_state(dsn: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT status, lease_owner FROM recipients").fetchall()
+
+
+def test_serve_on_postgres_and_a_killed_node_s_work_taken_over(
+    world: World, pg_dsn: str, serve_factory: Any
+) -> None:
+    """Two `ferry serve` nodes on one database: the first is SIGKILLed mid-delivery; its
+    lease runs out and the second node delivers the message."""
+    dsn = fresh_schema(pg_dsn)
+    mx = world.mx("mx.pgkill.test").publish(world.dns, "pgkill.test")
+    mx.on("data", "354 go ahead", delay=30)  # hold the first transaction open
+    port1, port2 = free_port(), free_port()
+    first = serve_factory(_serve_config(world, dsn, port1, "node1"), port1)
+    with smtplib.SMTP("127.0.0.1", port1) as c:
+        c.sendmail(SENDER, ["x@pgkill.test"], msg("kill pg"))
+
+    def in_flight() -> bool:
+        rows = _recipient_state(dsn)
+        return len(rows) == 1 and rows[0][0] == "InProgress" and bool(rows[0][1])
+
+    wait_until(in_flight, 15, "the delivery to be in flight")
+    wait_until(lambda: any(c.startswith("DATA") for c in mx.commands), 15, "DATA at the MX")
+    first.kill()
+    assert mx.messages == []
+    mx.reset()
+    serve_factory(_serve_config(world, dsn, port2, "node2"), port2)
+    assert mx.wait_for_messages(1, 30)
+    wait_until(lambda: _recipient_state(dsn) == [("Delivered", None)], 15, "Delivered")

@@ -54,8 +54,14 @@ def _with_queue(
     async def run() -> T:
         # Never create a queue: a wrong path must not look like an empty queue.
         try:
-            queue = SqliteQueue(config.queue.path, create=False, readonly=readonly)
-        except OSError as exc:  # QueueNotFound, QueueDamaged
+            if config.queue.backend == "postgres":
+                from ferry.queue.postgres import PostgresQueue, conninfo
+
+                dsn = conninfo(config.queue.dsn.get_secret_value(), config.queue.password_file)
+                queue: Any = await PostgresQueue(dsn, create=False, pool_size=2).open()
+            else:
+                queue = SqliteQueue(config.queue.path, create=False, readonly=readonly)
+        except (OSError, LookupError, RuntimeError) as exc:  # not found, damaged, too new
             raise click.ClickException(str(exc)) from None
         try:
             return await fn(queue)

@@ -52,7 +52,7 @@ from ferry.queue.base import (
     RecipientInfo,
     new_queue_id,
 )
-from ferry.queue.postgres_schema import PENDING, migrate
+from ferry.queue.postgres_schema import PENDING, migrate, schema_version
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[Any]
@@ -101,6 +101,16 @@ def _dumps(data: dict[str, Any]) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
+class QueueNotFound(LookupError):
+    """The database holds no Ferry queue (and none was to be created)."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(
+            f"no queue exists in {description} (`ferry serve` creates it on its first start;"
+            " check queue.dsn and the search_path)"
+        )
+
+
 @dataclass
 class _Job:
     fn: Callable[[Conn], Awaitable[Any]]
@@ -119,6 +129,7 @@ class PostgresQueue(Queue):
         durable: bool = True,
         event_log: bool = False,
         pool_size: int = 8,
+        create: bool = True,
     ) -> None:
         """Prepare a pool for ``dsn``; :meth:`open` connects and migrates the schema.
 
@@ -127,6 +138,8 @@ class PostgresQueue(Queue):
         outcomes (a message is then sent twice, never lost). Intake's queue is durable.
         """
         self.description = describe_dsn(dsn)
+        #: False: never create the schema (the CLI: a wrong DSN is not an empty queue).
+        self.create = create
         #: The connection string (holds a password when one was given: never log it).
         self.conninfo = conninfo(dsn, password_file)
         self.batch = batch
@@ -182,6 +195,8 @@ class PostgresQueue(Queue):
             # libpq's message names host, port and user, never the password.
             raise ConnectionError(f"cannot connect to {self.description}: {exc}") from None
         try:
+            if not self.create and await schema_version(conn) == 0:
+                raise QueueNotFound(self.description)
             await migrate(conn)
         finally:
             await conn.close()

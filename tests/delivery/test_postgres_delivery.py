@@ -12,7 +12,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from ferry.envelope import Status
 from ferry.queue.postgres import PostgresQueue
 from tests.delivery.relay_world import SENDER, World, msg
-from tests.harness import ThreadedService, free_port, wait_until, write_toml
+from tests.harness import ThreadedService, cli_json, free_port, run_cli, wait_until, write_toml
 from tests.queue.backends import fresh_schema
 
 
@@ -96,6 +96,23 @@ def test_serve_on_postgres_and_a_killed_node_s_work_taken_over(
     first.kill()
     assert mx.messages == []
     mx.reset()
-    serve_factory(_serve_config(world, dsn, port2, "node2"), port2)
+    second = _serve_config(world, dsn, port2, "node2")
+    serve_factory(second, port2)
     assert mx.wait_for_messages(1, 30)
     wait_until(lambda: _recipient_state(dsn) == [("Delivered", None)], 15, "Delivered")
+    # The queue commands work from any node's configuration.
+    [listed] = cli_json(second, "queue", "list")["messages"]
+    assert listed["status"] == "Delivered"
+    assert cli_json(second, "queue", "stats")["delivered_messages"] == 1
+
+
+def test_cli_never_creates_a_postgres_queue(world: World, pg_dsn: str) -> None:
+    empty = fresh_schema(pg_dsn)
+    config = _serve_config(world, empty, free_port(), "nobody")
+    res = run_cli(config, "queue", "list")
+    assert res.returncode == 1
+    assert "no queue exists" in res.stderr
+    password = str(conninfo_to_dict(empty)["password"])
+    assert password not in res.stderr + res.stdout
+    with psycopg.connect(empty) as conn:
+        assert conn.execute("SELECT to_regclass('meta')").fetchone() == (None,)

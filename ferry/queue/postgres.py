@@ -101,6 +101,23 @@ def _dumps(data: dict[str, Any]) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
+# The columns of one outcome, and of one attempt row, as arrays for unnest().
+_RECORD_COLUMNS = (
+    "id",
+    "pending",
+    "counts",
+    "final",
+    "next",
+    "code",
+    "enh",
+    "text",
+    "route",
+    "warned",
+    "reason",
+)
+_ATTEMPT_COLUMNS = ("id", "outcome", "code", "enh", "text", "hop", "tls")
+
+
 class QueueNotFound(LookupError):
     """The database holds no Ferry queue (and none was to be created)."""
 
@@ -426,68 +443,68 @@ class PostgresQueue(Queue):
             updated: set[int] = set()
             addresses: dict[int, tuple[str, str, Status]] = {}
             metadata: dict[str, Any] = {}
-            attempts_rows: list[tuple[Any, ...]] = []
-            # Lock in id order: two transactions over overlapping rows cannot deadlock.
-            for res in sorted(results, key=lambda r: r.recipient_id):
+            by_id = {res.recipient_id: res for res in results}
+            cols: dict[str, list[Any]] = {k: [] for k in _RECORD_COLUMNS}
+            for res in by_id.values():
                 reply = res.reply
-                code, enh, text = (
-                    (reply.code, reply.enhanced, reply.text) if reply else (None, None, None)
-                )
                 pending = res.status == Status.DEFERRED or not res.status.is_final
-                next_attempt = (
+                cols["id"].append(res.recipient_id)
+                cols["pending"].append(pending)
+                cols["counts"].append(res.counts_as_attempt)
+                cols["final"].append(res.status.value)
+                cols["next"].append(
                     (res.next_attempt if res.next_attempt is not None else now) if pending else None
                 )
-                # Only while the lease is still ours: cancelled meanwhile, or our lease
-                # ran out and another worker owns the recipient now -> nothing happens.
-                cur = await conn.execute(
-                    "UPDATE recipients SET status = CASE WHEN %(pending)s THEN"
-                    " (CASE WHEN NOT %(counts)s AND attempts = 0 THEN 'Queued'"
-                    " ELSE 'Deferred' END) ELSE %(final)s END,"
-                    " next_attempt = %(next)s, lease_owner = NULL, lease_until = NULL,"
-                    " attempts = attempts + %(inc)s,"
-                    " last_code = COALESCE(%(code)s, last_code),"
-                    " last_enhanced = CASE WHEN %(code)s::integer IS NULL THEN last_enhanced"
-                    " ELSE %(enh)s END, last_text = COALESCE(%(text)s, last_text),"
-                    " route = COALESCE(%(route)s, route),"
-                    " delay_warned = delay_warned OR %(warned)s,"
-                    " expiry_reason = CASE WHEN %(final)s = 'Expired' AND NOT %(pending)s"
-                    " THEN COALESCE(%(reason)s, expiry_reason) ELSE expiry_reason END"
-                    " WHERE id = %(id)s AND status = 'InProgress' AND lease_owner = %(owner)s"
-                    " RETURNING message_id, address, status, attempts",
-                    {
-                        "pending": pending,
-                        "counts": res.counts_as_attempt,
-                        "final": res.status.value,
-                        "next": next_attempt,
-                        "inc": 1 if res.counts_as_attempt else 0,
-                        "code": code,
-                        "enh": enh,
-                        "text": text,
-                        "route": res.route,
-                        "warned": res.delay_warned,
-                        "reason": res.expiry_reason,
-                        "id": res.recipient_id,
-                        "owner": owner,
-                    },
-                )
-                row = await cur.fetchone()
-                if row is None:
-                    continue
-                message_id, address, status_text, attempts_after = row
+                cols["code"].append(reply.code if reply else None)
+                cols["enh"].append(reply.enhanced if reply else None)
+                cols["text"].append(reply.text if reply else None)
+                cols["route"].append(res.route)
+                cols["warned"].append(res.delay_warned)
+                cols["reason"].append(res.expiry_reason)
+            # Every outcome in one statement, but only while the lease is still ours:
+            # cancelled meanwhile, or our lease ran out and another worker owns the
+            # recipient now -> that row is left alone.
+            cur = await conn.execute(
+                "UPDATE recipients r SET status = CASE WHEN v.pending THEN"
+                " (CASE WHEN NOT v.counts AND r.attempts = 0 THEN 'Queued' ELSE 'Deferred' END)"
+                " ELSE v.final END,"
+                " next_attempt = v.next, lease_owner = NULL, lease_until = NULL,"
+                " attempts = r.attempts + CASE WHEN v.counts THEN 1 ELSE 0 END,"
+                " last_code = COALESCE(v.code, r.last_code),"
+                " last_enhanced = CASE WHEN v.code IS NULL THEN r.last_enhanced ELSE v.enh END,"
+                " last_text = COALESCE(v.text, r.last_text), route = COALESCE(v.route, r.route),"
+                " delay_warned = r.delay_warned OR v.warned,"
+                " expiry_reason = CASE WHEN v.final = 'Expired' AND NOT v.pending"
+                " THEN COALESCE(v.reason, r.expiry_reason) ELSE r.expiry_reason END"
+                " FROM unnest(%s::bigint[], %s::boolean[], %s::boolean[], %s::text[],"
+                " %s::float8[], %s::integer[], %s::text[], %s::text[], %s::text[],"
+                " %s::boolean[], %s::text[])"
+                " AS v(id, pending, counts, final, next, code, enh, text, route, warned, reason)"
+                " WHERE r.id = v.id AND r.status = 'InProgress' AND r.lease_owner = %s"
+                " RETURNING r.id, r.message_id, r.address, r.status, r.attempts",
+                (*(cols[k] for k in _RECORD_COLUMNS), owner),
+            )
+            rows = sorted(await cur.fetchall())
+            attempts: dict[str, list[Any]] = {k: [] for k in _ATTEMPT_COLUMNS}
+            for rid, message_id, address, status_text, attempts_after in rows:
+                res = by_id[rid]
                 new_status = Status(status_text)
                 if res.counts_as_attempt:
-                    attempts_rows.append(
+                    reply = res.reply
+                    for k, v in zip(
+                        _ATTEMPT_COLUMNS,
                         (
-                            res.recipient_id,
-                            now,
+                            rid,
                             res.status.value,
-                            code,
-                            enh,
-                            text,
+                            reply.code if reply else None,
+                            reply.enhanced if reply else None,
+                            reply.text if reply else None,
                             res.next_hop,
                             res.tls,
-                        )
-                    )
+                        ),
+                        strict=True,
+                    ):
+                        attempts[k].append(v)
                     if log:
                         await _outcome_event(
                             conn,
@@ -500,15 +517,17 @@ class PostgresQueue(Queue):
                             metadata,
                         )
                 touched.add(message_id)
-                updated.add(res.recipient_id)
-                addresses[res.recipient_id] = (message_id, address, new_status)
-            if attempts_rows:
-                async with conn.cursor() as cur:
-                    await cur.executemany(
-                        "INSERT INTO attempts(recipient_id, at, outcome, code, enhanced, text,"
-                        " next_hop, tls) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                        attempts_rows,
-                    )
+                updated.add(rid)
+                addresses[rid] = (message_id, address, new_status)
+            if attempts["id"]:
+                await conn.execute(
+                    "INSERT INTO attempts(recipient_id, at, outcome, code, enhanced, text,"
+                    " next_hop, tls) SELECT id, %s, outcome, code, enh, text, hop, tls"
+                    " FROM unnest(%s::bigint[], %s::text[], %s::integer[], %s::text[],"
+                    " %s::text[], %s::text[], %s::text[])"
+                    " WITH ORDINALITY AS a(id, outcome, code, enh, text, hop, tls, i) ORDER BY i",
+                    (now, *(attempts[k] for k in _ATTEMPT_COLUMNS)),
+                )
             await _refresh_message_status(conn, sorted(touched), now)
             # A DSN goes in only if an outcome it reports was really recorded (not one
             # discarded because the recipient was cancelled or taken over meanwhile).

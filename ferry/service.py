@@ -127,6 +127,9 @@ class Service:
                 before_queue=self.before_queue,
             )
             await self.intake.start()
+            if not isinstance(queue, SqliteQueue):
+                # Mail another node accepted wakes this node's delivery at once.
+                await queue.listen(self._wake_delivery)
             if self.config.webhooks:
                 from ferry.http.webhooks import WebhookSender
 
@@ -186,6 +189,12 @@ class Service:
 
     def _owner(self, n: int) -> str:
         return f"{self.config.server.hostname}:{os.getpid()}:{n}"
+
+    def _wake_delivery(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.notify()
+        for worker in self.workers:
+            worker.notify()
 
     def _accepted(self, _queue_id: str) -> None:
         if self.webhooks is not None:

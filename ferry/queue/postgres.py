@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -60,6 +61,10 @@ Conn = psycopg.AsyncConnection[Any]
 #: Transient conflicts between concurrent transactions: the transaction is run again.
 RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 RETRIES = 5
+#: LISTEN/NOTIFY channel on which committed new mail wakes idle nodes.
+CHANNEL = "ferry_queue"
+#: How long an operation waits for a pooled connection (the server is down: 451 then).
+POOL_TIMEOUT = 10.0
 
 
 def describe_dsn(dsn: str) -> str:
@@ -171,8 +176,11 @@ class PostgresQueue(Queue):
             configure=self._configure,
             open=False,
             name="ferry-queue",
+            timeout=POOL_TIMEOUT,
         )
         self._jobs: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._listener: asyncio.Task[None] | None = None
+        self._pool_check: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._opened = False
         self._opening = asyncio.Lock()
@@ -228,6 +236,11 @@ class PostgresQueue(Queue):
         if self._closed:
             return
         self._closed = True
+        for task in (self._listener, self._pool_check):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self._writer is not None:
             await self._jobs.put(None)
             await self._writer
@@ -244,6 +257,39 @@ class PostgresQueue(Queue):
         await self.open()
         return []
 
+    async def listen(self, wake: Callable[[], None]) -> None:
+        """Call ``wake()`` when any node commits new mail (``LISTEN``/``NOTIFY``).
+
+        A hint, never relied on for correctness: a node that misses a notification (its
+        listening connection was down) still finds the mail by polling. Notifications
+        in a burst arrive as they come; ``wake`` is expected to coalesce them (the
+        scheduler's event, a worker's pipe).
+        """
+        await self.open()
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(wake), name="ferry-queue-listen")
+
+    async def _listen(self, wake: Callable[[], None]) -> None:
+        backoff = 0.5
+        while not self._closed:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.conninfo, autocommit=True, connect_timeout=10
+                )
+                try:
+                    await conn.execute(f"LISTEN {CHANNEL}".encode())
+                    backoff = 0.5
+                    wake()  # what was committed while we were not listening
+                    async for _note in conn.notifies():
+                        wake()
+                finally:
+                    await conn.close()
+            except psycopg.OperationalError:
+                pass
+            # Reconnect after a pause (doubling to 30 s): the database is away.
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
     # -- plumbing ---------------------------------------------------------------
 
     async def _tx(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
@@ -256,14 +302,27 @@ class PostgresQueue(Queue):
             except RETRYABLE:
                 if attempt == RETRIES - 1:
                     raise
+            except psycopg.OperationalError:
+                self._connection_lost()
+                raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _connection_lost(self) -> None:
+        """The server went away (or restarted): test every idle pooled connection now,
+        so the next operations get fresh ones instead of failing one broken one each."""
+        if self._pool_check is None or self._pool_check.done():
+            self._pool_check = asyncio.create_task(self._pool.check(), name="ferry-pool-check")
 
     async def _read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         # One snapshot per read job (REPEATABLE READ), read-only.
         await self.open()
-        async with self._pool.connection() as conn, conn.transaction():
-            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            return await fn(conn)
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                return await fn(conn)
+        except psycopg.OperationalError:
+            self._connection_lost()
+            raise
 
     async def _grouped(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         """Run ``fn`` in the writer's next group commit; return once that commit is done."""
@@ -309,7 +368,12 @@ class PostgresQueue(Queue):
                         results.append((job, False, exc))
                     else:
                         results.append((job, True, value))
+                if any(ok for _job, ok, _value in results):
+                    # New mail: wake idle nodes (delivered at COMMIT; one per group).
+                    await conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
         except psycopg.Error as exc:
+            if isinstance(exc, psycopg.OperationalError):
+                self._connection_lost()
             if len(group) > 1 and not isinstance(exc, psycopg.OperationalError):
                 # One job's statement failed: the others are not to blame. Each again alone.
                 for job in group:
@@ -535,6 +599,7 @@ class PostgresQueue(Queue):
             for qid, (envelope, expires, about) in zip(ids, new_messages, strict=True):
                 if updated.intersection(about):
                     await _insert_message(conn, qid, envelope, now, expires)
+                    await conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
                     out.append(qid)
                     if log:
                         await _dsn_events(
@@ -683,6 +748,8 @@ class PostgresQueue(Queue):
                 " AND status IN ('Queued', 'Deferred')",
                 (now, message_id),
             )
+            if cur.rowcount:
+                await conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
             if log and cur.rowcount:
                 await _operator_event(conn, now, message_id, "retry", cur.rowcount)
             return cur.rowcount

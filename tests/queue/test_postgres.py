@@ -17,6 +17,7 @@ from ferry.queue.base import AttemptResult
 from ferry.queue.postgres import PostgresQueue, describe_dsn
 from ferry.queue.postgres_schema import LATEST, SchemaTooNew
 from tests.queue.backends import fresh_schema
+from tests.world.wait import async_wait_until
 
 OK = Reply(250, "2.0.0", "ok")
 T0 = 1_800_000_000.0
@@ -147,3 +148,55 @@ async def test_two_nodes_finishing_one_message_at_once_finish_it(pg_dsn: str) ->
     finally:
         await a.close()
         await b.close()
+
+
+async def test_new_mail_on_one_node_wakes_the_others(pg_dsn: str) -> None:
+    dsn = fresh_schema(pg_dsn)
+    a, b = await PostgresQueue(dsn).open(), await PostgresQueue(dsn).open()
+    woken = asyncio.Event()
+    try:
+        await b.listen(woken.set)
+        await async_wait_until(woken.is_set, 10, message="the first wake on listening")
+        woken.clear()
+        await a.enqueue(env("a@x.test"))
+        await async_wait_until(woken.is_set, 10, message="a NOTIFY from the other node")
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_node_that_loses_the_database_recovers_when_it_returns(tmp_path: Path) -> None:
+    import shutil
+    import tempfile
+
+    from tests.world.postgres import PostgresCluster
+
+    # A server of its own, stopped and started again under the queue's feet.
+    base = Path(tempfile.mkdtemp(prefix="ferry-pg-loss-"))
+    cluster = PostgresCluster(base)
+    try:
+        q = await PostgresQueue(cluster.start(), pool_size=3).open()
+        try:
+            first = await q.enqueue(env("a@x.test"))
+            cluster.stop()
+            with pytest.raises(Exception) as lost:  # intake answers 451 4.3.0 on any error
+                await q.enqueue(env("b@x.test"))
+            assert not isinstance(lost.value, AssertionError)
+            cluster.start()
+            stored: list[str] = []
+
+            async def enqueued() -> bool:
+                try:
+                    stored.append(await q.enqueue(env("c@x.test")))
+                except Exception:
+                    return False
+                return True
+
+            await async_wait_until(enqueued, 30, interval=0.2, message="enqueue to work again")
+            assert (await q.get(first)) is not None and (await q.get(stored[0])) is not None
+            assert len(await q.list()) == 2  # b@ was refused, never half-stored
+        finally:
+            await q.close()
+    finally:
+        cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -100,8 +100,10 @@ class PostgresCluster:
             )
             self.password_file.chmod(0o600)
         last: subprocess.CalledProcessError | None = None
-        for _ in range(5):  # another process may take the free port first: pick again
-            port = _free_port()
+        # A restart keeps its port (clients reconnect to the same DSN); else pick one.
+        ports = [int(self.port_file.read_text())] if self.port_file.exists() else []
+        for attempt in range(5):  # another process may take the free port first: pick again
+            port = ports[attempt] if attempt < len(ports) else _free_port()
             self.port_file.write_text(f"{port}\n")
             options = (
                 f"-c listen_addresses=127.0.0.1 -c port={port}"

@@ -35,6 +35,18 @@ if TYPE_CHECKING:
     from ferry.queue.postgres import PostgresQueue
 
 
+def _node_identity() -> tuple[str, str]:
+    """(host name, Ferry version) for the table of nodes sharing a PostgreSQL queue."""
+    import importlib.metadata
+    import socket
+
+    try:
+        version = importlib.metadata.version("ferry")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return socket.gethostname(), version
+
+
 class AlreadyRunning(RuntimeError):
     """Another ``ferry serve`` holds this queue directory."""
 
@@ -130,6 +142,8 @@ class Service:
             if not isinstance(queue, SqliteQueue):
                 # Mail another node accepted wakes this node's delivery at once.
                 await queue.listen(self._wake_delivery)
+                # `ferry nodes`: this node, its heartbeat and the work its workers hold.
+                await queue.register_node(self._owner(0).rsplit(":", 1)[0], *_node_identity())
             if self.config.webhooks:
                 from ferry.http.webhooks import WebhookSender
 

@@ -540,6 +540,7 @@ def queue_clear_expired(ctx: click.Context) -> None:
 def _attach() -> None:
     """Commands that live in their own modules."""
     from ferry.cli.dns import dns
+    from ferry.cli.nodes import nodes
     from ferry.cli.purge import purge
     from ferry.cli.token import token
     from ferry.cli.webhooks import webhooks
@@ -547,6 +548,7 @@ def _attach() -> None:
     main.add_command(token)
     main.add_command(webhooks)
     main.add_command(dns)
+    main.add_command(nodes)
     from ferry.cli.queue_check import check
 
     queue_group.add_command(check)

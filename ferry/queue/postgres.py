@@ -123,6 +123,39 @@ _RECORD_COLUMNS = (
 _ATTEMPT_COLUMNS = ("id", "outcome", "code", "enh", "text", "hop", "tls")
 
 
+#: How often a node writes its heartbeat; ``ferry nodes`` calls one silent for three
+#: beats "silent" (its leases run out on their own: ``queue.lease_seconds``).
+HEARTBEAT_SECONDS = 10.0
+#: A node silent this long is dropped from the table (it was never stopped cleanly).
+FORGET_NODE_AFTER = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """One ``ferry serve`` sharing the queue."""
+
+    id: str  # host:pid, the prefix of its leases' owners
+    host: str
+    version: str
+    started: float
+    heartbeat: float
+    in_hand: int  # recipients leased by its workers right now
+
+    def silent(self, now: float) -> bool:
+        return now - self.heartbeat > 3 * HEARTBEAT_SECONDS
+
+    def as_json(self, now: float) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "host": self.host,
+            "version": self.version,
+            "started": self.started,
+            "heartbeat": self.heartbeat,
+            "in_hand": self.in_hand,
+            "silent": self.silent(now),
+        }
+
+
 class QueueNotFound(LookupError):
     """The database holds no Ferry queue (and none was to be created)."""
 
@@ -180,6 +213,8 @@ class PostgresQueue(Queue):
         )
         self._jobs: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._listener: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._node_id: str | None = None
         self._pool_check: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._opened = False
@@ -236,11 +271,16 @@ class PostgresQueue(Queue):
         if self._closed:
             return
         self._closed = True
-        for task in (self._listener, self._pool_check):
+        for task in (self._listener, self._pool_check, self._heartbeat):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        if self._node_id is not None and self._opened:
+            # A clean stop leaves the table; a killed node stays there, silent.
+            node = self._node_id
+            with contextlib.suppress(psycopg.Error, OSError):
+                await self._tx(lambda c: c.execute("DELETE FROM nodes WHERE id = %s", (node,)))
         if self._writer is not None:
             await self._jobs.put(None)
             await self._writer
@@ -289,6 +329,55 @@ class PostgresQueue(Queue):
             # Reconnect after a pause (doubling to 30 s): the database is away.
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
+
+    async def register_node(self, node_id: str, host: str, version: str) -> None:
+        """Announce this node in ``nodes`` and keep its heartbeat while the queue is open."""
+        await self.open()
+        self._node_id = node_id
+        started = time.time()
+
+        async def beat(now: float) -> None:
+            async def job(conn: Conn) -> None:
+                await conn.execute(
+                    "INSERT INTO nodes(id, host, version, started, heartbeat)"
+                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE"
+                    " SET heartbeat = excluded.heartbeat",
+                    (node_id, host, version, started, now),
+                )
+                await conn.execute(
+                    "DELETE FROM nodes WHERE heartbeat < %s", (now - FORGET_NODE_AFTER,)
+                )
+
+            await self._tx(job)
+
+        await beat(started)
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(HEARTBEAT_SECONDS)
+                # A beat that fails (the database is away) is simply the next one's job.
+                with contextlib.suppress(psycopg.Error, OSError):
+                    await beat(time.time())
+
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.create_task(loop(), name="ferry-node-heartbeat")
+
+    async def nodes(self) -> builtins.list[NodeInfo]:
+        """The nodes sharing this queue, with the work each has in hand."""
+
+        async def job(conn: Conn) -> builtins.list[NodeInfo]:
+            cur = await conn.execute(
+                "SELECT n.id, n.host, n.version, n.started, n.heartbeat,"
+                " (SELECT COUNT(*) FROM recipients r WHERE r.status = 'InProgress'"
+                " AND left(r.lease_owner, length(n.id) + 1) = n.id || ':')"
+                " FROM nodes n ORDER BY n.host, n.started"
+            )
+            return [
+                NodeInfo(r[0], r[1], r[2], float(r[3]), float(r[4]), int(r[5]))
+                for r in await cur.fetchall()
+            ]
+
+        return await self._read(job)
 
     # -- plumbing ---------------------------------------------------------------
 

@@ -125,8 +125,23 @@ CREATE TABLE IF NOT EXISTS webhook_failures (
 );
 """
 
+# Version 2: the nodes sharing the queue (``ferry nodes``), each with a heartbeat.
+# ``id`` is the node's lease-owner prefix (``host:pid``): its workers' leases are
+# ``id:n``, so the work a node has in hand is counted from the recipients themselves.
+_V2 = """
+CREATE TABLE IF NOT EXISTS nodes (
+    id text PRIMARY KEY,
+    host text NOT NULL,
+    version text NOT NULL,
+    started double precision NOT NULL,
+    heartbeat double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS recipients_lease_owner ON recipients(lease_owner)
+    WHERE status = 'InProgress';
+"""
+
 #: MIGRATIONS[i] takes a database from version i to i + 1. Append only.
-MIGRATIONS: list[str] = [_V1]
+MIGRATIONS: list[str] = [_V1, _V2]
 LATEST = len(MIGRATIONS)
 
 # pg_advisory_xact_lock key: "ferry" + "migr" as one 64-bit number, the same on every node.

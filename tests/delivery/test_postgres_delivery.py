@@ -104,6 +104,10 @@ def test_serve_on_postgres_and_a_killed_node_s_work_taken_over(
     [listed] = cli_json(second, "queue", "list")["messages"]
     assert listed["status"] == "Delivered"
     assert cli_json(second, "queue", "stats")["delivered_messages"] == 1
+    # Both nodes announced themselves; the killed one holds nothing any more.
+    listed = {n["id"].split(":")[0]: n for n in cli_json(second, "nodes")}
+    assert set(listed) == {"node1.ferry.test", "node2.ferry.test"}
+    assert listed["node1.ferry.test"]["in_hand"] == 0
 
 
 def test_cli_never_creates_a_postgres_queue(world: World, pg_dsn: str) -> None:

@@ -15,7 +15,7 @@ from ferry.envelope import EnvelopeIn, RecipientIn, Reply, Status
 from ferry.queue import open_queue
 from ferry.queue.base import AttemptResult
 from ferry.queue.postgres import PostgresQueue, describe_dsn
-from ferry.queue.postgres_schema import LATEST, SchemaTooNew
+from ferry.queue.postgres_schema import LATEST, MIGRATIONS, SchemaTooNew
 from tests.queue.backends import fresh_schema
 from tests.world.wait import async_wait_until
 
@@ -200,3 +200,48 @@ async def test_a_node_that_loses_the_database_recovers_when_it_returns(tmp_path:
     finally:
         cluster.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_nodes_are_listed_with_the_work_in_their_hands(pg_dsn: str) -> None:
+    dsn = fresh_schema(pg_dsn)
+    a, b = await PostgresQueue(dsn).open(), await PostgresQueue(dsn).open()
+    try:
+        await a.register_node("relay-a:100", "host-a", "1.0")
+        await b.register_node("relay-b:200", "host-b", "1.1")
+        for i in range(5):
+            await a.enqueue(env(f"r{i}@x.test"))
+        await a.claim("relay-a:100:0", now=T0 * 2, limit=3, lease=60)
+        await b.claim("relay-b:200:1", now=T0 * 2, limit=1, lease=60)
+        listed = {n.id: n for n in await a.nodes()}
+        assert {k: (n.host, n.version, n.in_hand) for k, n in listed.items()} == {
+            "relay-a:100": ("host-a", "1.0", 3),
+            "relay-b:200": ("host-b", "1.1", 1),
+        }
+        assert not listed["relay-a:100"].silent(listed["relay-a:100"].heartbeat + 1)
+        assert listed["relay-a:100"].silent(listed["relay-a:100"].heartbeat + 3600)
+    finally:
+        await b.close()  # a clean stop leaves the table
+    try:
+        assert [n.id for n in await a.nodes()] == ["relay-a:100"]
+    finally:
+        await a.close()
+
+
+async def test_a_version_1_queue_is_migrated_in_place(pg_dsn: str) -> None:
+    dsn = fresh_schema(pg_dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL)")
+        conn.execute(MIGRATIONS[0].encode())
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+        conn.execute(
+            "INSERT INTO messages(id, sender, size, priority, arrival, expires, status)"
+            " VALUES ('OLD1', 's@x.test', 3, 0, 1, 9e9, 'Queued')"
+        )
+    q = await PostgresQueue(dsn).open()
+    try:
+        assert version(dsn) == LATEST == 2
+        m = await q.get("OLD1")
+        assert m is not None and m.sender == "s@x.test"
+        await q.register_node("n:1", "h", "v")  # the version 2 table is there
+    finally:
+        await q.close()

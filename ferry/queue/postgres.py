@@ -106,6 +106,7 @@ def _dumps(data: dict[str, Any]) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
+_PENDING = ("Queued", "Deferred", "InProgress")
 # The columns of one outcome, and of one attempt row, as arrays for unnest().
 _RECORD_COLUMNS = (
     "id",
@@ -361,6 +362,78 @@ class PostgresQueue(Queue):
 
         if self._heartbeat is None:
             self._heartbeat = asyncio.create_task(loop(), name="ferry-node-heartbeat")
+
+    async def import_message(
+        self,
+        message: tuple[Any, ...],
+        body: bytes,
+        recipients: Sequence[tuple[Any, ...]],
+        attempts: Sequence[tuple[Any, ...]],
+    ) -> bool:
+        """Write one message moved from another queue (``ferry.queue.transfer``), whole.
+
+        ``message``: id, sender, size, priority, arrival, expires, status,
+        client_address, client_helo, auth_user, envid, ret, smtputf8, body_8bit, extra;
+        ``recipients``: (old id, address, domain, orcpt, notify, status, priority,
+        arrival, attempts, next_attempt, last_code, last_enhanced, last_text, route,
+        delay_warned, expiry_reason); ``attempts``: (old recipient id, at, outcome,
+        code, enhanced, text, next_hop, tls). False: a message with that id is here already.
+        """
+
+        async def job(conn: Conn) -> bool:
+            m = list(message)
+            m[12], m[13] = bool(m[12]), bool(m[13])
+            cur = await conn.execute(
+                "INSERT INTO messages(id, sender, size, priority, arrival, expires, status,"
+                " client_address, client_helo, auth_user, envid, ret, smtputf8, body_8bit,"
+                " extra) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (id) DO NOTHING RETURNING id",
+                m,
+            )
+            if await cur.fetchone() is None:
+                return False
+            await conn.execute(
+                "INSERT INTO bodies(message_id, data) VALUES (%s, %s)", (message[0], body)
+            )
+            new_ids: dict[Any, int] = {}
+            for r in recipients:
+                old, *rest = r
+                status, attempts_made, next_attempt = rest[4], rest[7], rest[8]
+                if status == "InProgress":  # a lease of the old queue: void here, due now
+                    status = "Deferred" if attempts_made else "Queued"
+                cur = await conn.execute(
+                    "INSERT INTO recipients(message_id, address, domain, orcpt, notify, status,"
+                    " priority, arrival, attempts, next_attempt, last_code, last_enhanced,"
+                    " last_text, route, delay_warned, expiry_reason) VALUES (%s, %s, %s, %s,"
+                    " %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                    (
+                        message[0],
+                        *rest[:4],
+                        status,
+                        *rest[5:8],
+                        # A pending recipient is due at its time (or at once).
+                        rest[6] if next_attempt is None and status in _PENDING else next_attempt,
+                        *rest[9:13],
+                        bool(rest[13]),
+                        rest[14],
+                    ),
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                new_ids[old] = int(row[0])
+            rows = [(new_ids[a[0]], *a[1:]) for a in attempts if a[0] in new_ids]
+            if rows:
+                async with conn.cursor() as c:
+                    await c.executemany(
+                        "INSERT INTO attempts(recipient_id, at, outcome, code, enhanced, text,"
+                        " next_hop, tls) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                        rows,
+                    )
+            await _refresh_message_status(conn, [str(message[0])])
+            await conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+            return True
+
+        return await self._tx(job)
 
     async def nodes(self) -> builtins.list[NodeInfo]:
         """The nodes sharing this queue, with the work each has in hand."""

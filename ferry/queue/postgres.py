@@ -519,7 +519,10 @@ class PostgresQueue(Queue):
         started = time.perf_counter()
         results: list[tuple[_Job, bool, Any]] = []
         try:
-            async with self._pool.connection() as conn, conn.transaction():
+            # Pipeline mode: the group's statements go out without waiting for each
+            # other's results (one round trip for the lot, not one per message); an
+            # error surfaces at the next result read or at the end of the pipeline.
+            async with self._pool.connection() as conn, conn.transaction(), conn.pipeline():
                 for job in group:
                     try:
                         value = await job.fn(conn)

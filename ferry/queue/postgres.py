@@ -640,17 +640,26 @@ class PostgresQueue(Queue):
                 " AND NOT (domain = ANY(%(excluded)s))"
                 " ORDER BY priority DESC, arrival, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
                 " UPDATE recipients r SET status = 'InProgress', lease_owner = %(owner)s,"
-                " lease_until = %(until)s FROM due WHERE r.id = due.id RETURNING r.id",
+                " lease_until = %(until)s FROM due, messages m"
+                " WHERE r.id = due.id AND m.id = r.message_id"
+                f" RETURNING {_prefixed('r', _RCPT_COLS)}, {_prefixed('m', _MSG_COLS)}",
                 {"now": now, "excluded": excluded, "limit": limit, "owner": owner, "until": until},
             )
-            chosen = [r[0] for r in await cur.fetchall()]
-            if not chosen:
+            rows = await cur.fetchall()
+            if not rows:
                 return []
-            recips = await _load_recipients(conn, chosen)
-            msg_ids = sorted({r.message_id for r in recips})
-            await _refresh_message_status(conn, msg_ids, now)
-            messages = {m.id: m for m in await _load_messages(conn, msg_ids)}
-            out = [ClaimedRecipient(r, messages[r.message_id], until) for r in recips]
+            n = _RCPT_COLS.count(",") + 1
+            # One MessageInfo per message, as it was before this claim (as SQLite's).
+            messages = {r[n]: _message(r[n:]) for r in rows}
+            out = [ClaimedRecipient(_recipient(r[:n]), messages[r[n]], until) for r in rows]
+            # A message with a recipient in progress is in progress, whatever else its
+            # recipients are (``message_status``): no need to read them. The UPDATE waits
+            # for a node that holds the message's lock to finish recording.
+            await conn.execute(
+                "UPDATE messages SET status = 'InProgress' WHERE id = ANY(%s)"
+                " AND status <> 'InProgress'",
+                (sorted(messages),),
+            )
             out.sort(key=lambda c: (-int(c.message.priority), c.message.arrival, c.recipient.id))
             return out
 
@@ -1244,30 +1253,35 @@ _MSG_COLS = (
 )
 
 
+def _prefixed(alias: str, columns: str) -> str:
+    return ", ".join(f"{alias}.{c.strip()}" for c in columns.split(","))
+
+
+def _message(r: Sequence[Any]) -> MessageInfo:
+    return MessageInfo(
+        id=r[0],
+        sender=r[1],
+        size=int(r[2]),
+        priority=Priority(r[3]),
+        arrival=r[4],
+        expires=r[5],
+        status=Status(r[6]),
+        client_address=r[7],
+        client_helo=r[8],
+        auth_user=r[9],
+        envid=r[10],
+        ret=r[11],
+        smtputf8=bool(r[12]),
+        extra=json.loads(r[13]) if r[13] else {},
+        finished=r[14],
+    )
+
+
 async def _load_messages(conn: Conn, ids: list[str]) -> list[MessageInfo]:
     if not ids:
         return []
     cur = await conn.execute(f"SELECT {_MSG_COLS} FROM messages WHERE id = ANY(%s)", (ids,))
-    by_id = {
-        r[0]: MessageInfo(
-            id=r[0],
-            sender=r[1],
-            size=int(r[2]),
-            priority=Priority(r[3]),
-            arrival=r[4],
-            expires=r[5],
-            status=Status(r[6]),
-            client_address=r[7],
-            client_helo=r[8],
-            auth_user=r[9],
-            envid=r[10],
-            ret=r[11],
-            smtputf8=bool(r[12]),
-            extra=json.loads(r[13]) if r[13] else {},
-            finished=r[14],
-        )
-        for r in await cur.fetchall()
-    }
+    by_id = {r[0]: _message(r) for r in await cur.fetchall()}
     return [by_id[i] for i in ids if i in by_id]
 
 
@@ -1277,29 +1291,30 @@ _RCPT_COLS = (
 )
 
 
+def _recipient(r: Sequence[Any]) -> RecipientInfo:
+    return RecipientInfo(
+        id=r[0],
+        message_id=r[1],
+        address=r[2],
+        orcpt=r[3],
+        notify=r[4],
+        status=Status(r[5]),
+        attempts=r[6],
+        next_attempt=r[7],
+        last_reply=_reply(r[8], r[9], r[10]),
+        route=r[11],
+        delay_warned=bool(r[12]),
+        expiry_reason=r[13],
+    )
+
+
 async def _load_recipients(
     conn: Conn, ids: list[int], history: bool = False
 ) -> list[RecipientInfo]:
     if not ids:
         return []
     cur = await conn.execute(f"SELECT {_RCPT_COLS} FROM recipients WHERE id = ANY(%s)", (ids,))
-    by_id = {
-        r[0]: RecipientInfo(
-            id=r[0],
-            message_id=r[1],
-            address=r[2],
-            orcpt=r[3],
-            notify=r[4],
-            status=Status(r[5]),
-            attempts=r[6],
-            next_attempt=r[7],
-            last_reply=_reply(r[8], r[9], r[10]),
-            route=r[11],
-            delay_warned=bool(r[12]),
-            expiry_reason=r[13],
-        )
-        for r in await cur.fetchall()
-    }
+    by_id = {r[0]: _recipient(r) for r in await cur.fetchall()}
     if history and by_id:
         cur = await conn.execute(
             "SELECT recipient_id, at, outcome, code, enhanced, text, next_hop, tls"

@@ -2,11 +2,13 @@
 
     python bench/queue_backends.py [--messages 5000] [--concurrency 100] [--size 1024]
 
-For each backend, in a fresh queue (durable: fsync on):
+For each backend, in a fresh queue:
   1. enqueue: ``--messages`` messages of ``--size`` bytes, one recipient each, from
-     ``--concurrency`` concurrent callers (intake's shape: many sessions, group commit);
+     ``--concurrency`` concurrent callers (intake's shape: many sessions, group commit),
+     durable (fsync on every commit);
   2. claim + record: claim batches of 50 due recipients and record them delivered,
-     until the queue is drained (the delivery engine's shape).
+     until the queue is drained (the delivery engine's shape), with a delivery worker's
+     settings (SQLite synchronous=NORMAL, PostgreSQL synchronous_commit=off).
 PostgreSQL: the server in FERRY_BENCH_PG_DSN, or a private cluster started here from
 Debian's binaries (tests/world/postgres.py) and stopped at the end. Prints one line per
 measurement and a JSON summary.
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -66,6 +69,10 @@ async def claim_rate(q: Queue, n: int) -> float:
     return n / (time.perf_counter() - started)
 
 
+async def _opened(q: Any) -> Queue:
+    return await q if asyncio.iscoroutine(q) else q  # type: ignore[no-any-return]
+
+
 def pg_schema(dsn: str) -> str:
     import psycopg
     from psycopg.conninfo import make_conninfo
@@ -79,13 +86,27 @@ def pg_schema(dsn: str) -> str:
 async def run(args: argparse.Namespace, pg_dsn: str) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        backends: dict[str, Queue] = {
-            "sqlite": SqliteQueue(Path(tmp) / "q"),
-            "postgres": await PostgresQueue(pg_schema(pg_dsn)).open(),
+        pg = pg_schema(pg_dsn)
+        # Intake's queue is durable (fsync per group commit); a delivery worker's is not
+        # (SQLite synchronous=NORMAL, PostgreSQL synchronous_commit=off), as in serve.
+        backends: dict[str, tuple[Any, Any]] = {
+            "sqlite": (
+                lambda: SqliteQueue(Path(tmp) / "q"),
+                lambda: SqliteQueue(Path(tmp) / "q", durable=False),
+            ),
+            "postgres": (
+                lambda: PostgresQueue(pg).open(),
+                lambda: PostgresQueue(pg, durable=False).open(),
+            ),
         }
-        for name, q in backends.items():
+        for name, (intake, delivery) in backends.items():
+            q = await _opened(intake())
             try:
                 e = await enqueue_rate(q, args.messages, args.concurrency, args.size)
+            finally:
+                await q.close()
+            q = await _opened(delivery())
+            try:
                 c = await claim_rate(q, args.messages)
             finally:
                 await q.close()

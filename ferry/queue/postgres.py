@@ -454,13 +454,21 @@ class PostgresQueue(Queue):
 
     # -- plumbing ---------------------------------------------------------------
 
-    async def _tx(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
-        """Run ``fn`` in one transaction on a pooled connection, again after a conflict."""
+    async def _tx(self, fn: Callable[[Conn], Awaitable[T]], *, pipeline: bool = False) -> T:
+        """Run ``fn`` in one transaction on a pooled connection, again after a conflict.
+
+        ``pipeline``: statements whose results ``fn`` does not read go out without
+        waiting (psycopg's pipeline mode); ``fn`` must then not read ``rowcount``
+        before it has fetched that statement's rows.
+        """
         await self.open()
         for attempt in range(RETRIES):
             try:
                 async with self._pool.connection() as conn, conn.transaction():
-                    return await fn(conn)
+                    if not pipeline:
+                        return await fn(conn)
+                    async with conn.pipeline():
+                        return await fn(conn)
             except RETRYABLE:
                 if attempt == RETRIES - 1:
                     raise
@@ -663,7 +671,7 @@ class PostgresQueue(Queue):
             out.sort(key=lambda c: (-int(c.message.priority), c.message.arrival, c.recipient.id))
             return out
 
-        return await self._tx(job)
+        return await self._tx(job, pipeline=True)
 
     async def record(
         self,
@@ -787,7 +795,7 @@ class PostgresQueue(Queue):
                     out.append(None)
             return out
 
-        return await self._tx(job)
+        return await self._tx(job, pipeline=True)
 
     async def read_message(self, message_id: str) -> bytes | None:
         async def job(conn: Conn) -> bytes | None:

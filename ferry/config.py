@@ -250,6 +250,8 @@ class DeliveryConfig(_Model):
     command_timeout: PositiveDuration = 300.0
     bounces: bool = True
     bounce_sender: str = ""
+    # Where undeliverable DSNs (double bounces) are reported; "" = postmaster@<hostname>.
+    postmaster: str = ""
     messages_per_minute: int = Field(0, ge=0)  # per destination; 0 = no limit
     messages_per_hour: int = Field(0, ge=0)
     # Hybrid and smart modes: 5xx replies that blame our reputation go to the relay.

@@ -14,6 +14,10 @@ from typing import TypeVar
 import dns.exception
 import dns.name
 
+# dnspython converts names with IDNA 2008 only when the idna package is importable (else
+# IDNA 2003, which maps some labels differently): a hard requirement, imported here.
+import idna  # noqa: F401
+
 T = TypeVar("T")
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from ferry.domains import address_domain
-
 
 class Priority(enum.IntEnum):
     """Delivery priority; a higher value is served first.
@@ -48,8 +46,8 @@ class Priority(enum.IntEnum):
 class Status(enum.StrEnum):
     """State of one recipient, or (derived) of a whole message.
 
-    The names are Zetian's. A recipient is only ever in the first seven; a
-    message additionally can be PartiallyDelivered.
+    A recipient is in one of these except PartiallyDelivered, which only a whole
+    message can be.
     """
 
     QUEUED = "Queued"
@@ -60,6 +58,8 @@ class Status(enum.StrEnum):
     EXPIRED = "Expired"
     CANCELLED = "Cancelled"
     PARTIALLY_DELIVERED = "PartiallyDelivered"
+    # Put aside by an operator (`ferry queue hold`): never claimed until released.
+    HELD = "Held"
 
     @classmethod
     def parse(cls, value: str) -> Status:
@@ -95,7 +95,7 @@ def message_status(recipient_statuses: list[Status] | tuple[Status, ...]) -> Sta
         return Status.IN_PROGRESS
     if Status.DELIVERED in states:
         return Status.PARTIALLY_DELIVERED
-    for pending in (Status.DEFERRED, Status.QUEUED):
+    for pending in (Status.DEFERRED, Status.QUEUED, Status.HELD):
         if pending in states:
             return pending
     for final in (Status.FAILED, Status.EXPIRED, Status.CANCELLED):
@@ -154,6 +154,9 @@ def split_address(text: str) -> tuple[str, str]:
 
 def domain_of(address: str) -> str:
     """The domain of an address in the one form (A-labels, lower case); "" when none."""
+    # Imported here: ferry.domains needs dnspython, which `ferry --help` must not load.
+    from ferry.domains import address_domain
+
     return address_domain(address)
 
 
@@ -226,7 +229,7 @@ class RecipientIn:
 
     @property
     def domain(self) -> str:
-        return address_domain(self.address)
+        return domain_of(self.address)
 
 
 @dataclass(slots=True)

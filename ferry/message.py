@@ -43,6 +43,12 @@ def header_values(block: bytes, name: str) -> list[str]:
     return out
 
 
+def message_id(data: bytes) -> str | None:
+    """The Message-ID header's value (for log lines), at most 200 characters."""
+    values = header_values(header_block(data), "message-id")
+    return values[0][:200] if values and values[0] else None
+
+
 def count_received(block: bytes) -> int:
     """How many Received: headers the message carries (loop detection)."""
     return len(re.findall(rb"(?im)^received:", block))

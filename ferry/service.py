@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import signal
 import ssl
@@ -21,11 +22,22 @@ from ferry.config import RelayConfig
 from ferry.delivery.process import DeliveryProcess
 from ferry.delivery.scheduler import Scheduler, flat_stats, stats_dir
 from ferry.envelope import EnvelopeIn
-from ferry.events import Accepted, DeliveryTotals, LeasesReleased, Started, Stopping, emit
+from ferry.events import (
+    Accepted,
+    DeliveryTotals,
+    HostnameNotFqdn,
+    LeasesReleased,
+    OperatorBulkAction,
+    Started,
+    Stopping,
+    emit,
+)
 from ferry.intake.server import IntakeServer, run_hook
+from ferry.message import message_id
 from ferry.queue import open_queue
 from ferry.queue.base import IdempotencyRecord
 from ferry.queue.retention import Retention
+from ferry.queue.selection import ALL_DESTINATIONS
 from ferry.queue.sqlite import QueueDamaged, SqliteQueue
 from ferry.tls import self_signed_context, server_context
 
@@ -45,6 +57,22 @@ def _node_identity() -> tuple[str, str]:
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
     return socket.gethostname(), version
+
+# Who set the hold that `delivery.hold = true` stands for (lifted at a start without it).
+HOLD_BY_CONFIG = "config:delivery.hold"
+
+# How often `ferry serve` looks for operator actions to log.
+OPERATOR_EVENTS_POLL = 1.0
+
+
+def is_fqdn(name: str) -> bool:
+    """A fully qualified domain name: at least two labels, not localhost, not an IP."""
+    labels = name.rstrip(".").split(".")
+    if len(labels) < 2 or any(not label for label in labels):
+        return False
+    if labels[-1].isdigit():
+        return False  # an IPv4 address
+    return name.rstrip(".").lower() not in ("localhost.localdomain",)
 
 
 class AlreadyRunning(RuntimeError):
@@ -80,8 +108,10 @@ class Service:
         *,
         before_queue: Callable[[EnvelopeIn], Awaitable[None]] | None = None,
         lock: bool = True,
+        config_file: str | None = None,
     ) -> None:
         self.config = config
+        self.config_file = config_file
         self.before_queue = before_queue
         self.use_lock = lock
         self.queue: SqliteQueue | PostgresQueue | None = None
@@ -92,6 +122,10 @@ class Service:
         self.webhooks: WebhookSender | None = None
         self.retention: Retention | None = None
         self._lock: IO[str] | None = None
+        self._operator_log: asyncio.Task[None] | None = None
+        # Every destination suspended (re-read every second): accepting then wakes no
+        # delivery process -- there is nothing it may do.
+        self._held = config.delivery.hold
 
     async def start(self) -> None:
         self._take_lock()
@@ -120,9 +154,21 @@ class Service:
             self.retention = Retention(self.queue, retention=self.config.queue.history_retention)
             self.retention.start()
             d = self.config.delivery
+            # `delivery.hold` is the suspension of every destination, stored in the
+            # queue like `ferry queue suspend '*'`: `ferry queue resume '*'` lifts it
+            # without a restart; restarting with hold = false lifts it too.
+            now = time.time()
             if d.hold:
-                pass
-            elif d.workers == 0:
+                await self.queue.suspend(
+                    ALL_DESTINATIONS,
+                    now=now,
+                    until=None,
+                    reason="delivery.hold = true in the configuration",
+                    by=HOLD_BY_CONFIG,
+                )
+            else:
+                await self.queue.resume(ALL_DESTINATIONS, by=HOLD_BY_CONFIG)
+            if d.workers == 0:
                 self.scheduler = Scheduler(self.config, self.queue, owner=self._owner(0))
                 await self.scheduler.start()
             else:
@@ -157,13 +203,64 @@ class Service:
         except BaseException:
             await self.stop()
             raise
+        await self._log_start()
+        self._operator_log = asyncio.get_running_loop().create_task(self._relay_operator_events())
+
+    async def _log_start(self) -> None:
+        """One line that says what this relay is: version, files, listeners, delivery."""
+        from ferry import __version__
+
+        assert self.queue is not None and self.intake is not None
+        held = [s.domain for s in await self.queue.suspensions(now=time.time())]
+        listeners = ",".join(f"{h}:{p}/{m}" for h, p, m in self.intake.bound())
         emit(
             Started(
                 hostname=self.config.server.hostname,
                 mode=self.config.delivery.mode,
                 queue=str(Path(self.config.queue.path).resolve()),
+                version=__version__,
+                config=str(Path(self.config_file).resolve()) if self.config_file else "(defaults)",
+                listeners=listeners or "none",
+                workers=self.config.delivery.workers,
+                hold="all" if ALL_DESTINATIONS in held else "no",
+                suspended=",".join(d for d in held if d != ALL_DESTINATIONS) or None,
             )
         )
+        if not is_fqdn(self.config.server.hostname):
+            emit(
+                HostnameNotFqdn(
+                    self.config.server.hostname,
+                    "set server.hostname to this machine's public name (MX, HELO,"
+                    " MAILER-DAEMON@ of bounces)",
+                )
+            )
+
+    async def _relay_operator_events(self) -> None:
+        """Log what operators do from other processes (`ferry queue hold ...`), and
+        follow whether delivery is held."""
+        assert self.queue is not None
+        queue = self.queue
+        last = await queue.last_operator_event()
+        while True:
+            await asyncio.sleep(OPERATOR_EVENTS_POLL)  # polling another process's writes
+            try:
+                for ev in await queue.operator_events(last):
+                    last = ev["id"]
+                    emit(
+                        OperatorBulkAction(
+                            ev["by"],
+                            ev["action"],
+                            ev["selection"],
+                            ev["messages"],
+                            ev["recipients"],
+                        )
+                    )
+                held = await queue.suspensions(now=time.time())
+                self._held = any(s.domain == ALL_DESTINATIONS for s in held)
+            except RuntimeError:
+                return  # the queue closed under us: stopping
+            except Exception:
+                logging.getLogger("ferry").exception("reading operator events")
 
     async def submit(
         self,
@@ -196,6 +293,7 @@ class Service:
                 recipients=tuple(r.address for r in envelope.recipients),
                 size=len(envelope.data),
                 priority=envelope.priority,
+                message_id=message_id(envelope.data),
             )
         )
         self._accepted(qid)
@@ -213,6 +311,8 @@ class Service:
     def _accepted(self, _queue_id: str) -> None:
         if self.webhooks is not None:
             self.webhooks.notify()
+        if self._held:
+            return  # delivery picks the mail up by itself within seconds of a resume
         if self.scheduler is not None:
             self.scheduler.notify()
         for worker in self.workers:
@@ -225,6 +325,11 @@ class Service:
         if self.webhooks is not None:
             await self.webhooks.stop()
             self.webhooks = None
+        if self._operator_log is not None:
+            self._operator_log.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._operator_log
+            self._operator_log = None
         if self.intake is not None:
             await self.intake.stop()
             self.intake = None

@@ -11,11 +11,12 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from ferry.config import ConfigError, RelayConfig
+if TYPE_CHECKING:  # imported when used: `ferry --help` must not load pydantic
+    from ferry.config import RelayConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -25,6 +26,8 @@ def load_config(path: str | None) -> RelayConfig:
 
     The error names the key or variable and the problem, on stderr, without a traceback.
     """
+    from ferry.config import ConfigError, RelayConfig
+
     try:
         config = RelayConfig.load(path)
         _check_stages(config, path)
@@ -41,6 +44,7 @@ def _check_stages(config: RelayConfig, path: str | None) -> None:
     """
     if not config.aliases:
         return
+    from ferry.config import ConfigError
     from ferry.intake.aliases import AliasTable
 
     try:

@@ -1,8 +1,10 @@
 """From outcomes to the queue: retries, expiry, DSNs, statistics (Postfix's bounce/defer).
 
-Sessions hand every transaction's outcomes to ``Recorder.finish`` and go on at once;
-the recorder task writes them in batches (many transactions, one queue write) and then
-queues whatever DSNs they call for.
+Sessions hand every transaction's outcomes to ``Recorder.finish`` and wait until they
+are committed before their connection starts another transaction (issue 10.1: a crash
+may repeat only the transactions in flight, at most one per connection). Waiting costs
+little because it is shared: the queue's writer commits every write waiting at the same
+moment in one transaction (group commit across connections).
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ferry.config import RelayConfig
-from ferry.delivery.bounces import Report, dsn_envelope
+from ferry.delivery.bounces import (
+    NOTICE_KEY,
+    Report,
+    double_bounce_envelope,
+    dsn_envelope,
+    is_postmaster_notice,
+)
 from ferry.delivery.retry import (
     ExpiryReason,
     after_temporary_failure,
@@ -25,7 +33,7 @@ from ferry.delivery.retry import (
     policy_for,
 )
 from ferry.envelope import EnvelopeIn, Reply, Status
-from ferry.events import DsnDropped, DsnQueued, GaveUp, emit, outcome_event
+from ferry.events import DoubleBounce, DsnDropped, DsnQueued, GaveUp, emit, outcome_event
 from ferry.queue.base import AttemptResult, ClaimedRecipient, MessageInfo, Queue
 
 
@@ -43,6 +51,8 @@ class Outcome:
     transport: bool = False  # the session failed, not this recipient (may fall back)
     route: str = "direct"  # "direct" | "host:h:port" | "smarthost:name"
     relayed_without_dsn: bool = False  # delivered to a hop that does not speak DSN
+    tried: tuple[str, ...] = ()  # hosts that failed before ``remote`` in this attempt
+    session: str | None = None  # the outbound SMTP connection's ID (in log lines)
 
 
 @dataclass
@@ -54,7 +64,8 @@ class DeliveryStats:
     deferred: int = 0
     expired: int = 0
     bounced: int = 0  # DSNs queued
-    dsn_dropped: int = 0  # DSNs (sender <>) that could not be delivered
+    double_bounces: int = 0  # undeliverable DSNs (sender <>) reported to the postmaster
+    dsn_dropped: int = 0  # postmaster notices that could not be delivered either
     connections: int = 0
     tls_fallbacks: int = 0
     direct_sent: int = 0
@@ -70,7 +81,16 @@ class DeliveryStats:
     )
 
 
-_Entry = tuple[MessageInfo, list[AttemptResult], list[Report], list[Report], list[Report], float]
+@dataclass(slots=True)
+class _Entry:
+    """One transaction's outcomes, waiting for the commit that records them."""
+
+    message: MessageInfo
+    results: list[AttemptResult]
+    failed: list[Report]
+    delayed: list[Report]
+    relayed: list[Report]
+    now: float
 
 
 class Recorder:
@@ -99,13 +119,20 @@ class Recorder:
         self.delay_warning_after = d.delay_warning_after  # seconds, parsed at load
         self.hostname = config.server.hostname
         self.bounce_from = d.bounce_sender or f"MAILER-DAEMON@{self.hostname}"
+        self.postmaster = d.postmaster or f"postmaster@{self.hostname}"
         self.stats = DeliveryStats()
         self.held: set[int] = set()  # recipient ids claimed and not yet recorded
-        self._outbox: list[_Entry] = []
-        self._task: asyncio.Task[None] | None = None
+        self._writing: set[asyncio.Task[None]] = set()  # outcomes being recorded
+        self._gathering: list[_Entry] | None = None  # the write this turn's outcomes join
+        self._gather_task: asyncio.Task[None] | None = None
 
-    def finish(self, message: MessageInfo, outcomes: list[Outcome]) -> None:
-        """Take one transaction's outcomes: retries decided now, written soon."""
+    async def finish(self, message: MessageInfo, outcomes: list[Outcome]) -> None:
+        """Record one transaction's outcomes; returns once they are committed.
+
+        Retries are decided now; the write is shared with every other session's
+        outcomes waiting at the same moment. Cancelling the caller does not cancel
+        the write.
+        """
         now = self.clock()
         results: list[AttemptResult] = []
         failed: list[Report] = []
@@ -185,6 +212,7 @@ class Recorder:
                     route=o.route,
                     tls=o.tls,
                     delay_warned=warned,
+                    tried=o.tried,
                     expiry_reason=expiry,
                 )
             )
@@ -201,74 +229,91 @@ class Recorder:
                     attempt=rcpt.attempts + 1,
                     delay=now - message.arrival,
                     retry_in=next_attempt - now if next_attempt else None,
+                    session=o.session,
                 )
             )
-        self._outbox.append((message, results, failed, delayed, relayed, now))
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._drain())
+        entry = _Entry(message, results, failed, delayed, relayed, now)
+        if self._gathering is None:
+            # The first outcome of this turn of the event loop starts a write; the
+            # other sessions finishing in the same turn join it (one queue job).
+            self._gathering = []
+            self._gather_task = asyncio.get_running_loop().create_task(
+                self._record(self._gathering)
+            )
+            self._writing.add(self._gather_task)
+            self._gather_task.add_done_callback(self._writing.discard)
+        self._gathering.append(entry)
+        assert self._gather_task is not None
+        # Shielded: a cancelled session (shutdown) must not cancel the write itself.
+        await asyncio.shield(self._gather_task)
 
     def drop(self, claims: list[ClaimedRecipient]) -> None:
         """Forget claims that need no record (their message was removed meanwhile)."""
         self.held.difference_update(c.recipient.id for c in claims)
 
-    async def _drain(self) -> None:
+    async def _record(self, batch: list[_Entry]) -> None:
+        """Write these transactions' outcomes and the DSNs they call for, in one queue
+        transaction. A write goes to the queue at once (not behind the previous one);
+        the queue's writer commits every write waiting at that moment together (group
+        commit), so waiting for it costs about one commit."""
+        await asyncio.sleep(0)  # let the sessions finishing in this turn join
+        if self._gathering is batch:
+            self._gathering, self._gather_task = None, None
+        dsns: list[tuple[EnvelopeIn, float, MessageInfo, list[Report]]] = []
+        if self.config.delivery.bounces:
+            for e in batch:
+                try:
+                    dsns += await self._dsns(e.message, e.failed, e.delayed, e.relayed, e.now)
+                except Exception:  # a bug in a report must not stop the record
+                    logging.getLogger("ferry.delivery").exception(
+                        "building a DSN for %s failed", e.message.id
+                    )
+        results = [r for e in batch for r in e.results]
+        life = self.policy.message_lifetime
         delay = 0.5
-        while self._outbox:
-            batch, self._outbox = self._outbox, []
-            results = [r for entry in batch for r in entry[1]]
-            dsns: list[tuple[EnvelopeIn, float, MessageInfo, list[Report]]] = []
-            if self.config.delivery.bounces:
-                for message, _results, failed, delayed, relayed, now in batch:
-                    try:
-                        dsns += await self._dsns(message, failed, delayed, relayed, now)
-                    except Exception:  # a bug in a report must not stop the record
-                        logging.getLogger("ferry.delivery").exception(
-                            "building a DSN for %s failed", message.id
-                        )
-            life = self.policy.message_lifetime
+        while True:
             try:
-                # The outcomes and the DSNs they call for, in one transaction.
                 ids = await self.queue.record(
                     self.owner,
                     results,
-                    now=max(e[5] for e in batch),
+                    now=max(e.now for e in batch),
                     new_messages=[
                         (env, now + life, [r.recipient.id for r in reports])
                         for env, now, _m, reports in dsns
                     ],
                 )
+                break
             except Exception:
                 # Keep the outcomes (and the leases: the ids stay held) and try again;
                 # dropping them would strand the recipients InProgress.
                 logging.getLogger("ferry.delivery").exception("recording outcomes failed")
-                self._outbox = batch + self._outbox
                 await asyncio.sleep(delay)  # back off, not a synchronisation point
                 delay = min(delay * 2, 30.0)
+        self.held.difference_update(r.recipient_id for r in results)
+        for qid, (env, _now, message, reports) in zip(ids, dsns, strict=True):
+            if qid is None:
+                continue  # its outcomes were discarded (cancelled meanwhile)
+            if NOTICE_KEY in env.extra:
+                self.stats.double_bounces += 1
+                emit(DoubleBounce(qid, message.id, self.postmaster, len(reports), reports[0].reply))
                 continue
-            delay = 0.5
-            self.held.difference_update(r.recipient_id for r in results)
-            for qid, (_env, _now, message, reports) in zip(ids, dsns, strict=True):
-                if qid is None:
-                    continue  # its outcomes were discarded (cancelled meanwhile)
-                self.stats.bounced += 1
-                emit(
-                    DsnQueued(
-                        queue_id=qid,
-                        about=message.id,
-                        to=message.sender,
-                        action=reports[0].action,
-                        recipients=tuple(r.recipient.address for r in reports),
-                    )
+            self.stats.bounced += 1
+            emit(
+                DsnQueued(
+                    queue_id=qid,
+                    about=message.id,
+                    to=message.sender,
+                    action=reports[0].action,
+                    recipients=tuple(r.recipient.address for r in reports),
                 )
-            if any(ids) and self.on_enqueue is not None:
-                self.on_enqueue()
+            )
+        if any(ids) and self.on_enqueue is not None:
+            self.on_enqueue()
 
     async def flush(self) -> None:
         """Wait until every outcome so far is recorded (shutdown, tests)."""
-        while self._outbox or (self._task is not None and not self._task.done()):
-            if self._task is None or self._task.done():
-                self._task = asyncio.get_running_loop().create_task(self._drain())
-            await asyncio.shield(self._task)
+        while self._writing:
+            await asyncio.gather(*(asyncio.shield(t) for t in list(self._writing)))
 
     async def _dsns(
         self,
@@ -278,9 +323,23 @@ class Recorder:
         relayed: list[Report],
         now: float,
     ) -> list[tuple[EnvelopeIn, float, MessageInfo, list[Report]]]:
-        """The DSN messages these reports call for (none for a message from <>)."""
+        """The DSN messages these reports call for; for a failed message from <> (a
+        double bounce), the postmaster's notice."""
         if message.sender == "" and failed:
-            # RFC 5321 §4.5.5: a DSN that cannot be delivered is dropped, never bounced.
+            # RFC 5321 §4.5.5: a report is never bounced to its (null) sender. Postfix's
+            # answer: tell the postmaster -- unless this is that notice failing in turn.
+            if not is_postmaster_notice(message):
+                original = await self.read_body(message.id) or b""
+                notice = double_bounce_envelope(
+                    message,
+                    original,
+                    failed,
+                    hostname=self.hostname,
+                    bounce_from=self.bounce_from,
+                    postmaster=self.postmaster,
+                    now=now,
+                )
+                return [(notice, now, message, failed)]
             self.stats.dsn_dropped += len(failed)
             for r in failed:
                 emit(DsnDropped(message.id, r.recipient.address, r.reply))

@@ -16,7 +16,9 @@ import collections
 import itertools
 import logging
 import random
+import secrets
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -123,6 +125,10 @@ class _Session:
     # MX answers for this session's destination (the resolver caches too, but asking
     # it per message costs more than the message itself on a fast link)
     mx: dict[str, list[MxHost] | MxError] = field(default_factory=dict)
+    # Hosts that failed, per hop: "host[ip]:port reply" (recorded with each attempt).
+    tried: dict[str, list[str]] = field(default_factory=dict)
+    # Queue IDs a connection failure now affects (the message in hand and the next ones).
+    affected: str = ""
 
 
 # Bodies fetched ahead per session: enough to batch reads, small enough for big mail.
@@ -155,9 +161,7 @@ class Delivery:
         self.pool = ConnectionPool(max_transactions=d.messages_per_connection)
         self.tls_fallback: dict[str, float] = {}
         self.hostname = config.server.hostname
-        self.smart_hosts = SmartHostSet(
-            config.smart_hosts, base_cooldown=d.smart_host_cooldown
-        )
+        self.smart_hosts = SmartHostSet(config.smart_hosts, base_cooldown=d.smart_host_cooldown)
         self.smart_host_names = [h.name for h in config.smart_hosts]
         self.smart_slots = {
             h.name: asyncio.Semaphore(h.max_connections) for h in config.smart_hosts
@@ -211,9 +215,11 @@ class Delivery:
         session = _Session()
         try:
             while dest.pending:
-                await self._prefetch(dest)
+                # Take the item before any await: other sessions of this destination
+                # pop from the same deque meanwhile (issue 10.7).
                 item = dest.pending.popleft()
                 try:
+                    await self._prefetch(item, dest)
                     await self._deliver(dest, item, session)
                 except _Stop:
                     return  # the item is back in dest.pending or recorded
@@ -222,7 +228,7 @@ class Delivery:
                     # message (retried later) instead of stranding it InProgress.
                     logging.getLogger("ferry.delivery").exception("delivery failed")
                     reply = Reply(451, "4.3.0", "Internal error during delivery; will retry")
-                    self._finish(
+                    await self._finish(
                         item,
                         [Outcome(c, Status.DEFERRED, reply, synthetic=True) for c in item.claims],
                     )
@@ -230,13 +236,16 @@ class Delivery:
             for conn in session.conns.values():
                 self.pool.give(conn.key, conn.client)
 
-    async def _prefetch(self, dest: Destination) -> None:
-        """Read the next messages' bytes in one queue read, not one read each."""
-        if not dest.pending or dest.pending[0].message.id in self._bodies:
+    async def _prefetch(self, first: WorkItem, dest: Destination) -> None:
+        """Read this message's bytes and the next ones' in one queue read, not one each."""
+        if first.message.id in self._bodies:
             return  # already read ahead
         wanted: list[str] = []
         size = 0
-        for item in itertools.islice(dest.pending, PREFETCH_MESSAGES):
+        # The snapshot is taken without an await: the deque cannot change under it.
+        for item in itertools.chain(
+            (first,), itertools.islice(dest.pending, PREFETCH_MESSAGES - 1)
+        ):
             mid = item.message.id
             if mid not in self._bodies and mid not in wanted:
                 if wanted and size + item.message.size > PREFETCH_BYTES:
@@ -320,20 +329,20 @@ class Delivery:
         signed = self._sign(message, data)
         if signed is None:
             reply = Reply(451, "4.7.0", "DKIM signing is required for this domain and failed")
-            self._finish(
+            await self._finish(
                 item, [Outcome(c, Status.DEFERRED, reply, synthetic=True) for c in item.claims]
             )
             return
         if count_received(header_block(data)) > MAX_HOPS:
             # RFC 5321 §6.3: a message that has crossed this many relays is looping.
             reply = Reply(554, "5.4.6", "Too many hops (mail loop detected)")
-            self._finish(
+            await self._finish(
                 item, [Outcome(c, Status.FAILED, reply, synthetic=True) for c in item.claims]
             )
             return
         planned = await self._plan(dest.domain, message.extra.get("route"), session)
         if isinstance(planned, Outcome):
-            self._finish(
+            await self._finish(
                 item,
                 [Outcome(c, planned.status, planned.reply, synthetic=True) for c in item.claims],
             )
@@ -342,11 +351,21 @@ class Delivery:
         if mx_hosts and self.config.shaping and dest.domain not in self.config.shaping:
             self._join_group(dest, group or destination_group([h.name for h in mx_hosts]))
         now = self.clock()
-        if plan.hops[0].kind != "smarthost" and dest.shaper.send_wait(now) > 0:
-            dest.pending.appendleft(item)  # over this destination's message rate
-            raise _Stop
+        rated = plan.hops[0].kind != "smarthost"
+        if rated:
+            if dest.shaper.send_wait(now) > 0:
+                dest.pending.appendleft(item)  # over this destination's message rate
+                raise _Stop
+            # Spend the slot now, before the transfer's awaits: the other sessions of
+            # this destination must not all see the last free one (issue 10.7).
+            dest.shaper.reserve_send(now)
         open_claims = list(item.claims)
         final: list[Outcome] = []
+        session.affected = ",".join(
+            [message.id, *(w.message.id for w in itertools.islice(dest.pending, 9))]
+        )
+        recorded = False  # some outcomes of this item are already in the queue
+        decided: list[Outcome] = []  # every outcome recorded, for the throttle check
         for i, hop in enumerate(plan.hops):
             last = i == len(plan.hops) - 1
             try:
@@ -355,11 +374,11 @@ class Delivery:
                 # Throttled before this hop could connect. Nothing decided yet: the item
                 # waits in the destination's queue. Some recipients decided at an
                 # earlier hop: those are recorded, the rest deferred to a later attempt.
-                if not final and len(open_claims) == len(item.claims):
+                if not recorded and not final and len(open_claims) == len(item.claims):
                     dest.pending.appendleft(item)
                 else:
                     reply = Reply(451, "4.4.5", "Destination throttled; will retry")
-                    self._finish(
+                    await self._finish(
                         item,
                         final
                         + [Outcome(c, Status.DEFERRED, reply, synthetic=True) for c in open_claims],
@@ -398,14 +417,22 @@ class Delivery:
             open_claims = carried
             if not open_claims:
                 break
-        self._finish(item, final)
+            if final:
+                # Issue 10.1: what this hop settled (delivered, above all) is recorded
+                # before the next hop's transaction starts, so a crash there cannot
+                # send it twice.
+                await self._finish(item, final)
+                decided += final
+                final, recorded = [], True
+        await self._finish(item, final)
+        decided += final
         if any(
-            is_throttle_reply(o.reply.code, o.reply.text) and o.route == "direct" for o in final
+            is_throttle_reply(o.reply.code, o.reply.text) and o.route == "direct" for o in decided
         ):
             pause = dest.shaper.throttled(self.clock())
             emit(Throttled(dest.domain, pause, dest.shaper.allowed_connections))
             raise _Stop
-        dest.shaper.sent(self.clock())
+        dest.shaper.sent(self.clock(), reserved=rated)
 
     def _join_group(self, dest: Destination, group: str) -> None:
         """``[shaping."google.com"]``: every domain hosted there shares one set of limits."""
@@ -442,8 +469,11 @@ class Delivery:
             return result.headers + data
         return None
 
-    def _finish(self, item: WorkItem, outcomes: list[Outcome]) -> None:
-        self.recorder.finish(item.message, outcomes)
+    async def _finish(self, item: WorkItem, outcomes: list[Outcome]) -> None:
+        """Record outcomes; returns once they are committed (issue 10.1: the session's
+        connection starts no new transaction before its last one is recorded)."""
+        if outcomes:
+            await self.recorder.finish(item.message, outcomes)
 
     # -- one hop -------------------------------------------------------------------
 
@@ -468,9 +498,14 @@ class Delivery:
             except MxError as exc:
                 return _all(claims, Status.DEFERRED, exc.reply, route=route, transport=True)
         conn = await self._mx_conn(hop, route, dest, targets, session)
+        tried = tuple(session.tried.get(hop.label, ()))
         if isinstance(conn, Reply):
-            return _all(claims, Status.DEFERRED, conn, route=route, transport=True)
-        return await self._transfer(conn, item, claims, data, session, hop.label)
+            return _with_tried(
+                _all(claims, Status.DEFERRED, conn, route=route, transport=True), tried
+            )
+        return _with_tried(
+            await self._transfer(conn, item, claims, data, session, hop.label), tried
+        )
 
     async def _mx_conn(
         self,
@@ -494,6 +529,7 @@ class Delivery:
         limit = self.config.delivery.messages_per_connection
         tried = False
         for name, ip in targets:  # RFC 5321 §5.1: in preference order
+            now = self.clock()  # not the time before the last target's connect attempt
             plain = self.tls_fallback.get(ip, 0) > now
             key = (hop.label, ip, hop.port, plain)
             remote = f"{name}[{ip}]:{hop.port}"
@@ -515,7 +551,8 @@ class Delivery:
             except SmtpError as exc:
                 if not (exc.tls_handshake_failed and not plain):
                     last = exc.reply
-                    self._log_connect_failure(remote, exc)
+                    self._log_connect_failure(remote, exc, session.affected)
+                    _note_tried(session, hop.label, remote, exc.reply)
                     continue
                 # Opportunistic TLS: retry this host in clear and remember it.
                 self.tls_fallback[ip] = now + TLS_FALLBACK_SECONDS
@@ -526,7 +563,8 @@ class Delivery:
                     client = await self._open(ip, hop.port, name, True)
                 except SmtpError as exc2:
                     last = exc2.reply
-                    self._log_connect_failure(remote, exc2)
+                    self._log_connect_failure(remote, exc2, session.affected)
+                    _note_tried(session, hop.label, remote, exc2.reply)
                     continue
             conn = _Conn(client, key, name, remote, route, limit)
             session.conns[hop.label] = conn
@@ -545,19 +583,30 @@ class Delivery:
         """Through the smart host set: by priority and weight, failing over on transport
         errors (which open that host's circuit breaker)."""
         names = hop_smart_host_names(hop, self.smart_host_names)
+
+        def tried() -> tuple[str, ...]:
+            return tuple(t for n in names for t in session.tried.get(f"smarthost:{n}", ()))
+
         last = transport_failure_reply("refused", "no smart host is available")
         final: list[Outcome] = []
         broken: list[Outcome] = []
         for host in self.smart_hosts.order(self.clock(), names):
-            conn = await self._smart_conn(host, session)
-            if isinstance(conn, Reply):
-                last = conn
+            if self.smart_hosts.breakers[host.name].state == "open":
+                # Its circuit opened while this session was busy with an earlier host
+                # (another session saw it fail): the order is older than that news.
                 continue
+            # The slot first, then the connection: a held connection checked as usable
+            # and then left waiting for a slot may have timed out by the time it is used.
             async with self.smart_slots[host.name]:
+                conn = await self._smart_conn(host, session)
+                if isinstance(conn, Reply):
+                    last = conn
+                    continue
                 outcomes = await self._transfer(conn, item, claims, data, session, conn.route)
             now = self.clock()
             broken = [o for o in outcomes if o.transport]
             if broken:
+                _note_tried(session, f"smarthost:{host.name}", conn.remote, broken[0].reply)
                 self.smart_hosts.report(
                     host.name,
                     now,
@@ -572,13 +621,15 @@ class Delivery:
                     self.smart_hosts.count(host.name, _count_name(o.status))
                     final.append(o)
             if not broken:
-                return final
+                return _with_tried(final, tried())
             # The session broke (421, lost connection): the rest try the next host now.
             claims = [o.claim for o in broken]
         if broken:
-            return final + broken
-        return final + _all(
-            claims, Status.DEFERRED, last, route=f"smarthost:{hop.name}", transport=True
+            return _with_tried(final + broken, tried())
+        return _with_tried(
+            final
+            + _all(claims, Status.DEFERRED, last, route=f"smarthost:{hop.name}", transport=True),
+            tried(),
         )
 
     async def _smart_conn(self, host: SmartHost, session: _Session) -> _Conn | Reply:
@@ -621,12 +672,23 @@ class Delivery:
                 client = await self._open_smart(ip, host)
             except credentials.CredentialError as exc:
                 last = transport_failure_reply("protocol", str(exc))
-                emit(SmartHostUnusable(host.name, str(exc)))
+                _note_tried(session, label, remote, last)
+                emit(SmartHostUnusable(host.name, str(exc), ids=session.affected or None))
                 break
             except SmtpError as exc:
                 last = exc.reply
+                _note_tried(session, label, remote, exc.reply)
                 # The reply and the host, never the credentials (they are not in exc).
-                emit(SmartHostFailed(host.name, remote, exc.stage, exc.kind, exc.reply))
+                emit(
+                    SmartHostFailed(
+                        host.name,
+                        remote,
+                        exc.stage,
+                        exc.kind,
+                        exc.reply,
+                        ids=session.affected or None,
+                    )
+                )
                 continue
             conn = _Conn(
                 client, key, host.host, remote, label, host.max_messages_per_connection, host.name
@@ -667,8 +729,8 @@ class Delivery:
         )
         return await SmtpClient.connect(ip, host.port, options)
 
-    def _log_connect_failure(self, remote: str, exc: SmtpError) -> None:
-        emit(ConnectFailed(remote, exc.reply, stage=exc.stage, kind=exc.kind))
+    def _log_connect_failure(self, remote: str, exc: SmtpError, ids: str = "") -> None:
+        emit(ConnectFailed(remote, exc.reply, stage=exc.stage, kind=exc.kind, ids=ids or None))
 
     async def _body(self, message_id: str) -> bytes | None:
         data = self._bodies.get(message_id)
@@ -696,7 +758,12 @@ class Delivery:
         specs = [
             RcptSpec(c.recipient.address, c.recipient.notify, c.recipient.orcpt) for c in claims
         ]
-        common = {"remote": conn.remote, "remote_name": conn.name, "route": conn.route}
+        common = {
+            "remote": conn.remote,
+            "remote_name": conn.name,
+            "route": conn.route,
+            "session": outbound_session_id(client),
+        }
         try:
             result = await client.send(
                 message.sender,
@@ -773,6 +840,31 @@ def _count_name(status: Status) -> CountStatus:
     if status is Status.DELIVERED:
         return "sent"
     return "failed" if status is Status.FAILED else "deferred"
+
+
+_outbound_ids: weakref.WeakKeyDictionary[SmtpClient, str] = weakref.WeakKeyDictionary()
+
+
+def outbound_session_id(client: SmtpClient) -> str:
+    """A short ID for one outbound SMTP connection, the same in every log line about it."""
+    sid = _outbound_ids.get(client)
+    if sid is None:
+        sid = _outbound_ids[client] = secrets.token_hex(5)
+    return sid
+
+
+def _note_tried(session: _Session, label: str, remote: str, reply: Reply) -> None:
+    """Remember a host that failed, for the attempt's record (`ferry queue show`)."""
+    entries = session.tried.setdefault(label, [])
+    if len(entries) < 20:  # a session is bounded, but keep the record short
+        entries.append(f"{remote} {str(reply).splitlines()[0][:200]}")
+
+
+def _with_tried(outcomes: list[Outcome], tried: tuple[str, ...]) -> list[Outcome]:
+    if tried:
+        for o in outcomes:
+            o.tried = tried
+    return outcomes
 
 
 def _template(status: Status, reply: Reply) -> Outcome:

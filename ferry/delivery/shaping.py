@@ -107,10 +107,16 @@ class DestinationShaper:
         until = max([self.paused_until, *(w.next_allowed(now) for w in self.message_windows)])
         return max(0.0, until - now)
 
-    def sent(self, now: float) -> None:
-        """A transaction went through (whatever the recipients' fates)."""
+    def reserve_send(self, now: float) -> None:
+        """Count one message against the rates when it is decided, not when it is done:
+        concurrent sessions of this destination must not all take the last slot."""
         for window in self.message_windows:
             window.record(now)
+
+    def sent(self, now: float, *, reserved: bool = False) -> None:
+        """A transaction went through (whatever the recipients' fates)."""
+        if not reserved:
+            self.reserve_send(now)
         self._clean += 1
         if self.backoffs and self._clean >= self.ramp_after:
             self.backoffs = 0

@@ -19,6 +19,7 @@ from ferry.events.delivery import (
     DirectRateLimited,
     DkimSigned,
     DkimUnsigned,
+    DoubleBounce,
     DsnDropped,
     DsnQueued,
     Expired,
@@ -54,8 +55,10 @@ from ferry.events.system import (
     DeliveryTotals,
     ExpiredCleared,
     HookFailed,
+    HostnameNotFqdn,
     LeasesReleased,
     OperatorAction,
+    OperatorBulkAction,
     Purged,
     QueueStorageLost,
     SelfSignedCreated,
@@ -70,6 +73,9 @@ from ferry.events.system import (
 subscribe(log_event)
 
 __all__ = [
+    "HostnameNotFqdn",
+    "OperatorBulkAction",
+    "DoubleBounce",
     "GaveUp",
     "Purged",
     "QueueStorageLost",

@@ -82,11 +82,14 @@ class ConnectFailed(Event):
     reply: Reply
     stage: str | None = None
     kind: str | None = None
+    #: The queue IDs waiting on this connection (up to ten, comma-separated).
+    ids: str | None = None
 
     def log_fields(self) -> dict[str, Any]:
         if self.stage is None and self.kind is None:
             return {"host": self.host, "reply": cut(self.reply, 300)}
         return {
+            "ids": self.ids,
             "host": self.host,
             "stage": self.stage,
             "kind": self.kind,
@@ -124,10 +127,12 @@ class SmartHostFailed(Event):
     stage: str
     kind: str
     reply: Reply
+    ids: str | None = None  # the queue IDs waiting on this session
 
     def log_fields(self) -> dict[str, Any]:
         return {
             "host": self.host,
+            "ids": self.ids,
             "remote": self.remote,
             "stage": self.stage,
             "kind": self.kind,
@@ -143,6 +148,7 @@ class SmartHostUnusable(Event):
     level = logging.ERROR
     host: str
     reason: str
+    ids: str | None = None  # the queue IDs waiting on this session
 
 
 # -- DKIM ------------------------------------------------------------------------------
@@ -206,6 +212,8 @@ class RecipientOutcome(Event):
     attempt: int
     delay: float
     retry_in: float | None = None
+    #: The outbound SMTP connection's session ID (one per connection, in every line).
+    session: str | None = None
 
     def log_fields(self) -> dict[str, Any]:
         return {
@@ -214,6 +222,7 @@ class RecipientOutcome(Event):
             "status": self.status.value,
             "route": self.route,
             "relay": self.next_hop or "none",
+            "session": self.session,
             "tls": self.tls,
             "reply": cut(self.reply, 300),
             "attempt": self.attempt,
@@ -274,10 +283,11 @@ def outcome_event(
     attempt: int,
     delay: float,
     retry_in: float | None = None,
+    session: str | None = None,
 ) -> RecipientOutcome:
     """The outcome event for ``status`` (Delivered, Deferred, Failed or Expired)."""
     return _OUTCOMES[status](
-        queue_id, recipient, route, next_hop, tls, reply, attempt, delay, retry_in
+        queue_id, recipient, route, next_hop, tls, reply, attempt, delay, retry_in, session
     )
 
 
@@ -346,7 +356,8 @@ class DsnQueued(Event):
 
 @dataclass(frozen=True, slots=True)
 class DsnDropped(Event):
-    """A DSN itself failed: it is dropped, never bounced (RFC 5321 §4.5.5)."""
+    """A postmaster notice about a double bounce failed too: it is dropped, never bounced
+    (RFC 5321 §4.5.5); the failed DSN stays in the queue's history."""
 
     name = "dsn_dropped"
     level = logging.WARNING
@@ -429,4 +440,27 @@ class GaveUp(Event):
             "reason": self.reason,
             "attempts": self.attempts,
             "age": round(self.age, 3),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DoubleBounce(Event):
+    """A DSN (to the null sender ``<>``) could not be delivered: a notice about message
+    ``about`` goes to ``delivery.postmaster`` as message ``queue_id`` (never bounced)."""
+
+    name = "double_bounce"
+    level = logging.WARNING
+    queue_id: str
+    about: str
+    to: str
+    recipients: int
+    reply: Reply | None
+
+    def log_fields(self) -> dict[str, Any]:
+        return {
+            "id": self.queue_id,
+            "about": self.about,
+            "to": self.to,
+            "rcpts": self.recipients,
+            "reply": cut(self.reply, 300) if self.reply else None,
         }

@@ -28,6 +28,11 @@ class Connected(Event):
     client: str
     mode: str
     tls: str | None
+    session: str | None = None  # the SMTP connection's session ID
+
+    def log_fields(self) -> dict[str, Any]:
+        fields = Event.log_fields(self)
+        return {"session": fields.pop("session"), **fields}
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,11 @@ class Disconnected(Event):
     name = "disconnect"
     level = logging.DEBUG
     client: str
+    session: str | None = None  # the SMTP connection's session ID
+
+    def log_fields(self) -> dict[str, Any]:
+        fields = Event.log_fields(self)
+        return {"session": fields.pop("session"), **fields}
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +57,11 @@ class ConnectionRejected(Event):
     client: str
     code: int
     reason: str
+    session: str | None = None  # the SMTP connection's session ID
+
+    def log_fields(self) -> dict[str, Any]:
+        fields = Event.log_fields(self)
+        return {"session": fields.pop("session"), **fields}
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +75,12 @@ class Rejected(Event):
     rcpt: str | None = None
     size: int | None = None
     error: str | None = None
+    session: str | None = None  # the SMTP connection's session ID
 
     def log_fields(self) -> dict[str, Any]:
+        return {"session": self.session, **self._fields()}
+
+    def _fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "client": self.client,
             "code": self.reply.code,
@@ -82,6 +101,11 @@ class TlsStarted(Event):
     name = "tls"
     client: str
     tls: str | None
+    session: str | None = None  # the SMTP connection's session ID
+
+    def log_fields(self) -> dict[str, Any]:
+        fields = Event.log_fields(self)
+        return {"session": fields.pop("session"), **fields}
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +116,12 @@ class TlsFailed(Event):
     level = logging.WARNING
     client: str
     error: str
+    session: str | None = None  # the SMTP connection's session ID
 
     def log_fields(self) -> dict[str, Any]:
+        return {"session": self.session, **self._fields()}
+
+    def _fields(self) -> dict[str, Any]:
         return {"client": self.client, "error": cut(self.error, 200)}
 
 
@@ -105,9 +133,16 @@ class AuthSucceeded(Event):
     client: str
     user: str
     mechanism: str
+    session: str | None = None  # the SMTP connection's session ID
 
     def log_fields(self) -> dict[str, Any]:
-        return {**Event.log_fields(self), "result": "ok"}
+        return {"session": self.session, **self._fields()}
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            **{k: v for k, v in Event.log_fields(self).items() if k != "session"},
+            "result": "ok",
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +155,12 @@ class AuthFailed(Event):
     user: str
     mechanism: str
     failures: int
+    session: str | None = None  # the SMTP connection's session ID
 
     def log_fields(self) -> dict[str, Any]:
+        return {"session": self.session, **self._fields()}
+
+    def _fields(self) -> dict[str, Any]:
         return {
             "client": self.client,
             "user": cut(self.user, 64),
@@ -147,10 +186,13 @@ class Accepted(Event):
     priority: Priority
     user: str | None = None
     tls: str | None = None
+    message_id: str | None = None  # the message's Message-ID header, if any
+    session: str | None = None  # the SMTP connection's session ID
 
     def log_fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "id": self.queue_id,
+            "message_id": self.message_id,
             "client": self.client,
             "sender": self.sender or "<>",
             "rcpts": len(self.recipients),
@@ -160,4 +202,5 @@ class Accepted(Event):
         if self.client != "api":  # no SMTP session behind an API submission
             out["user"] = self.user
             out["tls"] = self.tls
+            out["session"] = self.session
         return out

@@ -18,6 +18,25 @@ class Started(Event):
     hostname: str
     mode: str
     queue: str
+    version: str = ""
+    config: str = ""
+    listeners: str = ""
+    workers: int = 0
+    hold: str = "no"
+    suspended: str | None = None
+
+    def log_fields(self) -> dict[str, Any]:
+        return {
+            "version": self.version or None,
+            "config": self.config or None,
+            "data_dir": self.queue,
+            "hostname": self.hostname,
+            "listeners": self.listeners or None,
+            "mode": self.mode,
+            "workers": self.workers,
+            "hold": self.hold,
+            "suspended": self.suspended,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,3 +169,28 @@ class Purged(Event):
     name = "purged"
     messages: int
     pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorBulkAction(Event):
+    """An operator's bulk action from the CLI or the API (``ferry queue hold ...``),
+    recorded in the queue with it and logged by ``ferry serve``: who, what, the filter
+    (``selection``) and how many messages and recipients it changed."""
+
+    name = "operator"
+    by: str
+    action: str
+    selection: str
+    messages: int
+    recipients: int
+
+
+@dataclass(frozen=True, slots=True)
+class HostnameNotFqdn(Event):
+    """``server.hostname`` is not a fully qualified domain name (MX, HELO and bounces'
+    ``MAILER-DAEMON@`` use it)."""
+
+    name = "hostname_not_fqdn"
+    level = logging.WARNING
+    hostname: str
+    advice: str

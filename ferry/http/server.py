@@ -320,6 +320,141 @@ class Api:
             raise ApiError(404, "not_found", f"no message {request.match_info['id']}")
         return web.json_response(_plain(info))
 
+    # -- queue control: the same functions as `ferry queue ...` (ferry.operations) ----------
+
+    def _selection(self, params: Any, *, ids: tuple[str, ...] = ()) -> Any:
+        from ferry.operations import selection
+
+        def text(key: str) -> str | None:
+            value = params.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ApiError(400, "bad_filter", f"{key} must be a string")
+            return value
+
+        everything = params.get("all") in (True, "1", "true", "yes")
+        try:
+            return selection(
+                status=text("status"),
+                domain=text("domain"),
+                sender=text("sender"),
+                recipient=text("recipient"),
+                older_than=text("older_than"),
+                newer_than=text("newer_than"),
+                reply=text("reply"),
+                ids=ids,
+                everything=everything,
+            )
+        except ValueError as exc:
+            raise ApiError(400, "bad_filter", str(exc).replace("--", "")) from None
+
+    async def list_messages(self, request: web.Request) -> web.StreamResponse:
+        """``ferry queue list``: waiting mail (``all=1`` for everything), newest first."""
+        from ferry.delivery.retry import policy_for
+        from ferry.operations import listed_json
+
+        sel = self._selection(request.query)
+        try:
+            limit = min(1000, max(1, int(request.query.get("limit", "100"))))
+        except ValueError:
+            raise ApiError(400, "bad_query", "limit is an integer") from None
+        now = self.clock()
+        page = await self._queue().list_page(
+            sel, now=now, limit=limit, after=request.query.get("after")
+        )
+        policy = policy_for(self.config)
+        return web.json_response(
+            {
+                "messages": [listed_json(m, now, policy) for m in page.messages],
+                "next_page_after": page.after,
+            }
+        )
+
+    async def bulk(self, request: web.Request) -> web.StreamResponse:
+        """``ferry queue retry|hold|release|cancel|remove``: IDs and/or a filter."""
+        from ferry import operations
+
+        action = request.match_info["action"]
+        if action not in ("retry", "hold", "release", "cancel", "remove"):
+            raise ApiError(404, "not_found", f"no bulk action {action!r}")
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "bad_json", "the request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "bad_json", "the body must be a JSON object")
+        ids = body.get("ids", [])
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ApiError(400, "bad_filter", "ids must be a list of queue IDs")
+        filters = body.get("filter", {})
+        if not isinstance(filters, dict):
+            raise ApiError(400, "bad_filter", "filter must be an object")
+        if not ids and not filters and body.get("all_matching") is not True:
+            # As the CLI's --yes: touching the whole queue must be asked for in words.
+            raise ApiError(
+                400, "no_selection", "give ids, a filter, or all_matching: true for everything"
+            )
+        sel = self._selection(filters, ids=tuple(ids))
+        token: Token = request["ferry_token"]
+        result = await operations.bulk(
+            self._queue(),
+            self.config,
+            action,  # type: ignore[arg-type]
+            sel,
+            dsn=body.get("dsn") is True,
+            by=f"token:{token.name}",
+            now=self.clock(),
+        )
+        return web.json_response(
+            {
+                "action": result.action,
+                "messages": result.messages,
+                "recipients": result.recipients,
+                "dsns": result.dsns,
+            }
+        )
+
+    async def suspensions(self, request: web.Request) -> web.StreamResponse:
+        found = await self._queue().suspensions(now=self.clock())
+        return web.json_response([_plain(s) for s in found])
+
+    async def suspend(self, request: web.Request) -> web.StreamResponse:
+        """``ferry queue suspend``: pause delivery to a domain (``*``: all)."""
+        from ferry import operations
+
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "bad_json", "the request body is not JSON") from None
+        domain = body.get("domain") if isinstance(body, dict) else None
+        if not isinstance(domain, str) or not domain:
+            raise ApiError(422, "invalid_suspension", "domain: a destination domain, or '*'")
+        duration = body.get("for")
+        reason = body.get("reason", "")
+        if duration is not None and not isinstance(duration, str | int | float):
+            raise ApiError(422, "invalid_suspension", "for: a duration such as '2h'")
+        token: Token = request["ferry_token"]
+        try:
+            found = await operations.suspend(
+                self._queue(),
+                domain,
+                duration=str(duration) if duration is not None else None,
+                reason=str(reason),
+                by=f"token:{token.name}",
+                now=self.clock(),
+            )
+        except ValueError as exc:
+            raise ApiError(422, "invalid_suspension", str(exc)) from None
+        return web.json_response(_plain(found), status=201)
+
+    async def resume(self, request: web.Request) -> web.StreamResponse:
+        from ferry import operations
+
+        token: Token = request["ferry_token"]
+        domain = request.match_info["domain"]
+        if not await operations.resume(self._queue(), domain, by=f"token:{token.name}"):
+            raise ApiError(404, "not_found", f"{domain} is not suspended")
+        return web.json_response({"resumed": domain})
+
     async def stats(self, request: web.Request) -> web.StreamResponse:
         stats = await self._queue().statistics(now=self.clock())
         return web.json_response(stats.as_dict())
@@ -377,7 +512,14 @@ def _plain(value: Any) -> Any:
 
 ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/messages", Api.inject, "inject", "Queue a message (raw or structured)", 202),
+    Route("GET", "/v1/messages", Api.list_messages, "read", "Waiting mail (filters as the CLI)"),
     Route("GET", "/v1/messages/{id}", Api.message, "read", "A queued message and its recipients"),
+    Route(
+        "POST", "/v1/messages/{action}", Api.bulk, "admin", "Bulk retry|hold|release|cancel|remove"
+    ),
+    Route("GET", "/v1/suspensions", Api.suspensions, "read", "Suspended destinations"),
+    Route("POST", "/v1/suspensions", Api.suspend, "admin", "Suspend a destination", 201),
+    Route("DELETE", "/v1/suspensions/{domain}", Api.resume, "admin", "Resume a destination"),
     Route("GET", "/v1/stats", Api.stats, "read", "Queue statistics"),
     Route("GET", "/v1/events", Api.events, "read", "The event log from a cursor (replay)"),
     Route("GET", "/v1/openapi.json", Api.openapi, None, "This API's OpenAPI document"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -198,6 +199,7 @@ class SmtpConnection(asyncio.Protocol):
         self.peer_ip: str = "unknown"
         self.tls: str | None = None
         self.session: Session | None = None
+        self.session_id = "-"  # set in connection_made
 
     # -- asyncio.Protocol --------------------------------------------------------
 
@@ -209,6 +211,8 @@ class SmtpConnection(asyncio.Protocol):
         ssl_obj = transport.get_extra_info("ssl_object")
         if ssl_obj is not None:
             self.tls = describe(ssl_obj)
+        # In every log line about this connection (and the messages it hands over).
+        self.session_id = secrets.token_hex(5)
         self.session = Session(
             self.cfg,
             mode=self.listener.mode,
@@ -218,6 +222,7 @@ class SmtpConnection(asyncio.Protocol):
             tls=self.tls,
             tls_available=self.server.ssl_context is not None,
             new_id=new_queue_id,
+            session_id=self.session_id,
         )
         self.task = asyncio.get_running_loop().create_task(self._run(self.session))
 
@@ -277,7 +282,7 @@ class SmtpConnection(asyncio.Protocol):
                 self.waiter = None
         # RFC 5321 §4.5.3.2: the server may close a session that stays silent too long.
         self.reply(421, "4.4.2", f"{self.cfg.hostname} Error: timeout exceeded")
-        emit(ConnectionRejected(self.peer_ip, 421, "deadline passed"))
+        emit(ConnectionRejected(self.peer_ip, 421, "deadline passed", session=self.session_id))
         self.close()
         raise _Closed
 
@@ -336,17 +341,25 @@ class SmtpConnection(asyncio.Protocol):
         try:
             if len(srv.connections) >= self.cfg.max_connections:
                 self.reply(421, "4.7.0", f"{self.cfg.hostname} Too many connections, try later")
-                emit(ConnectionRejected(self.peer_ip, 421, "max_connections"))
+                emit(
+                    ConnectionRejected(
+                        self.peer_ip, 421, "max_connections", session=self.session_id
+                    )
+                )
                 self.close()
                 return
             if count >= self.cfg.max_connections_per_ip:
                 self.reply(421, "4.7.0", f"{self.cfg.hostname} Too many connections from you")
-                emit(ConnectionRejected(self.peer_ip, 421, "max_connections_per_ip"))
+                emit(
+                    ConnectionRejected(
+                        self.peer_ip, 421, "max_connections_per_ip", session=self.session_id
+                    )
+                )
                 self.close()
                 return
             srv.connections.add(self)
             srv.per_ip[self.peer_ip] = count + 1
-            emit(Connected(self.peer_ip, self.listener.mode, self.tls))
+            emit(Connected(self.peer_ip, self.listener.mode, self.tls, session=self.session_id))
             await self._act(session, session.greet())
             while self.transport is not None:
                 line = await self.readline(session.line_limit)
@@ -370,7 +383,7 @@ class SmtpConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.flush()
                 self.transport.close()
-            emit(Disconnected(self.peer_ip))
+            emit(Disconnected(self.peer_ip, session=self.session_id))
 
     async def _act(self, session: Session, actions: list[Action]) -> None:
         """Carry out the session's actions in order; each may yield more."""
@@ -411,7 +424,7 @@ class SmtpConnection(asyncio.Protocol):
                 self.cfg.command_timeout,
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            emit(TlsFailed(self.peer_ip, str(exc)))
+            emit(TlsFailed(self.peer_ip, str(exc), session=self.session_id))
             transport.abort()
             self.transport = None
             raise _Closed from None

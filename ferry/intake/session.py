@@ -50,6 +50,7 @@ from ferry.message import (
     count_received,
     header_block,
     header_values,
+    message_id,
     priority_from_headers,
     protocol_name,
     received_header,
@@ -149,8 +150,11 @@ class Session:
         tls_available: bool = False,
         new_id: Callable[[float], str] = new_queue_id,
         clock: Callable[[], float] = time.time,
+        session_id: str | None = None,
     ) -> None:
         self.cfg = cfg
+        #: In every log line about this connection and the messages it hands over.
+        self.session_id = session_id
         self.mode = mode
         self.peer_ip = peer_ip
         self.policy = policy
@@ -263,6 +267,8 @@ class Session:
                 priority=envelope.priority,
                 user=self.auth_user,
                 tls=self.tls,
+                message_id=message_id(envelope.data),
+                session=self.session_id,
             )
         )
         self._reply(250, "2.0.0", f"Ok: queued as {qid}")
@@ -316,13 +322,21 @@ class Session:
         self.state = "command"
         self.auth_user = user
         self.user_priority = priority
-        emit(AuthSucceeded(self.peer_ip, user, self._auth_mech))
+        emit(AuthSucceeded(self.peer_ip, user, self._auth_mech, session=self.session_id))
         self._reply(235, "2.7.0", "Authentication successful")
         return self._take()
 
     def auth_failed(self, failures: int) -> list[Action]:
         self.state = "command"
-        emit(AuthFailed(self.peer_ip, self._auth_username[:64], self._auth_mech, failures))
+        emit(
+            AuthFailed(
+                self.peer_ip,
+                self._auth_username[:64],
+                self._auth_mech,
+                failures,
+                session=self.session_id,
+            )
+        )
         self._error(535, "5.7.8", "Authentication credentials invalid")
         return self._take()
 
@@ -332,7 +346,7 @@ class Session:
         self.helo, self.esmtp = None, False
         self.txn = Transaction()
         self.state = "command"
-        emit(TlsStarted(self.peer_ip, description))
+        emit(TlsStarted(self.peer_ip, description, session=self.session_id))
         return self._take()
 
     # -- commands ----------------------------------------------------------------
@@ -698,11 +712,11 @@ class Session:
         self.errors += 1
         if self.errors >= self.cfg.max_errors:
             self._reply(421, "4.7.0", f"{self.cfg.hostname} Too many errors, closing connection")
-            emit(ConnectionRejected(self.peer_ip, 421, "too many errors"))
+            emit(ConnectionRejected(self.peer_ip, 421, "too many errors", session=self.session_id))
             self._close()
 
     def _reject(self, reply: Reply, **fields: Any) -> None:
-        emit(Rejected(self.peer_ip, reply, **fields))
+        emit(Rejected(self.peer_ip, reply, **fields, session=self.session_id))
         self._error(reply.code, reply.enhanced or "", reply.text)
 
     def _close(self) -> None:

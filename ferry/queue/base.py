@@ -19,6 +19,7 @@ from typing import Any
 
 from ferry.domains import address_domain
 from ferry.envelope import EnvelopeIn, Priority, Reply, Status
+from ferry.queue.selection import Suspension
 
 
 def new_queue_id(now: float | None = None) -> str:
@@ -60,6 +61,8 @@ class Attempt:
     outcome: Status
     next_hop: str | None = None  # e.g. "mx1.example.com[192.0.2.1]:25" or "smarthost:sendgrid"
     tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" or None for plain text
+    # Hosts tried before ``next_hop`` in this attempt, each "host[ip]:port reply".
+    tried: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -143,6 +146,7 @@ class AttemptResult:
     tls: str | None = None
     counts_as_attempt: bool = True
     delay_warned: bool = False  # a "delayed" DSN has been sent for this recipient
+    tried: tuple[str, ...] = ()  # hosts that failed before ``next_hop`` in this attempt
     expiry_reason: str | None = None  # status Expired: "lifetime" or "max_retries"
 
 
@@ -326,3 +330,9 @@ class Queue(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Finish pending writes and release resources."""
+
+    # Operator tools (ferry/queue/selection.py has the values): the list, summary, bulk
+    # and suspension methods; delivery only needs this one.
+    @abc.abstractmethod
+    async def suspensions(self, *, now: float) -> Sequence[Suspension]:
+        """Destinations whose delivery is paused now (``*``: every destination)."""

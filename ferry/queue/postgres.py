@@ -53,6 +53,7 @@ from ferry.queue.base import (
     RecipientInfo,
     new_queue_id,
 )
+from ferry.queue.postgres_ops import PostgresOperatorMethods
 from ferry.queue.postgres_schema import PENDING, migrate, schema_version
 
 T = TypeVar("T")
@@ -121,7 +122,7 @@ _RECORD_COLUMNS = (
     "warned",
     "reason",
 )
-_ATTEMPT_COLUMNS = ("id", "outcome", "code", "enh", "text", "hop", "tls")
+_ATTEMPT_COLUMNS = ("id", "outcome", "code", "enh", "text", "hop", "tls", "tried")
 
 
 #: How often a node writes its heartbeat; ``ferry nodes`` calls one silent for three
@@ -173,7 +174,7 @@ class _Job:
     future: asyncio.Future[Any]
 
 
-class PostgresQueue(Queue):
+class PostgresQueue(PostgresOperatorMethods, Queue):
     """The PostgreSQL implementation of the queue contract."""
 
     def __init__(
@@ -377,7 +378,8 @@ class PostgresQueue(Queue):
         ``recipients``: (old id, address, domain, orcpt, notify, status, priority,
         arrival, attempts, next_attempt, last_code, last_enhanced, last_text, route,
         delay_warned, expiry_reason); ``attempts``: (old recipient id, at, outcome,
-        code, enhanced, text, next_hop, tls). False: a message with that id is here already.
+        code, enhanced, text, next_hop, tls, tried). False: a message with that id is here
+        already.
         """
 
         async def job(conn: Conn) -> bool:
@@ -426,7 +428,7 @@ class PostgresQueue(Queue):
                 async with conn.cursor() as c:
                     await c.executemany(
                         "INSERT INTO attempts(recipient_id, at, outcome, code, enhanced, text,"
-                        " next_hop, tls) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                        " next_hop, tls, tried) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                         rows,
                     )
             await _refresh_message_status(conn, [str(message[0])])
@@ -453,6 +455,10 @@ class PostgresQueue(Queue):
         return await self._read(job)
 
     # -- plumbing ---------------------------------------------------------------
+
+    @staticmethod
+    async def _refresh_status(conn: Conn, message_ids: list[str], now: float) -> None:
+        await _refresh_message_status(conn, message_ids, now)
 
     async def _tx(self, fn: Callable[[Conn], Awaitable[T]], *, pipeline: bool = False) -> T:
         """Run ``fn`` in one transaction on a pooled connection, again after a conflict.
@@ -747,6 +753,7 @@ class PostgresQueue(Queue):
                             reply.text if reply else None,
                             res.next_hop,
                             res.tls,
+                            json.dumps(list(res.tried)) if res.tried else None,
                         ),
                         strict=True,
                     ):
@@ -768,10 +775,11 @@ class PostgresQueue(Queue):
             if attempts["id"]:
                 await conn.execute(
                     "INSERT INTO attempts(recipient_id, at, outcome, code, enhanced, text,"
-                    " next_hop, tls) SELECT id, %s, outcome, code, enh, text, hop, tls"
-                    " FROM unnest(%s::bigint[], %s::text[], %s::integer[], %s::text[],"
-                    " %s::text[], %s::text[], %s::text[])"
-                    " WITH ORDINALITY AS a(id, outcome, code, enh, text, hop, tls, i) ORDER BY i",
+                    " next_hop, tls, tried) SELECT id, %s, outcome, code, enh, text, hop, tls,"
+                    " tried FROM unnest(%s::bigint[], %s::text[], %s::integer[], %s::text[],"
+                    " %s::text[], %s::text[], %s::text[], %s::text[])"
+                    " WITH ORDINALITY AS a(id, outcome, code, enh, text, hop, tls, tried, i)"
+                    " ORDER BY i",
                     (now, *(attempts[k] for k in _ATTEMPT_COLUMNS)),
                 )
             await _refresh_message_status(conn, sorted(touched), now)
@@ -1325,13 +1333,20 @@ async def _load_recipients(
     by_id = {r[0]: _recipient(r) for r in await cur.fetchall()}
     if history and by_id:
         cur = await conn.execute(
-            "SELECT recipient_id, at, outcome, code, enhanced, text, next_hop, tls"
+            "SELECT recipient_id, at, outcome, code, enhanced, text, next_hop, tls, tried"
             " FROM attempts WHERE recipient_id = ANY(%s) ORDER BY at, id",
             (list(by_id),),
         )
-        for rid, at, outcome, code, enh, text, hop, tls in await cur.fetchall():
+        for rid, at, outcome, code, enh, text, hop, tls, tried in await cur.fetchall():
             by_id[rid].history.append(
-                Attempt(at, _reply(code, enh, text), Status(outcome), hop, tls)
+                Attempt(
+                    at,
+                    _reply(code, enh, text),
+                    Status(outcome),
+                    hop,
+                    tls,
+                    tuple(json.loads(tried)) if tried else (),
+                )
             )
     return [by_id[i] for i in ids if i in by_id]
 

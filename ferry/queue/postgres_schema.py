@@ -140,8 +140,32 @@ CREATE INDEX IF NOT EXISTS recipients_lease_owner ON recipients(lease_owner)
     WHERE status = 'InProgress';
 """
 
+# Version 3 (operator tools, issue 11.4, as SQLite's version 4): suspensions, operator
+# events, the hosts tried in an attempt (JSON text), an index over waiting recipients.
+_V3 = """
+CREATE TABLE IF NOT EXISTS suspensions (
+    domain text PRIMARY KEY,
+    since double precision NOT NULL,
+    until double precision,
+    reason text NOT NULL DEFAULT '',
+    by text NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS operator_events (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at double precision NOT NULL,
+    by text NOT NULL,
+    action text NOT NULL,
+    selection text NOT NULL,
+    messages integer NOT NULL,
+    recipients integer NOT NULL
+);
+ALTER TABLE attempts ADD COLUMN IF NOT EXISTS tried text;
+CREATE INDEX IF NOT EXISTS recipients_waiting_by_age ON recipients(arrival, message_id)
+    WHERE status IN ('Queued','Deferred','InProgress','Held');
+"""
+
 #: MIGRATIONS[i] takes a database from version i to i + 1. Append only.
-MIGRATIONS: list[str] = [_V1, _V2]
+MIGRATIONS: list[str] = [_V1, _V2, _V3]
 LATEST = len(MIGRATIONS)
 
 # pg_advisory_xact_lock key: "ferry" + "migr" as one 64-bit number, the same on every node.

@@ -39,7 +39,7 @@ from ferry.envelope import (
 )
 from ferry.events import QueueStorageLost as QueueStorageLostEvent
 from ferry.events import emit
-from ferry.queue import outbox
+from ferry.queue import outbox, sqlite_ops
 from ferry.queue.base import (
     Attempt,
     AttemptResult,
@@ -51,6 +51,16 @@ from ferry.queue.base import (
     QueueStats,
     RecipientInfo,
     new_queue_id,
+)
+from ferry.queue.selection import (
+    WAITING,
+    BulkAction,
+    BulkResult,
+    Counts,
+    Page,
+    Selection,
+    Summary,
+    Suspension,
 )
 from ferry.queue.sqlite_schema import migrate
 
@@ -361,7 +371,187 @@ def _reply(code: int | None, enhanced: str | None, text: str | None) -> Reply | 
     return Reply(code, enhanced, text or "")
 
 
-class SqliteQueue(Queue):
+# -- operator tools: selections, bulk changes, suspensions (see sqlite_ops) ---------
+
+
+class OperatorMethods:
+    """``SqliteQueue``'s operator side, kept apart so the core stays readable."""
+
+    _read: Callable[..., Any]
+    _run: Callable[..., Any]
+
+    async def list_page(
+        self, sel: Selection, *, now: float, limit: int = 100, after: str | None = None
+    ) -> Page:
+        """Messages with a selected recipient, newest first; ``after`` = the last id shown."""
+        page: Page = await self._read(
+            lambda conn: sqlite_ops.list_page(conn, sel, now=now, limit=limit, after=after)
+        )
+        return page
+
+    async def counts(self) -> Counts:
+        result: Counts = await self._read(sqlite_ops.counts)
+        return result
+
+    async def summary(self, sel: Selection, *, now: float) -> Summary:
+        result: Summary = await self._read(lambda conn: sqlite_ops.summary(conn, sel, now=now))
+        return result
+
+    async def count_selected(self, sel: Selection, *, now: float) -> tuple[int, int]:
+        """(messages, recipients) the selection names (for a confirmation prompt)."""
+
+        def job(conn: sqlite3.Connection) -> tuple[int, int]:
+            pairs = sqlite_ops.selected_recipients(conn, sel, now)
+            return len({m for _r, m in pairs}), len(pairs)
+
+        result: tuple[int, int] = await self._read(job)
+        return result
+
+    async def bulk(
+        self,
+        action: BulkAction,
+        sel: Selection,
+        *,
+        now: float,
+        by: str,
+        make_dsn: Callable[[MessageInfo, bytes], EnvelopeIn | None] | None = None,
+        dsn_lifetime: float = 4 * 86400,
+    ) -> BulkResult:
+        """Apply ``action`` to the selected recipients in one transaction, with its
+        operator event (and, for ``cancel`` with ``make_dsn``, the DSNs to the senders:
+        ``make_dsn`` gets each message with its just-cancelled recipients)."""
+        statuses = {
+            "retry": (Status.QUEUED, Status.DEFERRED),
+            "hold": (Status.QUEUED, Status.DEFERRED),
+            "release": (Status.HELD,),
+            "cancel": WAITING,
+            "remove": (),
+        }[action]
+
+        def job(conn: sqlite3.Connection) -> BulkResult:
+            pairs = sqlite_ops.selected_recipients(conn, sel, now, statuses)
+            ids = [r for r, _m in pairs]
+            message_ids = sorted({m for _r, m in pairs})
+            dsns = 0
+            if action == "remove":
+                touched = len(ids)
+                sqlite_ops.remove_messages(conn, message_ids)
+            elif action == "retry":
+                touched = sqlite_ops.make_due(conn, ids, now)
+            elif action in ("hold", "release"):
+                touched = sqlite_ops.set_held(conn, ids, action == "hold", now)
+            else:
+                done = set(sqlite_ops.cancel(conn, ids))
+                touched = len(done)
+                if make_dsn is not None and done:
+                    dsns = _cancel_dsns(conn, message_ids, done, make_dsn, now, dsn_lifetime)
+            if action != "remove":
+                _refresh_message_status(conn, message_ids)
+            sqlite_ops.log_operator_event(
+                conn,
+                now=now,
+                by=by,
+                action=action + (" with DSN" if make_dsn is not None else ""),
+                selection=sel.describe(),
+                messages=len(message_ids),
+                recipients=touched,
+            )
+            return BulkResult(action, len(message_ids), touched, dsns)
+
+        result: BulkResult = await self._run(job)
+        return result
+
+    async def suspend(
+        self, domain: str, *, now: float, until: float | None, reason: str, by: str
+    ) -> None:
+        """Pause delivery to ``domain`` (``*``: every destination) until ``until``."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            sqlite_ops.suspend(conn, domain, now=now, until=until, reason=reason, by=by)
+            end = "resumed"
+            if until is not None:
+                end = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until))
+            what = f"{domain} until {end} {reason}"
+            sqlite_ops.log_operator_event(
+                conn,
+                now=now,
+                by=by,
+                action="suspend",
+                selection=what.strip(),
+                messages=0,
+                recipients=0,
+            )
+
+        await self._run(job)
+
+    async def resume(
+        self, domain: str, *, by: str | None = None, logged_by: str | None = None
+    ) -> bool:
+        """Lift ``domain``'s suspension (only one set by ``by`` when given);
+        ``logged_by`` records the act as an operator event."""
+
+        def job(conn: sqlite3.Connection) -> bool:
+            lifted = sqlite_ops.resume(conn, domain, by)
+            if logged_by is not None:
+                sqlite_ops.log_operator_event(
+                    conn,
+                    now=time.time(),
+                    by=logged_by,
+                    action="resume",
+                    selection=domain if lifted else f"{domain} (was not suspended)",
+                    messages=0,
+                    recipients=0,
+                )
+            return lifted
+
+        result: bool = await self._run(job)
+        return result
+
+    async def suspensions(self, *, now: float) -> list[Suspension]:
+        result: list[Suspension] = await self._read(lambda conn: sqlite_ops.suspensions(conn, now))
+        return result
+
+    async def operator_events(self, after: int) -> list[dict[str, Any]]:
+        """Operator actions recorded after event ``after`` (``ferry serve`` logs them)."""
+        result: list[dict[str, Any]] = await self._read(
+            lambda conn: sqlite_ops.operator_events_after(conn, after)
+        )
+        return result
+
+    async def last_operator_event(self) -> int:
+        result: int = await self._read(sqlite_ops.last_operator_event)
+        return result
+
+
+def _cancel_dsns(
+    conn: sqlite3.Connection,
+    message_ids: list[str],
+    cancelled: set[int],
+    make_dsn: Callable[[MessageInfo, bytes], EnvelopeIn | None],
+    now: float,
+    lifetime: float,
+) -> int:
+    n = 0
+    for message in _load_messages(conn, message_ids):
+        rids = [
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM recipients WHERE message_id=? ORDER BY id", (message.id,)
+            )
+            if r[0] in cancelled
+        ]
+        if not rids:
+            continue
+        message.recipients = _load_recipients(conn, rids)
+        row = conn.execute("SELECT data FROM bodies WHERE message_id=?", (message.id,)).fetchone()
+        envelope = make_dsn(message, bytes(row[0]) if row else b"")
+        if envelope is not None:
+            _insert_message(conn, new_queue_id(now), envelope, now, now + lifetime)
+            n += 1
+    return n
+
+
+class SqliteQueue(OperatorMethods, Queue):
     """The SQLite implementation of the queue contract."""
 
     def __init__(
@@ -665,7 +855,7 @@ class SqliteQueue(Queue):
                 if res.counts_as_attempt:
                     conn.execute(
                         "INSERT INTO attempts(recipient_id, at, outcome, code, enhanced, text,"
-                        " next_hop, tls) VALUES (?,?,?,?,?,?,?,?)",
+                        " next_hop, tls, tried) VALUES (?,?,?,?,?,?,?,?,?)",
                         (
                             res.recipient_id,
                             now,
@@ -675,6 +865,7 @@ class SqliteQueue(Queue):
                             text,
                             res.next_hop,
                             res.tls,
+                            sqlite_ops.tried_json(res.tried),
                         ),
                     )
                     if log:
@@ -1261,14 +1452,21 @@ def _load_recipients(
         for r in rows
     }
     if history and by_id:
-        for rid, at, outcome, code, enh, text, hop, tls in _select_in(
+        for rid, at, outcome, code, enh, text, hop, tls, tried in _select_in(
             conn,
-            "SELECT recipient_id, at, outcome, code, enhanced, text, next_hop, tls"
+            "SELECT recipient_id, at, outcome, code, enhanced, text, next_hop, tls, tried"
             " FROM attempts WHERE recipient_id IN ({}) ORDER BY at, id",
             list(by_id),
         ):
             by_id[rid].history.append(
-                Attempt(at, _reply(code, enh, text), Status(outcome), hop, tls)
+                Attempt(
+                    at,
+                    _reply(code, enh, text),
+                    Status(outcome),
+                    hop,
+                    tls,
+                    tuple(json.loads(tried)) if tried else (),
+                )
             )
     return [by_id[i] for i in ids if i in by_id]
 

@@ -31,6 +31,7 @@ import sqlite3
 from collections.abc import Callable
 
 from ferry.queue.outbox import SCHEMA as OUTBOX_SCHEMA
+from ferry.queue.sqlite_ops import OPERATOR_SCHEMA
 
 PENDING = "('Queued','Deferred','InProgress')"
 FINAL = "('Delivered','Failed','Expired','Cancelled')"
@@ -217,7 +218,14 @@ CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency(expires);
 
 
 #: MIGRATIONS[i] takes a database from version i + 1 to i + 2. Append only.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_script(_V2), _script(_V3)]
+def _v4(conn: sqlite3.Connection) -> None:
+    # Version 4 (operator tools, issue 11.4): suspensions, operator events, the hosts
+    # tried in an attempt, indexes over waiting recipients (ferry/queue/sqlite_ops.py).
+    _script(OPERATOR_SCHEMA)(conn)
+    conn.execute("ALTER TABLE attempts ADD COLUMN tried TEXT")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_script(_V2), _script(_V3), _v4]
 LATEST = len(MIGRATIONS) + 1
 
 

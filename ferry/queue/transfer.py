@@ -31,7 +31,7 @@ _RECIPIENT = (
     "id, address, domain, orcpt, notify, status, priority, arrival, attempts, next_attempt,"
     " last_code, last_enhanced, last_text, route, delay_warned, expiry_reason"
 )
-_ATTEMPT = "recipient_id, at, outcome, code, enhanced, text, next_hop, tls"
+_ATTEMPT = "recipient_id, at, outcome, code, enhanced, text, next_hop, tls, tried"
 
 
 @dataclass

@@ -33,7 +33,15 @@ LEAVES = (
 #: The stages of a message's trip: intake → queue → delivery.
 STAGES = ("ferry.intake", "ferry.queue", "ferry.delivery")
 #: What sits on top and wires the stages together or speaks to people.
-TOP = ("ferry.cli", "ferry.api", "ferry.service", "ferry.stats", "ferry.http", "ferry.dnscheck")
+TOP = (
+    "ferry.cli",
+    "ferry.api",
+    "ferry.service",
+    "ferry.stats",
+    "ferry.http",
+    "ferry.dnscheck",
+    "ferry.operations",
+)
 
 
 def _module_name(path: Path) -> str:

@@ -142,7 +142,7 @@ def test_serve_drops_bodies_and_queue_purge_clears_history(
             c.sendmail("alice@sender.test", [f"r{i}@ok.test"], msg(f"m{i}"))
 
     def all_delivered() -> list[dict[str, Any]] | None:
-        listing: list[dict[str, Any]] = cli_json(cfg, "queue", "list")["messages"]
+        listing: list[dict[str, Any]] = cli_json(cfg, "queue", "list", "--all")["messages"]
         return listing if [m["status"] for m in listing] == ["Delivered"] * 3 else None
 
     listing = wait_until(all_delivered, 30, "three messages delivered")
@@ -156,6 +156,6 @@ def test_serve_drops_bodies_and_queue_purge_clears_history(
     assert cli_json(cfg, "queue", "purge") == {"purged": 0, "pages_freed": 0}  # within 7 days
     res = run_cli(cfg, "queue", "purge", "--older-than", "0s")
     assert res.returncode == 0 and res.stdout.startswith("3 finished messages purged"), res
-    assert cli_json(cfg, "queue", "list")["messages"] == []
+    assert cli_json(cfg, "queue", "list", "--all")["messages"] == []
     assert cli_json(cfg, "queue", "stats")["total_messages"] == 0
     assert run_cli(cfg, "queue", "purge", "--older-than", "soon").returncode != 0

@@ -101,7 +101,7 @@ def test_serve_on_postgres_and_a_killed_node_s_work_taken_over(
     assert mx.wait_for_messages(1, 30)
     wait_until(lambda: _recipient_state(dsn) == [("Delivered", None)], 15, "Delivered")
     # The queue commands work from any node's configuration.
-    [listed] = cli_json(second, "queue", "list")["messages"]
+    [listed] = cli_json(second, "queue", "list", "--all")["messages"]
     assert listed["status"] == "Delivered"
     assert cli_json(second, "queue", "stats")["delivered_messages"] == 1
     # Both nodes announced themselves; the killed one holds nothing any more.

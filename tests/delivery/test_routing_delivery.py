@@ -254,3 +254,29 @@ def test_shaping_by_mx_group_is_shared_by_its_domains(world: World) -> None:
     wait_until(lambda: len(a.messages) + len(b.messages) >= 1, 15, "one bigmail delivery")
     # both domains are hosted by bigmail.test: one new connection a minute between them
     assert len(a.messages) + len(b.messages) == 1
+
+
+def test_hybrid_recipient_delivered_at_the_mx_is_recorded_before_the_relay_hop(
+    world: World,
+) -> None:
+    """Issue 10.1: a recipient the MX accepted is recorded with the reply that delivered
+    it, before the same message's next transaction (the relay hop for the recipient the
+    MX deferred) begins. Before, both waited for the end of the relay's transaction: a
+    crash during it sent the first recipient's copy again."""
+    mx = world.mx("mx.hyb4.test").publish(world.dns, "hyb4.test")
+    mx.on("rcpt", "451 4.7.1 greylisted, try later", rcpt="later@hyb4.test")
+    relay = world.mx("smtp.hyb4-relay.test")
+    relay.on("data", "354 go ahead", delay=30)  # the relay's transaction hangs
+    svc = world.relay(
+        mode="hybrid", smart_hosts=[world.smart_host(relay, "fallback")], command_timeout=60
+    )
+    qid = world.send(svc, ["now@hyb4.test", "later@hyb4.test"])
+    wait_until(lambda: any(c.startswith("DATA") for c in relay.commands), 15, "DATA at relay")
+    assert mx.wait_for_messages(1, 15)
+
+    def first_recorded() -> bool:
+        m = world.message(svc, qid)
+        return [r.status for r in m.recipients] == [Status.DELIVERED, Status.IN_PROGRESS]
+
+    wait_until(first_recorded, 10, "the MX's delivery recorded while the relay hop runs")
+    assert relay.messages == []

@@ -272,3 +272,45 @@ def test_token_cli_never_shows_secrets(tmp_path: Path) -> None:
     assert dup.returncode != 0 and "exists" in dup.stderr
     assert run_cli(config, "token", "revoke", "app").returncode == 0
     assert json.loads(run_cli(config, "token", "list", "--json").stdout) == []
+
+
+async def test_queue_control_over_http_uses_the_cli_functions(own_relay: Relay) -> None:
+    relay = own_relay
+    async with aiohttp.ClientSession(relay.base) as http:
+        ids = []
+        for rcpt in ("a@ctl.test", "b@ctl.test", "c@other.test"):
+            async with http.post(
+                "/v1/messages", json=_raw([rcpt]), headers=_auth(relay.inject)
+            ) as r:
+                ids.append((await r.json())["id"])
+        async with http.get("/v1/messages?domain=ctl.test", headers=_auth(relay.read)) as r:
+            listed = await r.json()
+        assert sorted(m["id"] for m in listed["messages"]) == sorted(ids[:2])
+        assert all(m["expires"] for m in listed["messages"])  # the real give-up time
+        # bulk actions need the admin scope, and a selection in words
+        async with http.post("/v1/messages/hold", json={}, headers=_auth(relay.read)) as r:
+            assert r.status == 403
+        async with http.post("/v1/messages/hold", json={}, headers=_auth(relay.admin)) as r:
+            assert r.status == 400 and (await r.json())["error"]["code"] == "no_selection"
+        body = {"filter": {"domain": "ctl.test"}}
+        async with http.post("/v1/messages/hold", json=body, headers=_auth(relay.admin)) as r:
+            assert await r.json() == {"action": "hold", "messages": 2, "recipients": 2, "dsns": 0}
+        async with http.post(
+            "/v1/messages/cancel", json={"ids": [ids[2]]}, headers=_auth(relay.admin)
+        ) as r:
+            assert (await r.json())["messages"] == 1
+        # the CLI sees what the API did
+        held = cli_json(relay.config, "queue", "list", "--status", "held")["messages"]
+        assert sorted(m["id"] for m in held) == sorted(ids[:2])
+        # suspend and resume a destination
+        suspend = {"domain": "ctl.test", "for": "2h", "reason": "maintenance"}
+        async with http.post("/v1/suspensions", json=suspend, headers=_auth(relay.admin)) as r:
+            assert r.status == 201 and (await r.json())["domain"] == "ctl.test"
+        async with http.get("/v1/suspensions", headers=_auth(relay.read)) as r:
+            # ("*" too: this relay runs with delivery.hold, which is the "*" suspension)
+            assert [s["domain"] for s in await r.json()] == ["*", "ctl.test"]
+        assert "ctl.test" in run_cli(relay.config, "queue", "suspended").stdout
+        async with http.delete("/v1/suspensions/ctl.test", headers=_auth(relay.admin)) as r:
+            assert r.status == 200
+        async with http.delete("/v1/suspensions/ctl.test", headers=_auth(relay.admin)) as r:
+            assert r.status == 404

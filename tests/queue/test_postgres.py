@@ -239,9 +239,48 @@ async def test_a_version_1_queue_is_migrated_in_place(pg_dsn: str) -> None:
         )
     q = await PostgresQueue(dsn).open()
     try:
-        assert version(dsn) == LATEST == 2
+        assert version(dsn) == LATEST
         m = await q.get("OLD1")
         assert m is not None and m.sender == "s@x.test"
         await q.register_node("n:1", "h", "v")  # the version 2 table is there
+    finally:
+        await q.close()
+
+
+async def test_operator_tools_on_postgres(pg_dsn: str) -> None:
+    from ferry.queue.selection import Selection
+
+    q = await PostgresQueue(fresh_schema(pg_dsn)).open()
+    try:
+        a = await q.enqueue(env("a@y.example", "b@y.example"))
+        b = await q.enqueue(env("c@z.example"))
+        held = await q.bulk("hold", Selection(ids=(a,)), now=T0, by="test")
+        assert (held.messages, held.recipients) == (1, 2)
+        m = await q.get(a)
+        assert m is not None and m.status is Status.HELD
+        assert [c.message.id for c in await q.claim("w", now=T0 * 2, limit=9, lease=60)] == [b]
+        assert (await q.counts()).held_recipients == 2
+        page = await q.list_page(Selection(domain="y.example"), now=T0, limit=10)
+        assert [m.id for m in page.messages] == [a]
+        first = await q.list_page(Selection(), now=T0, limit=1)
+        rest = await q.list_page(Selection(), now=T0, limit=1, after=first.after)
+        assert [m.id for m in first.messages + rest.messages] == [b, a]
+        released = await q.bulk("release", Selection(ids=(a,)), now=T0, by="test")
+        assert released.recipients == 2
+        cancelled = await q.bulk("cancel", Selection(domain="y.example"), now=T0, by="test")
+        assert cancelled.recipients == 2
+        m = await q.get(a)
+        assert m is not None and m.status is Status.CANCELLED and m.finished == T0
+        events = await q.operator_events(0)
+        assert [e["action"] for e in events] == ["hold", "release", "cancel"]
+        assert await q.last_operator_event() == events[-1]["id"]
+        await q.suspend("A.Example.", now=T0, until=T0 + 60, reason="slow", by="t")
+        await q.suspend("all", now=T0, until=None, reason="", by="config")
+        assert [s.domain for s in await q.suspensions(now=T0)] == ["*", "a.example"]
+        assert [s.domain for s in await q.suspensions(now=T0 + 61)] == ["*"]
+        assert not await q.resume("*", by="someone else")
+        assert await q.resume("*", by="config")
+        assert await q.resume("a.example")
+        assert await q.suspensions(now=T0) == []
     finally:
         await q.close()

@@ -343,7 +343,7 @@ async def test_purged_space_is_returned_to_the_file_system(tmp_path: Path) -> No
         result = await purge_history(q, now=T0 + DAY, retention=0, pause=0)
         assert result.messages == 40 and result.pages > 0
         free, total = await q.free_space()
-        assert total < full // 4 and free <= total // 10
+        assert total < full // 4 and free <= total // 10 + 2  # the reserve, rounded
         # ...and the file itself shrinks (the purge ends with a WAL checkpoint)
         assert q.db_path.stat().st_size <= total * 4096
     finally:

@@ -495,6 +495,17 @@ class MxServer:
         with self._cond:
             return self._connections
 
+    @property
+    def open_connections(self) -> int:
+        """Connections open now (call it inside :meth:`MxFactory.at_once`)."""
+        return len(self._sessions)
+
+    @property
+    def busy_connections(self) -> int:
+        """Connections inside a mail transaction now: MAIL seen, the reply to the final
+        dot not yet sent (call it inside :meth:`MxFactory.at_once`)."""
+        return sum(1 for s in self._sessions if s.envelope and s.envelope.mail_from is not None)
+
     def wait_for_messages(self, count: int = 1, timeout: float = 10.0) -> list[ReceivedMessage]:
         """Block until at least ``count`` messages arrived; return them all."""
         with self._cond:
@@ -633,6 +644,17 @@ class MxFactory:
         """Run ``coro`` on the world loop and wait for its result."""
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return future.result(timeout)
+
+    def at_once(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        """Run ``fn`` on the world loop: while it runs, no server reads or answers.
+
+        A crash test reads "connections open now" and kills a process in one instant.
+        """
+
+        async def run() -> T:
+            return fn()
+
+        return self._call(run(), timeout)
 
     def __call__(
         self,

@@ -16,6 +16,7 @@ import psycopg
 
 from ferry.envelope import Status
 from ferry.queue.selection import (
+    AGE_BUCKETS,
     WAITING,
     BulkAction,
     BulkResult,
@@ -24,6 +25,7 @@ from ferry.queue.selection import (
     ListedRecipient,
     Page,
     Selection,
+    Summary,
     Suspension,
     normal_domain,
 )
@@ -164,6 +166,36 @@ class PostgresOperatorMethods:
             )
 
         result: Counts = await self._read(job)
+        return result
+
+    async def summary(self, sel: Selection, *, now: float) -> Summary:
+        """qshape's table: waiting recipients per domain and age bucket; per last reply."""
+
+        async def job(conn: Conn) -> Summary:
+            where, args, need_message = _where(sel, now)
+            if not sel.waiting_only:
+                where.append(f"r.status IN {WAITING_SQL}")  # a shape of the waiting queue
+            cases = " ".join(
+                f"WHEN r.arrival > {now - minutes * 60!r} THEN {i}"
+                for i, minutes in enumerate(AGE_BUCKETS)
+            )
+            bucket = f"CASE {cases} ELSE {len(AGE_BUCKETS)} END"
+            cur = await conn.execute(
+                (
+                    f"SELECT r.domain, {bucket} AS b, r.last_code, r.last_enhanced, COUNT(*)"
+                    f" FROM {_from(need_message)} WHERE {' AND '.join(where)}"
+                    " GROUP BY r.domain, b, r.last_code, r.last_enhanced"
+                ).encode(),
+                args,
+            )
+            by_domain: dict[str, list[int]] = {}
+            by_reply: dict[tuple[int | None, str | None], int] = {}
+            for domain, b, code, enhanced, n in await cur.fetchall():
+                by_domain.setdefault(domain, [0] * (len(AGE_BUCKETS) + 1))[b] += int(n)
+                by_reply[(code, enhanced)] = by_reply.get((code, enhanced), 0) + int(n)
+            return Summary(now, by_domain, by_reply)
+
+        result: Summary = await self._read(job)
         return result
 
     async def count_selected(self, sel: Selection, *, now: float) -> tuple[int, int]:

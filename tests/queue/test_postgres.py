@@ -4,6 +4,7 @@ several nodes (queues) working on one database at once."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import psycopg
@@ -282,5 +283,23 @@ async def test_operator_tools_on_postgres(pg_dsn: str) -> None:
         assert await q.resume("*", by="config")
         assert await q.resume("a.example")
         assert await q.suspensions(now=T0) == []
+    finally:
+        await q.close()
+
+
+async def test_summary_on_postgres(pg_dsn: str) -> None:
+    from ferry.queue.selection import AGE_BUCKETS, Selection
+
+    q = await PostgresQueue(fresh_schema(pg_dsn)).open()
+    try:
+        await q.enqueue(env("a@y.example", "b@y.example"))
+        await q.enqueue(env("c@z.example"))
+        now = time.time()
+        s = await q.summary(Selection(), now=now + 7 * 60)  # 7 minutes on: 2nd bucket
+        row = [0] * (len(AGE_BUCKETS) + 1)
+        row[1] = 2
+        assert s.by_domain["y.example"] == row
+        assert sum(s.by_domain["z.example"]) == 1
+        assert s.by_reply == {(None, None): 3}
     finally:
         await q.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import importlib
 import json
-import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -19,7 +18,6 @@ import click
 
 from ferry import __version__
 from ferry.cli.common import config_option, config_path, load_config
-from ferry.envelope import Priority
 
 if TYPE_CHECKING:
     from ferry.config import RelayConfig
@@ -80,6 +78,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "dns": ("ferry.cli.dns:dns", "Check a sending domain's DNS (SPF, DKIM, DMARC, MX)."),
     "dkim": ("ferry.cli.dkim:dkim", "Create, list, rotate and remove DKIM signing keys."),
     "token": ("ferry.cli.token:token", "Create, list and revoke HTTP API tokens."),
+    "config": ("ferry.cli.config:config_group", "Check a configuration and show its settings."),
+    "user": ("ferry.cli.user:user_group", "Manage SMTP AUTH users."),
     "webhooks": ("ferry.cli.webhooks:webhooks", "Webhook endpoints: backlog, failures, replay."),
     "nodes": ("ferry.cli.nodes:nodes", "The nodes sharing a PostgreSQL queue."),
 }
@@ -158,119 +158,6 @@ def serve(ctx: click.Context) -> None:
         raise click.ClickException(f"cannot start: {exc}") from None
     except KeyboardInterrupt:
         pass
-
-
-# -- config ----------------------------------------------------------------------
-
-
-@main.group("config")
-def config_group() -> None:
-    """Inspect configuration."""
-
-
-@config_group.command("check")
-@click.argument("file", required=False, type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.pass_context
-def config_check(ctx: click.Context, file: str | None, as_json: bool) -> None:
-    """Validate FILE (or the active config) and print the effective settings, secrets masked."""
-    config = load_config(file or config_path(ctx))  # the same load as `ferry serve`
-    data = config.masked()
-    if as_json:
-        _print_json(data)
-        return
-    click.echo("# configuration is valid; effective settings (secrets masked):")
-    _print_toml(data)
-
-
-def _print_toml(data: dict[str, Any]) -> None:
-    def fmt(v: Any) -> str:
-        return json.dumps(v, ensure_ascii=False)
-
-    scalars = {k: v for k, v in data.items() if not isinstance(v, (dict, list))}
-    for k, v in scalars.items():
-        click.echo(f"{k} = {fmt(v)}")
-    for section, value in data.items():
-        if isinstance(value, dict):
-            click.echo(f"\n[{section}]")
-            for k, v in value.items():
-                key = k if k.replace("_", "").isalnum() else json.dumps(k)
-                click.echo(f"{key} = {fmt(v)}")
-        elif isinstance(value, list):
-            for item in value:
-                click.echo(f"\n[[{section}]]")
-                for k, v in item.items():
-                    click.echo(f"{k} = {fmt(v)}")
-
-
-# -- users -----------------------------------------------------------------------
-
-
-@main.group("user")
-def user_group() -> None:
-    """Manage SMTP AUTH users."""
-
-
-def _users(ctx: click.Context) -> Any:
-    from ferry.intake.users import UserDB
-
-    return UserDB(_load(ctx).server.users_file)
-
-
-@user_group.command("add")
-@click.argument("name")
-@click.option(
-    "--priority",
-    type=click.Choice([p.name.lower() for p in Priority]),
-    help="Default priority of this user's mail.",
-)
-@click.pass_context
-def user_add(ctx: click.Context, name: str, priority: str | None) -> None:
-    """Add or replace user NAME; the password is read from a prompt or stdin."""
-    if sys.stdin.isatty():
-        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
-    if not password:
-        raise click.ClickException("empty password")
-    try:
-        _users(ctx).add(name, password, Priority.parse(priority) if priority else None)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"user {name} saved")
-
-
-@user_group.command("remove")
-@click.argument("name")
-@click.pass_context
-def user_remove(ctx: click.Context, name: str) -> None:
-    """Remove user NAME."""
-    if not _users(ctx).remove(name):
-        raise click.ClickException(f"no user {name}")
-    click.echo(f"user {name} removed")
-
-
-@user_group.command("list")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def user_list(ctx: click.Context, as_json: bool) -> None:
-    """List users (names and default priority; never hashes)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    users = _users(ctx).list()
-    if as_json:
-        _print_json(
-            [
-                {"name": u.name, "priority": u.priority.name.lower() if u.priority else None}
-                for u in users
-            ]
-        )
-        return
-    table = Table("user", "default priority")
-    for u in users:
-        table.add_row(u.name, u.priority.name.lower() if u.priority else "-")
-    Console().print(table)
 
 
 if __name__ == "__main__":  # pragma: no cover

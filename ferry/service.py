@@ -53,10 +53,11 @@ def _node_identity() -> tuple[str, str]:
     import socket
 
     try:
-        version = importlib.metadata.version("ferry")
+        version = importlib.metadata.version("ferry-relay")
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
     return socket.gethostname(), version
+
 
 # Who set the hold that `delivery.hold = true` stands for (lifted at a start without it).
 HOLD_BY_CONFIG = "config:delivery.hold"

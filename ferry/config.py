@@ -214,7 +214,12 @@ class QueueConfig(_Model):
     """The durable queue."""
 
     path: str = "./ferry-data"  # the data directory; see the module docstring
-    backend: Literal["sqlite"] = "sqlite"
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    # backend = "postgres": libpq's connection string or URI; what it leaves out comes
+    # from the standard PG* variables. A password is better in password_file (its first
+    # line) or PGPASSWORD / PGPASSFILE than in the DSN; the DSN is never logged.
+    dsn: SecretStr = SecretStr("")
+    password_file: ExistingFile = ""
     lease_seconds: PositiveDuration = 300.0
     commit_batch: int = Field(256, ge=1)
     # Finished messages' history (envelope, recipients, attempts) is kept this long.
@@ -650,6 +655,7 @@ def _path_slots(data: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
         ("server", "tls_key"),
         ("server", "users_file"),
         ("queue", "path"),
+        ("queue", "password_file"),
         ("dkim", "keys_dir"),
     ):
         slots.append((table(section), key))
@@ -727,7 +733,7 @@ _TOP_LEVEL_JSON = frozenset({"aliases", "smart_hosts", "routes", "shaping"})
 #: Every other ``FERRY_*`` variable must name a setting, or loading fails: a misspelt
 #: ``FERRY_DELIVERY_HOLD`` (one underscore) must not be silently ignored.
 NOT_SETTINGS: frozenset[str] = frozenset(
-    {"FERRY_CONFIG", "FERRY_DATA", "FERRY_EVENT_LOOP", "FERRY_VENV"}
+    {"FERRY_CONFIG", "FERRY_DATA", "FERRY_EVENT_LOOP", "FERRY_VENV", "FERRY_TEST_PG_DSN"}
 )
 #: Prefixes of variables for tools around Ferry (the benchmarks), not for Ferry itself.
 NOT_SETTINGS_PREFIXES: tuple[str, ...] = ("FERRY_BENCH_",)

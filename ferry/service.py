@@ -44,6 +44,20 @@ from ferry.tls import self_signed_context, server_context
 if TYPE_CHECKING:
     from ferry.http.server import Api
     from ferry.http.webhooks import WebhookSender
+    from ferry.queue.postgres import PostgresQueue
+
+
+def _node_identity() -> tuple[str, str]:
+    """(host name, Ferry version) for the table of nodes sharing a PostgreSQL queue."""
+    import importlib.metadata
+    import socket
+
+    try:
+        version = importlib.metadata.version("ferry-relay")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return socket.gethostname(), version
+
 
 # Who set the hold that `delivery.hold = true` stands for (lifted at a start without it).
 HOLD_BY_CONFIG = "config:delivery.hold"
@@ -101,7 +115,7 @@ class Service:
         self.config_file = config_file
         self.before_queue = before_queue
         self.use_lock = lock
-        self.queue: SqliteQueue | None = None
+        self.queue: SqliteQueue | PostgresQueue | None = None
         self.intake: IntakeServer | None = None
         self.scheduler: Scheduler | None = None
         self.workers: list[DeliveryProcess] = []
@@ -122,15 +136,18 @@ class Service:
                 from ferry.metrics import install, metrics_dir
 
                 install(metrics_dir(self.config.data_dir), fresh=True)
-            self.queue = open_queue(self.config)
+            self.queue = queue = open_queue(self.config)
             # A damaged database would answer 451 to every message with the reason only
-            # in the log: refuse to start instead, saying how to recover.
-            problems = await self.queue.check(quick=True)
-            if problems:
-                raise QueueDamaged(self.queue.db_path, problems)
+            # in the log: refuse to start instead, saying how to recover. (PostgreSQL:
+            # connects and refuses a schema newer than this Ferry knows.)
+            problems = await queue.check(quick=True)
+            if problems and isinstance(queue, SqliteQueue):
+                raise QueueDamaged(queue.db_path, problems)
             # One server per queue directory: leases left by a previous (crashed) run of
             # this node are ours to hand back at once instead of waiting for them to expire.
-            released = await self.queue.release_leases()
+            # A PostgreSQL queue is shared by several nodes: the others' leases are theirs,
+            # and a dead node's run out by themselves.
+            released = await queue.release_leases() if isinstance(queue, SqliteQueue) else 0
             if released:
                 emit(LeasesReleased(released))
             _clear_stats(self.config)
@@ -169,6 +186,11 @@ class Service:
                 before_queue=self.before_queue,
             )
             await self.intake.start()
+            if not isinstance(queue, SqliteQueue):
+                # Mail another node accepted wakes this node's delivery at once.
+                await queue.listen(self._wake_delivery)
+                # `ferry nodes`: this node, its heartbeat and the work its workers hold.
+                await queue.register_node(self._owner(0).rsplit(":", 1)[0], *_node_identity())
             if self.config.webhooks:
                 from ferry.http.webhooks import WebhookSender
 
@@ -280,6 +302,12 @@ class Service:
 
     def _owner(self, n: int) -> str:
         return f"{self.config.server.hostname}:{os.getpid()}:{n}"
+
+    def _wake_delivery(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.notify()
+        for worker in self.workers:
+            worker.notify()
 
     def _accepted(self, _queue_id: str) -> None:
         if self.webhooks is not None:

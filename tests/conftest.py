@@ -60,3 +60,31 @@ def serve_factory() -> Iterator[object]:
 
 # The test world: a real DNS server, scripted MX servers, a test CA (tests/world/).
 from tests.world.fixtures import dns_server, mx_factory, world_ca  # noqa: E402, F401
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    """A PostgreSQL server for the tests: FERRY_TEST_PG_DSN (CI starts one), else a
+    private cluster started here from the installed binaries and stopped at the end."""
+    import os
+    import shutil
+    import tempfile
+
+    from tests.world.postgres import DSN_VARIABLE, PostgresCluster, bin_dir
+
+    dsn = os.environ.get(DSN_VARIABLE)
+    if dsn:
+        yield dsn
+        return
+    if bin_dir() is None:
+        pytest.fail(
+            f"PostgreSQL is not installed: apt-get install -y postgresql, or set {DSN_VARIABLE}"
+        )
+    # Not under pytest's tmp_path: the postgres user must be able to enter it.
+    base = Path(tempfile.mkdtemp(prefix="ferry-pg-"))
+    cluster = PostgresCluster(base)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)

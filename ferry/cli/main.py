@@ -49,8 +49,14 @@ def _with_queue(
     async def run() -> T:
         # Never create a queue: a wrong path must not look like an empty queue.
         try:
-            queue = SqliteQueue(config.queue.path, create=False, readonly=readonly)
-        except OSError as exc:  # QueueNotFound, QueueDamaged
+            if config.queue.backend == "postgres":
+                from ferry.queue.postgres import PostgresQueue, conninfo
+
+                dsn = conninfo(config.queue.dsn.get_secret_value(), config.queue.password_file)
+                queue: Any = await PostgresQueue(dsn, create=False, pool_size=2).open()
+            else:
+                queue = SqliteQueue(config.queue.path, create=False, readonly=readonly)
+        except (OSError, LookupError, RuntimeError) as exc:  # not found, damaged, too new
             raise click.ClickException(str(exc)) from None
         try:
             return await fn(queue)
@@ -75,6 +81,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("ferry.cli.config:config_group", "Check a configuration and show its settings."),
     "user": ("ferry.cli.user:user_group", "Manage SMTP AUTH users."),
     "webhooks": ("ferry.cli.webhooks:webhooks", "Webhook endpoints: backlog, failures, replay."),
+    "nodes": ("ferry.cli.nodes:nodes", "The nodes sharing a PostgreSQL queue."),
 }
 
 

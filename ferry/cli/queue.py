@@ -586,6 +586,10 @@ def _attach() -> None:
 
     queue_group.add_command(check)
     queue_group.add_command(purge)
+    from ferry.cli.queue_migrate import migrate, migrate_to
+
+    queue_group.add_command(migrate)
+    queue_group.add_command(migrate_to)
 
 
 _attach()

@@ -1,4 +1,5 @@
-"""The queue: the one durable state. ``base`` is the contract, ``sqlite`` the embedded backend."""
+"""The queue: the one durable state. ``base`` is the contract, ``sqlite`` the embedded
+backend, ``postgres`` the one several nodes share."""
 
 from __future__ import annotations
 
@@ -6,19 +7,29 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ferry.config import RelayConfig
+    from ferry.queue.postgres import PostgresQueue
     from ferry.queue.sqlite import SqliteQueue
 
 
-def open_queue(config: RelayConfig, *, durable: bool = True) -> SqliteQueue:
-    """The queue backend named by the configuration.
+def open_queue(config: RelayConfig, *, durable: bool = True) -> SqliteQueue | PostgresQueue:
+    """The queue backend named by the configuration (``queue.backend``).
 
     ``durable=False`` is for a delivery worker process: its own writes (claims,
-    outcomes) need not be fsynced one by one (see ``SqliteQueue``).
+    outcomes) need not be fsynced one by one (see ``SqliteQueue``, ``PostgresQueue``).
     """
-    from ferry.queue.sqlite import SqliteQueue
-
     # The event log is written only when something reads it (webhooks or the HTTP API).
     event_log = bool(config.webhooks or config.http.listen)
-    return SqliteQueue(
-        config.queue.path, batch=config.queue.commit_batch, durable=durable, event_log=event_log
-    )
+    q = config.queue
+    if q.backend == "postgres":
+        from ferry.queue.postgres import PostgresQueue
+
+        return PostgresQueue(
+            q.dsn.get_secret_value(),
+            password_file=q.password_file,
+            batch=q.commit_batch,
+            durable=durable,
+            event_log=event_log,
+        )
+    from ferry.queue.sqlite import SqliteQueue
+
+    return SqliteQueue(q.path, batch=q.commit_batch, durable=durable, event_log=event_log)

@@ -1,23 +1,26 @@
-"""The queue contract, run against every backend (SQLite today, PostgreSQL later)."""
+"""The queue contract, run against every backend: SQLite and PostgreSQL alike."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply, Status
-from ferry.queue.base import AttemptResult, Queue
+from ferry.queue.base import AttemptResult, IdempotencyRecord, IdempotencyReplay, Queue
+from ferry.queue.postgres import PostgresQueue
 from ferry.queue.sqlite import SqliteQueue
-
-BACKENDS = ["sqlite"]
+from tests.queue.backends import BACKENDS, open_backend
 
 
 @pytest.fixture(params=BACKENDS)
 async def queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Queue]:
-    q = SqliteQueue(tmp_path / "q")
+    # The PostgreSQL server is started only when a PostgreSQL case runs.
+    dsn = request.getfixturevalue("pg_dsn") if request.param == "postgres" else None
+    q = await open_backend(request.param, tmp_path, dsn)
     yield q
     await q.close()
 
@@ -176,27 +179,69 @@ async def test_statistics(queue: Queue) -> None:
     assert st.oldest_message_time is not None
 
 
-async def test_concurrent_enqueues_are_group_committed(tmp_path: Path) -> None:
-    q = SqliteQueue(tmp_path / "g")
-    try:
-        before = q.commits
-        ids = await asyncio.gather(*(q.enqueue(env(f"r{i}@x.test")) for i in range(200)))
-        assert len(set(ids)) == 200
-        assert q.commits - before < 200  # fsyncs were shared
-        assert len(await q.list(limit=1000)) == 200
-    finally:
+async def test_concurrent_enqueues_are_group_committed(queue: Queue) -> None:
+    commits = lambda: queue.commits  # type: ignore[attr-defined]  # noqa: E731
+    before = commits()
+    ids = await asyncio.gather(*(queue.enqueue(env(f"r{i}@x.test")) for i in range(200)))
+    assert len(set(ids)) == 200
+    assert commits() - before < 200  # commits (fsyncs) were shared
+    assert len(await queue.list(limit=1000)) == 200
+
+
+async def test_a_failing_enqueue_does_not_fail_its_group(queue: Queue) -> None:
+    taken = await queue.enqueue(env("a@x.test"))
+    results = await asyncio.gather(
+        *(queue.enqueue(env(f"r{i}@x.test")) for i in range(20)),
+        queue.enqueue(env("dup@x.test"), queue_id=taken),  # the id exists: refused
+        *(queue.enqueue(env(f"s{i}@x.test")) for i in range(20)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[20], Exception)
+    ok = [r for i, r in enumerate(results) if i != 20]
+    assert all(isinstance(r, str) for r in ok)
+    assert len(await queue.list(limit=1000)) == 41
+    m = await queue.get(taken)
+    assert m is not None and [r.address for r in m.recipients] == ["a@x.test"]
+
+
+async def test_idempotency_key_is_written_with_its_message(queue: Queue) -> None:
+    rec = IdempotencyRecord("token:t:k1", "fp", "", "250 ok", expires=time.time() + 60)
+    first = await queue.enqueue(env("a@x.test"), idempotency=rec)
+    stored = await queue.idempotency("token:t:k1", now=time.time())
+    assert stored is not None and stored.queue_id == first
+    with pytest.raises(IdempotencyReplay) as raised:
+        await queue.enqueue(env("b@x.test"), idempotency=rec)
+    assert raised.value.record.queue_id == first
+    assert [m.id for m in await queue.list()] == [first]  # the repeat stored nothing
+    # an expired key may be used again
+    assert await queue.idempotency("token:t:k1", now=time.time() + 120) is None
+    old = IdempotencyRecord("token:t:k2", "fp", "", "250 ok", expires=time.time() - 1)
+    await queue.enqueue(env("c@x.test"), idempotency=old)
+    again = await queue.enqueue(env("d@x.test"), idempotency=old)
+    assert (await queue.idempotency("token:t:k2", now=time.time() - 2)).queue_id == again  # type: ignore[union-attr]
+
+
+async def test_data_survives_reopen(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    for backend in BACKENDS:
+        q = await open_backend(backend, tmp_path / backend, _dsn(request, backend))
+        qid = await q.enqueue(env("a@x.test", data=b"persist me\r\n"))
         await q.close()
+        q2 = await reopen(q, tmp_path / backend)
+        try:
+            assert await q2.read_message(qid) == b"persist me\r\n"
+        finally:
+            await q2.close()
 
 
-async def test_data_survives_reopen(tmp_path: Path) -> None:
-    q = SqliteQueue(tmp_path / "r")
-    qid = await q.enqueue(env("a@x.test", data=b"persist me\r\n"))
-    await q.close()
-    q2 = SqliteQueue(tmp_path / "r")
-    try:
-        assert await q2.read_message(qid) == b"persist me\r\n"
-    finally:
-        await q2.close()
+def _dsn(request: pytest.FixtureRequest, backend: str) -> str | None:
+    return request.getfixturevalue("pg_dsn") if backend == "postgres" else None
+
+
+async def reopen(q: Queue, tmp_path: Path) -> Queue:
+    if isinstance(q, SqliteQueue):
+        return SqliteQueue(tmp_path / "q")
+    assert isinstance(q, PostgresQueue)
+    return await PostgresQueue(q.conninfo).open()
 
 
 async def test_extend_leases_keeps_work_from_other_workers(queue: Queue) -> None:

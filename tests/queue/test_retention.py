@@ -15,8 +15,8 @@ from ferry.queue.base import AttemptResult, Queue
 from ferry.queue.retention import Retention, pages_to_reclaim, purge_history
 from ferry.queue.sqlite import SCHEMA, SqliteQueue, connect
 from ferry.queue.sqlite_schema import LATEST, SchemaTooNew
+from tests.queue.backends import BACKENDS, open_backend
 
-BACKENDS = ["sqlite"]
 DAY = 86400.0
 T0 = 1_800_000_000.0  # a fixed "now": every time below is explicit, no clock is read
 OK = Reply(250, "2.0.0", "ok")
@@ -26,7 +26,8 @@ PERM = Reply(550, "5.1.1", "no such user")
 
 @pytest.fixture(params=BACKENDS)
 async def queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Queue]:
-    q = SqliteQueue(tmp_path / "q")
+    dsn = request.getfixturevalue("pg_dsn") if request.param == "postgres" else None
+    q = await open_backend(request.param, tmp_path, dsn)
     yield q
     await q.close()
 

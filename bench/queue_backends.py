@@ -1,0 +1,143 @@
+"""The queue contract's hot paths on SQLite and PostgreSQL, side by side. Not a test.
+
+    python bench/queue_backends.py [--messages 5000] [--concurrency 100] [--size 1024]
+
+For each backend, in a fresh queue:
+  1. enqueue: ``--messages`` messages of ``--size`` bytes, one recipient each, from
+     ``--concurrency`` concurrent callers (intake's shape: many sessions, group commit),
+     durable (fsync on every commit);
+  2. claim + record: claim batches of 50 due recipients and record them delivered,
+     until the queue is drained (the delivery engine's shape), with a delivery worker's
+     settings (SQLite synchronous=NORMAL, PostgreSQL synchronous_commit=off).
+PostgreSQL: the server in FERRY_BENCH_PG_DSN, or a private cluster started here from
+Debian's binaries (tests/world/postgres.py) and stopped at the end. Prints one line per
+measurement and a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ferry.envelope import EnvelopeIn, RecipientIn, Reply, Status  # noqa: E402
+from ferry.queue.base import AttemptResult, Queue  # noqa: E402
+from ferry.queue.postgres import PostgresQueue  # noqa: E402
+from ferry.queue.sqlite import SqliteQueue  # noqa: E402
+
+OK = Reply(250, "2.0.0", "ok")
+
+
+async def enqueue_rate(q: Queue, n: int, concurrency: int, size: int) -> float:
+    data = (b"Subject: bench\r\n\r\n" + b"x" * size)[:size] + b"\r\n"
+    left = iter(range(n))
+
+    async def caller() -> None:
+        for i in left:
+            await q.enqueue(EnvelopeIn("s@bench.test", [RecipientIn(f"r{i}@d{i % 50}.test")], data))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return n / (time.perf_counter() - started)
+
+
+async def claim_rate(q: Queue, n: int) -> float:
+    done = 0
+    started = time.perf_counter()
+    while True:
+        claimed = await q.claim("bench", now=time.time() + 1, limit=50, lease=60)
+        if not claimed:
+            break
+        await q.record(
+            "bench",
+            [AttemptResult(c.recipient.id, Status.DELIVERED, OK) for c in claimed],
+            now=time.time(),
+        )
+        done += len(claimed)
+    assert done == n, (done, n)
+    return n / (time.perf_counter() - started)
+
+
+async def _opened(q: Any) -> Queue:
+    return await q if asyncio.iscoroutine(q) else q  # type: ignore[no-any-return]
+
+
+def pg_schema(dsn: str) -> str:
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    name = f"bench_{secrets.token_hex(4)}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {name}".encode())
+    return make_conninfo(dsn, options=f"-csearch_path={name}")
+
+
+async def run(args: argparse.Namespace, pg_dsn: str) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pg = pg_schema(pg_dsn)
+        # Intake's queue is durable (fsync per group commit); a delivery worker's is not
+        # (SQLite synchronous=NORMAL, PostgreSQL synchronous_commit=off), as in serve.
+        backends: dict[str, tuple[Any, Any]] = {
+            "sqlite": (
+                lambda: SqliteQueue(Path(tmp) / "q"),
+                lambda: SqliteQueue(Path(tmp) / "q", durable=False),
+            ),
+            "postgres": (
+                lambda: PostgresQueue(pg).open(),
+                lambda: PostgresQueue(pg, durable=False).open(),
+            ),
+        }
+        for name, (intake, delivery) in backends.items():
+            q = await _opened(intake())
+            try:
+                e = await enqueue_rate(q, args.messages, args.concurrency, args.size)
+            finally:
+                await q.close()
+            q = await _opened(delivery())
+            try:
+                c = await claim_rate(q, args.messages)
+            finally:
+                await q.close()
+            out[name] = {"enqueue_per_s": round(e), "claim_record_per_s": round(c)}
+            print(f"{name:9} enqueue {e:8.0f}/s   claim+record {c:8.0f}/s", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--messages", type=int, default=5000)
+    ap.add_argument("--concurrency", type=int, default=100)
+    ap.add_argument("--size", type=int, default=1024)
+    args = ap.parse_args()
+    dsn = os.environ.get("FERRY_BENCH_PG_DSN", "")
+    cluster = None
+    base = None
+    if not dsn:
+        from tests.world.postgres import PostgresCluster
+
+        base = Path(tempfile.mkdtemp(prefix="ferry-bench-pg-"))
+        cluster = PostgresCluster(base)
+        dsn = cluster.start()
+    try:
+        result = asyncio.run(run(args, dsn))
+    finally:
+        if cluster is not None and base is not None:
+            cluster.stop()
+            shutil.rmtree(base, ignore_errors=True)
+    print(json.dumps({"messages": args.messages, "size": args.size, **result}))
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,20 @@ class Listening(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class Connected(Event):
+class OnConnection(Event):
+    """Events about one SMTP connection: the line starts with the connection's ``session``
+    ID (every such event has a ``session`` field), then the event's own fields."""
+
+    def log_fields(self) -> dict[str, Any]:
+        return {"session": getattr(self, "session", None), **self.line_fields()}
+
+    def line_fields(self) -> dict[str, Any]:
+        """The line's fields after ``session``: by default every other field."""
+        return {k: v for k, v in Event.log_fields(self).items() if k != "session"}
+
+
+@dataclass(frozen=True, slots=True)
+class Connected(OnConnection):
     """An SMTP client connected and is greeted."""
 
     name = "connect"
@@ -30,13 +43,9 @@ class Connected(Event):
     tls: str | None
     session: str | None = None  # the SMTP connection's session ID
 
-    def log_fields(self) -> dict[str, Any]:
-        fields = Event.log_fields(self)
-        return {"session": fields.pop("session"), **fields}
-
 
 @dataclass(frozen=True, slots=True)
-class Disconnected(Event):
+class Disconnected(OnConnection):
     """An SMTP client's connection closed."""
 
     name = "disconnect"
@@ -44,13 +53,9 @@ class Disconnected(Event):
     client: str
     session: str | None = None  # the SMTP connection's session ID
 
-    def log_fields(self) -> dict[str, Any]:
-        fields = Event.log_fields(self)
-        return {"session": fields.pop("session"), **fields}
-
 
 @dataclass(frozen=True, slots=True)
-class ConnectionRejected(Event):
+class ConnectionRejected(OnConnection):
     """A connection is refused or closed with ``code`` (too many connections or errors)."""
 
     name = "reject"
@@ -59,13 +64,9 @@ class ConnectionRejected(Event):
     reason: str
     session: str | None = None  # the SMTP connection's session ID
 
-    def log_fields(self) -> dict[str, Any]:
-        fields = Event.log_fields(self)
-        return {"session": fields.pop("session"), **fields}
-
 
 @dataclass(frozen=True, slots=True)
-class Rejected(Event):
+class Rejected(OnConnection):
     """A command was refused with ``reply`` (relay denied, unknown user, too big ...)."""
 
     name = "reject"
@@ -77,10 +78,7 @@ class Rejected(Event):
     error: str | None = None
     session: str | None = None  # the SMTP connection's session ID
 
-    def log_fields(self) -> dict[str, Any]:
-        return {"session": self.session, **self._fields()}
-
-    def _fields(self) -> dict[str, Any]:
+    def line_fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "client": self.client,
             "code": self.reply.code,
@@ -95,7 +93,7 @@ class Rejected(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class TlsStarted(Event):
+class TlsStarted(OnConnection):
     """STARTTLS succeeded; ``tls`` is the protocol and cipher."""
 
     name = "tls"
@@ -103,13 +101,9 @@ class TlsStarted(Event):
     tls: str | None
     session: str | None = None  # the SMTP connection's session ID
 
-    def log_fields(self) -> dict[str, Any]:
-        fields = Event.log_fields(self)
-        return {"session": fields.pop("session"), **fields}
-
 
 @dataclass(frozen=True, slots=True)
-class TlsFailed(Event):
+class TlsFailed(OnConnection):
     """A STARTTLS handshake with a client failed."""
 
     name = "tls_failed"
@@ -118,15 +112,12 @@ class TlsFailed(Event):
     error: str
     session: str | None = None  # the SMTP connection's session ID
 
-    def log_fields(self) -> dict[str, Any]:
-        return {"session": self.session, **self._fields()}
-
-    def _fields(self) -> dict[str, Any]:
+    def line_fields(self) -> dict[str, Any]:
         return {"client": self.client, "error": cut(self.error, 200)}
 
 
 @dataclass(frozen=True, slots=True)
-class AuthSucceeded(Event):
+class AuthSucceeded(OnConnection):
     """A client authenticated as ``user``."""
 
     name = "auth"
@@ -135,18 +126,15 @@ class AuthSucceeded(Event):
     mechanism: str
     session: str | None = None  # the SMTP connection's session ID
 
-    def log_fields(self) -> dict[str, Any]:
-        return {"session": self.session, **self._fields()}
-
-    def _fields(self) -> dict[str, Any]:
+    def line_fields(self) -> dict[str, Any]:
         return {
-            **{k: v for k, v in Event.log_fields(self).items() if k != "session"},
+            **OnConnection.line_fields(self),
             "result": "ok",
         }
 
 
 @dataclass(frozen=True, slots=True)
-class AuthFailed(Event):
+class AuthFailed(OnConnection):
     """An authentication failed; ``failures`` counts this client's recent failures."""
 
     name = "auth"
@@ -157,10 +145,7 @@ class AuthFailed(Event):
     failures: int
     session: str | None = None  # the SMTP connection's session ID
 
-    def log_fields(self) -> dict[str, Any]:
-        return {"session": self.session, **self._fields()}
-
-    def _fields(self) -> dict[str, Any]:
+    def line_fields(self) -> dict[str, Any]:
         return {
             "client": self.client,
             "user": cut(self.user, 64),

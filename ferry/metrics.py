@@ -24,6 +24,8 @@ from typing import Any
 from ferry.events import (
     Accepted,
     ConnectFailed,
+    ConnectionClosed,
+    ConnectionOpened,
     DkimSigned,
     DkimUnsigned,
     DsnDropped,
@@ -32,6 +34,7 @@ from ferry.events import (
     RecipientOutcome,
     Rejected,
     SmartHostState,
+    TransactionDone,
     subscribe,
 )
 
@@ -111,6 +114,21 @@ class _Metrics:
             ["host"],
             multiprocess_mode="mostrecent",
         )
+        self.opened = Counter(
+            "ferry_connections_opened", "Outbound SMTP sessions opened", ["group"]
+        )
+        self.open = Gauge(
+            "ferry_connections_open",
+            "Outbound SMTP sessions open now",
+            ["group"],
+            multiprocess_mode="livesum",
+        )
+        self.attempt = Histogram(
+            "ferry_attempt_duration_seconds",
+            "One mail transaction, MAIL FROM to the reply to the final dot",
+            ["group"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
         self.dkim = Counter("ferry_dkim", "Messages sent signed or unsigned", ["result"])
         self.dsn = Counter("ferry_dsns", "DSNs queued, by action", ["action"])
         self.dsn_dropped = Counter("ferry_dsns_dropped", "DSNs that could not be delivered")
@@ -130,6 +148,13 @@ class _Metrics:
             self.received_rcpts.labels(via).inc(len(event.recipients))
         elif isinstance(event, Rejected):
             self.rejected.labels((event.command or "-").upper()[:12], str(event.reply.code)).inc()
+        elif isinstance(event, TransactionDone):
+            self.attempt.labels(event.group).observe(event.seconds)
+        elif isinstance(event, ConnectionOpened):
+            self.opened.labels(event.group).inc()
+            self.open.labels(event.group).inc()
+        elif isinstance(event, ConnectionClosed):
+            self.open.labels(event.group).dec()
         elif isinstance(event, ConnectFailed):
             self.connect_failed.labels(event.kind or "connect").inc()
         elif isinstance(event, SmartHostState):

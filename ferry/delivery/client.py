@@ -31,6 +31,7 @@ import base64
 import functools
 import re
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -38,6 +39,7 @@ from typing import Any, Literal
 from ferry.config import RelayConfig
 from ferry.delivery.outcomes import Stage, parse_reply_text, transport_failure_reply
 from ferry.envelope import Reply
+from ferry.events import ConnectionClosed, ConnectionOpened, TransactionDone, emit
 from ferry.tls import describe
 
 __all__ = [
@@ -79,6 +81,8 @@ class ClientOptions:
     ca_file: str | None = None  # extra trust anchor, added to the system store
     server_name: str | None = None  # SNI and certificate name; default: the IP
     source_address: str | None = None  # bind here before connecting
+    #: Metrics label: the smart host's name, or "mx" for direct delivery (bounded).
+    group: str = "mx"
     connect_timeout: float = 30.0
     # RFC 5321 §4.5.3.2: greeting 5 min, MAIL/RCPT 5 min, DATA initiation 2 min,
     # each data block 3 min, reply to the final dot 10 min.
@@ -292,6 +296,7 @@ class SmtpClient:
         self.peer_certificate_verified: bool | None = None
         self.max_size: int | None = None
         self.transactions = 0
+        self._counted = False  # ConnectionOpened emitted, ConnectionClosed not yet
         self._closed = False
         self._busy = False
         # True while a transaction may be open on the server: the next one
@@ -350,6 +355,8 @@ class SmtpClient:
         except BaseException:
             client.close()
             raise
+        client._counted = True  # from here its close is reported too
+        emit(ConnectionOpened(label, options.group))
         return client
 
     async def _open_session(self) -> None:
@@ -488,6 +495,9 @@ class SmtpClient:
         transport = self._writer.transport
         if not transport.is_closing():
             transport.abort()
+        if self._counted:
+            self._counted = False
+            emit(ConnectionClosed(self._label, self.options.group))
 
     # -- transactions ------------------------------------------------------------
 
@@ -533,6 +543,7 @@ class SmtpClient:
                 active.append(i)
         if active:
             self._busy = True
+            started = time.monotonic()
             try:
                 sent, data_reply = await self._transaction(
                     self._mail_command(sender, len(data), utf8, body_8bit, envid, ret),
@@ -552,6 +563,11 @@ class SmtpClient:
             finally:
                 self._busy = False
             self.transactions += 1
+            emit(
+                TransactionDone(
+                    self._label, self.options.group, time.monotonic() - started, len(active)
+                )
+            )
         else:
             sent, data_reply = False, None
         assert all(r is not None for r in finals)

@@ -719,6 +719,7 @@ class Delivery:
         # a token command may take a while: never on the event loop
         token = await asyncio.to_thread(credentials.oauth_token, host)
         options = self._options(
+            group=host.name,
             tls=tls,
             verify_certificate=host.verify_certificate,
             ca_file=host.ca_file or self.ca_file,

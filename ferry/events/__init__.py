@@ -13,6 +13,8 @@ from ferry.events.base import EVENT_TYPES, Event, from_dict, to_dict
 from ferry.events.bus import Subscriber, Untyped, _subscribers, emit, subscribe
 from ferry.events.delivery import (
     ConnectFailed,
+    ConnectionClosed,
+    ConnectionOpened,
     Deferred,
     Delivered,
     DirectDelivery,
@@ -35,6 +37,7 @@ from ferry.events.delivery import (
     SmartRouteSwitched,
     Throttled,
     TlsFallback,
+    TransactionDone,
     outcome_event,
 )
 from ferry.events.http import HttpAuthFailed, HttpListening, WebhookFailed, WebhookRetrying
@@ -73,6 +76,9 @@ from ferry.events.system import (
 subscribe(log_event)
 
 __all__ = [
+    "ConnectionClosed",
+    "ConnectionOpened",
+    "TransactionDone",
     "HostnameNotFqdn",
     "OperatorBulkAction",
     "DoubleBounce",

@@ -464,3 +464,37 @@ class DoubleBounce(Event):
             "rcpts": self.recipients,
             "reply": cut(self.reply, 300) if self.reply else None,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionOpened(Event):
+    """An outbound SMTP session is ready (greeting, EHLO, TLS, AUTH done) to ``host``;
+    ``group`` is the smart host's name, or ``mx`` for direct delivery."""
+
+    name = "connection_opened"
+    level = logging.DEBUG
+    host: str
+    group: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed(Event):
+    """An outbound SMTP session opened earlier is closed (after QUIT, idle or lost)."""
+
+    name = "connection_closed"
+    level = logging.DEBUG
+    host: str
+    group: str
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionDone(Event):
+    """One mail transaction (MAIL FROM to the reply to the final dot) took ``seconds``
+    on a connection to ``host`` for ``recipients`` recipients."""
+
+    name = "transaction"
+    level = logging.DEBUG
+    host: str
+    group: str
+    seconds: float
+    recipients: int

@@ -102,6 +102,10 @@ def test_metrics_count_across_processes_and_rules_match(
     )
     assert _value(samples, "ferry_messages_received_total", via="smtp") == 3
     assert _value(samples, "ferry_delivery_latency_seconds_count") == 3
+    # sessions with the smart host, counted in the delivery worker: opened, open, timed
+    assert _value(samples, "ferry_connections_opened_total", group="up") >= 1
+    assert ("ferry_connections_open", frozenset({("group", "up")})) in samples
+    assert _value(samples, "ferry_attempt_duration_seconds_count", group="up") >= 1
     assert _value(samples, "ferry_rejected_total", command="RCPT") >= 1
     assert _value(samples, "ferry_queue_messages", status="queued") == 0
     assert ("ferry_queue_oldest_pending_age_seconds", frozenset()) in samples

@@ -204,3 +204,57 @@ def reply_text(code: int | None, enhanced: str | None, text: str | None) -> str 
     if code is None:
         return None
     return " ".join(str(x) for x in (code, enhanced, (text or "").replace("\r\n", " ")) if x)
+
+
+def message_json(m: MessageInfo, history: bool = False) -> dict[str, Any]:
+    """A message as plain data (the shape of every --json output)."""
+    return {
+        "id": m.id,
+        "status": m.status.value,
+        "sender": m.sender,
+        "size": m.size,
+        "priority": m.priority.name.lower(),
+        "arrival": iso_time(m.arrival),
+        # The real give-up time (issue 11.1): retry.fill_give_up; None once finished.
+        "expires": iso_time(m.gives_up) if m.gives_up is not None else None,
+        "finished": iso_time(m.finished) if m.finished is not None else None,
+        "client_address": m.client_address,
+        "client_helo": m.client_helo,
+        "auth_user": m.auth_user,
+        "envid": m.envid,
+        "ret": m.ret,
+        "smtputf8": m.smtputf8,
+        "recipients": [
+            {
+                "address": r.address,
+                "original_recipient": r.orcpt,
+                "notify": r.notify,
+                "status": r.status.value,
+                "attempts": r.attempts,
+                "next_attempt": iso_time(r.next_attempt) if r.next_attempt else None,
+                "gives_up": iso_time(r.gives_up) if r.gives_up is not None else None,
+                "gives_up_reason": r.gives_up_reason,
+                "expiry_reason": r.expiry_reason,
+                "last_reply": str(r.last_reply) if r.last_reply else None,
+                "route": r.route,
+                **(
+                    {
+                        "history": [
+                            {
+                                "at": iso_time(a.at),
+                                "outcome": a.outcome.value,
+                                "next_hop": a.next_hop,
+                                "hosts_tried": list(a.tried),
+                                "tls": a.tls,
+                                "reply": str(a.reply) if a.reply else None,
+                            }
+                            for a in r.history
+                        ]
+                    }
+                    if history
+                    else {}
+                ),
+            }
+            for r in m.recipients
+        ],
+    }

@@ -16,9 +16,9 @@ import click
 
 from ferry.cli.main import _load, _print_json, _ts, _with_queue
 from ferry.envelope import Status
-from ferry.operations import gives_up, listed_json
+from ferry.operations import gives_up, listed_json, message_json
 from ferry.operations import reply_text as _reply_text
-from ferry.queue.base import MessageInfo, QueueStats
+from ferry.queue.base import QueueStats
 from ferry.queue.selection import (
     AGE_BUCKETS,
     ALL_DESTINATIONS,
@@ -258,60 +258,6 @@ def queue_summary(ctx: click.Context, top: int, as_json: bool, **opts: Any) -> N
 
 
 # -- show ----------------------------------------------------------------------------
-
-
-def message_json(m: MessageInfo, history: bool = False) -> dict[str, Any]:
-    """A message as plain data (the shape of every --json output)."""
-    return {
-        "id": m.id,
-        "status": m.status.value,
-        "sender": m.sender,
-        "size": m.size,
-        "priority": m.priority.name.lower(),
-        "arrival": _ts(m.arrival),
-        # The real give-up time (issue 11.1): retry.fill_give_up; None once finished.
-        "expires": _ts(m.gives_up) if m.gives_up is not None else None,
-        "finished": _ts(m.finished) if m.finished is not None else None,
-        "client_address": m.client_address,
-        "client_helo": m.client_helo,
-        "auth_user": m.auth_user,
-        "envid": m.envid,
-        "ret": m.ret,
-        "smtputf8": m.smtputf8,
-        "recipients": [
-            {
-                "address": r.address,
-                "original_recipient": r.orcpt,
-                "notify": r.notify,
-                "status": r.status.value,
-                "attempts": r.attempts,
-                "next_attempt": _ts(r.next_attempt) if r.next_attempt else None,
-                "gives_up": _ts(r.gives_up) if r.gives_up is not None else None,
-                "gives_up_reason": r.gives_up_reason,
-                "expiry_reason": r.expiry_reason,
-                "last_reply": str(r.last_reply) if r.last_reply else None,
-                "route": r.route,
-                **(
-                    {
-                        "history": [
-                            {
-                                "at": _ts(a.at),
-                                "outcome": a.outcome.value,
-                                "next_hop": a.next_hop,
-                                "hosts_tried": list(a.tried),
-                                "tls": a.tls,
-                                "reply": str(a.reply) if a.reply else None,
-                            }
-                            for a in r.history
-                        ]
-                    }
-                    if history
-                    else {}
-                ),
-            }
-            for r in m.recipients
-        ],
-    }
 
 
 def split_message(data: bytes) -> tuple[bytes, bytes]:

@@ -315,10 +315,15 @@ class Api:
     # -- reading -----------------------------------------------------------------
 
     async def message(self, request: web.Request) -> web.StreamResponse:
+        from ferry.delivery.retry import fill_give_up, policy_for
+        from ferry.operations import message_json
+
         info = await self._queue().get(request.match_info["id"])
         if info is None:
             raise ApiError(404, "not_found", f"no message {request.match_info['id']}")
-        return web.json_response(_plain(info))
+        # The shape of `ferry queue show --json`, from the same function.
+        fill_give_up(policy_for(self.config), info)
+        return web.json_response(message_json(info, history=True))
 
     # -- queue control: the same functions as `ferry queue ...` (ferry.operations) ----------
 

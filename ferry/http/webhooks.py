@@ -40,6 +40,10 @@ logger = logging.getLogger("ferry.webhooks")
 
 MAX_BACKOFF = 600.0
 IDLE_POLL = 0.5
+# On a graceful stop, a batch already posted gets this long to be answered and recorded:
+# cancelling it would leave the endpoint with an event whose cursor did not move, so the
+# next start would send it again.
+STOP_GRACE = 10.0
 
 
 class SecretError(ValueError):
@@ -211,6 +215,11 @@ class WebhookSender:
 
     async def stop(self) -> None:
         self._stopping.set()
+        if self._tasks:
+            # Each endpoint finishes the batch in hand (post + cursor) and then sees
+            # the stop; only one that does not finish in time is cancelled.
+            grace = min(STOP_GRACE, max(ep.timeout for ep in self.endpoints))
+            await asyncio.wait(self._tasks, timeout=grace)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

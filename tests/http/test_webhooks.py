@@ -31,6 +31,9 @@ class Receiver:
         self.requests: list[tuple[str, Any]] = []  # (webhook-id, payload)
         self.rejected = 0
         self.lock = threading.Condition()
+        #: Cleared: a request is recorded but not answered until it is set again.
+        self.answer = threading.Event()
+        self.answer.set()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -50,6 +53,7 @@ class Receiver:
                     if status == 200:
                         receiver.requests.append((headers["webhook-id"], payload))
                     receiver.lock.notify_all()
+                receiver.answer.wait(30)
                 self.send_response(status)
                 self.end_headers()
 
@@ -70,6 +74,7 @@ class Receiver:
             return [p for _, p in self.requests]
 
     def close(self) -> None:
+        self.answer.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -159,6 +164,32 @@ def test_delivery_events_reach_the_endpoint_signed(
     # every event is in the log for replay too, in order
     listed = run_cli(config, "webhooks", "list", "--json")
     assert json.loads(listed.stdout)["app"]["backlog"] == 0
+
+
+def test_a_graceful_stop_finishes_the_batch_in_flight(
+    tmp_path: Path, receiver: Receiver, secret: tuple[str, Path]
+) -> None:
+    """SIGTERM while a batch is posted: the answer is awaited and the cursor recorded, so
+    the next start sends nothing twice. Before: the post was cancelled, backlog 1."""
+    smtp = free_port()
+    config = _config(tmp_path, smtp, receiver, secret[1], "[delivery]\nhold = true\n")
+    with config.open("a") as fh:
+        fh.write('events = ["received"]\n')
+    receiver.answer.clear()  # the endpoint takes the event but does not answer yet
+    serve = ServeProcess(config, smtp).start()
+    try:
+        _send(smtp, 1)
+        wait_until(lambda: len(receiver.ids()) == 1, 20, "the event at the endpoint")
+        assert serve.proc is not None
+        serve.proc.terminate()
+        wait_until(lambda: "stopping" in serve.log_path.read_text(), 20, "serve to stop")
+        receiver.answer.set()
+        assert serve.proc.wait(20) == 0
+    finally:
+        serve.stop()
+    listed = run_cli(config, "webhooks", "list", "--json")
+    assert json.loads(listed.stdout)["app"]["backlog"] == 0
+    assert len(receiver.ids()) == 1
 
 
 def test_events_survive_a_crash_and_arrive_once_per_id(

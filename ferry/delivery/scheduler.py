@@ -28,6 +28,7 @@ from ferry.config import RelayConfig
 from ferry.delivery.mx import MxResolver
 from ferry.delivery.sessions import Delivery, Destination, WorkItem, make_shaper
 from ferry.queue.base import ClaimedRecipient, Queue
+from ferry.queue.limits import SharedLimits, open_limits
 from ferry.queue.selection import ALL_DESTINATIONS
 
 # How often a scheduler writes its statistics for `ferry stats` (another process).
@@ -76,10 +77,13 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         ca_file: str | None = None,
+        limits: SharedLimits | None = None,
     ) -> None:
         d = config.delivery
         self.config = config
         self.queue = queue
+        # Connection slots and rates shared with the other nodes of a PostgreSQL queue.
+        self.limits = limits if limits is not None else open_limits(config)
         self.owner = owner or f"{config.server.hostname}:{uuid.uuid4().hex[:12]}"
         self.clock = clock
         self.resolver = resolver or MxResolver(
@@ -94,6 +98,7 @@ class Scheduler:
             rng=rng,
             ca_file=ca_file,
             on_enqueue=self.notify,
+            limits=self.limits,
         )
         self.max_concurrent = d.max_concurrent_deliveries
         # Work held in memory (claimed, not yet sent): enough to keep every session busy,
@@ -142,6 +147,7 @@ class Scheduler:
             logging.getLogger("ferry.delivery").error("outcomes not written at shutdown")
         self.write_stats()
         await self.delivery.pool.close()
+        await self.limits.close()  # after the pool: its connections held the slots
         # Whatever was claimed but not finished goes back to the queue now.
         await self.queue.release_leases(self.owner)
 

@@ -69,10 +69,19 @@ from ferry.events import (
 )
 from ferry.message import MAX_HOPS, count_received, header_block
 from ferry.queue.base import ClaimedRecipient, MessageInfo, Queue
+from ferry.queue.limits import LocalLimits, SharedLimits, Slot
 
 # How long a host whose TLS handshake failed is spoken to in plain text (opportunistic
 # TLS only: a broken STARTTLS must not block delivery forever, nor be retried each time).
 TLS_FALLBACK_SECONDS = 3600.0
+
+# With limits shared by several nodes (``queue.limits``): how soon a destination whose
+# connection slots are all taken (by any node) is looked at again...
+SLOT_RETRY_SECONDS = 0.25
+# ...how long an idle pooled connection may keep its slot from the other nodes...
+SHARED_IDLE_SECONDS = 2.0
+# ...and how long a transaction waits for a smart host's slot before trying the next.
+SMART_SLOT_WAIT_SECONDS = 30.0
 
 
 @dataclass(slots=True)
@@ -151,9 +160,13 @@ class Delivery:
         rng: random.Random | None = None,
         ca_file: str | None = None,
         on_enqueue: Callable[[], None] | None = None,
+        limits: SharedLimits | None = None,
     ) -> None:
         d = config.delivery
         self.config = config
+        #: Slots and rates shared with other nodes; LocalLimits (nothing more than this
+        #: process's own counts) with one node.
+        self.limits: SharedLimits = limits or LocalLimits()
         self.queue = queue
         self.resolver = resolver
         self.owner = owner
@@ -354,7 +367,9 @@ class Delivery:
         now = self.clock()
         rated = plan.hops[0].kind != "smarthost"
         if rated:
-            if dest.shaper.send_wait(now) > 0:
+            if dest.shaper.send_wait(now) > 0 or not await self._shared_rate(
+                dest, "msg", dest.shaper.message_rates(), now
+            ):
                 dest.pending.appendleft(item)  # over this destination's message rate
                 raise _Stop
             # Spend the slot now, before the transfer's awaits: the other sessions of
@@ -519,7 +534,7 @@ class Delivery:
         """The session's connection for this hop, or the first MX address that answers."""
         held = session.conns.get(hop.label)
         if held is not None:
-            if held.client.usable and held.client.transactions < held.limit:
+            if self._reusable(held):
                 return held
             del session.conns[hop.label]
             self.pool.give(held.key, held.client)
@@ -529,49 +544,105 @@ class Delivery:
         now = self.clock()
         limit = self.config.delivery.messages_per_connection
         tried = False
-        for name, ip in targets:  # RFC 5321 §5.1: in preference order
-            now = self.clock()  # not the time before the last target's connect attempt
-            plain = self.tls_fallback.get(ip, 0) > now
-            key = (hop.label, ip, hop.port, plain)
-            remote = f"{name}[{ip}]:{hop.port}"
-            pooled = self.pool.take(key)
-            if pooled is not None:
-                conn = _Conn(pooled, key, name, remote, route, limit)  # type: ignore[arg-type]
+        slot: Slot | None = None  # taken before the first new connection, kept on failure
+        try:
+            for name, ip in targets:  # RFC 5321 §5.1: in preference order
+                now = self.clock()  # not the time before the last target's connect attempt
+                plain = self.tls_fallback.get(ip, 0) > now
+                key = (hop.label, ip, hop.port, plain)
+                remote = f"{name}[{ip}]:{hop.port}"
+                pooled = self.pool.take(key)
+                if pooled is not None:
+                    if slot is not None:
+                        slot.release()  # the pooled connection holds its own
+                        slot = None
+                    conn = _Conn(pooled, key, name, remote, route, limit)  # type: ignore[arg-type]
+                    session.conns[hop.label] = conn
+                    return conn
+                if not (
+                    dest.shaper.new_connections.allowed(now) and now >= dest.shaper.paused_until
+                ) or (slot is None and (slot := await self._destination_slot(dest, now)) is None):
+                    if tried:
+                        break  # some hosts failed and the rate is spent: this attempt is over
+                    raise _Stop  # the connection rate is spent: wait, as the scheduler will
+                tried = True
+                # Counted when decided, not when connected: concurrent sessions sharing these
+                # limits (an MX group) must not all see the last free slot.
+                dest.shaper.opened(now)
+                try:
+                    client = await self._open(ip, hop.port, name, plain)
+                except SmtpError as exc:
+                    if not (exc.tls_handshake_failed and not plain):
+                        last = exc.reply
+                        self._log_connect_failure(remote, exc, session.affected)
+                        _note_tried(session, hop.label, remote, exc.reply)
+                        continue
+                    # Opportunistic TLS: retry this host in clear and remember it.
+                    self.tls_fallback[ip] = now + TLS_FALLBACK_SECONDS
+                    self.stats.tls_fallbacks += 1
+                    emit(TlsFallback(remote, exc.reply))
+                    key = (hop.label, ip, hop.port, True)
+                    try:
+                        client = await self._open(ip, hop.port, name, True)
+                    except SmtpError as exc2:
+                        last = exc2.reply
+                        self._log_connect_failure(remote, exc2, session.affected)
+                        _note_tried(session, hop.label, remote, exc2.reply)
+                        continue
+                self._hold(client, slot)
+                conn = _Conn(client, key, name, remote, route, limit)
                 session.conns[hop.label] = conn
                 return conn
-            if not (dest.shaper.new_connections.allowed(now) and now >= dest.shaper.paused_until):
-                if tried:
-                    break  # some hosts failed and the rate is spent: this attempt is over
-                raise _Stop  # the connection rate is spent: wait, as the scheduler will
-            tried = True
-            # Counted when decided, not when connected: concurrent sessions sharing these
-            # limits (an MX group) must not all see the last free slot.
-            dest.shaper.opened(now)
-            try:
-                client = await self._open(ip, hop.port, name, plain)
-            except SmtpError as exc:
-                if not (exc.tls_handshake_failed and not plain):
-                    last = exc.reply
-                    self._log_connect_failure(remote, exc, session.affected)
-                    _note_tried(session, hop.label, remote, exc.reply)
-                    continue
-                # Opportunistic TLS: retry this host in clear and remember it.
-                self.tls_fallback[ip] = now + TLS_FALLBACK_SECONDS
-                self.stats.tls_fallbacks += 1
-                emit(TlsFallback(remote, exc.reply))
-                key = (hop.label, ip, hop.port, True)
-                try:
-                    client = await self._open(ip, hop.port, name, True)
-                except SmtpError as exc2:
-                    last = exc2.reply
-                    self._log_connect_failure(remote, exc2, session.affected)
-                    _note_tried(session, hop.label, remote, exc2.reply)
-                    continue
-            conn = _Conn(client, key, name, remote, route, limit)
-            session.conns[hop.label] = conn
-            return conn
+        except BaseException:
+            if slot is not None:
+                slot.release()  # not tied to a connection yet
+            raise
+        if slot is not None:
+            slot.release()  # no connection came of it
         session.dead[hop.label] = last
         return last
+
+    def _reusable(self, conn: _Conn) -> bool:
+        """May a session's connection carry its next message?"""
+        return (
+            conn.client.usable
+            and conn.client.transactions < conn.limit
+            and not self.pool.slot_lost(conn.client)
+        )
+
+    def _hold(self, client: SmtpClient, slot: Slot | None) -> None:
+        """Tie a shared slot to the connection it was taken for (released at close)."""
+        if slot is not None and self.limits.shared:
+            self.pool.hold(client, slot, idle_timeout=SHARED_IDLE_SECONDS)
+
+    async def _destination_slot(self, dest: Destination, now: float) -> Slot | None:
+        """A connection slot of ``dest`` shared with the other nodes, and one place in
+        its shared connection rate (None: wait; the scheduler comes back later).
+
+        One node alone: a free slot (its sessions are counted by the scheduler)."""
+        if not self.limits.shared:
+            return await self.limits.take_slot(dest.shaper.key, dest.shaper.max_connections)
+        slot = await self.limits.take_slot(f"dest:{dest.shaper.key}", dest.shaper.max_connections)
+        if slot is None:
+            dest.shaper.wait_shared(now + SLOT_RETRY_SECONDS)
+            return None
+        cpm = dest.shaper.new_connections
+        if not await self._shared_rate(dest, "conn", [(cpm.limit, cpm.period)], now):
+            slot.release()
+            return None
+        return slot
+
+    async def _shared_rate(
+        self, dest: Destination, kind: str, windows: list[tuple[int, float]], now: float
+    ) -> bool:
+        """Count one ``kind`` event in the rates shared with other nodes (True: go)."""
+        if not self.limits.shared or not windows:
+            return True
+        wait = await self.limits.take_rate(f"{kind}:{dest.shaper.key}", windows, now)
+        if wait > 0:
+            dest.shaper.wait_shared(now + wait)
+            return False
+        return True
 
     async def _via_smart_hosts(
         self,
@@ -637,13 +708,14 @@ class Delivery:
         label = f"smarthost:{host.name}"
         held = session.conns.get(label)
         if held is not None:
-            if held.client.usable and held.client.transactions < held.limit:
+            if self._reusable(held):
                 return held
             del session.conns[label]
             self.pool.give(held.key, held.client)
         if label in session.dead:
             return session.dead[label]
         now = self.clock()
+        slot: Slot | None = None
         try:
             addresses = await self.resolver.host_addresses(host.host)
         except MxError as exc:
@@ -653,13 +725,61 @@ class Delivery:
             session.dead[label] = exc.reply
             return exc.reply
         last: Reply = transport_failure_reply("refused", f"no address for {host.host}")
-        for ip in addresses:
-            key = (label, ip, host.port)
-            remote = f"{host.host}[{ip}]:{host.port}"
-            pooled = self.pool.take(key)
-            if pooled is not None:
+        try:
+            for ip in addresses:
+                key = (label, ip, host.port)
+                remote = f"{host.host}[{ip}]:{host.port}"
+                pooled = self.pool.take(key)
+                if pooled is not None:
+                    if slot is not None:
+                        slot.release()  # the pooled connection holds its own
+                        slot = None
+                    conn = _Conn(
+                        pooled,  # type: ignore[arg-type]
+                        key,
+                        host.host,
+                        remote,
+                        label,
+                        host.max_messages_per_connection,
+                        host.name,
+                    )
+                    session.conns[label] = conn
+                    return conn
+                if slot is None:
+                    slot = await self._smart_slot(host)
+                    if slot is None:
+                        # Every node's connections to it are busy: not the host's fault.
+                        return Reply(
+                            451,
+                            "4.4.5",
+                            f"smart host {host.name}: all {host.max_connections} connections"
+                            " (shared by every node) are busy; will retry",
+                        )
+                try:
+                    client = await self._open_smart(ip, host)
+                except credentials.CredentialError as exc:
+                    last = transport_failure_reply("protocol", str(exc))
+                    _note_tried(session, label, remote, last)
+                    emit(SmartHostUnusable(host.name, str(exc), ids=session.affected or None))
+                    break
+                except SmtpError as exc:
+                    last = exc.reply
+                    _note_tried(session, label, remote, exc.reply)
+                    # The reply and the host, never the credentials (they are not in exc).
+                    emit(
+                        SmartHostFailed(
+                            host.name,
+                            remote,
+                            exc.stage,
+                            exc.kind,
+                            exc.reply,
+                            ids=session.affected or None,
+                        )
+                    )
+                    continue
+                self._hold(client, slot)
                 conn = _Conn(
-                    pooled,  # type: ignore[arg-type]
+                    client,
                     key,
                     host.host,
                     remote,
@@ -669,38 +789,31 @@ class Delivery:
                 )
                 session.conns[label] = conn
                 return conn
-            try:
-                client = await self._open_smart(ip, host)
-            except credentials.CredentialError as exc:
-                last = transport_failure_reply("protocol", str(exc))
-                _note_tried(session, label, remote, last)
-                emit(SmartHostUnusable(host.name, str(exc), ids=session.affected or None))
-                break
-            except SmtpError as exc:
-                last = exc.reply
-                _note_tried(session, label, remote, exc.reply)
-                # The reply and the host, never the credentials (they are not in exc).
-                emit(
-                    SmartHostFailed(
-                        host.name,
-                        remote,
-                        exc.stage,
-                        exc.kind,
-                        exc.reply,
-                        ids=session.affected or None,
-                    )
-                )
-                continue
-            conn = _Conn(
-                client, key, host.host, remote, label, host.max_messages_per_connection, host.name
-            )
-            session.conns[label] = conn
-            return conn
+        except BaseException:
+            if slot is not None:
+                slot.release()  # not tied to a connection yet
+            raise
+        if slot is not None:
+            slot.release()
         self.smart_hosts.report(
             host.name, now, ok=False, transport_failure=True, error=str(last)[:200]
         )
         session.dead[label] = last
         return last
+
+    async def _smart_slot(self, host: SmartHost) -> Slot | None:
+        """A slot of ``host``'s ``max_connections`` shared by every node, waited for up
+        to SMART_SLOT_WAIT_SECONDS (one node alone: its semaphore already counted)."""
+        key, cap = f"smarthost:{host.name}", host.max_connections
+        if not self.limits.shared:
+            return await self.limits.take_slot(key, cap)
+        deadline = time.monotonic() + SMART_SLOT_WAIT_SECONDS
+        while True:
+            slot = await self.limits.take_slot(key, cap)
+            if slot is not None or time.monotonic() >= deadline:
+                return slot
+            # Another node holds them: nothing here would say when one frees.
+            await asyncio.sleep(SLOT_RETRY_SECONDS)
 
     def _options(self, **kw: object) -> ClientOptions:
         return session_options(self.config, **kw)
@@ -913,8 +1026,9 @@ def make_shaper(config: RelayConfig, key: str) -> DestinationShaper:
         return default if value is None else int(value)
 
     return DestinationShaper(
-        pick("connections", d.connections_per_destination),
-        pick("connections_per_minute", d.connections_per_minute),
+        key=key,
+        max_connections=pick("connections", d.connections_per_destination),
+        connections_per_minute=pick("connections_per_minute", d.connections_per_minute),
         messages_per_minute=pick("messages_per_minute", d.messages_per_minute),
         messages_per_hour=pick("messages_per_hour", d.messages_per_hour),
     )

@@ -27,8 +27,9 @@ from typing import Any
 from ferry.config import RelayConfig
 from ferry.delivery.mx import MxResolver
 from ferry.delivery.sessions import Delivery, Destination, WorkItem, make_shaper
+from ferry.queue import open_limits
 from ferry.queue.base import ClaimedRecipient, Queue
-from ferry.queue.limits import SharedLimits, open_limits
+from ferry.queue.limits import SharedLimits
 from ferry.queue.selection import ALL_DESTINATIONS
 
 # How often a scheduler writes its statistics for `ferry stats` (another process).

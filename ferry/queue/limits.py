@@ -26,10 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from ferry.config import RelayConfig
+from typing import Protocol
 
 #: Buckets per rate window. A window of ``period`` seconds is checked over the last
 #: ``RATE_BUCKETS + 1`` buckets of ``period / RATE_BUCKETS`` seconds (see rate_wait).
@@ -93,18 +90,6 @@ class LocalLimits:
 
     async def close(self) -> None:
         pass
-
-
-def open_limits(config: RelayConfig) -> SharedLimits:
-    """The limits for the configured queue: shared through PostgreSQL, else local."""
-    q = config.queue
-    if q.backend == "postgres":
-        from ferry.queue.postgres import conninfo, describe_dsn
-        from ferry.queue.postgres_limits import PostgresLimits
-
-        dsn = q.dsn.get_secret_value()
-        return PostgresLimits(conninfo(dsn, q.password_file), description=describe_dsn(dsn))
-    return LocalLimits()
 
 
 # -- pure parts ------------------------------------------------------------------------

@@ -1,0 +1,129 @@
+"""Limits shared by nodes through PostgreSQL (``ferry/queue/postgres_limits.py``), against
+the real test server: each ``PostgresLimits`` below stands for one node (its own
+database session), as in ``ferry serve``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+
+from ferry.queue.postgres import PostgresQueue
+from ferry.queue.postgres_limits import PostgresLimits
+from tests.harness import free_port
+from tests.queue.backends import fresh_schema
+from tests.world.wait import async_wait_until
+
+T0 = 1_800_000_000.0
+
+
+@pytest.fixture
+async def dsn(pg_dsn: str) -> str:
+    dsn = fresh_schema(pg_dsn)
+    await (await PostgresQueue(dsn).open()).close()  # the schema, limits' step included
+    return dsn
+
+
+@pytest.fixture
+async def nodes(dsn: str) -> AsyncIterator[list[PostgresLimits]]:
+    made = [PostgresLimits(dsn), PostgresLimits(dsn)]
+    yield made
+    for limits in made:
+        await limits.close()
+
+
+def _backend_pid(limits: PostgresLimits) -> int:
+    conn = limits._conn
+    assert conn is not None
+    return int(conn.info.backend_pid)
+
+
+async def test_slots_are_shared_and_come_back_when_released(
+    nodes: list[PostgresLimits],
+) -> None:
+    a, b = nodes
+    one = await a.take_slot("dest:x.test", 2)
+    two = await a.take_slot("dest:x.test", 2)  # the same session: a second slot, not one twice
+    assert one is not None and two is not None and one.held and two.held
+    assert await a.take_slot("dest:x.test", 2) is None
+    assert await b.take_slot("dest:x.test", 2) is None  # the other node: none left
+    assert await b.take_slot("dest:other.test", 2) is not None  # another destination
+    one.release()
+    one.release()  # idempotent
+    assert not one.held
+    await async_wait_until(
+        lambda: b.take_slot("dest:x.test", 2), 10, message="the released slot for b"
+    )
+    assert await a.take_slot("dest:x.test", 2) is None
+    assert a.slots_held() == 1 and b.slots_held() == 2
+
+
+async def test_a_lost_session_frees_its_slots_for_the_others_and_voids_its_own(
+    dsn: str, nodes: list[PostgresLimits]
+) -> None:
+    a, b = nodes
+    held = [await a.take_slot("dest:x.test", 2) for _ in range(2)]
+    assert all(s is not None and s.held for s in held)
+    assert await b.take_slot("dest:x.test", 2) is None
+    # The node's database session ends (a killed node, a cut network): the server frees
+    # its locks by itself...
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (_backend_pid(a),))
+    await async_wait_until(
+        lambda: b.take_slot("dest:x.test", 2), 10, message="a's slots to come free"
+    )
+    # ...and the node learns it within a check, before it would count on them again.
+    await async_wait_until(
+        lambda: not any(s is not None and s.held for s in held), 10, message="a's slots void"
+    )
+    assert a.slots_held() == 0
+    # It takes slots again once its session is back (here: the one b left).
+    await async_wait_until(
+        lambda: a.take_slot("dest:x.test", 2), 10, message="a reconnected and took a slot"
+    )
+    assert await b.take_slot("dest:x.test", 2) is None
+
+
+async def test_a_rate_window_is_one_count_for_every_node(nodes: list[PostgresLimits]) -> None:
+    a, b = nodes
+    windows = [(3, 60.0)]
+    assert await a.take_rate("msg:x.test", windows, T0) == 0
+    assert await b.take_rate("msg:x.test", windows, T0 + 1) == 0
+    assert await a.take_rate("msg:x.test", windows, T0 + 2) == 0
+    wait_b = await b.take_rate("msg:x.test", windows, T0 + 3)
+    wait_a = await a.take_rate("msg:x.test", windows, T0 + 3)
+    assert 57 <= wait_a == wait_b <= 66
+    assert await b.take_rate("msg:other.test", windows, T0 + 3) == 0  # its own window
+    # Refusals counted nothing: once the first events leave the window, there is room.
+    assert await b.take_rate("msg:x.test", windows, T0 + 3 + wait_b) == 0
+    # Every window must have room; a refusal counts in none of them.
+    both = [(10, 60.0), (4, 3600.0)]
+    assert await a.take_rate("msg:y.test", both, T0) == 0
+    assert await b.take_rate("msg:y.test", both, T0 + 100) == 0
+    assert await a.take_rate("msg:y.test", both, T0 + 200) == 0
+    assert await b.take_rate("msg:y.test", both, T0 + 300) == 0
+    assert await a.take_rate("msg:y.test", both, T0 + 400) > 3000
+    assert await a.take_rate("msg:y.test", [(10, 60.0)], T0 + 400) == 0
+
+
+async def test_unreachable_database_means_no_slot_and_wait_never_unlimited() -> None:
+    port = free_port()  # nothing listens there
+    limits = PostgresLimits(f"postgresql://ferry:secret@127.0.0.1:{port}/ferry")
+    try:
+        assert await limits.take_slot("dest:x.test", 5) is None
+        assert await limits.take_rate("msg:x.test", [(100, 60.0)], T0) > 0
+        assert limits.slots_held() == 0
+    finally:
+        await limits.close()
+
+
+async def test_slots_of_a_closed_node_come_free_at_once(
+    dsn: str, nodes: list[PostgresLimits]
+) -> None:
+    a, b = nodes
+    c = PostgresLimits(dsn)
+    assert await c.take_slot("smarthost:relay", 1) is not None
+    assert await a.take_slot("smarthost:relay", 1) is None
+    await c.close()  # a clean stop: the session ends, the lock with it
+    assert await a.take_slot("smarthost:relay", 1) is not None

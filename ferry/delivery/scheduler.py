@@ -83,9 +83,9 @@ class Scheduler:
         d = config.delivery
         self.config = config
         self.queue = queue
-        # Connection slots and rates shared with the other nodes of a PostgreSQL queue.
-        self.limits = limits if limits is not None else open_limits(config)
         self.owner = owner or f"{config.server.hostname}:{uuid.uuid4().hex[:12]}"
+        # Connection slots and rates shared with the other nodes of a PostgreSQL queue.
+        self.limits = limits if limits is not None else open_limits(config, name=self.owner)
         self.clock = clock
         self.resolver = resolver or MxResolver(
             config.dns.nameservers, timeout=config.dns.timeout, max_ttl=config.dns.mx_cache_ttl

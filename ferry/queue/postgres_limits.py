@@ -76,11 +76,16 @@ class PostgresLimits:
         conninfo: str,
         *,
         description: str = "postgresql",
+        name: str = "",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``name`` (the delivering process's lease owner) is shown as the connection's
+        ``application_name`` ("ferry limits <name>"): ``pg_locks`` joined with
+        ``pg_stat_activity`` then says which node holds which slots."""
         #: Holds the password when one was given: never log it.
         self._conninfo = conninfo
         self.description = description
+        self.name = name
         self.clock = clock
         self._conn: Conn | None = None
         self._lock = asyncio.Lock()  # one statement or transaction at a time
@@ -109,6 +114,10 @@ class PostgresLimits:
             )
             # Not as ``options=`` (it would replace the DSN's, e.g. its search_path).
             await conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}".encode())
+            await conn.execute(
+                "SELECT set_config('application_name', %s, false)",
+                (f"ferry limits {self.name}".strip()[:63],),
+            )
             self._conn = conn
         except psycopg.Error as exc:
             self._failed_at = self.clock()

@@ -41,7 +41,7 @@ def test_relay_on_postgres_accepts_delivers_and_bounces(world: World, pg_dsn: st
     assert stats.delivered_messages >= 1 and stats.failed_messages == 1
 
 
-def _serve_config(world: World, dsn: str, port: int, name: str) -> Path:
+def _serve_config(world: World, dsn: str, port: int, name: str, delivery: str = "") -> Path:
     # The password in a file beside the config, the DSN without it (as the README says).
     parts = conninfo_to_dict(dsn)
     password = str(parts.pop("password"))
@@ -63,6 +63,7 @@ lease_seconds = 3
 [delivery]
 mx_port = {world.mx.port}
 command_timeout = 60
+{delivery}
 [dns]
 nameservers = ["{world.dns.address}"]
 """,
@@ -122,18 +123,43 @@ def test_cli_never_creates_a_postgres_queue(world: World, pg_dsn: str) -> None:
         assert conn.execute("SELECT to_regclass('meta')").fetchone() == (None,)
 
 
+def _slots(dsn: str, *nodes: str) -> set[tuple[int, int]]:
+    """Connection slots (advisory locks: key, slot) held by these nodes' delivery now."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT l.classid::bigint, l.objid::bigint FROM pg_locks l"
+            " JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+            " AND a.application_name LIKE ANY(%s)",
+            ([f"ferry limits {n}.ferry.test:%" for n in nodes],),
+        ).fetchall()
+    return {(int(k), int(s)) for k, s in rows}
+
+
+#: Issue 14.5: one cap for all nodes. Delivery runs in the serve process (workers = 0),
+#: so the SIGKILL below kills the very process whose database session holds the slots.
+CAP = 2
+MULTI_DELIVERY = f"""
+workers = 0
+connections_per_destination = {CAP}
+connections_per_minute = 1000
+"""
+
+
 def test_three_nodes_one_killed_mid_delivery_lose_nothing(
     world: World, pg_dsn: str, serve_factory: Any
 ) -> None:
     """Three `ferry serve` nodes on one database, mail injected into all three, one node
     SIGKILLed while it holds deliveries: every accepted message arrives, and duplicates
-    are bounded by the transactions the dead node had in flight."""
+    are bounded by the transactions the dead node had in flight. The destination's
+    connection cap (2) holds across the nodes all along -- the MX counts the sessions
+    open at once -- and the dead node's slots come back to the others."""
     dsn = fresh_schema(pg_dsn)
     mx = world.mx("mx.multi.test").publish(world.dns, "multi.test")
     mx.on("dot", "250 2.0.0 queued", delay=0.2)  # deliveries stay in flight a while
     ports = [free_port() for _ in range(3)]
     nodes = [
-        serve_factory(_serve_config(world, dsn, port, f"node{i}"), port)
+        serve_factory(_serve_config(world, dsn, port, f"node{i}", MULTI_DELIVERY), port)
         for i, port in enumerate(ports)
     ]
     accepted: set[bytes] = set()
@@ -155,9 +181,22 @@ def test_three_nodes_one_killed_mid_delivery_lose_nothing(
             ).fetchone()
         return int(row[0]) if row else 0
 
-    wait_until(held_by_node0, 20, "node0 to hold deliveries")
+    wait_until(
+        lambda: held_by_node0() and _slots(dsn, "node0"),
+        20,
+        "node0 to hold deliveries and a connection slot",
+    )
     held = held_by_node0()
+    dead_slots = _slots(dsn, "node0")
     nodes[0].kill()
+    # The server ends the dead node's session, and its locks with it...
+    wait_until(lambda: not _slots(dsn, "node0"), 10, "node0's slots to come free")
+    # ...and the others take them.
+    wait_until(
+        lambda: dead_slots & _slots(dsn, "node1", "node2"),
+        30,
+        "node1 or node2 to hold a slot node0 held",
+    )
 
     def every_message_arrived() -> bool:
         got = {m.data.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0] for m in mx.messages}
@@ -168,5 +207,9 @@ def test_three_nodes_one_killed_mid_delivery_lose_nothing(
     duplicates = len(mx.messages) - len(accepted)
     print(f"node0 held {held} recipients when killed; {duplicates} arrived twice")
     # Only a transaction in flight on the dead node can arrive twice: at most one per
-    # connection it had open (delivery.connections_per_destination, default 5).
-    assert 0 <= duplicates <= 5, (duplicates, held)
+    # connection it had open, and it could hold no more than the cap.
+    assert 0 <= duplicates <= CAP, (duplicates, held)
+    # Never more sessions at once than the cap, across the three nodes...
+    assert 1 <= mx.peak_connections <= CAP, mx.peak_connections
+    # ...and the survivors used the dead node's slots (they delivered the rest).
+    assert mx.connections > CAP

@@ -50,6 +50,9 @@ LOOP_INTERVAL = 0.005
 # (`ferry queue retry`) and expires idle connections.
 IDLE_POLL_SECONDS = 2.0
 
+# With other nodes (PostgreSQL): how often smart hosts' breakers are shared with them.
+SHARE_SECONDS = 1.0
+
 # How often the scheduler re-reads the suspended destinations (`ferry queue suspend`,
 # from any process): the longest a suspension takes to be obeyed.
 SUSPENSIONS_POLL_SECONDS = 1.0
@@ -113,6 +116,7 @@ class Scheduler:
         self._stopping = False
         self._last_claim = 0.0
         self._last_renewal = time.monotonic()
+        self._last_share = -math.inf
         self.suspended: frozenset[str] = frozenset()
         self._suspensions_read = -math.inf
 
@@ -167,6 +171,9 @@ class Scheduler:
                     last_stats = time.monotonic()
                     self.write_stats()
                 await self._renew_leases()
+                if time.monotonic() - self._last_share >= SHARE_SECONDS:
+                    self._last_share = time.monotonic()
+                    await self.delivery.share_state()
                 timeout = await self._sleep_time(claimed)
             except asyncio.CancelledError:
                 raise

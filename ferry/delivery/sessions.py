@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import random
@@ -51,7 +52,12 @@ from ferry.delivery.routing import (
 )
 from ferry.delivery.shaping import DestinationShaper, is_throttle_reply
 from ferry.delivery.smart_mode import DirectOutcome, SmartRouter, destination_group
-from ferry.delivery.smarthosts import CountStatus, SmartHostSet, is_transport_failure
+from ferry.delivery.smarthosts import (
+    BreakerSnapshot,
+    CountStatus,
+    SmartHostSet,
+    is_transport_failure,
+)
 from ferry.dkim import KeyStore, Signer
 from ferry.dkim.keys import SERVE_RECHECK_NS
 from ferry.envelope import Reply, Status
@@ -212,6 +218,40 @@ class Delivery:
 
     async def flush(self) -> None:
         await self.recorder.flush()
+
+    async def share_state(self) -> None:
+        """With other nodes: publish this node's breaker changes and adopt theirs (the
+        latest change wins). Nothing to do for one node."""
+        if not self.limits.shared or not self.smart_hosts:
+            return
+        changed = self.smart_hosts.changes()
+        records = {n: (b.changed_at, b.as_json()) for n, b in changed.items()}
+        shared = await self.limits.share("breaker", records)
+        if changed and not shared:
+            self.smart_hosts.unshared(changed)  # not stored: say it again next time
+        for name, (at, data) in shared.items():
+            try:
+                snapshot = BreakerSnapshot.from_json(at, data)
+            except (TypeError, ValueError):
+                continue  # a record this version cannot read: keep our own view
+            self.smart_hosts.adopt(name, snapshot)
+
+    async def _claim_probe(self, name: str, before: BreakerSnapshot) -> bool:
+        """This node just took host ``name``'s half-open probe: claim it for all nodes.
+
+        Claimed only if nobody changed the breaker since ``before`` (what this node
+        knew); else the breaker goes back to ``before`` and takes the newer state."""
+        breaker = self.smart_hosts.breakers[name]
+        now = breaker.snapshot()
+        stands = await self.limits.claim(
+            "breaker", name, before.changed_at, (now.changed_at, now.as_json())
+        )
+        if stands is None:
+            return True
+        breaker.restore(before)
+        with contextlib.suppress(TypeError, ValueError):
+            self.smart_hosts.adopt(name, BreakerSnapshot.from_json(*stands))
+        return False
 
     def is_relayed(self, domain: str) -> bool:
         """Does this domain's route start at a smart host (known without DNS)?"""
@@ -662,11 +702,21 @@ class Delivery:
         last = transport_failure_reply("refused", "no smart host is available")
         final: list[Outcome] = []
         broken: list[Outcome] = []
+        breakers = self.smart_hosts.breakers
+        before = {n: breakers[n].snapshot() for n in names} if self.limits.shared else {}
         for host in self.smart_hosts.order(self.clock(), names):
-            if self.smart_hosts.breakers[host.name].state == "open":
+            breaker = breakers[host.name]
+            if breaker.state == "open":
                 # Its circuit opened while this session was busy with an earlier host
                 # (another session saw it fail): the order is older than that news.
                 continue
+            if (
+                before
+                and breaker.probing
+                and breaker.snapshot() != before[host.name]
+                and not await self._claim_probe(host.name, before[host.name])
+            ):
+                continue  # another node probes it (or none can say): not this one
             # The slot first, then the connection: a held connection checked as usable
             # and then left waiting for a slot may have timed out by the time it is used.
             async with self.smart_slots[host.name]:

@@ -13,9 +13,14 @@ The contract, for whoever delivers:
   held while the connection is open (also while it waits idle in the pool), or None.
 - :meth:`SharedLimits.take_rate` -- count one event (a message, a new connection) in
   every window given, or say how long to wait when one of them is full.
+- :meth:`SharedLimits.share` and :meth:`SharedLimits.claim` -- small state records
+  (a smart host's circuit breaker) stamped with the time they changed: the latest change
+  wins, and a change may be claimed only by whoever saw the latest state (the one
+  half-open probe of a breaker, for all nodes).
 
-Both fail *closed*: when the shared state cannot be read (the database is unreachable)
-the answer is "no slot" / "wait", never "go ahead unlimited".
+They fail *closed*: when the shared state cannot be read (the database is unreachable)
+the answer is "no slot" / "wait" / "not claimed", never "go ahead unlimited"; ``share``
+then returns nothing and each node keeps its own view.
 
 The rate windows are counted in buckets (:func:`rate_wait`): pure functions here, so the
 database side stays a thin edge.
@@ -26,7 +31,10 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
+
+#: A shared state record: (when it last changed, its fields as JSON values).
+Record = tuple[float, dict[str, Any]]
 
 #: Buckets per rate window. A window of ``period`` seconds is checked over the last
 #: ``RATE_BUCKETS + 1`` buckets of ``period / RATE_BUCKETS`` seconds (see rate_wait).
@@ -62,6 +70,17 @@ class SharedLimits(Protocol):
         return the seconds to wait (nothing counted) when a window is full."""
         ...
 
+    async def share(self, kind: str, changed: Mapping[str, Record]) -> dict[str, Record]:
+        """Publish the ``changed`` records of ``kind`` (each kept only if it changed later
+        than the one stored) and return every stored record of ``kind``."""
+        ...
+
+    async def claim(self, kind: str, name: str, seen: float, record: Record) -> Record | None:
+        """Store ``record`` only if the stored one changed no later than ``seen`` (what
+        the caller based its change on). None: stored; else the record that stands
+        (``(-inf, {})`` when it cannot be known)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -87,6 +106,12 @@ class LocalLimits:
 
     async def take_rate(self, key: str, windows: Sequence[tuple[int, float]], now: float) -> float:
         return 0.0
+
+    async def share(self, kind: str, changed: Mapping[str, Record]) -> dict[str, Record]:
+        return {}
+
+    async def claim(self, kind: str, name: str, seen: float, record: Record) -> Record | None:
+        return None
 
     async def close(self) -> None:
         pass

@@ -8,6 +8,8 @@
 - **Rates** are counters per ``(window, bucket)`` in ``limit_rates``, read and bumped in
   one short transaction under a transaction advisory lock on the window (two nodes never
   both take the last place). The arithmetic is ``limits.rate_wait``.
+- **State records** (smart hosts' breakers) are rows of ``limit_states``: an upsert that
+  keeps the later ``changed_at``, and a compare-and-set on ``changed_at`` for claims.
 
 Failing closed: when the connection is lost, every slot it held is marked lost at once
 (the server freed it, another node may take it now) and the pool stops reusing the
@@ -19,14 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
 
 from ferry.queue.limits import (
+    Record,
     bucket_of,
     first_bucket,
     lock_key,
@@ -259,6 +264,62 @@ class PostgresLimits:
                 self._failed(exc)
                 return UNREACHABLE_WAIT  # fail closed: wait rather than run unlimited
         return 0.0
+
+    # -- state records -----------------------------------------------------------------
+
+    async def share(self, kind: str, changed: Mapping[str, Record]) -> dict[str, Record]:
+        names = list(changed)
+        async with self._lock:
+            try:
+                conn = await self._connection()
+                if names:
+                    await conn.execute(
+                        "INSERT INTO limit_states(kind, name, changed_at, state)"
+                        " SELECT %s, n, c, s::jsonb"
+                        " FROM unnest(%s::text[], %s::float8[], %s::text[]) AS t(n, c, s)"
+                        " ON CONFLICT (kind, name) DO UPDATE"
+                        " SET changed_at = excluded.changed_at, state = excluded.state"
+                        " WHERE limit_states.changed_at < excluded.changed_at",
+                        (
+                            kind,
+                            names,
+                            [changed[n][0] for n in names],
+                            [json.dumps(changed[n][1]) for n in names],
+                        ),
+                    )
+                cur = await conn.execute(
+                    "SELECT name, changed_at, state FROM limit_states WHERE kind = %s", (kind,)
+                )
+                rows = await cur.fetchall()
+            except (psycopg.Error, ConnectionError) as exc:
+                self._failed(exc)
+                return {}  # each node keeps its own view meanwhile
+        return {str(n): (float(c), dict(s)) for n, c, s in rows}
+
+    async def claim(self, kind: str, name: str, seen: float, record: Record) -> Record | None:
+        async with self._lock:
+            try:
+                conn = await self._connection()
+                cur = await conn.execute(
+                    "INSERT INTO limit_states(kind, name, changed_at, state)"
+                    " VALUES (%s, %s, %s, %s::jsonb)"
+                    " ON CONFLICT (kind, name) DO UPDATE"
+                    " SET changed_at = excluded.changed_at, state = excluded.state"
+                    " WHERE limit_states.changed_at <= %s"
+                    " RETURNING changed_at",
+                    (kind, name, record[0], json.dumps(record[1]), seen),
+                )
+                if await cur.fetchone() is not None:
+                    return None
+                cur = await conn.execute(
+                    "SELECT changed_at, state FROM limit_states WHERE kind = %s AND name = %s",
+                    (kind, name),
+                )
+                row = await cur.fetchone()
+            except (psycopg.Error, ConnectionError) as exc:
+                self._failed(exc)
+                return (-math.inf, {})  # not claimed: nobody can say who holds it
+        return (float(row[0]), dict(row[1])) if row else (-math.inf, {})
 
     async def close(self) -> None:
         if self._closed:

@@ -168,7 +168,7 @@ CREATE INDEX IF NOT EXISTS recipients_waiting_by_age ON recipients(arrival, mess
 # Connection slots are session advisory locks, not rows: ``ferry_try_slot`` takes the
 # first free slot of a destination, skipping those this session holds already (a session
 # lock is re-entrant: asking again for one it holds would answer "yes" a second time).
-# Message and connection rates are counters per (window, bucket).
+# Message and connection rates are counters per (window, bucket); breakers are records.
 _V4 = """
 CREATE OR REPLACE FUNCTION ferry_try_slot(k integer, cap integer, held integer[])
 RETURNS integer LANGUAGE plpgsql VOLATILE AS $$
@@ -186,6 +186,14 @@ CREATE TABLE IF NOT EXISTS limit_rates (
     bucket bigint NOT NULL,
     count integer NOT NULL,
     PRIMARY KEY (key, bucket)
+);
+-- Small shared states (a smart host's circuit breaker), the latest change wins.
+CREATE TABLE IF NOT EXISTS limit_states (
+    kind text NOT NULL,
+    name text NOT NULL,
+    changed_at double precision NOT NULL,
+    state jsonb NOT NULL,
+    PRIMARY KEY (kind, name)
 );
 """
 

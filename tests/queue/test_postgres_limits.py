@@ -127,3 +127,40 @@ async def test_slots_of_a_closed_node_come_free_at_once(
     assert await a.take_slot("smarthost:relay", 1) is None
     await c.close()  # a clean stop: the session ends, the lock with it
     assert await a.take_slot("smarthost:relay", 1) is not None
+
+
+async def test_state_records_keep_the_latest_change(nodes: list[PostgresLimits]) -> None:
+    a, b = nodes
+    assert await a.share("breaker", {}) == {}
+    got = await a.share("breaker", {"relay1": (100.0, {"state": "open"})})
+    assert got == {"relay1": (100.0, {"state": "open"})}
+    # An older change from another node does not replace it; a newer one does.
+    got = await b.share("breaker", {"relay1": (90.0, {"state": "closed"})})
+    assert got == {"relay1": (100.0, {"state": "open"})}
+    got = await b.share("breaker", {"relay2": (95.0, {"state": "open"})})
+    assert set(got) == {"relay1", "relay2"}
+    await b.share("breaker", {"relay1": (130.0, {"state": "closed"})})
+    assert (await a.share("breaker", {}))["relay1"] == (130.0, {"state": "closed"})
+    assert await a.share("other-kind", {}) == {}
+
+
+async def test_a_claim_is_won_by_one_node_only(nodes: list[PostgresLimits]) -> None:
+    a, b = nodes
+    await a.share("breaker", {"relay": (100.0, {"state": "open"})})
+    # Both saw the breaker open since 100 and take the probe at 130: one wins.
+    first = await a.claim("breaker", "relay", 100.0, (130.0, {"state": "half_open"}))
+    second = await b.claim("breaker", "relay", 100.0, (130.5, {"state": "half_open"}))
+    assert first is None
+    assert second == (130.0, {"state": "half_open"})  # what stands, to adopt
+    # A claim on a record nobody stored yet is won.
+    assert await b.claim("breaker", "new", float("-inf"), (1.0, {"state": "half_open"})) is None
+
+
+async def test_claims_and_shares_fail_closed_without_the_database() -> None:
+    limits = PostgresLimits(f"postgresql://ferry:secret@127.0.0.1:{free_port()}/ferry")
+    try:
+        assert await limits.share("breaker", {"x": (1.0, {"state": "open"})}) == {}
+        stands = await limits.claim("breaker", "x", 0.0, (1.0, {"state": "half_open"}))
+        assert stands is not None  # not claimed
+    finally:
+        await limits.close()

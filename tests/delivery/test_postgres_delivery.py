@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import smtplib
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,9 @@ def test_relay_on_postgres_accepts_delivers_and_bounces(world: World, pg_dsn: st
     assert stats.delivered_messages >= 1 and stats.failed_messages == 1
 
 
-def _serve_config(world: World, dsn: str, port: int, name: str, delivery: str = "") -> Path:
+def _serve_config(
+    world: World, dsn: str, port: int, name: str, delivery: str = "", tail: str = ""
+) -> Path:
     # The password in a file beside the config, the DSN without it (as the README says).
     parts = conninfo_to_dict(dsn)
     password = str(parts.pop("password"))
@@ -66,6 +69,7 @@ command_timeout = 60
 {delivery}
 [dns]
 nameservers = ["{world.dns.address}"]
+{tail}
 """,
     )
 
@@ -213,3 +217,43 @@ def test_three_nodes_one_killed_mid_delivery_lose_nothing(
     assert 1 <= mx.peak_connections <= CAP, mx.peak_connections
     # ...and the survivors used the dead node's slots (they delivered the rest).
     assert mx.connections > CAP
+
+
+def _node_stats(world: World, name: str) -> dict[str, Any]:
+    """What ``name``'s scheduler last published for `ferry stats` ({} before it did)."""
+    files = list((world.tmp_path / name / "stats").glob("*.json"))
+    return json.loads(files[0].read_text()) if files else {}
+
+
+def test_a_smart_host_breaker_opened_on_one_node_is_open_on_all(
+    world: World, pg_dsn: str, serve_factory: Any
+) -> None:
+    """Issue 14.5: one node finds the smart host down; the others take it out of rotation
+    too, without trying it themselves (the host saw one connection, not one per node)."""
+    dsn = fresh_schema(pg_dsn)
+    relay = world.mx("relay.breaker.test").publish(world.dns)
+    relay.on("greeting", "421 4.3.2 down for maintenance")
+    smart = f"""
+[[smart_hosts]]
+name = "relay"
+host = "relay.breaker.test"
+port = {world.mx.port}
+tls = "none"
+require_tls = false
+"""
+    delivery = 'workers = 0\nmode = "relay"\nsmart_host_cooldown = "10m"'
+    ports = [free_port() for _ in range(3)]
+    for i, port in enumerate(ports):
+        serve_factory(_serve_config(world, dsn, port, f"node{i}", delivery, smart), port)
+    with smtplib.SMTP("127.0.0.1", ports[0]) as c:
+        c.sendmail(SENDER, ["x@anywhere.test"], msg("via the relay"))
+
+    def states() -> list[object]:
+        return [
+            _node_stats(world, f"node{i}").get("smart_hosts", {}).get("relay", {}).get("state")
+            for i in range(3)
+        ]
+
+    wait_until(lambda: states() == ["open"] * 3, 20, "the breaker open on every node")
+    assert relay.connections == 1  # found down once, by one node
+    assert relay.messages == []

@@ -16,6 +16,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 import random
 import secrets
 import time
@@ -51,7 +52,12 @@ from ferry.delivery.routing import (
     should_fall_back,
 )
 from ferry.delivery.shaping import DestinationShaper, is_throttle_reply
-from ferry.delivery.smart_mode import DirectOutcome, SmartRouter, destination_group
+from ferry.delivery.smart_mode import (
+    DirectOutcome,
+    GroupSnapshot,
+    SmartRouter,
+    destination_group,
+)
 from ferry.delivery.smarthosts import (
     BreakerSnapshot,
     CountStatus,
@@ -88,6 +94,9 @@ SLOT_RETRY_SECONDS = 0.25
 SHARED_IDLE_SECONDS = 2.0
 # ...and how long a transaction waits for a smart host's slot before trying the next.
 SMART_SLOT_WAIT_SECONDS = 30.0
+# Shared smart-mode windows are read again from a little before the newest one seen: a
+# node's clock may lag, and a row may commit after a later-stamped one.
+WINDOW_READ_SLACK = 10.0
 
 
 @dataclass(slots=True)
@@ -196,6 +205,9 @@ class Delivery:
         self._bodies: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self.signer = make_signer(config, SERVE_RECHECK_NS)  # no stat calls per message
         self.group_shapers: dict[str, DestinationShaper] = {}
+        # Other nodes' smart-mode windows (row name -> group, outcomes) and how far read.
+        self._windows: dict[str, tuple[str, list[tuple[float, str]]]] = {}
+        self._windows_read = -math.inf
         self.recorder = Recorder(
             config,
             queue,
@@ -235,6 +247,61 @@ class Delivery:
             except (TypeError, ValueError):
                 continue  # a record this version cannot read: keep our own view
             self.smart_hosts.adopt(name, snapshot)
+        if self.config.delivery.mode == "smart":
+            await self._share_smart_mode()
+
+    async def _share_smart_mode(self) -> None:
+        """Smart mode's decisions (the latest change wins) and windows (each node's own
+        outcomes, merged) with the other nodes."""
+        now = self.clock()
+        changed = self.router.changes()
+        records = {g: (s.changed_at, s.as_json()) for g, s in changed.items()}
+        shared = await self.limits.share("smart", records)
+        if changed and not shared:
+            self.router.unshared(changed)
+        for group, (at, data) in shared.items():
+            with contextlib.suppress(TypeError, ValueError):
+                self.router.adopt(group, GroupSnapshot.from_json(at, data), now)
+        own = self.router.own_outcomes()
+        rows = {
+            f"{group}\n{self.owner}": (
+                outcomes[-1][0],
+                {"group": group, "outcomes": [[t, o] for t, o in outcomes]},
+            )
+            for group, outcomes in own.items()
+        }
+        theirs = await self.limits.share(
+            "smart-window", rows, after=self._windows_read - WINDOW_READ_SLACK
+        )
+        touched: set[str] = set()
+        for row, (at, data) in theirs.items():
+            if row.endswith(f"\n{self.owner}"):
+                continue  # our own, already in the window
+            try:
+                group = str(data["group"])
+                outcomes = [(float(t), str(o)) for t, o in data["outcomes"]]
+            except (KeyError, TypeError, ValueError):
+                continue
+            self._windows[row] = (group, outcomes)
+            self._windows_read = max(self._windows_read, at)
+            touched.add(group)
+        for group in sorted(touched):
+            others = [e for g, outcomes in self._windows.values() if g == group for e in outcomes]
+            self.router.merge(group, others, now)
+
+    async def _claim_smart_probe(self, group: str, before: GroupSnapshot) -> bool:
+        """This node just took ``group``'s direct probe: claim it for all nodes (else
+        back to ``before``, and the newer state if known)."""
+        now = self.router.snapshot(group)
+        stands = await self.limits.claim(
+            "smart", group, before.changed_at, (now.changed_at, now.as_json())
+        )
+        if stands is None:
+            return True
+        self.router.restore(group, before)
+        with contextlib.suppress(TypeError, ValueError):
+            self.router.adopt(group, GroupSnapshot.from_json(*stands), self.clock())
+        return False
 
     async def _claim_probe(self, name: str, before: BreakerSnapshot) -> bool:
         """This node just took host ``name``'s half-open probe: claim it for all nodes.
@@ -370,7 +437,14 @@ class Delivery:
         group = None
         if smart:
             group = destination_group([h.name for h in mx_hosts])
+            before = self.router.snapshot(group) if self.limits.shared else None
             choice, why = self.router.choose(group, self.clock())
+            if (
+                before is not None
+                and self.router.snapshot(group) != before
+                and not await self._claim_smart_probe(group, before)
+            ):
+                choice, why = "relay", "relay while a direct probe is outstanding"
             plan = self._base_plan(domain, routes=routes, smart_choice=choice, smart_reason=why)
         return plan, mx_hosts, group
 

@@ -70,9 +70,12 @@ class SharedLimits(Protocol):
         return the seconds to wait (nothing counted) when a window is full."""
         ...
 
-    async def share(self, kind: str, changed: Mapping[str, Record]) -> dict[str, Record]:
+    async def share(
+        self, kind: str, changed: Mapping[str, Record], *, after: float = -math.inf
+    ) -> dict[str, Record]:
         """Publish the ``changed`` records of ``kind`` (each kept only if it changed later
-        than the one stored) and return every stored record of ``kind``."""
+        than the one stored) and return the stored records of ``kind`` that changed
+        after ``after``."""
         ...
 
     async def claim(self, kind: str, name: str, seen: float, record: Record) -> Record | None:
@@ -107,7 +110,9 @@ class LocalLimits:
     async def take_rate(self, key: str, windows: Sequence[tuple[int, float]], now: float) -> float:
         return 0.0
 
-    async def share(self, kind: str, changed: Mapping[str, Record]) -> dict[str, Record]:
+    async def share(
+        self, kind: str, changed: Mapping[str, Record], *, after: float = -math.inf
+    ) -> dict[str, Record]:
         return {}
 
     async def claim(self, kind: str, name: str, seen: float, record: Record) -> Record | None:

@@ -267,7 +267,9 @@ class PostgresLimits:
 
     # -- state records -----------------------------------------------------------------
 
-    async def share(self, kind: str, changed: Mapping[str, Record]) -> dict[str, Record]:
+    async def share(
+        self, kind: str, changed: Mapping[str, Record], *, after: float = -math.inf
+    ) -> dict[str, Record]:
         names = list(changed)
         async with self._lock:
             try:
@@ -288,7 +290,9 @@ class PostgresLimits:
                         ),
                     )
                 cur = await conn.execute(
-                    "SELECT name, changed_at, state FROM limit_states WHERE kind = %s", (kind,)
+                    "SELECT name, changed_at, state FROM limit_states"
+                    " WHERE kind = %s AND changed_at > %s",
+                    (kind, after),
                 )
                 rows = await cur.fetchall()
             except (psycopg.Error, ConnectionError) as exc:

@@ -257,3 +257,58 @@ require_tls = false
     wait_until(lambda: states() == ["open"] * 3, 20, "the breaker open on every node")
     assert relay.connections == 1  # found down once, by one node
     assert relay.messages == []
+
+
+def test_smart_mode_decides_once_for_every_node(
+    world: World, pg_dsn: str, serve_factory: Any
+) -> None:
+    """Issue 14.5: smart mode's window and decision are shared. Four deferrals at a
+    group's MX (wherever they were seen) send the group through the relay on all three
+    nodes, the nodes that never tried it directly included."""
+    dsn = fresh_schema(pg_dsn)
+    mx = world.mx("mx.smartgroup.test").publish(world.dns, "smartgroup.test")
+    mx.on("rcpt", "451 4.7.1 try again later")
+    relay = world.mx("relay.smartmode.test").publish(world.dns)
+    smart = f"""
+[[smart_hosts]]
+name = "relay"
+host = "relay.smartmode.test"
+port = {world.mx.port}
+tls = "none"
+require_tls = false
+"""
+    delivery = "\n".join(
+        [
+            "workers = 0",
+            'mode = "smart"',
+            "smart_window = 4",
+            "smart_min_samples = 4",
+            'smart_cooldown = "10m"',
+        ]
+    )
+    ports = [free_port() for _ in range(3)]
+    for i, port in enumerate(ports):
+        serve_factory(_serve_config(world, dsn, port, f"node{i}", delivery, smart), port)
+    for n in range(4):
+        with smtplib.SMTP("127.0.0.1", ports[n % 3]) as c:
+            c.sendmail(SENDER, [f"u{n}@smartgroup.test"], msg(f"smart{n}"))
+    # Deferred directly, each went on through the relay in the same attempt.
+    relay.wait_for_messages(4, 30)
+
+    def choices() -> list[object]:
+        return [
+            _node_stats(world, f"node{i}")
+            .get("smart_routing", {})
+            .get("smartgroup.test", {})
+            .get("choice")
+            for i in range(3)
+        ]
+
+    wait_until(lambda: choices() == ["relay"] * 3, 20, "the relay chosen on every node")
+    direct_tries = sum(1 for c in mx.commands if c.startswith("RCPT"))
+    assert direct_tries == 4
+    # The next message goes straight to the relay, whichever node takes it.
+    with smtplib.SMTP("127.0.0.1", ports[2]) as c:
+        c.sendmail(SENDER, ["late@smartgroup.test"], msg("smart late"))
+    relay.wait_for_messages(5, 30)
+    assert sum(1 for c in mx.commands if c.startswith("RCPT")) == 4

@@ -312,3 +312,32 @@ require_tls = false
         c.sendmail(SENDER, ["late@smartgroup.test"], msg("smart late"))
     relay.wait_for_messages(5, 30)
     assert sum(1 for c in mx.commands if c.startswith("RCPT")) == 4
+
+
+def test_a_smart_host_s_max_connections_holds_across_nodes(
+    world: World, pg_dsn: str, serve_factory: Any
+) -> None:
+    """Issue 14.5: a smart host's ``max_connections = 1`` is one connection from all the
+    nodes together, not one per node."""
+    dsn = fresh_schema(pg_dsn)
+    relay = world.mx("relay.maxconn.test").publish(world.dns)
+    relay.on("dot", "250 2.0.0 queued", delay=0.2)  # transactions overlap if allowed
+    smart = f"""
+[[smart_hosts]]
+name = "relay"
+host = "relay.maxconn.test"
+port = {world.mx.port}
+tls = "none"
+require_tls = false
+max_connections = 1
+"""
+    delivery = 'workers = 0\nmode = "relay"'
+    ports = [free_port() for _ in range(3)]
+    for i, port in enumerate(ports):
+        serve_factory(_serve_config(world, dsn, port, f"node{i}", delivery, smart), port)
+    for n in range(12):
+        with smtplib.SMTP("127.0.0.1", ports[n % 3]) as c:
+            c.sendmail(SENDER, [f"u{n}@anywhere.test"], msg(f"maxconn{n}"))
+    relay.wait_for_messages(12, 60)
+    assert relay.peak_connections == 1
+    wait_until(lambda: _recipient_state(dsn) == [("Delivered", None)] * 12, 15, "Delivered")

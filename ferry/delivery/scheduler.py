@@ -50,7 +50,8 @@ LOOP_INTERVAL = 0.005
 # (`ferry queue retry`) and expires idle connections.
 IDLE_POLL_SECONDS = 2.0
 
-# With other nodes (PostgreSQL): how often smart hosts' breakers are shared with them.
+# With other nodes (PostgreSQL): how often smart hosts' breakers and smart mode's
+# windows and decisions are shared with them.
 SHARE_SECONDS = 1.0
 
 # How often the scheduler re-reads the suspended destinations (`ferry queue suspend`,

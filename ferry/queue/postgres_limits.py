@@ -1,6 +1,6 @@
 """Limits shared by every node through PostgreSQL (the ``limits.SharedLimits`` contract).
 
-- **Connection slots are session advisory locks** ``(lock_key(destination), slot)``,
+- **Connection slots are session advisory locks** ``(key(schema, destination), slot)``,
   ``slot`` in ``0 .. cap-1``, taken by ``ferry_try_slot`` (schema version 4) on one
   dedicated connection per delivering process. The server frees them itself when that
   connection ends, so a node killed with SIGKILL gives its slots back as soon as the
@@ -97,6 +97,7 @@ class PostgresLimits:
         #: Bumped when the connection is lost: every slot of an older one is gone.
         self.generation = 0
         self._held: dict[int, list[int]] = {}  # lock key -> slots this session holds
+        self._schema = ""  # the queue's schema (search_path), part of every lock key
         self._failed_at = -float("inf")
         self._tasks: set[asyncio.Task[None]] = set()
         self._checker: asyncio.Task[None] | None = None
@@ -123,6 +124,9 @@ class PostgresLimits:
                 "SELECT set_config('application_name', %s, false)",
                 (f"ferry limits {self.name}".strip()[:63],),
             )
+            cur = await conn.execute("SELECT current_schema()")
+            row = await cur.fetchone()
+            self._schema = str(row[0]) if row and row[0] else ""
             self._conn = conn
         except psycopg.Error as exc:
             self._failed_at = self.clock()
@@ -175,14 +179,19 @@ class PostgresLimits:
 
     # -- slots -----------------------------------------------------------------------
 
+    def _key(self, name: str) -> int:
+        # Advisory locks belong to the database, not a schema: two queues in two schemas
+        # of one database must not share their destinations' slots.
+        return lock_key(f"{self._schema}/{name}")
+
     async def take_slot(self, key: str, cap: int) -> _PgSlot | None:
-        k = lock_key(key)
         async with self._lock:
-            held = self._held.get(k, [])
-            if len(held) >= cap:
-                return None
             try:
                 conn = await self._connection()
+                k = self._key(key)
+                held = self._held.get(k, [])
+                if len(held) >= cap:
+                    return None
                 cur = await conn.execute("SELECT ferry_try_slot(%s, %s, %s)", (k, cap, held))
                 row = await cur.fetchone()
             except (psycopg.Error, ConnectionError) as exc:
@@ -231,7 +240,7 @@ class PostgresLimits:
                 async with conn.transaction():
                     # One node at a time per destination: read, decide, count.
                     await conn.execute(
-                        "SELECT pg_advisory_xact_lock(%s)", (lock_key("rate:" + key),)
+                        "SELECT pg_advisory_xact_lock(%s)", (self._key("rate:" + key),)
                     )
                     cur = await conn.execute(
                         "SELECT key, bucket, count FROM limit_rates"

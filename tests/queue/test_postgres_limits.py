@@ -164,3 +164,17 @@ async def test_claims_and_shares_fail_closed_without_the_database() -> None:
         assert stands is not None  # not claimed
     finally:
         await limits.close()
+
+
+async def test_two_queues_in_two_schemas_do_not_share_slots(
+    pg_dsn: str, nodes: list[PostgresLimits]
+) -> None:
+    other_dsn = fresh_schema(pg_dsn)  # another Ferry's queue, in the same database
+    await (await PostgresQueue(other_dsn).open()).close()
+    other = PostgresLimits(other_dsn)
+    try:
+        assert await nodes[0].take_slot("dest:x.test", 1) is not None
+        assert await nodes[1].take_slot("dest:x.test", 1) is None  # same queue: shared
+        assert await other.take_slot("dest:x.test", 1) is not None  # not the same queue
+    finally:
+        await other.close()

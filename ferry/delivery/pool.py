@@ -3,15 +3,24 @@
 A connection is used by one delivery at a time: ``take`` removes it from the pool and
 ``give`` puts it back. Idle connections are closed after ``idle_timeout`` seconds, and
 a connection that has carried ``max_transactions`` messages is closed instead of kept.
+
+A connection may hold a connection slot of its destination (``queue.limits``: with
+several nodes, a slot shared through the database): :meth:`ConnectionPool.hold` ties
+them together. The slot is held while the connection is open, idle here included -- the
+destination sees an open connection either way -- and released when it closes. A
+connection whose slot was lost (the node lost its database session) is never reused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable, Hashable
 from typing import Protocol
+
+from ferry.queue.limits import Slot
 
 
 class PooledClient(Protocol):
@@ -42,7 +51,25 @@ class ConnectionPool:
         self.clock = clock
         self._idle: dict[Hashable, list[tuple[float, PooledClient]]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        # id(client) -> (client, its slot, how long it may idle holding that slot)
+        self._slots: dict[int, tuple[PooledClient, Slot, float]] = {}
         self.reused = 0
+
+    def hold(self, client: PooledClient, slot: Slot, *, idle_timeout: float | None = None) -> None:
+        """``client`` holds ``slot`` until it is closed; while idle here, for at most
+        ``idle_timeout`` seconds (default: the pool's)."""
+        self._slots[id(client)] = (client, slot, min(idle_timeout or math.inf, self.idle_timeout))
+
+    def slot_lost(self, client: PooledClient) -> bool:
+        """Whether ``client`` held a slot that is gone (it must carry nothing more)."""
+        held = self._slots.get(id(client))
+        return held is not None and not held[1].held
+
+    def _keeps(self, client: PooledClient, since: float, now: float) -> bool:
+        held = self._slots.get(id(client))
+        if held is None:
+            return client.usable and now - since < self.idle_timeout
+        return client.usable and held[1].held and now - since < held[2]
 
     def take(self, key: Hashable) -> PooledClient | None:
         """An idle, still usable connection for ``key``, or None."""
@@ -50,7 +77,7 @@ class ConnectionPool:
         now = self.clock()
         while entries:
             since, client = entries.pop()
-            if client.usable and now - since < self.idle_timeout:
+            if self._keeps(client, since, now):
                 self.reused += 1
                 return client
             self._quit(client)
@@ -65,7 +92,12 @@ class ConnectionPool:
 
     def give(self, key: Hashable, client: PooledClient) -> None:
         """Return a connection after use; it is kept only if it can carry more."""
-        if not client.usable or client.transactions >= self.max_transactions:
+        held = self._slots.get(id(client))
+        if (
+            not client.usable
+            or client.transactions >= self.max_transactions
+            or (held is not None and not held[1].held)
+        ):
             self._quit(client)
             return
         self._idle.setdefault(key, []).append((self.clock(), client))
@@ -76,7 +108,7 @@ class ConnectionPool:
         for key in list(self._idle):
             keep = []
             for since, client in self._idle[key]:
-                if client.usable and now - since < self.idle_timeout:
+                if self._keeps(client, since, now):
                     keep.append((since, client))
                 else:
                     self._quit(client)
@@ -92,6 +124,10 @@ class ConnectionPool:
         task = asyncio.get_running_loop().create_task(client.quit())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+        held = self._slots.pop(id(client), None)
+        if held is not None:
+            # The slot is free once the connection is closed, not when QUIT is sent.
+            task.add_done_callback(lambda _t: held[1].release())
 
     async def close(self) -> None:
         """QUIT every idle connection and wait for them (bounded)."""

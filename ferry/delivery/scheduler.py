@@ -27,7 +27,9 @@ from typing import Any
 from ferry.config import RelayConfig
 from ferry.delivery.mx import MxResolver
 from ferry.delivery.sessions import Delivery, Destination, WorkItem, make_shaper
+from ferry.queue import open_limits
 from ferry.queue.base import ClaimedRecipient, Queue
+from ferry.queue.limits import SharedLimits
 from ferry.queue.selection import ALL_DESTINATIONS
 
 # How often a scheduler writes its statistics for `ferry stats` (another process).
@@ -47,6 +49,10 @@ LOOP_INTERVAL = 0.005
 # Longest sleep with nothing due: picks up operator changes made from another process
 # (`ferry queue retry`) and expires idle connections.
 IDLE_POLL_SECONDS = 2.0
+
+# With other nodes (PostgreSQL): how often smart hosts' breakers and smart mode's
+# windows and decisions are shared with them.
+SHARE_SECONDS = 1.0
 
 # How often the scheduler re-reads the suspended destinations (`ferry queue suspend`,
 # from any process): the longest a suspension takes to be obeyed.
@@ -76,11 +82,14 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         ca_file: str | None = None,
+        limits: SharedLimits | None = None,
     ) -> None:
         d = config.delivery
         self.config = config
         self.queue = queue
         self.owner = owner or f"{config.server.hostname}:{uuid.uuid4().hex[:12]}"
+        # Connection slots and rates shared with the other nodes of a PostgreSQL queue.
+        self.limits = limits if limits is not None else open_limits(config, name=self.owner)
         self.clock = clock
         self.resolver = resolver or MxResolver(
             config.dns.nameservers, timeout=config.dns.timeout, max_ttl=config.dns.mx_cache_ttl
@@ -94,6 +103,7 @@ class Scheduler:
             rng=rng,
             ca_file=ca_file,
             on_enqueue=self.notify,
+            limits=self.limits,
         )
         self.max_concurrent = d.max_concurrent_deliveries
         # Work held in memory (claimed, not yet sent): enough to keep every session busy,
@@ -107,6 +117,7 @@ class Scheduler:
         self._stopping = False
         self._last_claim = 0.0
         self._last_renewal = time.monotonic()
+        self._last_share = -math.inf
         self.suspended: frozenset[str] = frozenset()
         self._suspensions_read = -math.inf
 
@@ -142,6 +153,7 @@ class Scheduler:
             logging.getLogger("ferry.delivery").error("outcomes not written at shutdown")
         self.write_stats()
         await self.delivery.pool.close()
+        await self.limits.close()  # after the pool: its connections held the slots
         # Whatever was claimed but not finished goes back to the queue now.
         await self.queue.release_leases(self.owner)
 
@@ -160,6 +172,9 @@ class Scheduler:
                     last_stats = time.monotonic()
                     self.write_stats()
                 await self._renew_leases()
+                if time.monotonic() - self._last_share >= SHARE_SECONDS:
+                    self._last_share = time.monotonic()
+                    await self.delivery.share_state()
                 timeout = await self._sleep_time(claimed)
             except asyncio.CancelledError:
                 raise

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
+import math
 import random
 import secrets
 import time
@@ -50,8 +52,18 @@ from ferry.delivery.routing import (
     should_fall_back,
 )
 from ferry.delivery.shaping import DestinationShaper, is_throttle_reply
-from ferry.delivery.smart_mode import DirectOutcome, SmartRouter, destination_group
-from ferry.delivery.smarthosts import CountStatus, SmartHostSet, is_transport_failure
+from ferry.delivery.smart_mode import (
+    DirectOutcome,
+    GroupSnapshot,
+    SmartRouter,
+    destination_group,
+)
+from ferry.delivery.smarthosts import (
+    BreakerSnapshot,
+    CountStatus,
+    SmartHostSet,
+    is_transport_failure,
+)
 from ferry.dkim import KeyStore, Signer
 from ferry.dkim.keys import SERVE_RECHECK_NS
 from ferry.envelope import Reply, Status
@@ -69,10 +81,22 @@ from ferry.events import (
 )
 from ferry.message import MAX_HOPS, count_received, header_block
 from ferry.queue.base import ClaimedRecipient, MessageInfo, Queue
+from ferry.queue.limits import LocalLimits, SharedLimits, Slot
 
 # How long a host whose TLS handshake failed is spoken to in plain text (opportunistic
 # TLS only: a broken STARTTLS must not block delivery forever, nor be retried each time).
 TLS_FALLBACK_SECONDS = 3600.0
+
+# With limits shared by several nodes (``queue.limits``): how soon a destination whose
+# connection slots are all taken (by any node) is looked at again...
+SLOT_RETRY_SECONDS = 0.25
+# ...how long an idle pooled connection may keep its slot from the other nodes...
+SHARED_IDLE_SECONDS = 2.0
+# ...and how long a transaction waits for a smart host's slot before trying the next.
+SMART_SLOT_WAIT_SECONDS = 30.0
+# Shared smart-mode windows are read again from a little before the newest one seen: a
+# node's clock may lag, and a row may commit after a later-stamped one.
+WINDOW_READ_SLACK = 10.0
 
 
 @dataclass(slots=True)
@@ -151,9 +175,13 @@ class Delivery:
         rng: random.Random | None = None,
         ca_file: str | None = None,
         on_enqueue: Callable[[], None] | None = None,
+        limits: SharedLimits | None = None,
     ) -> None:
         d = config.delivery
         self.config = config
+        #: Slots and rates shared with other nodes; LocalLimits (nothing more than this
+        #: process's own counts) with one node.
+        self.limits: SharedLimits = limits or LocalLimits()
         self.queue = queue
         self.resolver = resolver
         self.owner = owner
@@ -177,6 +205,9 @@ class Delivery:
         self._bodies: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self.signer = make_signer(config, SERVE_RECHECK_NS)  # no stat calls per message
         self.group_shapers: dict[str, DestinationShaper] = {}
+        # Other nodes' smart-mode windows (row name -> group, outcomes) and how far read.
+        self._windows: dict[str, tuple[str, list[tuple[float, str]]]] = {}
+        self._windows_read = -math.inf
         self.recorder = Recorder(
             config,
             queue,
@@ -199,6 +230,95 @@ class Delivery:
 
     async def flush(self) -> None:
         await self.recorder.flush()
+
+    async def share_state(self) -> None:
+        """With other nodes: publish this node's breaker changes and adopt theirs (the
+        latest change wins). Nothing to do for one node."""
+        if not self.limits.shared or not self.smart_hosts:
+            return
+        changed = self.smart_hosts.changes()
+        records = {n: (b.changed_at, b.as_json()) for n, b in changed.items()}
+        shared = await self.limits.share("breaker", records)
+        if changed and not shared:
+            self.smart_hosts.unshared(changed)  # not stored: say it again next time
+        for name, (at, data) in shared.items():
+            try:
+                snapshot = BreakerSnapshot.from_json(at, data)
+            except (TypeError, ValueError):
+                continue  # a record this version cannot read: keep our own view
+            self.smart_hosts.adopt(name, snapshot)
+        if self.config.delivery.mode == "smart":
+            await self._share_smart_mode()
+
+    async def _share_smart_mode(self) -> None:
+        """Smart mode's decisions (the latest change wins) and windows (each node's own
+        outcomes, merged) with the other nodes."""
+        now = self.clock()
+        changed = self.router.changes()
+        records = {g: (s.changed_at, s.as_json()) for g, s in changed.items()}
+        shared = await self.limits.share("smart", records)
+        if changed and not shared:
+            self.router.unshared(changed)
+        for group, (at, data) in shared.items():
+            with contextlib.suppress(TypeError, ValueError):
+                self.router.adopt(group, GroupSnapshot.from_json(at, data), now)
+        own = self.router.own_outcomes()
+        rows = {
+            f"{group}\n{self.owner}": (
+                outcomes[-1][0],
+                {"group": group, "outcomes": [[t, o] for t, o in outcomes]},
+            )
+            for group, outcomes in own.items()
+        }
+        theirs = await self.limits.share(
+            "smart-window", rows, after=self._windows_read - WINDOW_READ_SLACK
+        )
+        touched: set[str] = set()
+        for row, (at, data) in theirs.items():
+            if row.endswith(f"\n{self.owner}"):
+                continue  # our own, already in the window
+            try:
+                group = str(data["group"])
+                outcomes = [(float(t), str(o)) for t, o in data["outcomes"]]
+            except (KeyError, TypeError, ValueError):
+                continue
+            self._windows[row] = (group, outcomes)
+            self._windows_read = max(self._windows_read, at)
+            touched.add(group)
+        for group in sorted(touched):
+            others = [e for g, outcomes in self._windows.values() if g == group for e in outcomes]
+            self.router.merge(group, others, now)
+
+    async def _claim_smart_probe(self, group: str, before: GroupSnapshot) -> bool:
+        """This node just took ``group``'s direct probe: claim it for all nodes (else
+        back to ``before``, and the newer state if known)."""
+        now = self.router.snapshot(group)
+        stands = await self.limits.claim(
+            "smart", group, before.changed_at, (now.changed_at, now.as_json())
+        )
+        if stands is None:
+            return True
+        self.router.restore(group, before)
+        with contextlib.suppress(TypeError, ValueError):
+            self.router.adopt(group, GroupSnapshot.from_json(*stands), self.clock())
+        return False
+
+    async def _claim_probe(self, name: str, before: BreakerSnapshot) -> bool:
+        """This node just took host ``name``'s half-open probe: claim it for all nodes.
+
+        Claimed only if nobody changed the breaker since ``before`` (what this node
+        knew); else the breaker goes back to ``before`` and takes the newer state."""
+        breaker = self.smart_hosts.breakers[name]
+        now = breaker.snapshot()
+        stands = await self.limits.claim(
+            "breaker", name, before.changed_at, (now.changed_at, now.as_json())
+        )
+        if stands is None:
+            return True
+        breaker.restore(before)
+        with contextlib.suppress(TypeError, ValueError):
+            self.smart_hosts.adopt(name, BreakerSnapshot.from_json(*stands))
+        return False
 
     def is_relayed(self, domain: str) -> bool:
         """Does this domain's route start at a smart host (known without DNS)?"""
@@ -317,7 +437,14 @@ class Delivery:
         group = None
         if smart:
             group = destination_group([h.name for h in mx_hosts])
+            before = self.router.snapshot(group) if self.limits.shared else None
             choice, why = self.router.choose(group, self.clock())
+            if (
+                before is not None
+                and self.router.snapshot(group) != before
+                and not await self._claim_smart_probe(group, before)
+            ):
+                choice, why = "relay", "relay while a direct probe is outstanding"
             plan = self._base_plan(domain, routes=routes, smart_choice=choice, smart_reason=why)
         return plan, mx_hosts, group
 
@@ -354,7 +481,9 @@ class Delivery:
         now = self.clock()
         rated = plan.hops[0].kind != "smarthost"
         if rated:
-            if dest.shaper.send_wait(now) > 0:
+            if dest.shaper.send_wait(now) > 0 or not await self._shared_rate(
+                dest, "msg", dest.shaper.message_rates(), now
+            ):
                 dest.pending.appendleft(item)  # over this destination's message rate
                 raise _Stop
             # Spend the slot now, before the transfer's awaits: the other sessions of
@@ -519,7 +648,7 @@ class Delivery:
         """The session's connection for this hop, or the first MX address that answers."""
         held = session.conns.get(hop.label)
         if held is not None:
-            if held.client.usable and held.client.transactions < held.limit:
+            if self._reusable(held):
                 return held
             del session.conns[hop.label]
             self.pool.give(held.key, held.client)
@@ -529,49 +658,105 @@ class Delivery:
         now = self.clock()
         limit = self.config.delivery.messages_per_connection
         tried = False
-        for name, ip in targets:  # RFC 5321 §5.1: in preference order
-            now = self.clock()  # not the time before the last target's connect attempt
-            plain = self.tls_fallback.get(ip, 0) > now
-            key = (hop.label, ip, hop.port, plain)
-            remote = f"{name}[{ip}]:{hop.port}"
-            pooled = self.pool.take(key)
-            if pooled is not None:
-                conn = _Conn(pooled, key, name, remote, route, limit)  # type: ignore[arg-type]
+        slot: Slot | None = None  # taken before the first new connection, kept on failure
+        try:
+            for name, ip in targets:  # RFC 5321 §5.1: in preference order
+                now = self.clock()  # not the time before the last target's connect attempt
+                plain = self.tls_fallback.get(ip, 0) > now
+                key = (hop.label, ip, hop.port, plain)
+                remote = f"{name}[{ip}]:{hop.port}"
+                pooled = self.pool.take(key)
+                if pooled is not None:
+                    if slot is not None:
+                        slot.release()  # the pooled connection holds its own
+                        slot = None
+                    conn = _Conn(pooled, key, name, remote, route, limit)  # type: ignore[arg-type]
+                    session.conns[hop.label] = conn
+                    return conn
+                if not (
+                    dest.shaper.new_connections.allowed(now) and now >= dest.shaper.paused_until
+                ) or (slot is None and (slot := await self._destination_slot(dest, now)) is None):
+                    if tried:
+                        break  # some hosts failed and the rate is spent: this attempt is over
+                    raise _Stop  # the connection rate is spent: wait, as the scheduler will
+                tried = True
+                # Counted when decided, not when connected: concurrent sessions sharing these
+                # limits (an MX group) must not all see the last free slot.
+                dest.shaper.opened(now)
+                try:
+                    client = await self._open(ip, hop.port, name, plain)
+                except SmtpError as exc:
+                    if not (exc.tls_handshake_failed and not plain):
+                        last = exc.reply
+                        self._log_connect_failure(remote, exc, session.affected)
+                        _note_tried(session, hop.label, remote, exc.reply)
+                        continue
+                    # Opportunistic TLS: retry this host in clear and remember it.
+                    self.tls_fallback[ip] = now + TLS_FALLBACK_SECONDS
+                    self.stats.tls_fallbacks += 1
+                    emit(TlsFallback(remote, exc.reply))
+                    key = (hop.label, ip, hop.port, True)
+                    try:
+                        client = await self._open(ip, hop.port, name, True)
+                    except SmtpError as exc2:
+                        last = exc2.reply
+                        self._log_connect_failure(remote, exc2, session.affected)
+                        _note_tried(session, hop.label, remote, exc2.reply)
+                        continue
+                self._hold(client, slot)
+                conn = _Conn(client, key, name, remote, route, limit)
                 session.conns[hop.label] = conn
                 return conn
-            if not (dest.shaper.new_connections.allowed(now) and now >= dest.shaper.paused_until):
-                if tried:
-                    break  # some hosts failed and the rate is spent: this attempt is over
-                raise _Stop  # the connection rate is spent: wait, as the scheduler will
-            tried = True
-            # Counted when decided, not when connected: concurrent sessions sharing these
-            # limits (an MX group) must not all see the last free slot.
-            dest.shaper.opened(now)
-            try:
-                client = await self._open(ip, hop.port, name, plain)
-            except SmtpError as exc:
-                if not (exc.tls_handshake_failed and not plain):
-                    last = exc.reply
-                    self._log_connect_failure(remote, exc, session.affected)
-                    _note_tried(session, hop.label, remote, exc.reply)
-                    continue
-                # Opportunistic TLS: retry this host in clear and remember it.
-                self.tls_fallback[ip] = now + TLS_FALLBACK_SECONDS
-                self.stats.tls_fallbacks += 1
-                emit(TlsFallback(remote, exc.reply))
-                key = (hop.label, ip, hop.port, True)
-                try:
-                    client = await self._open(ip, hop.port, name, True)
-                except SmtpError as exc2:
-                    last = exc2.reply
-                    self._log_connect_failure(remote, exc2, session.affected)
-                    _note_tried(session, hop.label, remote, exc2.reply)
-                    continue
-            conn = _Conn(client, key, name, remote, route, limit)
-            session.conns[hop.label] = conn
-            return conn
+        except BaseException:
+            if slot is not None:
+                slot.release()  # not tied to a connection yet
+            raise
+        if slot is not None:
+            slot.release()  # no connection came of it
         session.dead[hop.label] = last
         return last
+
+    def _reusable(self, conn: _Conn) -> bool:
+        """May a session's connection carry its next message?"""
+        return (
+            conn.client.usable
+            and conn.client.transactions < conn.limit
+            and not self.pool.slot_lost(conn.client)
+        )
+
+    def _hold(self, client: SmtpClient, slot: Slot | None) -> None:
+        """Tie a shared slot to the connection it was taken for (released at close)."""
+        if slot is not None and self.limits.shared:
+            self.pool.hold(client, slot, idle_timeout=SHARED_IDLE_SECONDS)
+
+    async def _destination_slot(self, dest: Destination, now: float) -> Slot | None:
+        """A connection slot of ``dest`` shared with the other nodes, and one place in
+        its shared connection rate (None: wait; the scheduler comes back later).
+
+        One node alone: a free slot (its sessions are counted by the scheduler)."""
+        if not self.limits.shared:
+            return await self.limits.take_slot(dest.shaper.key, dest.shaper.max_connections)
+        slot = await self.limits.take_slot(f"dest:{dest.shaper.key}", dest.shaper.max_connections)
+        if slot is None:
+            dest.shaper.wait_shared(now + SLOT_RETRY_SECONDS)
+            return None
+        cpm = dest.shaper.new_connections
+        if not await self._shared_rate(dest, "conn", [(cpm.limit, cpm.period)], now):
+            slot.release()
+            return None
+        return slot
+
+    async def _shared_rate(
+        self, dest: Destination, kind: str, windows: list[tuple[int, float]], now: float
+    ) -> bool:
+        """Count one ``kind`` event in the rates shared with other nodes (True: go)."""
+        if not self.limits.shared or not windows:
+            return True
+        wait = await self.limits.take_rate(f"{kind}:{dest.shaper.key}", windows, now)
+        if wait > 0:
+            dest.shaper.wait_shared(now + wait)
+            return False
+        return True
 
     async def _via_smart_hosts(
         self,
@@ -591,11 +776,21 @@ class Delivery:
         last = transport_failure_reply("refused", "no smart host is available")
         final: list[Outcome] = []
         broken: list[Outcome] = []
+        breakers = self.smart_hosts.breakers
+        before = {n: breakers[n].snapshot() for n in names} if self.limits.shared else {}
         for host in self.smart_hosts.order(self.clock(), names):
-            if self.smart_hosts.breakers[host.name].state == "open":
+            breaker = breakers[host.name]
+            if breaker.state == "open":
                 # Its circuit opened while this session was busy with an earlier host
                 # (another session saw it fail): the order is older than that news.
                 continue
+            if (
+                before
+                and breaker.probing
+                and breaker.snapshot() != before[host.name]
+                and not await self._claim_probe(host.name, before[host.name])
+            ):
+                continue  # another node probes it (or none can say): not this one
             # The slot first, then the connection: a held connection checked as usable
             # and then left waiting for a slot may have timed out by the time it is used.
             async with self.smart_slots[host.name]:
@@ -637,13 +832,14 @@ class Delivery:
         label = f"smarthost:{host.name}"
         held = session.conns.get(label)
         if held is not None:
-            if held.client.usable and held.client.transactions < held.limit:
+            if self._reusable(held):
                 return held
             del session.conns[label]
             self.pool.give(held.key, held.client)
         if label in session.dead:
             return session.dead[label]
         now = self.clock()
+        slot: Slot | None = None
         try:
             addresses = await self.resolver.host_addresses(host.host)
         except MxError as exc:
@@ -653,13 +849,61 @@ class Delivery:
             session.dead[label] = exc.reply
             return exc.reply
         last: Reply = transport_failure_reply("refused", f"no address for {host.host}")
-        for ip in addresses:
-            key = (label, ip, host.port)
-            remote = f"{host.host}[{ip}]:{host.port}"
-            pooled = self.pool.take(key)
-            if pooled is not None:
+        try:
+            for ip in addresses:
+                key = (label, ip, host.port)
+                remote = f"{host.host}[{ip}]:{host.port}"
+                pooled = self.pool.take(key)
+                if pooled is not None:
+                    if slot is not None:
+                        slot.release()  # the pooled connection holds its own
+                        slot = None
+                    conn = _Conn(
+                        pooled,  # type: ignore[arg-type]
+                        key,
+                        host.host,
+                        remote,
+                        label,
+                        host.max_messages_per_connection,
+                        host.name,
+                    )
+                    session.conns[label] = conn
+                    return conn
+                if slot is None:
+                    slot = await self._smart_slot(host)
+                    if slot is None:
+                        # Every node's connections to it are busy: not the host's fault.
+                        return Reply(
+                            451,
+                            "4.4.5",
+                            f"smart host {host.name}: all {host.max_connections} connections"
+                            " (shared by every node) are busy; will retry",
+                        )
+                try:
+                    client = await self._open_smart(ip, host)
+                except credentials.CredentialError as exc:
+                    last = transport_failure_reply("protocol", str(exc))
+                    _note_tried(session, label, remote, last)
+                    emit(SmartHostUnusable(host.name, str(exc), ids=session.affected or None))
+                    break
+                except SmtpError as exc:
+                    last = exc.reply
+                    _note_tried(session, label, remote, exc.reply)
+                    # The reply and the host, never the credentials (they are not in exc).
+                    emit(
+                        SmartHostFailed(
+                            host.name,
+                            remote,
+                            exc.stage,
+                            exc.kind,
+                            exc.reply,
+                            ids=session.affected or None,
+                        )
+                    )
+                    continue
+                self._hold(client, slot)
                 conn = _Conn(
-                    pooled,  # type: ignore[arg-type]
+                    client,
                     key,
                     host.host,
                     remote,
@@ -669,38 +913,31 @@ class Delivery:
                 )
                 session.conns[label] = conn
                 return conn
-            try:
-                client = await self._open_smart(ip, host)
-            except credentials.CredentialError as exc:
-                last = transport_failure_reply("protocol", str(exc))
-                _note_tried(session, label, remote, last)
-                emit(SmartHostUnusable(host.name, str(exc), ids=session.affected or None))
-                break
-            except SmtpError as exc:
-                last = exc.reply
-                _note_tried(session, label, remote, exc.reply)
-                # The reply and the host, never the credentials (they are not in exc).
-                emit(
-                    SmartHostFailed(
-                        host.name,
-                        remote,
-                        exc.stage,
-                        exc.kind,
-                        exc.reply,
-                        ids=session.affected or None,
-                    )
-                )
-                continue
-            conn = _Conn(
-                client, key, host.host, remote, label, host.max_messages_per_connection, host.name
-            )
-            session.conns[label] = conn
-            return conn
+        except BaseException:
+            if slot is not None:
+                slot.release()  # not tied to a connection yet
+            raise
+        if slot is not None:
+            slot.release()
         self.smart_hosts.report(
             host.name, now, ok=False, transport_failure=True, error=str(last)[:200]
         )
         session.dead[label] = last
         return last
+
+    async def _smart_slot(self, host: SmartHost) -> Slot | None:
+        """A slot of ``host``'s ``max_connections`` shared by every node, waited for up
+        to SMART_SLOT_WAIT_SECONDS (one node alone: its semaphore already counted)."""
+        key, cap = f"smarthost:{host.name}", host.max_connections
+        if not self.limits.shared:
+            return await self.limits.take_slot(key, cap)
+        deadline = time.monotonic() + SMART_SLOT_WAIT_SECONDS
+        while True:
+            slot = await self.limits.take_slot(key, cap)
+            if slot is not None or time.monotonic() >= deadline:
+                return slot
+            # Another node holds them: nothing here would say when one frees.
+            await asyncio.sleep(SLOT_RETRY_SECONDS)
 
     def _options(self, **kw: object) -> ClientOptions:
         return session_options(self.config, **kw)
@@ -913,8 +1150,9 @@ def make_shaper(config: RelayConfig, key: str) -> DestinationShaper:
         return default if value is None else int(value)
 
     return DestinationShaper(
-        pick("connections", d.connections_per_destination),
-        pick("connections_per_minute", d.connections_per_minute),
+        key=key,
+        max_connections=pick("connections", d.connections_per_destination),
+        connections_per_minute=pick("connections_per_minute", d.connections_per_minute),
         messages_per_minute=pick("messages_per_minute", d.messages_per_minute),
         messages_per_hour=pick("messages_per_hour", d.messages_per_hour),
     )

@@ -62,7 +62,11 @@ class DestinationShaper:
         backoff_base: float = 30.0,
         backoff_cap: float = 600.0,
         ramp_after: int = 20,
+        key: str = "",
     ) -> None:
+        #: The destination these limits belong to (a domain or an MX group): with
+        #: several nodes, the name of the limits they share (``queue.limits``).
+        self.key = key
         self.max_connections = max_connections
         self.allowed_connections = max_connections  # lowered by backoff, ramps back up
         self.new_connections = RateWindow(connections_per_minute, 60.0)
@@ -76,6 +80,9 @@ class DestinationShaper:
         self.backoff_cap = backoff_cap
         self.ramp_after = ramp_after
         self.paused_until = 0.0
+        #: Set when limits shared with other nodes said "not now" (no free connection
+        #: slot, a shared rate spent): no new connection or message before then.
+        self.shared_wait_until = 0.0
         self.backoffs = 0  # consecutive throttle replies
         self._clean = 0  # clean transactions since the last change
 
@@ -89,7 +96,14 @@ class DestinationShaper:
         """Seconds until a new connection may open; ``inf`` when only a close can free one."""
         if self.active >= self.allowed_connections:
             return math.inf
-        return max(self.paused_until, self.new_connections.next_allowed(now)) - now
+        return (
+            max(
+                self.paused_until,
+                self.shared_wait_until,
+                self.new_connections.next_allowed(now),
+            )
+            - now
+        )
 
     def opened(self, now: float) -> None:
         self.new_connections.record(now)
@@ -104,8 +118,22 @@ class DestinationShaper:
 
     def send_wait(self, now: float) -> float:
         """Seconds until one more message may be sent (0: now)."""
-        until = max([self.paused_until, *(w.next_allowed(now) for w in self.message_windows)])
+        until = max(
+            [
+                self.paused_until,
+                self.shared_wait_until,
+                *(w.next_allowed(now) for w in self.message_windows),
+            ]
+        )
         return max(0.0, until - now)
+
+    def wait_shared(self, until: float) -> None:
+        """Limits shared with other nodes refused: try again no sooner than ``until``."""
+        self.shared_wait_until = max(self.shared_wait_until, until)
+
+    def message_rates(self) -> list[tuple[int, float]]:
+        """The message-rate windows as ``(limit, period)`` (for the shared count)."""
+        return [(w.limit, w.period) for w in self.message_windows]
 
     def reserve_send(self, now: float) -> None:
         """Count one message against the rates when it is decided, not when it is done:

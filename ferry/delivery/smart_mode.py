@@ -24,16 +24,26 @@ reason.
 Time is injected (``now``: seconds, any clock that only moves forward); nothing here
 sleeps or reads a clock. Every change of decision is logged with its reason, and
 :meth:`SmartRouter.stats` shows the current decision and reason per group.
+
+Several nodes (a PostgreSQL queue) share both the windows and the decisions, as values:
+each node publishes its own recent direct outcomes per group (:meth:`SmartRouter.
+own_outcomes`) and merges the others' into its window (:meth:`SmartRouter.merge`: the
+latest ``window`` outcomes of all nodes decide); a decision (relay until, probing,
+back to direct) is a :class:`GroupSnapshot` stamped with the time it changed, the
+latest change wins (:meth:`SmartRouter.adopt`), and the one probe after a cool-down is
+claimed in the database first. A good probe's reset (``since``) tells every node to
+forget the outcomes before it.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ferry.domains import domain_key
 from ferry.events import SmartRouteSwitched, emit
@@ -96,6 +106,34 @@ def destination_group(mx_hosts: Sequence[str]) -> str:
     return ".".join(labels[-keep:])
 
 
+@dataclass(frozen=True, slots=True)
+class GroupSnapshot:
+    """One group's decision as a value, to share with other nodes (see module)."""
+
+    state: Literal["direct", "relay", "probing"]
+    changed_at: float  # when the state last changed: the later change wins
+    cooldown: float
+    relay_until: float | None = None
+    probe_started: float | None = None
+    reason: str = ""
+    since: float = -math.inf  # outcomes before this do not count (a good probe's reset)
+
+    def as_json(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__slots__ if k != "changed_at"}
+        if math.isinf(self.since):
+            out["since"] = None  # JSON has no infinity
+        return out
+
+    @classmethod
+    def from_json(cls, changed_at: float, data: Mapping[str, Any]) -> GroupSnapshot:
+        known = {k: data[k] for k in cls.__slots__ if k in data and k != "changed_at"}
+        if known.get("state") not in ("direct", "relay", "probing"):
+            raise ValueError(f"not a smart-mode state: {data!r}")
+        if known.get("since") is None:
+            known["since"] = -math.inf
+        return cls(changed_at=changed_at, **known)
+
+
 @dataclass
 class _Group:
     """One destination group's window and decision."""
@@ -110,6 +148,11 @@ class _Group:
     switches: int = 0
     changed_at: float | None = None
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    # Shared with other nodes: this node's own outcomes (time, outcome), when the state
+    # last changed, and since when outcomes count.
+    mine: deque[tuple[float, str]] = field(default_factory=deque)
+    state_at: float = -math.inf
+    since: float = -math.inf
 
 
 class SmartRouter:
@@ -155,12 +198,22 @@ class SmartRouter:
         self.max_cooldown = max_cooldown
         self.probe_timeout = probe_timeout
         self._groups: dict[str, _Group] = {}
+        #: Groups whose state changed here, and whose own outcomes grew, since
+        #: :meth:`changes` / :meth:`own_outcomes` last took them.
+        self._changed: set[str] = set()
+        self._grown: set[str] = set()
 
     def _group(self, group: str) -> _Group:
         g = self._groups.get(group)
         if g is None:
-            g = self._groups[group] = _Group(deque(maxlen=self.window), self.cooldown)
+            g = self._groups[group] = _Group(
+                deque(maxlen=self.window), self.cooldown, mine=deque(maxlen=self.window)
+            )
         return g
+
+    def _state_changed(self, group: str, g: _Group, now: float) -> None:
+        g.state_at = now
+        self._changed.add(group)
 
     def _set(self, name: str, g: _Group, choice: Choice, reason: str, now: float) -> None:
         if choice != g.choice:
@@ -186,6 +239,7 @@ class SmartRouter:
         if g.state == "probing":
             if g.probe_started is None or now - g.probe_started >= self.probe_timeout:
                 g.probe_started = now
+                self._state_changed(group, g, now)
                 self._set(group, g, "direct", "probing direct after cool-down", now)
                 return "direct", g.reason
             return "relay", "relay while a direct probe is outstanding"
@@ -202,6 +256,8 @@ class SmartRouter:
         g = self._group(group)
         g.outcomes.append(outcome)
         g.counts[outcome] += 1
+        g.mine.append((now, outcome))
+        self._grown.add(group)
         if g.state == "probing":
             if outcome in _BAD:
                 g.cooldown = min(self.max_cooldown, g.cooldown * self.growth)
@@ -210,16 +266,22 @@ class SmartRouter:
                 # Good probe: forget the bad spell; the probe's outcome starts afresh.
                 g.outcomes.clear()
                 g.outcomes.append(outcome)
+                g.since = now  # every node forgets the bad spell, not only this one
                 g.cooldown = self.cooldown
                 g.state = "direct"
                 g.relay_until = None
                 g.probe_started = None
+                self._state_changed(group, g, now)
                 self._set(group, g, "direct", f"direct probe {outcome}: back to direct", now)
             return
         if g.state == "relay":
             # A session that began before the switch: it joins the window (stats) but
             # the decision waits for the cool-down and the probe.
             return
+        self._decide(group, g, now)
+
+    def _decide(self, group: str, g: _Group, now: float) -> None:
+        """While direct: switch to the relay when the window says so."""
         bad = sum(1 for o in g.outcomes if o in _BAD)
         n = len(g.outcomes)
         summary = self._summary(g)
@@ -241,7 +303,71 @@ class SmartRouter:
         g.state = "relay"
         g.relay_until = now + g.cooldown
         g.probe_started = None
+        self._state_changed(name, g, now)
         self._set(name, g, "relay", f"{why}; relay for {g.cooldown:.0f}s", now)
+
+    # -- shared with other nodes ------------------------------------------------------
+
+    def snapshot(self, group: str) -> GroupSnapshot:
+        g = self._group(group)
+        return GroupSnapshot(
+            g.state, g.state_at, g.cooldown, g.relay_until, g.probe_started, g.reason, g.since
+        )
+
+    def changes(self) -> dict[str, GroupSnapshot]:
+        """The groups whose decision changed here since the last call."""
+        out = {name: self.snapshot(name) for name in sorted(self._changed)}
+        self._changed.clear()
+        return out
+
+    def unshared(self, groups: Iterable[str]) -> None:
+        """These could not be shared: offer them again at the next :meth:`changes`."""
+        self._changed.update(g for g in groups if g in self._groups)
+
+    def own_outcomes(self) -> dict[str, list[tuple[float, str]]]:
+        """Per group whose window grew here since the last call: this node's own recent
+        direct outcomes (time, outcome), oldest first."""
+        out = {name: list(self._groups[name].mine) for name in sorted(self._grown)}
+        self._grown.clear()
+        return out
+
+    def restore(self, group: str, snapshot: GroupSnapshot) -> None:
+        """Go back to an earlier decision (a probe not claimed after all)."""
+        self._take(group, self._group(group), snapshot, snapshot.changed_at)
+
+    def adopt(self, group: str, snapshot: GroupSnapshot, now: float) -> bool:
+        """Another node's decision for ``group``, taken if it changed later than ours."""
+        g = self._group(group)
+        if snapshot.changed_at <= g.state_at:
+            return False
+        self._changed.discard(group)
+        self._take(group, g, snapshot, now)
+        return True
+
+    def _take(self, group: str, g: _Group, s: GroupSnapshot, now: float) -> None:
+        g.state, g.state_at, g.cooldown = s.state, s.changed_at, s.cooldown
+        g.relay_until, g.probe_started = s.relay_until, s.probe_started
+        if s.since > g.since:
+            g.since = s.since
+            while g.mine and g.mine[0][0] < s.since:
+                g.mine.popleft()
+            g.outcomes = deque((o for _, o in g.mine), maxlen=self.window)
+        choice: Choice = "relay" if s.state == "relay" else "direct"
+        if s.state == "probing":
+            choice = "direct" if g.probe_started is None else "relay"
+        self._set(group, g, choice, s.reason or g.reason, now)
+
+    def merge(self, group: str, others: Iterable[tuple[float, str]], now: float) -> None:
+        """The window of ``group`` becomes the latest ``window`` outcomes of this node and
+        the others (``others``: theirs, with their times); outcomes before the last reset
+        do not count. While direct, the merged window may switch the group to the relay
+        (no single node need have seen enough)."""
+        g = self._group(group)
+        pooled = [(t, o) for t, o in (*g.mine, *others) if t >= g.since and o in OUTCOMES]
+        pooled.sort(key=lambda e: e[0])
+        g.outcomes = deque((o for _, o in pooled[-self.window :]), maxlen=self.window)
+        if g.state == "direct":
+            self._decide(group, g, now)
 
     def stats(self) -> dict[str, dict[str, object]]:
         """Per group: choice, state, reason, window counts, relay_until, cool-down."""

@@ -16,14 +16,22 @@ single half-open *probe* attempt decides whether traffic returns.
 Everything here is plain state over injected time (``now``, seconds on any clock that
 only moves forward): no sockets, no sleeps. It is used from the event loop only, so it
 takes no locks.
+
+Several nodes (a PostgreSQL queue) share their breakers: a breaker's state is a plain
+value (:class:`BreakerSnapshot`, stamped with the time it last changed); each node
+publishes the states that changed and adopts newer ones from the others
+(:meth:`CircuitBreaker.adopt`: the latest change wins), and the one half-open probe is
+claimed in the database before it is sent. The I/O lives in ``queue.postgres_limits``;
+here it is values in, values out.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ferry.config import SmartHost
 from ferry.delivery.outcomes import ReplyClass, Stage, classify_reply
@@ -34,6 +42,33 @@ log = logging.getLogger(__name__)
 
 BreakerState = Literal["closed", "open", "half_open"]
 CountStatus = Literal["sent", "failed", "deferred"]
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSnapshot:
+    """A breaker's state as a value, to share with other nodes.
+
+    ``changed_at`` is when it last changed state (opened, handed out a probe, closed):
+    of two snapshots of one host's breaker, the later change is the truth.
+    """
+
+    state: BreakerState
+    changed_at: float
+    open_until: float | None = None
+    cooldown: float | None = None
+    opens: int = 0
+    probe_started: float | None = None
+    last_error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__ if k != "changed_at"}
+
+    @classmethod
+    def from_json(cls, changed_at: float, data: Mapping[str, Any]) -> BreakerSnapshot:
+        known = {k: data[k] for k in cls.__slots__ if k in data and k != "changed_at"}
+        if known.get("state") not in ("closed", "open", "half_open"):
+            raise ValueError(f"not a breaker state: {data!r}")
+        return cls(changed_at=changed_at, **known)
 
 
 def is_transport_failure(reply: Reply | None, *, stage: Stage) -> bool:
@@ -99,6 +134,45 @@ class CircuitBreaker:
         #: Consecutive openings without a success in between: sets the cool-down.
         self.opens = 0
         self._probe_started: float | None = None
+        #: When the state last changed (-inf: never): orders snapshots between nodes.
+        self.changed_at = -math.inf
+
+    def snapshot(self) -> BreakerSnapshot:
+        return BreakerSnapshot(
+            self.state,
+            self.changed_at,
+            self.open_until,
+            self.cooldown,
+            self.opens,
+            self._probe_started,
+            self.last_error,
+        )
+
+    def restore(self, snapshot: BreakerSnapshot) -> None:
+        """Go back to an earlier state of this breaker (a probe not claimed after all)."""
+        self._take(snapshot)
+
+    def adopt(self, other: BreakerSnapshot) -> bool:
+        """Take another node's state if it changed later than ours; True if taken.
+
+        Its consecutive-failure count is not shared (a node counts what it saw: with the
+        default threshold of 1, one failure anywhere opens the breaker everywhere).
+        """
+        if other.changed_at <= self.changed_at:
+            return False
+        self._take(other)
+        return True
+
+    def _take(self, other: BreakerSnapshot) -> None:
+        self.state = other.state
+        self.changed_at = other.changed_at
+        self.open_until = other.open_until
+        self.cooldown = other.cooldown
+        self.opens = other.opens
+        self._probe_started = other.probe_started
+        if other.last_error is not None:
+            self.last_error = other.last_error
+        self.failures = 0
 
     def peek(self, now: float) -> bool:
         """What :meth:`allow` would answer, without taking the probe."""
@@ -118,6 +192,7 @@ class CircuitBreaker:
             return False
         self.state = "half_open"
         self._probe_started = now
+        self.changed_at = now
         return True
 
     @property
@@ -133,6 +208,8 @@ class CircuitBreaker:
         """
         if self.state == "open":
             return
+        if self.state != "closed":
+            self.changed_at = now
         self.state = "closed"
         self.failures = 0
         self.opens = 0
@@ -160,6 +237,7 @@ class CircuitBreaker:
         self.cooldown = min(self.cap, self.base * 2.0 ** min(self.opens - 1, 64))
         self.open_until = now + self.cooldown
         self.state = "open"
+        self.changed_at = now
         self.failures = 0
         self._probe_started = None
 
@@ -255,6 +333,8 @@ class SmartHostSet:
         }
         self.balancer = SmoothWeightedRR({h.name: h.weight for h in self.hosts})
         self.counters: dict[str, HostCounters] = {h.name: HostCounters() for h in self.hosts}
+        #: Hosts whose breaker changed here since :meth:`changes` last took them.
+        self._changed: set[str] = set()
 
     @property
     def names(self) -> list[str]:
@@ -316,6 +396,7 @@ class SmartHostSet:
                 )
             if probe is not None:
                 self.breakers[probe.name].allow(now)
+                self._changed.add(probe.name)
                 emit(SmartHostState(probe.name, "half_open"))
                 # The probe leads; the healthy ones follow by weight. The balancer is
                 # not advanced: this attempt's traffic is the probe's.
@@ -358,10 +439,36 @@ class SmartHostSet:
         else:
             breaker.record_success(now)
         if breaker.state != before:
+            self._changed.add(name)
             if breaker.state == "open":
                 emit(SmartHostState(name, "open", breaker.cooldown, breaker.last_error))
             elif breaker.state == "closed":
                 emit(SmartHostState(name, "closed"))
+
+    def changes(self) -> dict[str, BreakerSnapshot]:
+        """The breakers that changed here since the last call (to share with others)."""
+        out = {n: self.breakers[n].snapshot() for n in sorted(self._changed)}
+        self._changed.clear()
+        return out
+
+    def unshared(self, names: Iterable[str]) -> None:
+        """These changes could not be shared: offer them again at the next :meth:`changes`."""
+        self._changed.update(n for n in names if n in self.breakers)
+
+    def adopt(self, name: str, snapshot: BreakerSnapshot) -> None:
+        """Another node's view of host ``name``'s breaker, taken if it is newer."""
+        if name not in self.breakers:
+            return  # a host this node's configuration does not have
+        breaker = self.breakers[name]
+        before = breaker.state
+        if not breaker.adopt(snapshot):
+            return
+        self._changed.discard(name)  # theirs is newer than what we had to say
+        if breaker.state != before:
+            if breaker.state == "open":
+                emit(SmartHostState(name, "open", breaker.cooldown, breaker.last_error))
+            else:
+                emit(SmartHostState(name, breaker.state))
 
     def count(self, name: str, status: CountStatus) -> None:
         """Count one recipient's outcome through host ``name``."""

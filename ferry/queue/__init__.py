@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ferry.config import RelayConfig
+    from ferry.queue.limits import SharedLimits
     from ferry.queue.postgres import PostgresQueue
     from ferry.queue.sqlite import SqliteQueue
 
@@ -33,3 +34,21 @@ def open_queue(config: RelayConfig, *, durable: bool = True) -> SqliteQueue | Po
     from ferry.queue.sqlite import SqliteQueue
 
     return SqliteQueue(q.path, batch=q.commit_batch, durable=durable, event_log=event_log)
+
+
+def open_limits(config: RelayConfig, *, name: str = "") -> SharedLimits:
+    """The delivery limits for the configured queue (``queue.limits``): shared by every
+    node through PostgreSQL, or this process's own counts (SQLite). ``name``: who holds
+    them (a scheduler's lease owner), for the database's view of its sessions."""
+    q = config.queue
+    if q.backend == "postgres":
+        from ferry.queue.postgres import conninfo, describe_dsn
+        from ferry.queue.postgres_limits import PostgresLimits
+
+        dsn = q.dsn.get_secret_value()
+        return PostgresLimits(
+            conninfo(dsn, q.password_file), description=describe_dsn(dsn), name=name
+        )
+    from ferry.queue.limits import LocalLimits
+
+    return LocalLimits()

@@ -164,8 +164,41 @@ CREATE INDEX IF NOT EXISTS recipients_waiting_by_age ON recipients(arrival, mess
     WHERE status IN ('Queued','Deferred','InProgress','Held');
 """
 
+# Version 4 (issue 14.5): limits shared by every node (``postgres_limits.py``).
+# Connection slots are session advisory locks, not rows: ``ferry_try_slot`` takes the
+# first free slot of a destination, skipping those this session holds already (a session
+# lock is re-entrant: asking again for one it holds would answer "yes" a second time).
+# Message and connection rates are counters per (window, bucket); breakers are records.
+_V4 = """
+CREATE OR REPLACE FUNCTION ferry_try_slot(k integer, cap integer, held integer[])
+RETURNS integer LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    FOR s IN 0 .. cap - 1 LOOP
+        IF NOT (s = ANY(held)) AND pg_try_advisory_lock(k, s) THEN
+            RETURN s;
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END
+$$;
+CREATE TABLE IF NOT EXISTS limit_rates (
+    key text NOT NULL,
+    bucket bigint NOT NULL,
+    count integer NOT NULL,
+    PRIMARY KEY (key, bucket)
+);
+-- Small shared states (a smart host's circuit breaker), the latest change wins.
+CREATE TABLE IF NOT EXISTS limit_states (
+    kind text NOT NULL,
+    name text NOT NULL,
+    changed_at double precision NOT NULL,
+    state jsonb NOT NULL,
+    PRIMARY KEY (kind, name)
+);
+"""
+
 #: MIGRATIONS[i] takes a database from version i to i + 1. Append only.
-MIGRATIONS: list[str] = [_V1, _V2, _V3]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
 LATEST = len(MIGRATIONS)
 
 # pg_advisory_xact_lock key: "ferry" + "migr" as one 64-bit number, the same on every node.

@@ -72,3 +72,17 @@ def test_throttle_backs_off_and_ramps_up() -> None:
 )
 def test_throttle_replies(code: int, text: str, expected: bool) -> None:
     assert is_throttle_reply(code, text) is expected
+
+
+def test_a_refusal_by_limits_shared_with_other_nodes_holds_new_work() -> None:
+    s = DestinationShaper(2, 10, messages_per_minute=5, key="example.com")
+    assert s.key == "example.com"
+    assert s.message_rates() == [(5, 60.0)]
+    assert s.open_wait(0) == 0 and s.send_wait(0) == 0
+    s.wait_shared(0.25)  # no free slot on any node: look again in 0.25 s
+    assert s.open_wait(0) == pytest.approx(0.25) and s.send_wait(0) == pytest.approx(0.25)
+    s.wait_shared(0.1)  # an earlier time never shortens the wait
+    assert s.open_wait(0.2) == pytest.approx(0.05)
+    assert s.can_open(0.25) and s.send_wait(0.25) == 0
+    assert s.state(0.0)["paused_for"] == 0  # not a throttle pause: stats unchanged
+    assert DestinationShaper(1, 1).message_rates() == []

@@ -6,7 +6,12 @@ from collections.abc import Sequence
 
 import pytest
 
-from ferry.delivery.smart_mode import DirectOutcome, SmartRouter, destination_group
+from ferry.delivery.smart_mode import (
+    DirectOutcome,
+    GroupSnapshot,
+    SmartRouter,
+    destination_group,
+)
 
 # --- destination_group -------------------------------------------------------------
 
@@ -241,3 +246,88 @@ def test_unknown_outcome_is_refused() -> None:
 def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         SmartRouter(**kwargs)  # type: ignore[arg-type]
+
+
+# --- Shared by nodes: windows merged, decisions adopted -----------------------------
+
+
+def test_windows_of_several_nodes_decide_together() -> None:
+    """Neither node alone has min_samples outcomes; together they do."""
+    a, b = SmartRouter(window=10, min_samples=5), SmartRouter(window=10, min_samples=5)
+    for t in (1.0, 2.0, 3.0):
+        a.record_direct(G, t, "deferred")
+    for t in (1.5, 2.5):
+        b.record_direct(G, t, "deferred")
+    assert a.choose(G, 4.0)[0] == b.choose(G, 4.0)[0] == "direct"
+    a_own, b_own = a.own_outcomes(), b.own_outcomes()
+    assert a_own == {G: [(1.0, "deferred"), (2.0, "deferred"), (3.0, "deferred")]}
+    assert a.own_outcomes() == {}  # taken: nothing new since
+    a.merge(G, b_own[G], 5.0)
+    assert a.choose(G, 6.0)[0] == "relay"
+    assert a.stats()[G]["samples"] == 5
+    change = a.changes()[G]
+    assert (change.state, change.changed_at, change.relay_until) == ("relay", 5.0, 1805.0)
+    # The other node takes the decision as it is (its own window need not agree).
+    assert b.adopt(G, change, 7.0)
+    assert b.choose(G, 8.0) == ("relay", change.reason)
+    assert b.changes() == {}
+    assert not b.adopt(G, change, 9.0)  # nothing newer
+
+
+def test_merge_keeps_the_latest_window_of_all_nodes() -> None:
+    a = SmartRouter(window=4, min_samples=4)
+    a.record_direct(G, 10.0, "delivered")
+    theirs = [(1.0, "deferred"), (2.0, "deferred"), (11.0, "delivered"), (12.0, "failed")]
+    a.merge(G, theirs, 13.0)
+    assert a.stats()[G]["window"] == {"delivered": 2, "deferred": 1, "blocked": 0, "failed": 1}
+    assert a.choose(G, 14.0)[0] == "direct"
+    # ``others`` is everything the other nodes have now; an outcome this version does
+    # not know is left out.
+    a.merge(G, [*theirs, (20.0, "bogus")], 21.0)
+    assert a.stats()[G]["samples"] == 4
+    a.merge(G, [], 22.0)  # the others have nothing (any more): our own only
+    assert a.stats()[G]["samples"] == 1
+
+
+def test_a_good_probe_anywhere_resets_every_node_s_window() -> None:
+    a, b = SmartRouter(cooldown=100), SmartRouter(cooldown=100)
+    bad = [(float(t), "deferred") for t in range(5)]
+    for t, o in bad:
+        a.record_direct(G, t, o)  # type: ignore[arg-type]
+    b.adopt(G, a.changes()[G], 5.0)
+    assert b.choose(G, 50.0)[0] == "relay"
+    # b probes after the cool-down, the probe delivers: back to direct, as of t=105.
+    before = b.snapshot(G)
+    assert b.choose(G, 104.0)[0] == "direct" and b.snapshot(G) != before
+    b.record_direct(G, 105.0, "delivered")
+    back = b.changes()[G]
+    assert (back.state, back.since) == ("direct", 105.0)
+    assert a.adopt(G, back, 106.0)
+    assert a.choose(G, 107.0)[0] == "direct"
+    # a's old bad outcomes no longer count, even merged in again.
+    a.merge(G, bad, 108.0)
+    assert a.choose(G, 109.0)[0] == "direct" and a.stats()[G]["samples"] == 0
+
+
+def test_restore_gives_back_a_probe_not_claimed() -> None:
+    r = SmartRouter(cooldown=100)
+    for t in range(5):
+        r.record_direct(G, float(t), "deferred")
+    before = r.snapshot(G)
+    assert r.choose(G, 200.0) == ("direct", "probing direct after cool-down")
+    r.restore(G, before)
+    assert r.snapshot(G) == before
+    # Another node's probe, adopted: this one sends through the relay meanwhile.
+    theirs = GroupSnapshot("probing", 201.0, 100.0, None, 201.0, "probing direct", -1e309)
+    assert r.adopt(G, theirs, 202.0)
+    assert r.choose(G, 203.0)[0] == "relay"
+
+
+def test_group_snapshot_round_trips_through_json() -> None:
+    r = SmartRouter()
+    snap = r.snapshot(G)
+    assert snap.changed_at == float("-inf") and snap.since == float("-inf")
+    assert snap.as_json()["since"] is None  # JSON has no infinity
+    assert GroupSnapshot.from_json(snap.changed_at, snap.as_json()) == snap
+    with pytest.raises(ValueError):
+        GroupSnapshot.from_json(1.0, {"state": "sideways"})

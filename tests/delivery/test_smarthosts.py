@@ -8,6 +8,7 @@ import pytest
 
 from ferry.config import SmartHost
 from ferry.delivery.smarthosts import (
+    BreakerSnapshot,
     CircuitBreaker,
     SmartHostSet,
     SmoothWeightedRR,
@@ -404,3 +405,75 @@ def test_set_accessors() -> None:
         False,
         "y.example.net",
     )
+
+
+# --- Breakers shared by nodes: snapshots, the latest change wins --------------------
+
+
+def test_breaker_snapshot_round_trips_through_json() -> None:
+    b = CircuitBreaker(base=30, cap=600)
+    assert b.snapshot().changed_at == float("-inf")  # never changed: nothing to share
+    b.record_failure(100.0, "421 busy")
+    snap = b.snapshot()
+    assert (snap.state, snap.changed_at, snap.open_until, snap.opens) == ("open", 100.0, 130.0, 1)
+    assert BreakerSnapshot.from_json(snap.changed_at, snap.as_json()) == snap
+    with pytest.raises(ValueError):
+        BreakerSnapshot.from_json(1.0, {"state": "ajar"})
+
+
+def test_a_breaker_adopts_only_a_later_change() -> None:
+    here, there = CircuitBreaker(), CircuitBreaker()
+    there.record_failure(100.0, "refused")  # another node saw the host fail
+    assert here.adopt(there.snapshot())
+    assert (here.state, here.open_until, here.last_error) == ("open", 130.0, "refused")
+    assert not here.allow(120.0)  # out of rotation here too, without trying it
+    assert not here.adopt(there.snapshot())  # nothing newer
+    # Cool-down over: here takes the probe (a change at 131) and closes on success...
+    assert here.allow(131.0) and here.state == "half_open"
+    here.record_success(132.0)
+    # ...while an older view (the open breaker of 100) cannot reopen it.
+    assert not here.adopt(there.snapshot())
+    assert there.adopt(here.snapshot()) and there.state == "closed"
+    # The failure count is each node's own: adopting a state resets it.
+    counting = CircuitBreaker(threshold=3)
+    counting.record_failure(1.0, "x")
+    assert counting.failures == 1
+    assert counting.adopt(BreakerSnapshot("closed", 2.0)) and counting.failures == 0
+
+
+def test_a_failed_probe_after_adoption_doubles_as_if_seen_here() -> None:
+    here, there = CircuitBreaker(base=30, cap=600), CircuitBreaker(base=30, cap=600)
+    there.record_failure(100.0, "down")
+    here.adopt(there.snapshot())
+    assert here.allow(130.0)
+    here.record_failure(131.0, "still down")
+    assert (here.state, here.cooldown, here.open_until) == ("open", 60.0, 191.0)
+
+
+def test_restore_undoes_a_probe_not_claimed() -> None:
+    b = CircuitBreaker()
+    b.record_failure(100.0, "down")
+    before = b.snapshot()
+    assert b.allow(130.0) and b.probing
+    b.restore(before)
+    assert b.snapshot() == before and not b.probing
+    assert b.peek(130.0)  # the probe can be taken again (e.g. once claimed)
+
+
+def test_host_set_shares_its_changes_once_and_adopts_newer_ones() -> None:
+    a, b = SmartHostSet([host("x"), host("y")]), SmartHostSet([host("x"), host("y")])
+    assert a.changes() == {}
+    a.report("x", 100.0, ok=False, transport_failure=True, error="refused")
+    a.report("y", 100.0, ok=True)  # closed and still closed: no change
+    changes = a.changes()
+    assert list(changes) == ["x"] and changes["x"].state == "open"
+    assert a.changes() == {}  # taken
+    a.unshared(changes)  # could not be stored: offered again
+    assert list(a.changes()) == ["x"]
+    b.adopt("x", changes["x"])
+    b.adopt("nowhere", changes["x"])  # a host this node does not have: ignored
+    assert names(b.order(110.0)) == ["y"]
+    assert b.changes() == {}  # adopted, not this node's news
+    # The probe taken by order() is a change to share (and to claim first).
+    assert names(b.order(131.0)) == ["x", "y"]
+    assert b.changes()["x"].state == "half_open"

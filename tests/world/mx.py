@@ -224,6 +224,8 @@ class _Session(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.mx._sessions.add(self)
+        with self.mx._cond:
+            self.mx._peak = max(self.mx._peak, len(self.mx._sessions))
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -405,6 +407,7 @@ class MxServer:
         self._commands: list[str] = []
         self._connections = 0
         self._sessions: set[_Session] = set()  # touched only on the world loop
+        self._peak = 0  # the most connections ever open at once
         self._stopped = False
         self._tls = factory.ca.server_context(name, self.host) if factory.ca else None
         self._server: asyncio.AbstractServer = factory._call(
@@ -499,6 +502,12 @@ class MxServer:
     def open_connections(self) -> int:
         """Connections open now (call it inside :meth:`MxFactory.at_once`)."""
         return len(self._sessions)
+
+    @property
+    def peak_connections(self) -> int:
+        """The most connections (SMTP sessions) that were ever open at the same time."""
+        with self._cond:
+            return self._peak
 
     @property
     def busy_connections(self) -> int:

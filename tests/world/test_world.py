@@ -133,6 +133,22 @@ def test_mx_receives_a_message_in_plain_text(mx_factory: MxFactory) -> None:
     assert mx.commands[:2] == ["EHLO client.test", "MAIL FROM:<>"]
 
 
+def test_mx_counts_the_most_sessions_open_at_once(mx_factory: MxFactory) -> None:
+    mx = mx_factory("mx-peak.example.test")
+    assert mx.peak_connections == 0
+    clients = [smtplib.SMTP(mx.host, mx.port, local_hostname="c.test") for _ in range(3)]
+    for c in clients:
+        c.ehlo()
+    assert mx.peak_connections == 3
+    for c in clients:
+        c.quit()
+    wait_until(lambda: mx_factory.at_once(lambda: mx.open_connections) == 0, 10)
+    with smtplib.SMTP(mx.host, mx.port, local_hostname="c.test") as c:
+        c.ehlo()
+    assert mx.peak_connections == 3  # a peak, not the count now
+    assert mx.connections == 4
+
+
 def test_mx_starttls_with_the_world_ca(mx_factory: MxFactory, world_ca: WorldCA) -> None:
     mx = mx_factory("mx1.example.test", starttls=True)
     with smtplib.SMTP(mx.host, mx.port) as client:

@@ -460,6 +460,36 @@ class PostgresQueue(PostgresOperatorMethods, Queue):
     async def _refresh_status(conn: Conn, message_ids: list[str], now: float) -> None:
         await _refresh_message_status(conn, message_ids, now)
 
+    @staticmethod
+    async def _cancel_dsns(
+        conn: Conn,
+        message_ids: builtins.list[str],
+        cancelled: set[int],
+        make_dsn: Callable[[MessageInfo, bytes], EnvelopeIn | None],
+        now: float,
+        lifetime: float,
+    ) -> int:
+        """Queue a DSN for each message with just-cancelled recipients (``bulk`` cancel):
+        in the cancel's own transaction, so a DSN exists exactly when its cancel does."""
+        n = 0
+        for message in await _load_messages(conn, message_ids):
+            cur = await conn.execute(
+                "SELECT id FROM recipients WHERE message_id = %s ORDER BY id", (message.id,)
+            )
+            rids = [int(r[0]) for r in await cur.fetchall() if int(r[0]) in cancelled]
+            if not rids:
+                continue
+            message.recipients = await _load_recipients(conn, rids)
+            cur = await conn.execute("SELECT data FROM bodies WHERE message_id = %s", (message.id,))
+            row = await cur.fetchone()
+            envelope = make_dsn(message, bytes(row[0]) if row else b"")
+            if envelope is not None:
+                await _insert_message(conn, new_queue_id(now), envelope, now, now + lifetime)
+                n += 1
+        if n:
+            await conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))  # wake a node
+        return n
+
     async def _tx(self, fn: Callable[[Conn], Awaitable[T]], *, pipeline: bool = False) -> T:
         """Run ``fn`` in one transaction on a pooled connection, again after a conflict.
 

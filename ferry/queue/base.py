@@ -15,7 +15,7 @@ import itertools
 import os
 import secrets
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -355,6 +355,23 @@ class Queue(abc.ABC):
     @abc.abstractmethod
     async def statistics(self, *, now: float) -> QueueStats:
         """Counts and ages, in Zetian's shape."""
+
+    async def add_delivery_stats(
+        self,
+        owner: str,
+        counters: Mapping[str, int],
+        state: Mapping[str, Any] | None,
+        *,
+        now: float,
+    ) -> bool:
+        """Keep a scheduler's delivery statistics in the queue, where ``ferry stats`` adds
+        up every node's: ``counters`` are increments since its last call (key: the
+        counter's path as a JSON array), ``state`` its current states (None: it stopped).
+
+        False: this backend keeps none (SQLite: one node, whose schedulers publish files
+        in its data directory instead).
+        """
+        return False
 
     @abc.abstractmethod
     async def close(self) -> None:

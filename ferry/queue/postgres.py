@@ -28,8 +28,8 @@ import builtins
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -158,6 +158,28 @@ class NodeInfo:
         }
 
 
+#: A scheduler's published states count while this fresh (it publishes every 2 s; a
+#: killed node's last states stop counting after this).
+STATE_FRESH_SECONDS = 30.0
+
+
+def node_of(owner: str) -> str:
+    """The node (``host:pid``) of a lease owner / scheduler (``host:pid:n``)."""
+    return owner.rsplit(":", 1)[0] if ":" in owner else owner
+
+
+@dataclass
+class NodeStats:
+    """One node's delivery statistics as kept in the database (``ferry stats``)."""
+
+    node: str  # host:pid; '' for the nodes that have stopped
+    #: counter path (a JSON array) -> total since the node started
+    counters: dict[str, int] = field(default_factory=dict)
+    #: scheduler (owner) -> its latest published states
+    states: dict[str, dict[str, Any]] = field(default_factory=dict)
+    heartbeat: float | None = None  # None: not in ``nodes`` (stopped or forgotten)
+
+
 class QueueNotFound(LookupError):
     """The database holds no Ferry queue (and none was to be created)."""
 
@@ -279,10 +301,16 @@ class PostgresQueue(PostgresOperatorMethods, Queue):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         if self._node_id is not None and self._opened:
-            # A clean stop leaves the table; a killed node stays there, silent.
+            # A clean stop leaves the table; a killed node stays there, silent. Its
+            # delivery counters join those of the other stopped nodes.
             node = self._node_id
+
+            async def leave(conn: Conn) -> None:
+                await conn.execute("DELETE FROM nodes WHERE id = %s", (node,))
+                await _fold_counters(conn, [node])
+
             with contextlib.suppress(psycopg.Error, OSError):
-                await self._tx(lambda c: c.execute("DELETE FROM nodes WHERE id = %s", (node,)))
+                await self._tx(leave)
         if self._writer is not None:
             await self._jobs.put(None)
             await self._writer
@@ -349,6 +377,16 @@ class PostgresQueue(PostgresOperatorMethods, Queue):
                 await conn.execute(
                     "DELETE FROM nodes WHERE heartbeat < %s", (now - FORGET_NODE_AFTER,)
                 )
+                # Counters of nodes gone from the table (forgotten, or a worker that
+                # published after its node left) join the stopped nodes' ('').
+                cur = await conn.execute(
+                    "SELECT DISTINCT c.node FROM delivery_counters c WHERE c.node <> ''"
+                    " AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = c.node)"
+                    " AND NOT EXISTS (SELECT 1 FROM delivery_state s WHERE s.node = c.node"
+                    " AND s.at >= %s)",
+                    (now - STATE_FRESH_SECONDS,),
+                )
+                await _fold_counters(conn, [str(r[0]) for r in await cur.fetchall()])
 
             await self._tx(job)
 
@@ -1095,6 +1133,66 @@ class PostgresQueue(PostgresOperatorMethods, Queue):
 
         return await self._read(job)
 
+    # -- delivery statistics of every node (``ferry stats``) ------------------------
+
+    async def add_delivery_stats(
+        self,
+        owner: str,
+        counters: Mapping[str, int],
+        state: Mapping[str, Any] | None,
+        *,
+        now: float,
+    ) -> bool:
+        """Add a scheduler's counts to its node's counters and keep its states (see
+        ``Queue.add_delivery_stats``). Each node writes only its own rows, so nodes
+        never wait for each other here."""
+        node = node_of(owner)
+        keys = [k for k, v in counters.items() if v]
+        values = [int(counters[k]) for k in keys]
+
+        async def job(conn: Conn) -> None:
+            if keys:
+                await conn.execute(
+                    "INSERT INTO delivery_counters(node, key, n)"
+                    " SELECT %s, k, v FROM unnest(%s::text[], %s::bigint[]) AS t(k, v)"
+                    " ON CONFLICT (node, key) DO UPDATE SET n = delivery_counters.n + excluded.n",
+                    (node, keys, values),
+                )
+            if state is None:
+                await conn.execute("DELETE FROM delivery_state WHERE owner = %s", (owner,))
+            else:
+                await conn.execute(
+                    "INSERT INTO delivery_state(owner, node, at, data) VALUES (%s, %s, %s, %s)"
+                    " ON CONFLICT (owner) DO UPDATE SET node = excluded.node, at = excluded.at,"
+                    " data = excluded.data",
+                    (owner, node, now, _dumps(dict(state))),
+                )
+
+        await self._tx(job)
+        return True
+
+    async def delivery_stats(self, *, now: float) -> builtins.list[NodeStats]:
+        """Every node's delivery counters (node '': the nodes that have stopped) and the
+        states of the schedulers that published within ``STATE_FRESH_SECONDS``."""
+
+        async def job(conn: Conn) -> builtins.list[NodeStats]:
+            by_node: dict[str, NodeStats] = {}
+            cur = await conn.execute("SELECT node, key, n FROM delivery_counters")
+            for node, key, n in await cur.fetchall():
+                by_node.setdefault(node, NodeStats(node)).counters[key] = int(n)
+            cur = await conn.execute(
+                "SELECT owner, node, data FROM delivery_state WHERE at >= %s ORDER BY owner",
+                (now - STATE_FRESH_SECONDS,),
+            )
+            for owner, node, data in await cur.fetchall():
+                by_node.setdefault(node, NodeStats(node)).states[owner] = json.loads(data)
+            cur = await conn.execute("SELECT id, heartbeat FROM nodes")
+            for node, heartbeat in await cur.fetchall():
+                by_node.setdefault(node, NodeStats(node)).heartbeat = float(heartbeat)
+            return [by_node[k] for k in sorted(by_node)]
+
+        return await self._read(job)
+
     # -- the event log (webhooks, GET /v1/events) ----------------------------------
 
     async def events(
@@ -1239,6 +1337,21 @@ async def _advance(conn: Conn, endpoint: str, after: int) -> None:
         " DO UPDATE SET after = GREATEST(webhook_cursors.after, excluded.after)",
         (endpoint, after),
     )
+
+
+async def _fold_counters(conn: Conn, nodes: builtins.list[str]) -> None:
+    """Add stopped nodes' delivery counters to node '' (the stopped nodes) and drop
+    their own rows: the totals stay, the table does not grow with every restart."""
+    if not nodes:
+        return
+    await conn.execute(
+        "INSERT INTO delivery_counters(node, key, n)"
+        " SELECT '', key, SUM(n) FROM delivery_counters WHERE node = ANY(%s) GROUP BY key"
+        " ON CONFLICT (node, key) DO UPDATE SET n = delivery_counters.n + excluded.n",
+        (nodes,),
+    )
+    await conn.execute("DELETE FROM delivery_counters WHERE node = ANY(%s)", (nodes,))
+    await conn.execute("DELETE FROM delivery_state WHERE node = ANY(%s)", (nodes,))
 
 
 async def _idempotency_row(conn: Conn, key: str, now: float) -> IdempotencyRecord | None:

@@ -164,8 +164,30 @@ CREATE INDEX IF NOT EXISTS recipients_waiting_by_age ON recipients(arrival, mess
     WHERE status IN ('Queued','Deferred','InProgress','Held');
 """
 
+# Version 4 (``ferry stats`` across nodes, issue 14.7): delivery statistics kept in the
+# database. ``delivery_counters``: what each node's schedulers counted (sent, failed,
+# connections...), added to as they go, one row per node and counter (a node writes only
+# its own rows: no row every node updates); node '' holds the nodes that have stopped.
+# ``key`` is the counter's path in ``Scheduler.stats()`` as a JSON array.
+# ``delivery_state``: each running scheduler's latest states (sessions open, backlog,
+# breaker states...), replaced every few seconds, removed when it stops.
+_V4 = """
+CREATE TABLE IF NOT EXISTS delivery_counters (
+    node text NOT NULL,
+    key text NOT NULL,
+    n bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (node, key)
+);
+CREATE TABLE IF NOT EXISTS delivery_state (
+    owner text PRIMARY KEY,
+    node text NOT NULL,
+    at double precision NOT NULL,
+    data text NOT NULL
+);
+"""
+
 #: MIGRATIONS[i] takes a database from version i to i + 1. Append only.
-MIGRATIONS: list[str] = [_V1, _V2, _V3]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
 LATEST = len(MIGRATIONS)
 
 # pg_advisory_xact_lock key: "ferry" + "migr" as one 64-bit number, the same on every node.

@@ -303,3 +303,43 @@ async def test_summary_on_postgres(pg_dsn: str) -> None:
         assert s.by_reply == {(None, None): 3}
     finally:
         await q.close()
+
+
+async def test_delivery_statistics_of_two_nodes_are_added_up_once(pg_dsn: str) -> None:
+    """Each scheduler adds its increments under its node; `ferry stats` reads every node's
+    counters once, states only while fresh; a node that stops keeps its counts."""
+    from ferry.delivery.scheduler import counter_key
+    from ferry.queue.postgres import STATE_FRESH_SECONDS
+    from ferry.stats import STOPPED_NODES, combine_nodes
+
+    dsn = fresh_schema(pg_dsn)
+    a, b = await PostgresQueue(dsn).open(), await PostgresQueue(dsn).open()
+    sent, hosts = counter_key("sent"), counter_key("smart_hosts", "sg", "sent")
+    try:
+        await a.register_node("node-a:1", "host-a", "1")
+        await b.register_node("node-b:2", "host-b", "1")
+        state = {"active_sessions": 2, "backlog": 5, "smart_hosts": {"sg": {"state": "closed"}}}
+        assert await a.add_delivery_stats("node-a:1:0", {sent: 3}, state, now=T0)
+        assert await a.add_delivery_stats("node-a:1:1", {sent: 1, hosts: 1}, state, now=T0)
+        assert await a.add_delivery_stats("node-a:1:0", {sent: 2}, state, now=T0 + 1)
+        assert await b.add_delivery_stats("node-b:2:0", {sent: 4, hosts: 2}, state, now=T0)
+        out = combine_nodes("direct", await b.delivery_stats(now=T0 + 1))
+        assert out["delivery"]["sent"] == 10 and out["smart_hosts"]["sg"]["sent"] == 3
+        assert out["smart_hosts"]["sg"]["state"] == "closed"
+        assert (out["delivery"]["active_sessions"], out["workers"]) == (6, 3)
+        assert {k: v["sent"] for k, v in out["nodes"].items()} == {"node-a:1": 6, "node-b:2": 4}
+        # A killed node's states stop counting; its counts do not.
+        later = combine_nodes("direct", await b.delivery_stats(now=T0 + STATE_FRESH_SECONDS + 2))
+        assert later["delivery"]["sent"] == 10 and later["delivery"]["active_sessions"] == 0
+    finally:
+        await a.close()  # a clean stop: node-a's counts join the stopped nodes'
+    try:
+        out = combine_nodes("direct", await b.delivery_stats(now=T0 + 1))
+        assert out["delivery"]["sent"] == 10
+        assert {k: v["sent"] for k, v in out["nodes"].items()} == {STOPPED_NODES: 6, "node-b:2": 4}
+        # A scheduler that stops removes its states.
+        await b.add_delivery_stats("node-b:2:0", {sent: 1}, None, now=T0 + 2)
+        out = combine_nodes("direct", await b.delivery_stats(now=T0 + 2))
+        assert (out["delivery"]["sent"], out["workers"]) == (11, 0)
+    finally:
+        await b.close()

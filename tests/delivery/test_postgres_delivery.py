@@ -172,9 +172,7 @@ def test_three_nodes_one_killed_mid_delivery_lose_nothing(
     assert 0 <= duplicates <= 5, (duplicates, held)
 
 
-def test_ferry_stats_adds_up_every_node_once(
-    world: World, pg_dsn: str, serve_factory: Any
-) -> None:
+def test_ferry_stats_adds_up_every_node_once(world: World, pg_dsn: str, serve_factory: Any) -> None:
     """`ferry stats` from any node's configuration (here a third, with no `ferry serve`)
     counts the deliveries of both nodes, each once; a node that stops keeps its share."""
     dsn = fresh_schema(pg_dsn)

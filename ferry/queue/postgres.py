@@ -1199,10 +1199,21 @@ class PostgresQueue(PostgresOperatorMethods, Queue):
         self, *, after: int, types: Sequence[str] = (), limit: int = 100
     ) -> builtins.list[outbox.StoredEvent]:
         async def job(conn: Conn) -> builtins.list[outbox.StoredEvent]:
+            # Ids are taken at insert, not at commit: with several transactions writing
+            # events at once (intake, delivery workers, other nodes), a lower id can
+            # become visible after a higher one, and a reader that had moved past it
+            # would never see it. So the log is read in (transaction id, id) order, and
+            # only events of transactions older than every one still running (the
+            # snapshot's xmin): that set never grows behind the cursor. ``after`` (an
+            # event id) stands for its place in that order.
             cur = await conn.execute(
-                "SELECT id, at, type, message_id, data FROM events WHERE id > %s"
-                " AND (cardinality(%s::text[]) = 0 OR type = ANY(%s)) ORDER BY id LIMIT %s",
-                (after, list(types), list(types), limit),
+                "SELECT id, at, type, message_id, data FROM events"
+                " WHERE (xid, id) > (COALESCE((SELECT xid FROM events WHERE id <= %(after)s"
+                " ORDER BY id DESC LIMIT 1), '0'::xid8), %(after)s)"
+                " AND xid < pg_snapshot_xmin(pg_current_snapshot())"
+                " AND (cardinality(%(types)s::text[]) = 0 OR type = ANY(%(types)s))"
+                " ORDER BY xid, id LIMIT %(limit)s",
+                {"after": after, "types": list(types), "limit": limit},
             )
             return [_stored(r) for r in await cur.fetchall()]
 

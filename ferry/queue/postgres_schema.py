@@ -171,6 +171,7 @@ CREATE INDEX IF NOT EXISTS recipients_waiting_by_age ON recipients(arrival, mess
 # ``key`` is the counter's path in ``Scheduler.stats()`` as a JSON array.
 # ``delivery_state``: each running scheduler's latest states (sessions open, backlog,
 # breaker states...), replaced every few seconds, removed when it stops.
+# ``events.xid``: see below.
 _V4 = """
 CREATE TABLE IF NOT EXISTS delivery_counters (
     node text NOT NULL,
@@ -184,6 +185,10 @@ CREATE TABLE IF NOT EXISTS delivery_state (
     at double precision NOT NULL,
     data text NOT NULL
 );
+-- The event log is read in commit-safe order: the writing transaction's id with each
+-- event (``PostgresQueue.events``).
+ALTER TABLE events ADD COLUMN IF NOT EXISTS xid xid8 NOT NULL DEFAULT pg_current_xact_id();
+CREATE INDEX IF NOT EXISTS events_xid ON events(xid, id);
 """
 
 #: MIGRATIONS[i] takes a database from version i to i + 1. Append only.

@@ -343,3 +343,35 @@ async def test_delivery_statistics_of_two_nodes_are_added_up_once(pg_dsn: str) -
         assert (out["delivery"]["sent"], out["workers"]) == (11, 0)
     finally:
         await b.close()
+
+
+async def test_the_event_log_never_skips_an_event_committed_late(pg_dsn: str) -> None:
+    """Event ids are taken at insert: an event whose transaction commits after a later
+    id's must still reach a reader that follows the log by cursor (webhooks)."""
+    dsn = fresh_schema(pg_dsn)
+    q = await PostgresQueue(dsn).open()
+    insert = "INSERT INTO events(at, type, data) VALUES (1, %s, '{}') RETURNING id"
+    try:
+        slow = psycopg.connect(dsn)  # a transaction left open: its event is id 1
+        try:
+            [(first,)] = slow.execute(insert, ("slow",)).fetchall()
+            with psycopg.connect(dsn, autocommit=True) as fast:
+                [(second,)] = fast.execute(insert, ("fast",)).fetchall()
+            assert first < second
+            seen: list[int] = []
+            cursor = 0
+
+            async def follow() -> None:
+                nonlocal cursor
+                for e in await q.events(after=cursor, limit=100):
+                    seen.append(e.id)
+                    cursor = e.id
+
+            await follow()  # the fast one is committed, the slow one not yet
+            slow.commit()
+        finally:
+            slow.close()
+        await follow()
+        assert sorted(seen) == [first, second] and len(seen) == 2
+    finally:
+        await q.close()

@@ -375,3 +375,25 @@ async def test_the_event_log_never_skips_an_event_committed_late(pg_dsn: str) ->
         assert sorted(seen) == [first, second] and len(seen) == 2
     finally:
         await q.close()
+
+
+async def test_bodies_are_compressed_with_lz4_and_read_back_whole(pg_dsn: str) -> None:
+    """Issue 14.4 (numbers in the README): bodies in bytea, lz4-compressed by TOAST where
+    the server has lz4 (Debian's PostgreSQL does)."""
+    dsn = fresh_schema(pg_dsn)
+    q = await PostgresQueue(dsn).open()
+    try:
+        line = b"Line %d of a plain mail, as people write it.\r\n"
+        text = b"".join(line % i for i in range(3000))
+        qid = await q.enqueue(EnvelopeIn("s@x.test", [RecipientIn("a@y.test")], text))
+        assert await q.read_message(qid) == text
+    finally:
+        await q.close()
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT a.attstorage, a.attcompression FROM pg_attribute a"
+            " WHERE a.attrelid = 'bodies'::regclass AND a.attname = 'data'"
+        ).fetchone()
+        assert row == ("x", "l")
+        stored = conn.execute("SELECT pg_column_size(data) FROM bodies").fetchone()
+        assert stored is not None and stored[0] < len(text) // 2

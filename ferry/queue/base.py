@@ -356,6 +356,15 @@ class Queue(abc.ABC):
     async def statistics(self, *, now: float) -> QueueStats:
         """Counts and ages, in Zetian's shape."""
 
+    async def webhook_turn(self, endpoint: str) -> bool:
+        """Whether this process is the one that sends ``endpoint``'s events now.
+
+        Several nodes sharing a queue (PostgreSQL) all run webhook senders; only one
+        sends each endpoint at a time, another takes over when it stops or dies. One
+        node (SQLite): always True.
+        """
+        return True
+
     async def add_delivery_stats(
         self,
         owner: str,

@@ -240,6 +240,11 @@ class PostgresQueue(PostgresOperatorMethods, Queue):
         self._heartbeat: asyncio.Task[None] | None = None
         self._node_id: str | None = None
         self._pool_check: asyncio.Task[None] | None = None
+        # A connection of its own for session advisory locks (webhook turns): a lock
+        # lives as long as the connection that took it.
+        self._locks: Conn | None = None
+        self._held_turns: set[str] = set()
+        self._locks_guard = asyncio.Lock()
         self._writer: asyncio.Task[None] | None = None
         self._opened = False
         self._opening = asyncio.Lock()
@@ -311,6 +316,9 @@ class PostgresQueue(PostgresOperatorMethods, Queue):
 
             with contextlib.suppress(psycopg.Error, OSError):
                 await self._tx(leave)
+        if self._locks is not None:
+            with contextlib.suppress(psycopg.Error, OSError):
+                await self._locks.close()  # frees our webhook turns for other nodes
         if self._writer is not None:
             await self._jobs.put(None)
             await self._writer
@@ -1132,6 +1140,43 @@ class PostgresQueue(PostgresOperatorMethods, Queue):
             return st
 
         return await self._read(job)
+
+    # -- one webhook sender per endpoint across nodes --------------------------------
+
+    async def webhook_turn(self, endpoint: str) -> bool:
+        """True while this process holds ``endpoint``'s sending turn: a session advisory
+        lock (per schema and endpoint) on a connection of its own, freed by the server
+        when that connection ends -- a clean stop, or a node that died -- so another
+        node's sender takes over within its next poll. While its connection is lost a
+        sender holds no turn (it may have been taken over): it stops sending."""
+        await self.open()
+        async with self._locks_guard:
+            try:
+                if self._locks is None or self._locks.closed:
+                    self._held_turns.clear()
+                    self._locks = await psycopg.AsyncConnection.connect(
+                        self.conninfo, autocommit=True, connect_timeout=10
+                    )
+                if endpoint in self._held_turns:
+                    await self._locks.execute("SELECT 1")  # still connected: still ours
+                    return True
+                cur = await self._locks.execute(
+                    "SELECT pg_try_advisory_lock(hashtextextended("
+                    " current_schema() || ':ferry-webhook:' || %s, 0))",
+                    (endpoint,),
+                )
+                row = await cur.fetchone()
+            except psycopg.OperationalError:
+                if self._locks is not None:
+                    with contextlib.suppress(psycopg.Error, OSError):
+                        await self._locks.close()
+                self._locks = None
+                self._held_turns.clear()
+                return False
+            if row and row[0]:
+                self._held_turns.add(endpoint)
+                return True
+            return False
 
     # -- delivery statistics of every node (``ferry stats``) ------------------------
 

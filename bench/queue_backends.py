@@ -11,11 +11,13 @@ For each backend, in a fresh queue:
      until the queue is drained (the delivery engine's shape), with a delivery worker's
      settings (SQLite synchronous=NORMAL, PostgreSQL synchronous_commit=off).
 ``claim`` is the rate of the claims alone (the time spent in ``claim`` calls), with
-``--messages`` recipients due at the start. Rounds alternate the backends (SQLite,
-PostgreSQL, PostgreSQL, SQLite, ...) and the medians are printed, since the machine may
-be shared. PostgreSQL: the server in FERRY_BENCH_PG_DSN, or a private cluster started
-here from Debian's binaries (tests/world/postgres.py) and stopped at the end. Prints one
-line per measurement and a JSON summary.
+``--messages`` recipients due at the start; ``queue stats`` the time of one
+``statistics()`` (``ferry queue stats``) over the ``--messages`` finished messages.
+Rounds alternate the backends (SQLite, PostgreSQL, PostgreSQL, SQLite, ...) and the
+medians are printed, since the machine may be shared. PostgreSQL: the server in
+FERRY_BENCH_PG_DSN, or a private cluster started here from Debian's binaries
+(tests/world/postgres.py) and stopped at the end. Prints one line per measurement and a
+JSON summary.
 """
 
 from __future__ import annotations
@@ -101,13 +103,23 @@ async def one_run(name: str, intake: Any, delivery: Any, args: argparse.Namespac
     q = await _opened(delivery())
     try:
         c, claims = await claim_rate(q, args.messages)
+        # `ferry queue stats` over the --messages finished messages' history.
+        t = time.perf_counter()
+        await q.statistics(now=time.time())
+        stats_ms = (time.perf_counter() - t) * 1000
     finally:
         await q.close()
     print(
-        f"{name:9} enqueue {e:8.0f}/s   claim+record {c:8.0f}/s   claim {claims:8.0f}/s",
+        f"{name:9} enqueue {e:8.0f}/s   claim+record {c:8.0f}/s   claim {claims:8.0f}/s"
+        f"   queue stats {stats_ms:6.0f} ms",
         flush=True,
     )
-    return {"enqueue_per_s": round(e), "claim_record_per_s": round(c), "claim_per_s": round(claims)}
+    return {
+        "enqueue_per_s": round(e),
+        "claim_record_per_s": round(c),
+        "claim_per_s": round(claims),
+        "stats_ms": round(stats_ms),
+    }
 
 
 async def run(args: argparse.Namespace, pg_dsn: str) -> dict[str, Any]:
@@ -134,7 +146,8 @@ async def run(args: argparse.Namespace, pg_dsn: str) -> dict[str, Any]:
     for name, m in medians.items():
         print(
             f"{name:9} enqueue {m['enqueue_per_s']:8.0f}/s   claim+record"
-            f" {m['claim_record_per_s']:8.0f}/s   claim {m['claim_per_s']:8.0f}/s",
+            f" {m['claim_record_per_s']:8.0f}/s   claim {m['claim_per_s']:8.0f}/s"
+            f"   queue stats {m['stats_ms']:6.0f} ms",
             flush=True,
         )
     return {"medians": medians, "runs": runs}

@@ -11,7 +11,8 @@ started here from Debian's binaries and stopped at the end), ``sqlite`` is the e
 default (N = 1). The injecting sessions are spread over the nodes. Per run: the accept
 rate (messages over the time the injecting sessions took, every one answered 250 after
 its commit) and the end-to-end rate (the clock runs from the first message sent to the
-last recipient recorded Delivered). Rounds alternate the setups (A, B, C, A, B, C...)
+last recipient recorded Delivered; ``--accept-only`` holds delivery, so intake is
+measured alone). Rounds alternate the setups (A, B, C, A, B, C...)
 and the medians are printed, since the machine may be shared. Every process here shares
 one machine (on 2 cores, more nodes mostly mean more processes competing for the same
 CPUs).
@@ -88,7 +89,8 @@ def run(
             f"max_connections_per_ip = 500\n"
             f'[queue]\npath = "{d}/data"\n{backend}'
             f"[delivery]\nmx_port = {sink_port}\n"
-            f'[dns]\nnameservers = ["{dns.address}"]\n'
+            + ("hold = true\n" if args.accept_only else "")
+            + f'[dns]\nnameservers = ["{dns.address}"]\n'
         )
         procs.append(
             subprocess.Popen(
@@ -117,7 +119,7 @@ def run(
         asyncio.run(all_nodes())
         inject_secs = time.perf_counter() - t0
         total = per_node // max(1, args.sessions // n) * max(1, args.sessions // n) * n
-        deadline = time.monotonic() + 900
+        deadline = time.monotonic() + (0 if args.accept_only else 900)
         while (done := delivered(dsn)) < total and time.monotonic() < deadline:
             time.sleep(0.1)
         secs = time.perf_counter() - t0
@@ -147,6 +149,11 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=48)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--domains", type=int, default=100)
+    ap.add_argument(
+        "--accept-only",
+        action="store_true",
+        help="delivery.hold = true: intake alone (the accept rate without delivery beside it)",
+    )
     args = ap.parse_args()
     setups = [(b, int(n)) for b, n in (x.split(":") for x in args.setups)]
     dsn = os.environ.get("FERRY_BENCH_PG_DSN", "")

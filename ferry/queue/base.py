@@ -4,8 +4,8 @@ Every change to a recipient's state happens in one committed transaction, so any
 process may die at any instruction: nothing that got a 250 is lost, and nothing stays
 "in progress" forever (claims are leases that expire).
 
-The dataclasses here are what crosses the contract; the SQLite backend implements it
-today and a PostgreSQL backend will run the same contract tests later.
+The dataclasses here are what crosses the contract; the SQLite and PostgreSQL backends
+implement it, and the same contract tests run against both (tests/queue/test_contract.py).
 """
 
 from __future__ import annotations

@@ -65,7 +65,10 @@ def stats_command(ctx: click.Context, as_json: bool) -> None:
     from ferry.stats import relay_stats
 
     config = _load(ctx)
-    data = relay_stats(config)
+    try:
+        data = relay_stats(config)
+    except (OSError, LookupError, RuntimeError) as exc:  # PostgreSQL: unreachable, no queue
+        raise click.ClickException(str(exc)) from None
     suspended = _with_queue(ctx, lambda q: q.suspensions(now=time.time()), readonly=True)
     pid = serve_pid(config)
     data["serve_pid"] = pid

@@ -72,3 +72,14 @@ async def test_queue_commands_that_assumed_sqlite_work_on_postgres(
             (qid,),
         ).fetchall()
     assert rows == [("", "app@x.example")]
+
+
+def test_ferry_stats_on_postgres_reads_the_database(tmp_path: Path, pg_dsn: str) -> None:
+    empty = fresh_schema(pg_dsn)
+    res = run_cli(_config(tmp_path, empty), "stats")
+    assert res.returncode == 1 and "no queue exists" in res.stderr, res.stderr
+    password = conninfo_to_dict(empty).get("password") or ""
+    assert not password or password not in res.stderr + res.stdout
+    assert run_cli(_config(tmp_path, empty), "queue", "migrate").returncode == 0
+    data = cli_json(_config(tmp_path, empty), "stats")
+    assert (data["delivery"]["sent"], data["nodes"], data["workers"]) == (0, {}, 0)

@@ -1,14 +1,21 @@
-"""End-to-end throughput on a PostgreSQL queue with one and with several nodes. Not a test.
+"""End-to-end throughput on a PostgreSQL queue with one and with several nodes, beside
+SQLite. Not a test.
 
-    python bench/nodes.py [--messages 10000] [--nodes 1 3] [--size 1024] [--sessions 48]
+    python bench/nodes.py [--messages 6000] [--setups sqlite:1 postgres:1 postgres:3]
+                          [--rounds 3] [--size 1024] [--sessions 48]
 
 The set-up of bench/delivery.py (a loopback DNS server, 100 recipient domains, one
-sink) with ``queue.backend = "postgres"``: for each node count, that many ``ferry serve``
-processes share one fresh schema of a PostgreSQL server (FERRY_BENCH_PG_DSN, or a
-private cluster started here from Debian's binaries and stopped at the end); the
-injecting sessions are spread over the nodes. The clock runs from the first message sent
-to the last recipient recorded Delivered. Every process here shares one machine (on 2
-cores, more nodes mostly mean more processes competing for the same CPUs).
+sink). A setup ``BACKEND:N`` is N ``ferry serve`` processes on one queue: ``postgres``
+share one fresh schema of a PostgreSQL server (FERRY_BENCH_PG_DSN, or a private cluster
+started here from Debian's binaries and stopped at the end), ``sqlite`` is the embedded
+default (N = 1). The injecting sessions are spread over the nodes. Per run: the accept
+rate (messages over the time the injecting sessions took, every one answered 250 after
+its commit) and the end-to-end rate (the clock runs from the first message sent to the
+last recipient recorded Delivered; ``--accept-only`` holds delivery, so intake is
+measured alone). Rounds alternate the setups (A, B, C, A, B, C...)
+and the medians are printed, since the machine may be shared. Every process here shares
+one machine (on 2 cores, more nodes mostly mean more processes competing for the same
+CPUs).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import json
 import os
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,29 +53,44 @@ def fresh_schema(dsn: str) -> str:
 
 
 def delivered(dsn: str) -> int:
+    """Recipients Delivered so far (``dsn``: PostgreSQL, or a SQLite queue's path)."""
+    sql = "SELECT COUNT(*) FROM recipients WHERE status = 'Delivered'"
+    if dsn.startswith("sqlite:"):
+        import sqlite3
+
+        db = sqlite3.connect(f"file:{dsn[len('sqlite:') :]}?mode=ro", uri=True, timeout=30)
+        try:
+            row = db.execute(sql).fetchone()
+        finally:
+            db.close()
+        return int(row[0]) if row else 0
     import psycopg
 
     with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT COUNT(*) FROM recipients WHERE status = 'Delivered'").fetchone()
+        row = conn.execute(sql).fetchone()
     return int(row[0]) if row else 0
 
 
 def run(
     tmp: Path, dns: DnsServer, sink_port: int, dsn: str, n: int, args: argparse.Namespace
 ) -> dict:
+    """``n`` nodes on the PostgreSQL queue ``dsn``, or one on SQLite (``dsn`` = "")."""
     ports = [free_port() for _ in range(n)]
     procs = []
     for i, port in enumerate(ports):
         d = tmp / f"node{i}"
         d.mkdir()
+        backend = (
+            f'backend = "postgres"\ndsn = {json.dumps(dsn)}\n' if dsn else 'backend = "sqlite"\n'
+        )
         (d / "ferry.toml").write_text(
             f'[server]\nhostname = "node{i}.bench.test"\n'
             f'listen = [{{ address = "127.0.0.1", port = {port}, mode = "mta" }}]\n'
             f"max_connections_per_ip = 500\n"
-            f'[queue]\npath = "{d}/data"\nbackend = "postgres"\n'
-            f"dsn = {json.dumps(dsn)}\n"
+            f'[queue]\npath = "{d}/data"\n{backend}'
             f"[delivery]\nmx_port = {sink_port}\n"
-            f'[dns]\nnameservers = ["{dns.address}"]\n'
+            + ("hold = true\n" if args.accept_only else "")
+            + f'[dns]\nnameservers = ["{dns.address}"]\n'
         )
         procs.append(
             subprocess.Popen(
@@ -77,6 +100,8 @@ def run(
                 cwd=d,
             )
         )
+    if not dsn:
+        dsn = f"sqlite:{tmp / 'node0' / 'data' / 'queue.db'}"
     try:
         for port in ports:
             wait_port("127.0.0.1", port)
@@ -94,7 +119,7 @@ def run(
         asyncio.run(all_nodes())
         inject_secs = time.perf_counter() - t0
         total = per_node // max(1, args.sessions // n) * max(1, args.sessions // n) * n
-        deadline = time.monotonic() + 900
+        deadline = time.monotonic() + (0 if args.accept_only else 900)
         while (done := delivered(dsn)) < total and time.monotonic() < deadline:
             time.sleep(0.1)
         secs = time.perf_counter() - t0
@@ -104,6 +129,7 @@ def run(
         for p in procs:
             p.wait(30)
     return {
+        "backend": "sqlite" if dsn.startswith("sqlite:") else "postgres",
         "nodes": n,
         "messages": total,
         "delivered": done,
@@ -115,21 +141,30 @@ def run(
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--messages", type=int, default=10000)
-    ap.add_argument("--nodes", type=int, nargs="+", default=[1, 3])
+    ap.add_argument("--messages", type=int, default=6000)
+    ap.add_argument(
+        "--setups", nargs="+", default=["sqlite:1", "postgres:1", "postgres:3"], metavar="B:N"
+    )
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sessions", type=int, default=48)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--domains", type=int, default=100)
+    ap.add_argument(
+        "--accept-only",
+        action="store_true",
+        help="delivery.hold = true: intake alone (the accept rate without delivery beside it)",
+    )
     args = ap.parse_args()
+    setups = [(b, int(n)) for b, n in (x.split(":") for x in args.setups)]
     dsn = os.environ.get("FERRY_BENCH_PG_DSN", "")
     cluster = base = None
-    if not dsn:
+    if not dsn and any(b == "postgres" for b, _n in setups):
         from tests.world.postgres import PostgresCluster
 
         base = Path(tempfile.mkdtemp(prefix="ferry-bench-pg-"))
         cluster = PostgresCluster(base)
         dsn = cluster.start()
-    results = []
+    results: dict[str, list[dict]] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="ferry-bench-") as d, DnsServer() as dns:
             dns.add_a("sink.bench.test", SINK_HOST)
@@ -138,17 +173,20 @@ def main() -> None:
             sink_port = free_port(SINK_HOST)
             sink = start_sink(sink_port)
             try:
-                for n in args.nodes:
-                    tmp = Path(d) / f"run{n}"
-                    tmp.mkdir()
-                    r = run(tmp, dns, sink_port, fresh_schema(dsn), n, args)
-                    results.append(r)
-                    print(
-                        f"{n} node(s): {r['delivered']}/{r['messages']} delivered in"
-                        f" {r['seconds']} s = {r['end_to_end_per_s']:,} msgs/s end to end;"
-                        f" accepted at {r['accept_per_s']:,} msgs/s",
-                        flush=True,
-                    )
+                for r in range(args.rounds):
+                    for backend, n in setups:
+                        tmp = Path(d) / f"round{r}-{backend}{n}"
+                        tmp.mkdir()
+                        queue = fresh_schema(dsn) if backend == "postgres" else ""
+                        res = run(tmp, dns, sink_port, queue, n, args)
+                        results.setdefault(f"{backend}:{n}", []).append(res)
+                        print(
+                            f"round {r + 1} {backend}, {n} node(s): {res['delivered']}/"
+                            f"{res['messages']} delivered in {res['seconds']} s ="
+                            f" {res['end_to_end_per_s']:,} msgs/s end to end; accepted at"
+                            f" {res['accept_per_s']:,} msgs/s",
+                            flush=True,
+                        )
             finally:
                 sink.terminate()
                 sink.wait(10)
@@ -156,7 +194,24 @@ def main() -> None:
         if cluster is not None and base is not None:
             cluster.stop()
             shutil.rmtree(base, ignore_errors=True)
-    print(json.dumps({"size": args.size, "runs": results}))
+    medians = {}
+    print("\nmedians:")
+    for key, runs in results.items():
+        med = {
+            k: statistics.median(r[k] for r in runs) for k in ("accept_per_s", "end_to_end_per_s")
+        }
+        medians[key] = med
+        print(
+            f"{key:11} accepted {med['accept_per_s']:7,.0f} msgs/s, end to end"
+            f" {med['end_to_end_per_s']:7,.0f} msgs/s  (runs: "
+            + ", ".join(f"{r['accept_per_s']}/{r['end_to_end_per_s']}" for r in runs)
+            + ")"
+        )
+    print(
+        json.dumps(
+            {"size": args.size, "messages": args.messages, "medians": medians, "runs": results}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,18 +1,33 @@
 """Relay statistics in the SMTPy seed's shape, from what the schedulers publish.
 
-Each running scheduler (in `ferry serve` or a delivery worker process) writes its
-counters to ``<queue.path>/stats/<owner>.json`` every few seconds; this module sums
-them, so `ferry stats` works from another process and with several workers.
+SQLite (one node): each running scheduler (in `ferry serve` or a delivery worker
+process) writes its counters to ``<queue.path>/stats/<owner>.json`` every few seconds;
+this module sums them, so `ferry stats` works from another process and with several
+workers. The figures are those of the current run.
+
+PostgreSQL (several nodes): each scheduler also adds its counts to per-node counters in
+the database and keeps its current states there (``Scheduler.share_stats``); `ferry
+stats` on any node reads them all: every node's work counted once, totals since the
+queue was created (stopped nodes' counters are kept under one entry), states (sessions
+open, backlog, breakers) of the schedulers running now.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterable, Mapping
-from typing import Any
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ferry.config import RelayConfig
 from ferry.delivery.scheduler import stats_dir
+
+if TYPE_CHECKING:
+    from ferry.queue.postgres import NodeStats
+
+#: How the nodes that have stopped are named in the per-node figures.
+STOPPED_NODES = "(stopped nodes)"
 
 _COUNTERS = (
     "sent",
@@ -122,6 +137,60 @@ def combine(mode: str, published: Iterable[Mapping[str, Any]]) -> dict[str, Any]
     }
 
 
+def unflatten(counters: Mapping[str, int]) -> dict[str, Any]:
+    """Counters keyed by their path (``counter_key``) as one nested published dict."""
+    out: dict[str, Any] = {}
+    for key, n in counters.items():
+        path = json.loads(key)
+        into = out
+        for part in path[:-1]:
+            into = into.setdefault(part, {})
+        into[path[-1]] = n
+    return out
+
+
+def combine_nodes(mode: str, nodes: Sequence[NodeStats]) -> dict[str, Any]:
+    """The statistics of every node sharing a PostgreSQL queue: the totals in
+    ``combine``'s shape, plus ``nodes``: each node's main figures."""
+    published: list[dict[str, Any]] = []
+    per_node: dict[str, dict[str, Any]] = {}
+    for ns in nodes:
+        own = [unflatten(ns.counters), *ns.states.values()]
+        published += own
+        mine = combine(mode, own)["delivery"]
+        per_node[ns.node or STOPPED_NODES] = {
+            **{k: mine[k] for k in ("sent", "failed", "deferred", "expired", "connections")},
+            "active_sessions": mine["active_sessions"],
+            "backlog": mine["backlog"],
+            "workers": len(ns.states),
+            "heartbeat": ns.heartbeat,
+        }
+    out = combine(mode, published)
+    out["workers"] = sum(len(ns.states) for ns in nodes)
+    out["nodes"] = per_node
+    return out
+
+
+async def shared_relay_stats(config: RelayConfig, *, now: float | None = None) -> dict[str, Any]:
+    """Every node's statistics from the PostgreSQL queue (``queue.backend = "postgres"``)."""
+    from ferry.queue.postgres import PostgresQueue
+
+    queue = PostgresQueue(
+        config.queue.dsn.get_secret_value(),
+        password_file=config.queue.password_file,
+        create=False,
+        pool_size=1,
+    )
+    try:
+        now = time.time() if now is None else now
+        return combine_nodes(config.delivery.mode, await queue.delivery_stats(now=now))
+    finally:
+        await queue.close()
+
+
 def relay_stats(config: RelayConfig) -> dict[str, Any]:
-    """The whole relay's statistics since `ferry serve` started."""
+    """The whole relay's statistics: since `ferry serve` started (SQLite), or every
+    node's since the shared queue was created (PostgreSQL)."""
+    if config.queue.backend == "postgres":
+        return asyncio.run(shared_relay_stats(config))
     return combine(config.delivery.mode, read_published(config))

@@ -83,7 +83,12 @@ def config_option(fn: F) -> F:
 
 
 def queue_location(config: RelayConfig) -> str:
-    """The queue this configuration reads: its data directory as an absolute path."""
+    """The queue this configuration reads: its data directory as an absolute path, or
+    the PostgreSQL database (``postgresql://user@host:port/db``, never a password)."""
+    if config.queue.backend == "postgres":
+        from ferry.queue.postgres import describe_dsn
+
+        return describe_dsn(config.queue.dsn.get_secret_value())
     return str(Path(config.queue.path).resolve())
 
 

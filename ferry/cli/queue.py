@@ -99,6 +99,15 @@ def _age(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def _where(config: Any) -> str:
+    """The queue named in a listing's header: the SQLite file or the PostgreSQL database."""
+    from ferry.cli.common import queue_location
+
+    if config.queue.backend == "postgres":
+        return queue_location(config)
+    return str(config.data_dir.resolve() / "queue.db")
+
+
 def _read_with_header(ctx: click.Context, now: float, fn: Callable[[Any], Any]) -> tuple[Any, str]:
     """``fn(queue)``'s result and the listing's header line, from one opening of the queue."""
     from ferry.cli.stats import delivery_state
@@ -110,7 +119,7 @@ def _read_with_header(ctx: click.Context, now: float, fn: Callable[[Any], Any]) 
 
     result, counts, suspended = _with_queue(ctx, read, readonly=True)
     return result, (
-        f"queue {config.data_dir.resolve() / 'queue.db'}: {counts.waiting_recipients} recipients"
+        f"queue {_where(config)}: {counts.waiting_recipients} recipients"
         f" waiting ({counts.deferred_recipients} deferred, {counts.held_recipients} held);"
         f" delivery: {delivery_state(suspended)}"
     )

@@ -65,7 +65,10 @@ def stats_command(ctx: click.Context, as_json: bool) -> None:
     from ferry.stats import relay_stats
 
     config = _load(ctx)
-    data = relay_stats(config)
+    try:
+        data = relay_stats(config)
+    except (OSError, LookupError, RuntimeError) as exc:  # PostgreSQL: unreachable, no queue
+        raise click.ClickException(str(exc)) from None
     suspended = _with_queue(ctx, lambda q: q.suspensions(now=time.time()), readonly=True)
     pid = serve_pid(config)
     data["serve_pid"] = pid
@@ -77,7 +80,8 @@ def stats_command(ctx: click.Context, as_json: bool) -> None:
         _print_json({"queue": queue_location(config), **data})
         return
     console = Console()
-    click.echo(f"ferry serve: {f'running (pid {pid})' if pid else 'not running'}")
+    here = " on this node" if "nodes" in data else ""
+    click.echo(f"ferry serve{here}: {f'running (pid {pid})' if pid else 'not running'}")
     click.echo(f"delivery: {delivery_state(suspended)}")
     table = Table("statistic", "value")
     for key in (
@@ -106,5 +110,35 @@ def stats_command(ctx: click.Context, as_json: bool) -> None:
                 str(d.get("paused_for", 0)),
             )
         console.print(dest)
-    if not pid:
+    if "nodes" in data:
+        node_table(console, data["nodes"])
+    if not pid and "nodes" not in data:
         click.echo("(no running delivery: start `ferry serve`)")
+
+
+def node_table(console: Console, nodes: dict[str, Any]) -> None:
+    """PostgreSQL: each node's share of the totals above."""
+    import time
+
+    from ferry.queue.postgres import HEARTBEAT_SECONDS
+
+    table = Table(
+        "node", "state", "sent", "failed", "deferred", "connections", "sessions", "backlog"
+    )
+    now = time.time()
+    for name, n in nodes.items():
+        beat = n.get("heartbeat")
+        if beat is None:
+            state = "stopped"
+        elif now - beat > 3 * HEARTBEAT_SECONDS:
+            state = "silent"
+        else:
+            state = "running"
+        table.add_row(
+            name,
+            state,
+            *(str(n[k]) for k in ("sent", "failed", "deferred", "connections")),
+            str(n["active_sessions"]),
+            str(n["backlog"]),
+        )
+    console.print(table)

@@ -24,10 +24,11 @@ def _config(ctx: click.Context) -> RelayConfig:
 
 
 def _queue_run(config: RelayConfig, fn: Any) -> Any:
-    from ferry.queue.sqlite import SqliteQueue
+    from ferry.queue import open_queue
 
     async def run() -> Any:
-        queue = SqliteQueue(config.queue.path)
+        # The configured backend: on PostgreSQL the event log and cursors are shared.
+        queue = open_queue(config)
         try:
             return await fn(queue)
         finally:

@@ -59,6 +59,69 @@ SHARE_SECONDS = 1.0
 SUSPENSIONS_POLL_SECONDS = 1.0
 
 
+#: ``Scheduler.stats()`` keys that count what happened (added up across nodes by the
+#: PostgreSQL queue); the other keys are states of the moment (sessions open, backlog...).
+COUNTERS = (
+    "sent",
+    "failed",
+    "deferred",
+    "expired",
+    "bounced",
+    "double_bounces",
+    "dsn_dropped",
+    "connections",
+    "connections_reused",
+    "tls_fallbacks",
+    "direct_sent",
+    "direct_failed",
+    "relay_sent",
+    "relay_failed",
+    "fallbacks",
+    "dkim_signed",
+    "dkim_unsigned",
+    "mx_lookups",
+    "mx_cache_hits",
+)
+#: The counters in each smart host's entry of ``stats()["smart_hosts"]``.
+SMART_HOST_COUNTERS = ("sent", "failed", "deferred", "transport_failures")
+
+
+def counter_key(*path: str) -> str:
+    """A counter's place in ``Scheduler.stats()`` as one text key (a JSON array)."""
+    return json.dumps(list(path), ensure_ascii=False, separators=(",", ":"))
+
+
+def split_stats(
+    stats: dict[str, Any], destination_counts: dict[str, dict[str, int]]
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """``stats()`` as (counters by ``counter_key``, the states left once they are out).
+
+    ``destination_counts``: the per-destination outcome counters (the recorder's), the
+    counting part of ``stats()["destinations"]``.
+    """
+    counters = {counter_key(k): int(stats[k]) for k in COUNTERS}
+    for reason, n in stats["dkim_unsigned_reasons"].items():
+        counters[counter_key("dkim_unsigned_reasons", reason)] = int(n)
+    state = {k: v for k, v in stats.items() if k not in COUNTERS}
+    del state["dkim_unsigned_reasons"]
+    hosts: dict[str, Any] = {}
+    for name, host in stats["smart_hosts"].items():
+        for k in SMART_HOST_COUNTERS:
+            counters[counter_key("smart_hosts", name, k)] = int(host.get(k) or 0)
+        hosts[name] = {k: v for k, v in host.items() if k not in SMART_HOST_COUNTERS}
+    state["smart_hosts"] = hosts
+    destinations: dict[str, Any] = {}
+    for domain, entry in stats["destinations"].items():
+        counts = destination_counts.get(domain, {})
+        for k, n in counts.items():
+            counters[counter_key("destinations", domain, k)] = int(n)
+        rest = {k: v for k, v in entry.items() if k not in counts}
+        if rest:
+            destinations[domain] = rest
+    state["destinations"] = destinations
+    return counters, state
+
+
 def flat_stats(stats: dict[str, Any]) -> dict[str, Any]:
     """The counters of ``Scheduler.stats()`` without the nested tables (for a log line)."""
     return {k: v for k, v in stats.items() if not isinstance(v, (dict, list))}
@@ -120,6 +183,9 @@ class Scheduler:
         self._last_share = -math.inf
         self.suspended: frozenset[str] = frozenset()
         self._suspensions_read = -math.inf
+        # Counters already added to the queue's (PostgreSQL: `ferry stats` of all nodes).
+        self._shared_counters: dict[str, int] = {}
+        self._shares_stats = True  # until the queue says it keeps none
 
     # -- control -------------------------------------------------------------------
 
@@ -152,6 +218,10 @@ class Scheduler:
         except TimeoutError:
             logging.getLogger("ferry.delivery").error("outcomes not written at shutdown")
         self.write_stats()
+        try:
+            await asyncio.wait_for(self.share_stats(stopping=True), 10)
+        except TimeoutError:
+            logging.getLogger("ferry.delivery").warning("statistics not shared at shutdown")
         await self.delivery.pool.close()
         await self.limits.close()  # after the pool: its connections held the slots
         # Whatever was claimed but not finished goes back to the queue now.
@@ -171,6 +241,7 @@ class Scheduler:
                 if time.monotonic() - last_stats >= STATS_INTERVAL:
                     last_stats = time.monotonic()
                     self.write_stats()
+                    await self.share_stats()
                 await self._renew_leases()
                 if time.monotonic() - self._last_share >= SHARE_SECONDS:
                     self._last_share = time.monotonic()
@@ -352,6 +423,31 @@ class Scheduler:
             os.replace(tmp, d / f"{safe}.json")
         except OSError:
             logging.getLogger("ferry.delivery").warning("cannot write statistics", exc_info=True)
+
+    async def share_stats(self, *, stopping: bool = False) -> None:
+        """Add what was counted since the last call to the queue's counters, with the
+        current states (PostgreSQL: where `ferry stats` adds up every node's). A failed
+        write is retried with the next one: the increments are only forgotten once kept.
+        """
+        if not self._shares_stats:
+            return
+        counters, state = split_stats(self.stats(), self.delivery.recorder.destination_stats())
+        increments = {
+            k: v - self._shared_counters.get(k, 0)
+            for k, v in counters.items()
+            if v != self._shared_counters.get(k, 0)
+        }
+        try:
+            kept = await self.queue.add_delivery_stats(
+                self.owner, increments, None if stopping else state, now=time.time()
+            )
+        except Exception:
+            logging.getLogger("ferry.delivery").warning("cannot share statistics", exc_info=True)
+            return
+        if not kept:
+            self._shares_stats = False
+            return
+        self._shared_counters = counters
 
     def stats(self) -> dict[str, Any]:
         """The SMTPy seed's ``direct_service`` block, plus scheduler state."""

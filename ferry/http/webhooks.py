@@ -44,6 +44,9 @@ IDLE_POLL = 0.5
 # cancelling it would leave the endpoint with an event whose cursor did not move, so the
 # next start would send it again.
 STOP_GRACE = 10.0
+#: How often a node that does not send an endpoint's events checks whether the node that
+#: does is still there (PostgreSQL: several nodes, one sender per endpoint).
+TURN_POLL = 2.0
 
 
 class SecretError(ValueError):
@@ -132,7 +135,18 @@ class Endpoint:
     async def run(self, stopping: asyncio.Event) -> None:
         name = self.hook.name
         cursor = await self.queue.webhook_cursor(name)
+        my_turn = True
         while not stopping.is_set():
+            # Several nodes on one PostgreSQL queue: one of them sends each endpoint's
+            # events; the others wait to take over (from the shared cursor).
+            if not await self.queue.webhook_turn(name):
+                my_turn = False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), TURN_POLL)
+                continue
+            if not my_turn:
+                my_turn = True
+                cursor = await self.queue.webhook_cursor(name)
             retry_ids = await self.queue.webhook_retries(name, self.hook.batch)
             if retry_ids:
                 events = await self.queue.events_by_id(retry_ids)

@@ -4,8 +4,8 @@ Every change to a recipient's state happens in one committed transaction, so any
 process may die at any instruction: nothing that got a 250 is lost, and nothing stays
 "in progress" forever (claims are leases that expire).
 
-The dataclasses here are what crosses the contract; the SQLite backend implements it
-today and a PostgreSQL backend will run the same contract tests later.
+The dataclasses here are what crosses the contract; the SQLite and PostgreSQL backends
+implement it, and the same contract tests run against both (tests/queue/test_contract.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import itertools
 import os
 import secrets
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -355,6 +355,32 @@ class Queue(abc.ABC):
     @abc.abstractmethod
     async def statistics(self, *, now: float) -> QueueStats:
         """Counts and ages, in Zetian's shape."""
+
+    async def webhook_turn(self, endpoint: str) -> bool:
+        """Whether this process is the one that sends ``endpoint``'s events now.
+
+        Several nodes sharing a queue (PostgreSQL) all run webhook senders; only one
+        sends each endpoint at a time, another takes over when it stops or dies. One
+        node (SQLite): always True.
+        """
+        return True
+
+    async def add_delivery_stats(
+        self,
+        owner: str,
+        counters: Mapping[str, int],
+        state: Mapping[str, Any] | None,
+        *,
+        now: float,
+    ) -> bool:
+        """Keep a scheduler's delivery statistics in the queue, where ``ferry stats`` adds
+        up every node's: ``counters`` are increments since its last call (key: the
+        counter's path as a JSON array), ``state`` its current states (None: it stopped).
+
+        False: this backend keeps none (SQLite: one node, whose schedulers publish files
+        in its data directory instead).
+        """
+        return False
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -28,8 +28,8 @@ import builtins
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -158,6 +158,28 @@ class NodeInfo:
         }
 
 
+#: A scheduler's published states count while this fresh (it publishes every 2 s; a
+#: killed node's last states stop counting after this).
+STATE_FRESH_SECONDS = 30.0
+
+
+def node_of(owner: str) -> str:
+    """The node (``host:pid``) of a lease owner / scheduler (``host:pid:n``)."""
+    return owner.rsplit(":", 1)[0] if ":" in owner else owner
+
+
+@dataclass
+class NodeStats:
+    """One node's delivery statistics as kept in the database (``ferry stats``)."""
+
+    node: str  # host:pid; '' for the nodes that have stopped
+    #: counter path (a JSON array) -> total since the node started
+    counters: dict[str, int] = field(default_factory=dict)
+    #: scheduler (owner) -> its latest published states
+    states: dict[str, dict[str, Any]] = field(default_factory=dict)
+    heartbeat: float | None = None  # None: not in ``nodes`` (stopped or forgotten)
+
+
 class QueueNotFound(LookupError):
     """The database holds no Ferry queue (and none was to be created)."""
 
@@ -218,6 +240,11 @@ class PostgresQueue(PostgresOperatorMethods, Queue):
         self._heartbeat: asyncio.Task[None] | None = None
         self._node_id: str | None = None
         self._pool_check: asyncio.Task[None] | None = None
+        # A connection of its own for session advisory locks (webhook turns): a lock
+        # lives as long as the connection that took it.
+        self._locks: Conn | None = None
+        self._held_turns: set[str] = set()
+        self._locks_guard = asyncio.Lock()
         self._writer: asyncio.Task[None] | None = None
         self._opened = False
         self._opening = asyncio.Lock()
@@ -279,10 +306,19 @@ class PostgresQueue(PostgresOperatorMethods, Queue):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         if self._node_id is not None and self._opened:
-            # A clean stop leaves the table; a killed node stays there, silent.
+            # A clean stop leaves the table; a killed node stays there, silent. Its
+            # delivery counters join those of the other stopped nodes.
             node = self._node_id
+
+            async def leave(conn: Conn) -> None:
+                await conn.execute("DELETE FROM nodes WHERE id = %s", (node,))
+                await _fold_counters(conn, [node])
+
             with contextlib.suppress(psycopg.Error, OSError):
-                await self._tx(lambda c: c.execute("DELETE FROM nodes WHERE id = %s", (node,)))
+                await self._tx(leave)
+        if self._locks is not None:
+            with contextlib.suppress(psycopg.Error, OSError):
+                await self._locks.close()  # frees our webhook turns for other nodes
         if self._writer is not None:
             await self._jobs.put(None)
             await self._writer
@@ -349,6 +385,16 @@ class PostgresQueue(PostgresOperatorMethods, Queue):
                 await conn.execute(
                     "DELETE FROM nodes WHERE heartbeat < %s", (now - FORGET_NODE_AFTER,)
                 )
+                # Counters of nodes gone from the table (forgotten, or a worker that
+                # published after its node left) join the stopped nodes' ('').
+                cur = await conn.execute(
+                    "SELECT DISTINCT c.node FROM delivery_counters c WHERE c.node <> ''"
+                    " AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = c.node)"
+                    " AND NOT EXISTS (SELECT 1 FROM delivery_state s WHERE s.node = c.node"
+                    " AND s.at >= %s)",
+                    (now - STATE_FRESH_SECONDS,),
+                )
+                await _fold_counters(conn, [str(r[0]) for r in await cur.fetchall()])
 
             await self._tx(job)
 
@@ -459,6 +505,36 @@ class PostgresQueue(PostgresOperatorMethods, Queue):
     @staticmethod
     async def _refresh_status(conn: Conn, message_ids: list[str], now: float) -> None:
         await _refresh_message_status(conn, message_ids, now)
+
+    @staticmethod
+    async def _cancel_dsns(
+        conn: Conn,
+        message_ids: builtins.list[str],
+        cancelled: set[int],
+        make_dsn: Callable[[MessageInfo, bytes], EnvelopeIn | None],
+        now: float,
+        lifetime: float,
+    ) -> int:
+        """Queue a DSN for each message with just-cancelled recipients (``bulk`` cancel):
+        in the cancel's own transaction, so a DSN exists exactly when its cancel does."""
+        n = 0
+        for message in await _load_messages(conn, message_ids):
+            cur = await conn.execute(
+                "SELECT id FROM recipients WHERE message_id = %s ORDER BY id", (message.id,)
+            )
+            rids = [int(r[0]) for r in await cur.fetchall() if int(r[0]) in cancelled]
+            if not rids:
+                continue
+            message.recipients = await _load_recipients(conn, rids)
+            cur = await conn.execute("SELECT data FROM bodies WHERE message_id = %s", (message.id,))
+            row = await cur.fetchone()
+            envelope = make_dsn(message, bytes(row[0]) if row else b"")
+            if envelope is not None:
+                await _insert_message(conn, new_queue_id(now), envelope, now, now + lifetime)
+                n += 1
+        if n:
+            await conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))  # wake a node
+        return n
 
     async def _tx(self, fn: Callable[[Conn], Awaitable[T]], *, pipeline: bool = False) -> T:
         """Run ``fn`` in one transaction on a pooled connection, again after a conflict.
@@ -1065,16 +1141,124 @@ class PostgresQueue(PostgresOperatorMethods, Queue):
 
         return await self._read(job)
 
+    # -- one webhook sender per endpoint across nodes --------------------------------
+
+    async def webhook_turn(self, endpoint: str) -> bool:
+        """True while this process holds ``endpoint``'s sending turn: a session advisory
+        lock (per schema and endpoint) on a connection of its own, freed by the server
+        when that connection ends -- a clean stop, or a node that died -- so another
+        node's sender takes over within its next poll. While its connection is lost a
+        sender holds no turn (it may have been taken over): it stops sending."""
+        await self.open()
+        async with self._locks_guard:
+            try:
+                if self._locks is None or self._locks.closed:
+                    self._held_turns.clear()
+                    self._locks = await psycopg.AsyncConnection.connect(
+                        self.conninfo, autocommit=True, connect_timeout=10
+                    )
+                if endpoint in self._held_turns:
+                    await self._locks.execute("SELECT 1")  # still connected: still ours
+                    return True
+                cur = await self._locks.execute(
+                    "SELECT pg_try_advisory_lock(hashtextextended("
+                    " current_schema() || ':ferry-webhook:' || %s, 0))",
+                    (endpoint,),
+                )
+                row = await cur.fetchone()
+            except psycopg.OperationalError:
+                if self._locks is not None:
+                    with contextlib.suppress(psycopg.Error, OSError):
+                        await self._locks.close()
+                self._locks = None
+                self._held_turns.clear()
+                return False
+            if row and row[0]:
+                self._held_turns.add(endpoint)
+                return True
+            return False
+
+    # -- delivery statistics of every node (``ferry stats``) ------------------------
+
+    async def add_delivery_stats(
+        self,
+        owner: str,
+        counters: Mapping[str, int],
+        state: Mapping[str, Any] | None,
+        *,
+        now: float,
+    ) -> bool:
+        """Add a scheduler's counts to its node's counters and keep its states (see
+        ``Queue.add_delivery_stats``). Each node writes only its own rows, so nodes
+        never wait for each other here."""
+        node = node_of(owner)
+        keys = [k for k, v in counters.items() if v]
+        values = [int(counters[k]) for k in keys]
+
+        async def job(conn: Conn) -> None:
+            if keys:
+                await conn.execute(
+                    "INSERT INTO delivery_counters(node, key, n)"
+                    " SELECT %s, k, v FROM unnest(%s::text[], %s::bigint[]) AS t(k, v)"
+                    " ON CONFLICT (node, key) DO UPDATE SET n = delivery_counters.n + excluded.n",
+                    (node, keys, values),
+                )
+            if state is None:
+                await conn.execute("DELETE FROM delivery_state WHERE owner = %s", (owner,))
+            else:
+                await conn.execute(
+                    "INSERT INTO delivery_state(owner, node, at, data) VALUES (%s, %s, %s, %s)"
+                    " ON CONFLICT (owner) DO UPDATE SET node = excluded.node, at = excluded.at,"
+                    " data = excluded.data",
+                    (owner, node, now, _dumps(dict(state))),
+                )
+
+        await self._tx(job)
+        return True
+
+    async def delivery_stats(self, *, now: float) -> builtins.list[NodeStats]:
+        """Every node's delivery counters (node '': the nodes that have stopped) and the
+        states of the schedulers that published within ``STATE_FRESH_SECONDS``."""
+
+        async def job(conn: Conn) -> builtins.list[NodeStats]:
+            by_node: dict[str, NodeStats] = {}
+            cur = await conn.execute("SELECT node, key, n FROM delivery_counters")
+            for node, key, n in await cur.fetchall():
+                by_node.setdefault(node, NodeStats(node)).counters[key] = int(n)
+            cur = await conn.execute(
+                "SELECT owner, node, data FROM delivery_state WHERE at >= %s ORDER BY owner",
+                (now - STATE_FRESH_SECONDS,),
+            )
+            for owner, node, data in await cur.fetchall():
+                by_node.setdefault(node, NodeStats(node)).states[owner] = json.loads(data)
+            cur = await conn.execute("SELECT id, heartbeat FROM nodes")
+            for node, heartbeat in await cur.fetchall():
+                by_node.setdefault(node, NodeStats(node)).heartbeat = float(heartbeat)
+            return [by_node[k] for k in sorted(by_node)]
+
+        return await self._read(job)
+
     # -- the event log (webhooks, GET /v1/events) ----------------------------------
 
     async def events(
         self, *, after: int, types: Sequence[str] = (), limit: int = 100
     ) -> builtins.list[outbox.StoredEvent]:
         async def job(conn: Conn) -> builtins.list[outbox.StoredEvent]:
+            # Ids are taken at insert, not at commit: with several transactions writing
+            # events at once (intake, delivery workers, other nodes), a lower id can
+            # become visible after a higher one, and a reader that had moved past it
+            # would never see it. So the log is read in (transaction id, id) order, and
+            # only events of transactions older than every one still running (the
+            # snapshot's xmin): that set never grows behind the cursor. ``after`` (an
+            # event id) stands for its place in that order.
             cur = await conn.execute(
-                "SELECT id, at, type, message_id, data FROM events WHERE id > %s"
-                " AND (cardinality(%s::text[]) = 0 OR type = ANY(%s)) ORDER BY id LIMIT %s",
-                (after, list(types), list(types), limit),
+                "SELECT id, at, type, message_id, data FROM events"
+                " WHERE (xid, id) > (COALESCE((SELECT xid FROM events WHERE id <= %(after)s"
+                " ORDER BY id DESC LIMIT 1), '0'::xid8), %(after)s)"
+                " AND xid < pg_snapshot_xmin(pg_current_snapshot())"
+                " AND (cardinality(%(types)s::text[]) = 0 OR type = ANY(%(types)s))"
+                " ORDER BY xid, id LIMIT %(limit)s",
+                {"after": after, "types": list(types), "limit": limit},
             )
             return [_stored(r) for r in await cur.fetchall()]
 
@@ -1209,6 +1393,21 @@ async def _advance(conn: Conn, endpoint: str, after: int) -> None:
         " DO UPDATE SET after = GREATEST(webhook_cursors.after, excluded.after)",
         (endpoint, after),
     )
+
+
+async def _fold_counters(conn: Conn, nodes: builtins.list[str]) -> None:
+    """Add stopped nodes' delivery counters to node '' (the stopped nodes) and drop
+    their own rows: the totals stay, the table does not grow with every restart."""
+    if not nodes:
+        return
+    await conn.execute(
+        "INSERT INTO delivery_counters(node, key, n)"
+        " SELECT '', key, SUM(n) FROM delivery_counters WHERE node = ANY(%s) GROUP BY key"
+        " ON CONFLICT (node, key) DO UPDATE SET n = delivery_counters.n + excluded.n",
+        (nodes,),
+    )
+    await conn.execute("DELETE FROM delivery_counters WHERE node = ANY(%s)", (nodes,))
+    await conn.execute("DELETE FROM delivery_state WHERE node = ANY(%s)", (nodes,))
 
 
 async def _idempotency_row(conn: Conn, key: str, now: float) -> IdempotencyRecord | None:

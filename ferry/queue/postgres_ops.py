@@ -90,6 +90,7 @@ class PostgresOperatorMethods:
     _read: Callable[..., Awaitable[Any]]
     # The one derivation of a message's status from its recipients (postgres.py).
     _refresh_status: Callable[[Conn, list[str], float], Awaitable[None]]
+    _cancel_dsns: Callable[..., Awaitable[int]]
 
     async def list_page(
         self, sel: Selection, *, now: float, limit: int = 100, after: str | None = None
@@ -219,9 +220,8 @@ class PostgresOperatorMethods:
         dsn_lifetime: float = 4 * 86400,
     ) -> BulkResult:
         """Apply ``action`` to the selected recipients in one transaction, with its
-        operator event. (DSNs for cancelled mail, ``make_dsn``: SQLite only so far.)"""
-        if make_dsn is not None:
-            raise NotImplementedError("cancel with DSNs is not available on PostgreSQL yet")
+        operator event (and, for ``cancel`` with ``make_dsn``, the DSNs to the senders:
+        ``make_dsn`` gets each message with its just-cancelled recipients)."""
         statuses = {
             "retry": (Status.QUEUED, Status.DEFERRED),
             "hold": (Status.QUEUED, Status.DEFERRED),
@@ -234,6 +234,7 @@ class PostgresOperatorMethods:
             pairs = await _selected(conn, sel, now, statuses)
             ids = [r for r, _m in pairs]
             message_ids = sorted({m for _r, m in pairs})
+            dsns = 0
             if action == "remove":
                 touched = len(ids)
                 await conn.execute("DELETE FROM messages WHERE id = ANY(%s)", (message_ids,))
@@ -257,10 +258,11 @@ class PostgresOperatorMethods:
                         " WHERE id = ANY(%s) AND status = 'Held'"
                     )
                 else:
+                    # RETURNING: the DSNs report exactly the recipients cancelled here.
                     sql = (
                         "UPDATE recipients SET status = 'Cancelled', next_attempt = NULL,"
                         " lease_owner = NULL, lease_until = NULL"
-                        f" WHERE id = ANY(%s) AND status IN {WAITING_SQL}"
+                        f" WHERE id = ANY(%s) AND status IN {WAITING_SQL} RETURNING id"
                     )
                 args: tuple[Any, ...] = (
                     (now, ids)
@@ -271,9 +273,15 @@ class PostgresOperatorMethods:
                 )
                 cur = await conn.execute(sql.encode(), args)
                 touched = cur.rowcount
+                if action == "cancel" and make_dsn is not None and touched:
+                    done = {int(r[0]) for r in await cur.fetchall()}
+                    dsns = await self._cancel_dsns(
+                        conn, message_ids, done, make_dsn, now, dsn_lifetime
+                    )
                 await self._refresh_status(conn, message_ids, now)
-            await _log(conn, now, by, action, sel.describe(), len(message_ids), touched)
-            return BulkResult(action, len(message_ids), touched, 0)
+            logged = action + (" with DSN" if make_dsn is not None else "")
+            await _log(conn, now, by, logged, sel.describe(), len(message_ids), touched)
+            return BulkResult(action, len(message_ids), touched, dsns)
 
         result: BulkResult = await self._tx(job)
         return result

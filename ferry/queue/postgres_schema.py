@@ -197,8 +197,47 @@ CREATE TABLE IF NOT EXISTS limit_states (
 );
 """
 
+# Version 5 (``ferry stats`` across nodes, issue 14.7): delivery statistics kept in the
+# database. ``delivery_counters``: what each node's schedulers counted (sent, failed,
+# connections...), added to as they go, one row per node and counter (a node writes only
+# its own rows: no row every node updates); node '' holds the nodes that have stopped.
+# ``key`` is the counter's path in ``Scheduler.stats()`` as a JSON array.
+# ``delivery_state``: each running scheduler's latest states (sessions open, backlog,
+# breaker states...), replaced every few seconds, removed when it stops.
+# ``events.xid``: see below. Bodies: lz4 compression, see below.
+_V5 = """
+CREATE TABLE IF NOT EXISTS delivery_counters (
+    node text NOT NULL,
+    key text NOT NULL,
+    n bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (node, key)
+);
+CREATE TABLE IF NOT EXISTS delivery_state (
+    owner text PRIMARY KEY,
+    node text NOT NULL,
+    at double precision NOT NULL,
+    data text NOT NULL
+);
+-- The event log is read in commit-safe order: the writing transaction's id with each
+-- event (``PostgresQueue.events``).
+ALTER TABLE events ADD COLUMN IF NOT EXISTS xid xid8 NOT NULL DEFAULT pg_current_xact_id();
+CREATE INDEX IF NOT EXISTS events_xid ON events(xid, id);
+-- Bodies compressed with lz4 where the server has it (PostgreSQL 14+, built with lz4):
+-- measured (bench/pg_bodies.py, README), a 100 KB text mail then writes 0.49x its size
+-- in WAL instead of 1.07x, as fast; an already compressed attachment is stored as is at
+-- no cost. pglz (the default) writes 3-5x slower. Elsewhere bodies stay uncompressed.
+DO $$
+BEGIN
+    EXECUTE 'ALTER TABLE bodies ALTER COLUMN data SET COMPRESSION lz4';
+    EXECUTE 'ALTER TABLE bodies ALTER COLUMN data SET STORAGE EXTENDED';
+EXCEPTION WHEN feature_not_supported OR syntax_error THEN
+    NULL;
+END
+$$;
+"""
+
 #: MIGRATIONS[i] takes a database from version i to i + 1. Append only.
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5]
 LATEST = len(MIGRATIONS)
 
 # pg_advisory_xact_lock key: "ferry" + "migr" as one 64-bit number, the same on every node.

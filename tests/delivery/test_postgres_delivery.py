@@ -341,3 +341,40 @@ max_connections = 1
     relay.wait_for_messages(12, 60)
     assert relay.peak_connections == 1
     wait_until(lambda: _recipient_state(dsn) == [("Delivered", None)] * 12, 15, "Delivered")
+
+
+def test_ferry_stats_adds_up_every_node_once(world: World, pg_dsn: str, serve_factory: Any) -> None:
+    """`ferry stats` from any node's configuration (here a third, with no `ferry serve`)
+    counts the deliveries of both nodes, each once; a node that stops keeps its share."""
+    dsn = fresh_schema(pg_dsn)
+    mx = world.mx("mx.pgstats.test").publish(world.dns, "pgstats.test")
+    ports = [free_port(), free_port()]
+    nodes = [
+        serve_factory(_serve_config(world, dsn, port, f"stats{i}"), port)
+        for i, port in enumerate(ports)
+    ]
+    for n in range(8):
+        with smtplib.SMTP("127.0.0.1", ports[n % 2]) as c:
+            c.sendmail(SENDER, [f"u{n}@pgstats.test"], msg(f"stats{n}"))
+    assert mx.wait_for_messages(8, 30)
+    reader = _serve_config(world, dsn, free_port(), "reader")
+
+    def stats() -> dict[str, Any]:
+        data: dict[str, Any] = cli_json(reader, "stats")
+        return data
+
+    wait_until(lambda: stats()["delivery"]["sent"] == 8, 30, "8 sent in ferry stats")
+    data = stats()
+    assert data["direct_sent"] == 8 and data["destinations"]["pgstats.test"]["delivered"] == 8
+    running = {k: v for k, v in data["nodes"].items() if v["heartbeat"] is not None}
+    assert sorted(k.split(":")[0] for k in running) == ["stats0.ferry.test", "stats1.ferry.test"]
+    assert sum(v["sent"] for v in data["nodes"].values()) == 8
+    assert data["workers"] == 2
+    # A clean stop: the node leaves, its counts stay (under the stopped nodes).
+    nodes[0].stop()
+    wait_until(lambda: "(stopped nodes)" in stats()["nodes"], 30, "the stopped node folded")
+    after = stats()
+    assert after["delivery"]["sent"] == 8 and after["workers"] == 1
+    assert sum(v["sent"] for v in after["nodes"].values()) == 8
+    text = run_cli(reader, "stats")
+    assert text.returncode == 0 and "stopped" in text.stdout, text.stdout + text.stderr

@@ -283,3 +283,43 @@ async def test_no_dsn_for_an_outcome_that_was_discarded(queue: Queue) -> None:
     )
     assert ids == [None]
     assert [m.id for m in await queue.list()] == [qid]
+
+
+async def test_bulk_cancel_queues_dsns_in_the_same_transaction(queue: Queue) -> None:
+    """`ferry queue cancel --dsn`: the cancelled recipients, and only those, are reported
+    to the sender by a DSN queued with the cancel (both backends)."""
+    from ferry.envelope import message_status
+    from ferry.queue.selection import Selection
+
+    assert isinstance(queue, (SqliteQueue, PostgresQueue))
+    body = b"Subject: t\r\n\r\nbody\r\n"
+    qid = await queue.enqueue(env("a@y.test", "b@y.test", "c@z.test", data=body))
+    other = await queue.enqueue(env("d@z.test"))
+    seen: list[tuple[str, list[str], bytes]] = []
+
+    def make_dsn(message: object, original: bytes) -> EnvelopeIn | None:
+        rcpts = [r.address for r in message.recipients]  # type: ignore[attr-defined]
+        seen.append((message.id, rcpts, original))  # type: ignore[attr-defined]
+        return env("s@example.org", sender="", data=b"Subject: cancelled\r\n\r\nreport\r\n")
+
+    result = await queue.bulk(
+        "cancel", Selection(domain="y.test"), now=9e9, by="test", make_dsn=make_dsn
+    )
+    assert (result.messages, result.recipients, result.dsns) == (1, 2, 1)
+    assert seen == [(qid, ["a@y.test", "b@y.test"], body)]
+    m = await queue.get(qid)
+    assert m is not None
+    assert [r.status for r in m.recipients] == [Status.CANCELLED, Status.CANCELLED, Status.QUEUED]
+    assert m.status is message_status([r.status for r in m.recipients])
+    dsns = [x for x in await queue.list() if x.id not in (qid, other)]
+    assert [(d.sender, [r.address for r in d.recipients]) for d in dsns] == [
+        ("", ["s@example.org"])
+    ]
+    assert await queue.read_message(dsns[0].id) == b"Subject: cancelled\r\n\r\nreport\r\n"
+    # Nothing left to cancel: no second DSN.
+    again = await queue.bulk(
+        "cancel", Selection(domain="y.test"), now=9e9, by="test", make_dsn=make_dsn
+    )
+    assert (again.recipients, again.dsns) == (0, 0) and len(seen) == 1
+    events = await queue.operator_events(0)
+    assert [e["action"] for e in events] == ["cancel with DSN", "cancel with DSN"]

@@ -303,3 +303,97 @@ async def test_summary_on_postgres(pg_dsn: str) -> None:
         assert s.by_reply == {(None, None): 3}
     finally:
         await q.close()
+
+
+async def test_delivery_statistics_of_two_nodes_are_added_up_once(pg_dsn: str) -> None:
+    """Each scheduler adds its increments under its node; `ferry stats` reads every node's
+    counters once, states only while fresh; a node that stops keeps its counts."""
+    from ferry.delivery.scheduler import counter_key
+    from ferry.queue.postgres import STATE_FRESH_SECONDS
+    from ferry.stats import STOPPED_NODES, combine_nodes
+
+    dsn = fresh_schema(pg_dsn)
+    a, b = await PostgresQueue(dsn).open(), await PostgresQueue(dsn).open()
+    sent, hosts = counter_key("sent"), counter_key("smart_hosts", "sg", "sent")
+    try:
+        await a.register_node("node-a:1", "host-a", "1")
+        await b.register_node("node-b:2", "host-b", "1")
+        state = {"active_sessions": 2, "backlog": 5, "smart_hosts": {"sg": {"state": "closed"}}}
+        assert await a.add_delivery_stats("node-a:1:0", {sent: 3}, state, now=T0)
+        assert await a.add_delivery_stats("node-a:1:1", {sent: 1, hosts: 1}, state, now=T0)
+        assert await a.add_delivery_stats("node-a:1:0", {sent: 2}, state, now=T0 + 1)
+        assert await b.add_delivery_stats("node-b:2:0", {sent: 4, hosts: 2}, state, now=T0)
+        out = combine_nodes("direct", await b.delivery_stats(now=T0 + 1))
+        assert out["delivery"]["sent"] == 10 and out["smart_hosts"]["sg"]["sent"] == 3
+        assert out["smart_hosts"]["sg"]["state"] == "closed"
+        assert (out["delivery"]["active_sessions"], out["workers"]) == (6, 3)
+        assert {k: v["sent"] for k, v in out["nodes"].items()} == {"node-a:1": 6, "node-b:2": 4}
+        # A killed node's states stop counting; its counts do not.
+        later = combine_nodes("direct", await b.delivery_stats(now=T0 + STATE_FRESH_SECONDS + 2))
+        assert later["delivery"]["sent"] == 10 and later["delivery"]["active_sessions"] == 0
+    finally:
+        await a.close()  # a clean stop: node-a's counts join the stopped nodes'
+    try:
+        out = combine_nodes("direct", await b.delivery_stats(now=T0 + 1))
+        assert out["delivery"]["sent"] == 10
+        assert {k: v["sent"] for k, v in out["nodes"].items()} == {STOPPED_NODES: 6, "node-b:2": 4}
+        # A scheduler that stops removes its states.
+        await b.add_delivery_stats("node-b:2:0", {sent: 1}, None, now=T0 + 2)
+        out = combine_nodes("direct", await b.delivery_stats(now=T0 + 2))
+        assert (out["delivery"]["sent"], out["workers"]) == (11, 0)
+    finally:
+        await b.close()
+
+
+async def test_the_event_log_never_skips_an_event_committed_late(pg_dsn: str) -> None:
+    """Event ids are taken at insert: an event whose transaction commits after a later
+    id's must still reach a reader that follows the log by cursor (webhooks)."""
+    dsn = fresh_schema(pg_dsn)
+    q = await PostgresQueue(dsn).open()
+    insert = "INSERT INTO events(at, type, data) VALUES (1, %s, '{}') RETURNING id"
+    try:
+        slow = psycopg.connect(dsn)  # a transaction left open: its event is id 1
+        try:
+            [(first,)] = slow.execute(insert, ("slow",)).fetchall()
+            with psycopg.connect(dsn, autocommit=True) as fast:
+                [(second,)] = fast.execute(insert, ("fast",)).fetchall()
+            assert first < second
+            seen: list[int] = []
+            cursor = 0
+
+            async def follow() -> None:
+                nonlocal cursor
+                for e in await q.events(after=cursor, limit=100):
+                    seen.append(e.id)
+                    cursor = e.id
+
+            await follow()  # the fast one is committed, the slow one not yet
+            slow.commit()
+        finally:
+            slow.close()
+        await follow()
+        assert sorted(seen) == [first, second] and len(seen) == 2
+    finally:
+        await q.close()
+
+
+async def test_bodies_are_compressed_with_lz4_and_read_back_whole(pg_dsn: str) -> None:
+    """Issue 14.4 (numbers in the README): bodies in bytea, lz4-compressed by TOAST where
+    the server has lz4 (Debian's PostgreSQL does)."""
+    dsn = fresh_schema(pg_dsn)
+    q = await PostgresQueue(dsn).open()
+    try:
+        line = b"Line %d of a plain mail, as people write it.\r\n"
+        text = b"".join(line % i for i in range(3000))
+        qid = await q.enqueue(EnvelopeIn("s@x.test", [RecipientIn("a@y.test")], text))
+        assert await q.read_message(qid) == text
+    finally:
+        await q.close()
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT a.attstorage, a.attcompression FROM pg_attribute a"
+            " WHERE a.attrelid = 'bodies'::regclass AND a.attname = 'data'"
+        ).fetchone()
+        assert row == ("x", "l")
+        stored = conn.execute("SELECT pg_column_size(data) FROM bodies").fetchone()
+        assert stored is not None and stored[0] < len(text) // 2

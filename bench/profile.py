@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="keep py-spy's raw output here")
     ap.add_argument("--ferry-src", type=Path, help="profile this source tree of Ferry")
     args = ap.parse_args()
-    size, reuse = CONFIGS[args.config]
+    size, reuse, _accept_only = CONFIGS[args.config]
     py_spy = Path(sys.executable).parent / "py-spy"
     with tempfile.TemporaryDirectory(prefix="ferry-prof-") as d:
         tmp = Path(d)

@@ -10,7 +10,8 @@
 DIR (e.g. ``git archive <commit> | tar -x -C DIR``) with the same virtualenv, so the code
 before and after a change alternate with Postfix in the same invocation. Each Ferry is
 compared with Postfix pair by pair. ``--ferry-src DIR`` runs ``ferry`` itself from a
-source tree too (a snapshot: editing the work tree during a long run changes nothing).
+source tree too (by default the tree this script is in; a snapshot: editing the work tree
+during a long run then changes nothing).
 
 A configuration is a size and a connection mode; ``-accept`` at its end (``1k-new-accept``)
 measures accepting alone: Postfix puts every message on hold (cleanup still fsyncs it;
@@ -80,7 +81,8 @@ CONFIGS = {
 }
 DEFAULT_CONFIGS = "1k-new,1k-reuse,100k-new,100k-reuse,1k-new-accept"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-#: Relays in report order: Postfix first, then each Ferry compared with it.
+#: Relays in report order: Postfix first, then each Ferry compared with it (``ferry-wN``:
+#: Ferry with ``delivery.workers = N``, from ``--workers`` with several counts).
 RELAYS = ("postfix", "ferry-base", "ferry")
 
 
@@ -129,8 +131,6 @@ def _cpu_times() -> tuple[int, int]:
 QUIET_TIMEOUT = [60.0]
 #: The longest one run's injection or queue draining may take (``--run-timeout``).
 RUN_TIMEOUT = [900.0]
-#: Ferry's ``delivery.workers`` (``--workers``; None: Ferry's default).
-WORKERS: list[int | None] = [None]
 
 
 def wait_quiet(threshold: float = 0.9, timeout: float | None = None) -> float:
@@ -325,11 +325,11 @@ def ferry_config(
 
 
 def start_ferry(cfg: Path, src: Path | None = None) -> subprocess.Popen[bytes]:
-    """``ferry serve`` from the installed package, or from the source tree ``src``
-    (``--ferry-base``: the code before a change, run alternately with the code after)."""
+    """``ferry serve`` from the source tree ``src`` (``--ferry-base``: the code before a
+    change, run alternately with the code after), by default the tree this script is in:
+    not whatever checkout the virtualenv's editable install points at."""
     env = dict(os.environ)
-    if src is not None:
-        env["PYTHONPATH"] = str(src)
+    env["PYTHONPATH"] = str(src if src is not None else REPO)
     log = cfg.parent / "serve.log"
     return subprocess.Popen(
         [sys.executable, "-m", "ferry.cli", "--config", str(cfg), "serve"],
@@ -348,10 +348,11 @@ def run_ferry(
     messages: int,
     src: Path | None = None,
     relay: str = "ferry",
+    workers: int | None = None,
 ) -> Run:
     size, reuse, accept_only = CONFIGS[config]
     port = free_port()
-    cfg = ferry_config(tmp, port, sink_port, hold=accept_only, workers=WORKERS[0])
+    cfg = ferry_config(tmp, port, sink_port, hold=accept_only, workers=workers)
     proc = start_ferry(cfg, src)
     queued = -1
     try:
@@ -423,7 +424,10 @@ def report(runs: list[Run]) -> None:
     print(f"{'':<27} {'(min / med / max)':<24} {'(min / med / max)':<24} {'(min / med / max)':<20}")
     for config in configs:
         accept_only = CONFIGS[config][2]
-        for relay in RELAYS:
+        names = [r.relay for r in runs if r.config == config]
+        relays = [r for r in RELAYS if r in names]
+        relays += sorted({n for n in names if n not in RELAYS})
+        for relay in relays:
             rs = [r for r in runs if r.config == config and r.relay == relay]
             if not rs:
                 continue
@@ -439,11 +443,10 @@ def report(runs: list[Run]) -> None:
                 print(f"{'':<16} !! {relay}: fewer queued than sent in {len(short)} run(s)")
         # Accept only: the accept rates; otherwise the end-to-end rates.
         what = "accept" if accept_only else "end to end"
-        for ferry, other in (
-            ("ferry-base", "postfix"),
-            ("ferry", "postfix"),
-            ("ferry", "ferry-base"),
-        ):
+        ferries = [r for r in relays if r != "postfix"]
+        pairs = [(f, "postfix") for f in ferries]
+        pairs += [(f, ferries[0]) for f in ferries[1:]]
+        for ferry, other in pairs:
             ratios, cpu = [], []
             for rep in sorted({r.rep for r in runs if r.config == config}):
                 pair = {r.relay: r for r in runs if r.config == config and r.rep == rep}
@@ -483,9 +486,13 @@ def main() -> None:
     ap.add_argument(
         "--ferry-src",
         type=Path,
-        help="run the relay ferry from this source tree (default: the installed package)",
+        help="run the relay ferry from this source tree (default: the one this script is in)",
     )
-    ap.add_argument("--workers", type=int, help="Ferry's delivery.workers (default: Ferry's)")
+    ap.add_argument(
+        "--workers",
+        help="Ferry's delivery.workers (default: Ferry's); several (1,2) run Ferry once per "
+        "count, as relays ferry-w1, ferry-w2, ... alternated with the others",
+    )
     ap.add_argument("--quiet-timeout", type=float, default=60.0)
     ap.add_argument(
         "--run-timeout",
@@ -505,9 +512,16 @@ def main() -> None:
     relays = args.relays.split(",")
     if args.ferry_base is not None and "ferry-base" not in relays:
         relays.append("ferry-base")
+    counts = [int(n) for n in args.workers.split(",")] if args.workers else [None]
+    workers: dict[str, int | None] = {}
+    if len(counts) > 1:
+        at = relays.index("ferry")
+        relays[at : at + 1] = [f"ferry-w{n}" for n in counts]
+        workers = {f"ferry-w{n}": n for n in counts}
+    else:
+        workers = {r: counts[0] for r in relays}
     QUIET_TIMEOUT[0] = args.quiet_timeout
     RUN_TIMEOUT[0] = args.run_timeout
-    WORKERS[0] = args.workers
     runs: list[Run] = []
     sink_port = free_port(SINK_HOST)
     sink = start_sink(sink_port)
@@ -524,7 +538,16 @@ def main() -> None:
                             run = run_postfix(Path(d), sink_port, config, rep, messages)
                         else:
                             src = args.ferry_base if relay == "ferry-base" else args.ferry_src
-                            run = run_ferry(Path(d), sink_port, config, rep, messages, src, relay)
+                            run = run_ferry(
+                                Path(d),
+                                sink_port,
+                                config,
+                                rep,
+                                messages,
+                                src,
+                                relay,
+                                workers.get(relay),
+                            )
                     runs.append(run)
                     print(json.dumps(asdict(run)), flush=True)
     finally:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
+import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -197,6 +197,13 @@ def data_deadline(start: float, received: int, declared: int, timeout: float, ra
     return start + max(timeout, max(received, declared) / rate)
 
 
+def new_session_id() -> str:
+    """10 hex digits naming a connection in log lines: 40 random bits, as before, but
+    from the ``random`` module (seeded from the OS once, reseeded in a forked child)
+    rather than a ``getrandom`` system call per connection. A log label, not a secret."""
+    return f"{random.getrandbits(40):010x}"
+
+
 def _time_up(waiter: asyncio.Future[bool]) -> None:
     if not waiter.done():
         waiter.set_result(False)
@@ -233,7 +240,7 @@ class SmtpConnection(asyncio.Protocol):
         if ssl_obj is not None:
             self.tls = describe(ssl_obj)
         # In every log line about this connection (and the messages it hands over).
-        self.session_id = secrets.token_hex(5)
+        self.session_id = new_session_id()
         self.session = Session(
             self.cfg,
             mode=self.listener.mode,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import re
 import time
@@ -728,9 +729,13 @@ class Session:
         return out
 
 
+@functools.lru_cache(maxsize=256)
 def reply_bytes(reply: Reply) -> bytes:
     """A reply as sent: its lines, each ending in CRLF. Client text quoted in a reply
-    may carry bytes that were not UTF-8 (kept as surrogates): they go out as "?"."""
+    may carry bytes that were not UTF-8 (kept as surrogates): they go out as "?".
+
+    Cached: most replies are the same few values (``250 2.1.0 Ok``, ``354 ...``) sent
+    for every message; a reply is a frozen value, so its bytes never change."""
     return (str(reply) + "\r\n").encode("utf-8", "replace")
 
 

@@ -39,7 +39,8 @@ both. Printed per configuration and relay: min / median / max of the accept rate
 to the last delivery), CPU milliseconds per message (user + system of the relay's whole
 process tree, children reaped included) and peak memory (the largest sum of the tree's
 proportional set sizes, sampled every 0.25 s); then the Ferry/Postfix end-to-end ratio of
-each pair and their median.
+each pair and their median (accept-only: the accept rates), with the ratio of CPU per
+message beside it.
 
 Needs root (Postfix's master) and Debian's postfix package for smtp-source, smtp-sink and
 postfix itself. Everything listens on 127.0.0.0/8 only.
@@ -421,7 +422,8 @@ def report(runs: list[Run]) -> None:
         f"{'config':<16} {'relay':<10} {'accept msgs/s':<24} {'end-to-end msgs/s':<24} "
         f"{'CPU ms/msg':<20} peak MB"
     )
-    print(f"{'':<27} {'(min / med / max)':<24} {'(min / med / max)':<24} {'(min / med / max)':<20}")
+    spread = "(min / med / max)"
+    print(f"{'':<27} {spread:<24} {spread:<24} {spread:<20} {spread}")
     for config in configs:
         accept_only = CONFIGS[config][2]
         names = [r.relay for r in runs if r.config == config]
@@ -436,7 +438,7 @@ def report(runs: list[Run]) -> None:
                 f"{config:<16} {relay:<10} {_spread([r.accept_per_s for r in rs]):<24} "
                 f"{e2e:<24} "
                 f"{_spread_f([r.cpu_ms_per_msg for r in rs]):<20} "
-                f"{max(r.peak_mb for r in rs):.0f}"
+                f"{_spread([r.peak_mb for r in rs])}"
             )
             short = [r for r in rs if 0 <= r.queued < r.messages]
             if short:

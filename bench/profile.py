@@ -8,7 +8,8 @@ process (intake) and so to its delivery process, injects with ``smtp-source``, s
 when every message reached the sink, and prints per process the functions with the most
 self time (the innermost frame of each sample) and the most total time (anywhere on the
 stack). py-spy samples only threads that run (``--idle`` adds waiting ones); samples of an
-event loop waiting in ``select``/``epoll`` are counted apart.
+event loop waiting in ``select``/``epoll``, and of threads blocked in C that py-spy counts
+as running (a thread-pool worker waiting for work, ``waitpid``), are counted apart.
 
 Needs ``py-spy`` in the virtualenv (``.venv/bin/pip install py-spy``), root (py-spy
 attaches with ptrace) and the Postfix tools. Not a test.
@@ -43,7 +44,25 @@ from side_by_side import (
 
 # py-spy raw lines: process 1:"cmd";process 2:"cmd";thread (0x..);fn (file:line);... COUNT
 _PROCESS = re.compile(r'^process (\d+):"([^"]*)"')
-_IDLE = ("select (selectors.py", "poll (selectors.py", "epoll", "_run_once (asyncio/base_events")
+# Innermost frames that mean waiting: an event loop in select/epoll, and threads blocked in
+# C that py-spy may still report as running: a pool worker waiting for work (its only C
+# call is the queue's get), a thread in waitpid, a Condition/Event wait. (function, file)
+_WAITING = {
+    ("select", "selectors.py"),
+    ("poll", "selectors.py"),
+    ("_run_once", "base_events.py"),
+    ("_worker", "thread.py"),
+    ("_try_wait", "subprocess.py"),
+    ("wait", "threading.py"),
+}
+
+
+def _waiting(frame: str) -> bool:
+    m = re.match(r"^(.*) \((.*?)(?::\d+)?\)$", frame)
+    if not m:
+        return "epoll" in frame
+    fn, path = m.groups()
+    return (fn.rpartition(".")[2], Path(path).name) in _WAITING or "epoll" in fn
 
 
 def _frame_name(frame: str) -> str:
@@ -80,7 +99,7 @@ def summarise(raw: Path, top: int) -> str:
             continue
         samples[proc] += count
         leaf = frames[-1]
-        if any(mark in leaf for mark in _IDLE):
+        if _waiting(leaf):
             idle[proc] += count
             continue
         per_proc_self[proc][_frame_name(leaf)] += count
@@ -90,8 +109,8 @@ def summarise(raw: Path, top: int) -> str:
     for proc in sorted(samples):
         busy = samples[proc] - idle[proc]
         out.append(
-            f"\n== {proc}: {samples[proc]} samples, {idle[proc] / samples[proc]:.0%} idle in "
-            f"the event loop; shares below are of the {busy} busy samples"
+            f"\n== {proc}: {samples[proc]} samples, {idle[proc] / samples[proc]:.0%} idle "
+            f"(event loop waiting, threads blocked); shares below are of the {busy} busy samples"
         )
         out.append("-- self time")
         for name, n in per_proc_self[proc].most_common(top):
@@ -114,7 +133,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="keep py-spy's raw output here")
     ap.add_argument("--ferry-src", type=Path, help="profile this source tree of Ferry")
     args = ap.parse_args()
-    size, reuse = CONFIGS[args.config]
+    size, reuse, _accept_only = CONFIGS[args.config]
     py_spy = Path(sys.executable).parent / "py-spy"
     with tempfile.TemporaryDirectory(prefix="ferry-prof-") as d:
         tmp = Path(d)

@@ -1,13 +1,22 @@
 """Ferry and Postfix side by side, measured the same way by Postfix's own C tools. Not a test.
 
-    python bench/side_by_side.py [--reps 3] [--configs 1k-new,1k-reuse,100k-new,100k-reuse]
+    python bench/side_by_side.py [--reps 3]
+                                 [--configs 1k-new,1k-reuse,100k-new,100k-reuse,1k-new-accept]
                                  [--messages-1k 20000] [--messages-100k 5000] [--json FILE]
-                                 [--ferry-base DIR] [--quiet-timeout 60]
+                                 [--ferry-base DIR] [--ferry-src DIR] [--quiet-timeout 60]
+                                 [--run-timeout 900] [--workers N]
 
 ``--ferry-base DIR`` adds a third relay, ``ferry-base``: Ferry run from the source tree
 DIR (e.g. ``git archive <commit> | tar -x -C DIR``) with the same virtualenv, so the code
 before and after a change alternate with Postfix in the same invocation. Each Ferry is
-compared with Postfix pair by pair.
+compared with Postfix pair by pair. ``--ferry-src DIR`` runs ``ferry`` itself from a
+source tree too (by default the tree this script is in; a snapshot: editing the work tree
+during a long run then changes nothing).
+
+A configuration is a size and a connection mode; ``-accept`` at its end (``1k-new-accept``)
+measures accepting alone: Postfix puts every message on hold (cleanup still fsyncs it;
+no queue manager or delivery runs) and Ferry runs with ``delivery.hold = true``; the run
+ends when ``smtp-source`` does, and the ratio printed is that of the accept rates.
 
 For every configuration (message size x connection mode) and repetition, in one invocation:
 
@@ -20,7 +29,9 @@ For every configuration (message size x connection mode) and repetition, in one 
   3. inject with ``smtp-source`` (50 sessions; ``-d`` keeps each connection for all its
      messages, without it every message has a connection of its own);
   4. receive with ``smtp-sink`` on 127.0.0.2;
-  5. stop the clock when the relay's queue is empty (every message handed to the sink).
+  5. stop the clock when the relay's queue is empty (every message handed to the sink);
+     a run that takes longer than ``--run-timeout`` seconds (smtp-source, or the queue
+     draining) is stopped and the benchmark fails rather than hangs.
 
 Postfix and Ferry alternate within each repetition, so slow drift of the machine affects
 both. Printed per configuration and relay: min / median / max of the accept rate (messages
@@ -28,7 +39,8 @@ both. Printed per configuration and relay: min / median / max of the accept rate
 to the last delivery), CPU milliseconds per message (user + system of the relay's whole
 process tree, children reaped included) and peak memory (the largest sum of the tree's
 proportional set sizes, sampled every 0.25 s); then the Ferry/Postfix end-to-end ratio of
-each pair and their median.
+each pair and their median (accept-only: the accept rates), with the ratio of CPU per
+message beside it.
 
 Needs root (Postfix's master) and Debian's postfix package for smtp-source, smtp-sink and
 postfix itself. Everything listens on 127.0.0.0/8 only.
@@ -58,14 +70,20 @@ from postfix_instance import PostfixInstance  # noqa: E402
 
 SINK_HOST = "127.0.0.2"
 SESSIONS = 50
+#: name -> (message size, connection reuse, accept only)
 CONFIGS = {
-    "1k-new": (1024, False),
-    "1k-reuse": (1024, True),
-    "100k-new": (102400, False),
-    "100k-reuse": (102400, True),
+    "1k-new": (1024, False, False),
+    "1k-reuse": (1024, True, False),
+    "100k-new": (102400, False, False),
+    "100k-reuse": (102400, True, False),
+    "1k-new-accept": (1024, False, True),
+    "1k-reuse-accept": (1024, True, True),
+    "100k-new-accept": (102400, False, True),
 }
+DEFAULT_CONFIGS = "1k-new,1k-reuse,100k-new,100k-reuse,1k-new-accept"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-#: Relays in report order: Postfix first, then each Ferry compared with it.
+#: Relays in report order: Postfix first, then each Ferry compared with it (``ferry-wN``:
+#: Ferry with ``delivery.workers = N``, from ``--workers`` with several counts).
 RELAYS = ("postfix", "ferry-base", "ferry")
 
 
@@ -80,6 +98,7 @@ class Run:
     end_to_end_per_s: float
     cpu_ms_per_msg: float
     peak_mb: float
+    queued: int = -1  # accept-only: messages found in the queue afterwards
 
 
 # -- the machine -------------------------------------------------------------------
@@ -111,6 +130,8 @@ def _cpu_times() -> tuple[int, int]:
 
 #: How long to wait for a quiet machine before each run (``--quiet-timeout``).
 QUIET_TIMEOUT = [60.0]
+#: The longest one run's injection or queue draining may take (``--run-timeout``).
+RUN_TIMEOUT = [900.0]
 
 
 def wait_quiet(threshold: float = 0.9, timeout: float | None = None) -> float:
@@ -216,12 +237,12 @@ def smtp_source(port: int, messages: int, size: int, reuse: bool) -> float:
     if reuse:
         args.append("-d")
     t0 = time.perf_counter()
-    subprocess.run([*args, f"127.0.0.1:{port}"], check=True)
+    subprocess.run([*args, f"127.0.0.1:{port}"], check=True, timeout=RUN_TIMEOUT[0])
     return time.perf_counter() - t0
 
 
-def wait_until(done: object, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
+def wait_until(done: object, timeout: float | None = None) -> None:
+    deadline = time.monotonic() + (RUN_TIMEOUT[0] if timeout is None else timeout)
     while not done():  # type: ignore[operator]
         if time.monotonic() > deadline:
             raise SystemExit("the relay did not empty its queue in time")
@@ -231,12 +252,22 @@ def wait_until(done: object, timeout: float = 900) -> None:
 # -- the relays ----------------------------------------------------------------------
 
 
+def _files(path: Path) -> int:
+    return sum(len(files) for _root, _dirs, files in os.walk(path))
+
+
 def run_postfix(tmp: Path, sink_port: int, config: str, rep: int, messages: int) -> Run:
-    size, reuse = CONFIGS[config]
+    size, reuse, accept_only = CONFIGS[config]
     port = free_port()
     tmp.chmod(0o755)  # Postfix's unprivileged daemons must reach their directories
+    # Accept only: every message goes to the hold queue (fsynced by cleanup as always);
+    # the queue manager never sees it, so nothing is delivered.
+    extra = {"smtpd_data_restrictions": "check_client_access static:HOLD"} if accept_only else {}
     with PostfixInstance(
-        tmp / "postfix", listen=("127.0.0.1", port), relay_to=(SINK_HOST, sink_port)
+        tmp / "postfix",
+        listen=("127.0.0.1", port),
+        relay_to=(SINK_HOST, sink_port),
+        extra_settings=extra,
     ) as pf:
         idle = wait_quiet()
 
@@ -249,10 +280,12 @@ def run_postfix(tmp: Path, sink_port: int, config: str, rep: int, messages: int)
         mem.start()
         t0 = time.perf_counter()
         accept_secs = smtp_source(port, messages, size, reuse)
-        wait_until(pf.queue_empty)
+        if not accept_only:
+            wait_until(pf.queue_empty)
         secs = time.perf_counter() - t0
         cpu = cpu_seconds(roots()) - cpu0
         peak = mem.stop()
+        queued = _files(pf.spool / "hold") if accept_only else -1
     return Run(
         "postfix",
         config,
@@ -260,21 +293,30 @@ def run_postfix(tmp: Path, sink_port: int, config: str, rep: int, messages: int)
         messages,
         idle,
         round(messages / accept_secs),
-        round(messages / secs),
+        0 if accept_only else round(messages / secs),
         round(cpu * 1000 / messages, 3),
         peak,
+        queued,
     )
 
 
-def ferry_config(tmp: Path, port: int, sink_port: int) -> Path:
-    """Ferry's configuration for the run: relay mode to the sink, queue under ``tmp``."""
+def ferry_config(
+    tmp: Path, port: int, sink_port: int, *, hold: bool = False, workers: int | None = None
+) -> Path:
+    """Ferry's configuration for the run: relay mode to the sink, queue under ``tmp``;
+    ``hold``: accept only (``delivery.hold``); ``workers``: ``delivery.workers``."""
     cfg = tmp / "ferry.toml"
+    delivery = 'mode = "relay"\n'
+    if hold:
+        delivery += "hold = true\n"
+    if workers is not None:
+        delivery += f"workers = {workers}\n"
     cfg.write_text(
         f'[server]\nhostname = "ferry.bench.test"\n'
         f'listen = [{{ address = "127.0.0.1", port = {port}, mode = "mta" }}]\n'
         f"max_connections_per_ip = 500\n"
         f'[queue]\npath = "{tmp}/data"\n'
-        f'[delivery]\nmode = "relay"\n'
+        f"[delivery]\n{delivery}"
         f"[[smart_hosts]]\n"
         f'name = "sink"\nhost = "{SINK_HOST}"\nport = {sink_port}\ntls = "none"\n'
         f"require_tls = false\nmax_connections = 20\n"
@@ -284,11 +326,11 @@ def ferry_config(tmp: Path, port: int, sink_port: int) -> Path:
 
 
 def start_ferry(cfg: Path, src: Path | None = None) -> subprocess.Popen[bytes]:
-    """``ferry serve`` from the installed package, or from the source tree ``src``
-    (``--ferry-base``: the code before a change, run alternately with the code after)."""
+    """``ferry serve`` from the source tree ``src`` (``--ferry-base``: the code before a
+    change, run alternately with the code after), by default the tree this script is in:
+    not whatever checkout the virtualenv's editable install points at."""
     env = dict(os.environ)
-    if src is not None:
-        env["PYTHONPATH"] = str(src)
+    env["PYTHONPATH"] = str(src if src is not None else REPO)
     log = cfg.parent / "serve.log"
     return subprocess.Popen(
         [sys.executable, "-m", "ferry.cli", "--config", str(cfg), "serve"],
@@ -300,11 +342,20 @@ def start_ferry(cfg: Path, src: Path | None = None) -> subprocess.Popen[bytes]:
 
 
 def run_ferry(
-    tmp: Path, sink_port: int, config: str, rep: int, messages: int, src: Path | None = None
+    tmp: Path,
+    sink_port: int,
+    config: str,
+    rep: int,
+    messages: int,
+    src: Path | None = None,
+    relay: str = "ferry",
+    workers: int | None = None,
 ) -> Run:
-    size, reuse = CONFIGS[config]
+    size, reuse, accept_only = CONFIGS[config]
     port = free_port()
-    proc = start_ferry(ferry_config(tmp, port, sink_port), src)
+    cfg = ferry_config(tmp, port, sink_port, hold=accept_only, workers=workers)
+    proc = start_ferry(cfg, src)
+    queued = -1
     try:
         wait_port("127.0.0.1", port)
         idle = wait_quiet()
@@ -319,25 +370,38 @@ def run_ferry(
         mem.start()
         t0 = time.perf_counter()
         accept_secs = smtp_source(port, messages, size, reuse)
-        wait_until(delivered)
+        if not accept_only:
+            wait_until(delivered)
         secs = time.perf_counter() - t0
         cpu = cpu_seconds([proc.pid]) - cpu0
         peak = mem.stop()
+        if accept_only:
+            queued = int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
         db.close()
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc)
     return Run(
-        "ferry" if src is None else "ferry-base",
+        relay,
         config,
         rep,
         messages,
         idle,
         round(messages / accept_secs),
-        round(messages / secs),
+        0 if accept_only else round(messages / secs),
         round(cpu * 1000 / messages, 3),
         peak,
+        queued,
     )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 30 s: a relay that does not stop must not hang the run."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 # -- the report ----------------------------------------------------------------------
@@ -355,36 +419,54 @@ def report(runs: list[Run]) -> None:
     configs = [c for c in CONFIGS if any(r.config == c for r in runs)]
     print()
     print(
-        f"{'config':<11} {'relay':<10} {'accept msgs/s':<24} {'end-to-end msgs/s':<24} "
+        f"{'config':<16} {'relay':<10} {'accept msgs/s':<24} {'end-to-end msgs/s':<24} "
         f"{'CPU ms/msg':<20} peak MB"
     )
-    print(f"{'':<22} {'(min / med / max)':<24} {'(min / med / max)':<24} {'(min / med / max)':<20}")
+    spread = "(min / med / max)"
+    print(f"{'':<27} {spread:<24} {spread:<24} {spread:<20} {spread}")
     for config in configs:
-        for relay in RELAYS:
+        accept_only = CONFIGS[config][2]
+        names = [r.relay for r in runs if r.config == config]
+        relays = [r for r in RELAYS if r in names]
+        relays += sorted({n for n in names if n not in RELAYS})
+        for relay in relays:
             rs = [r for r in runs if r.config == config and r.relay == relay]
             if not rs:
                 continue
+            e2e = "-" if accept_only else _spread([r.end_to_end_per_s for r in rs])
             print(
-                f"{config:<11} {relay:<10} {_spread([r.accept_per_s for r in rs]):<24} "
-                f"{_spread([r.end_to_end_per_s for r in rs]):<24} "
+                f"{config:<16} {relay:<10} {_spread([r.accept_per_s for r in rs]):<24} "
+                f"{e2e:<24} "
                 f"{_spread_f([r.cpu_ms_per_msg for r in rs]):<20} "
-                f"{max(r.peak_mb for r in rs):.0f}"
+                f"{_spread([r.peak_mb for r in rs])}"
             )
-        for ferry, other in (
-            ("ferry-base", "postfix"),
-            ("ferry", "postfix"),
-            ("ferry", "ferry-base"),
-        ):
-            ratios = []
+            short = [r for r in rs if 0 <= r.queued < r.messages]
+            if short:
+                print(f"{'':<16} !! {relay}: fewer queued than sent in {len(short)} run(s)")
+        # Accept only: the accept rates; otherwise the end-to-end rates.
+        what = "accept" if accept_only else "end to end"
+        ferries = [r for r in relays if r != "postfix"]
+        pairs = [(f, "postfix") for f in ferries]
+        pairs += [(f, ferries[0]) for f in ferries[1:]]
+        for ferry, other in pairs:
+            ratios, cpu = [], []
             for rep in sorted({r.rep for r in runs if r.config == config}):
                 pair = {r.relay: r for r in runs if r.config == config and r.rep == rep}
                 if ferry in pair and other in pair:
-                    ratios.append(pair[ferry].end_to_end_per_s / pair[other].end_to_end_per_s)
+                    a, b = pair[ferry], pair[other]
+                    rate = (
+                        (a.accept_per_s, b.accept_per_s)
+                        if accept_only
+                        else (a.end_to_end_per_s, b.end_to_end_per_s)
+                    )
+                    ratios.append(rate[0] / rate[1])
+                    cpu.append(a.cpu_ms_per_msg / b.cpu_ms_per_msg)
             if ratios:
                 listed = ", ".join(f"{x:.2f}" for x in ratios)
                 print(
-                    f"{'':<11} {ferry}/{other} end to end per pair: {listed}; "
-                    f"median {statistics.median(ratios):.2f}"
+                    f"{'':<16} {ferry}/{other} {what} per pair: {listed}; "
+                    f"median {statistics.median(ratios):.2f} "
+                    f"(CPU per message: median {statistics.median(cpu):.2f})"
                 )
     idles = [r.idle_before for r in runs]
     print(f"\nidle share before the runs: {min(idles):.0%}-{max(idles):.0%} (target >= 90 %)")
@@ -393,7 +475,7 @@ def report(runs: list[Run]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS)
     ap.add_argument("--messages-1k", type=int, default=20000)
     ap.add_argument("--messages-100k", type=int, default=5000)
     ap.add_argument("--relays", default="postfix,ferry")
@@ -403,23 +485,52 @@ def main() -> None:
         help="a source tree of Ferry (e.g. `git archive` of the commit before a change): "
         "adds the relay ferry-base, run alternately with postfix and ferry",
     )
+    ap.add_argument(
+        "--ferry-src",
+        type=Path,
+        help="run the relay ferry from this source tree (default: the one this script is in)",
+    )
+    ap.add_argument(
+        "--workers",
+        help="Ferry's delivery.workers (default: Ferry's); several (1,2) run Ferry once per "
+        "count, as relays ferry-w1, ferry-w2, ... alternated with the others",
+    )
     ap.add_argument("--quiet-timeout", type=float, default=60.0)
+    ap.add_argument(
+        "--run-timeout",
+        type=float,
+        default=900.0,
+        help="fail (not hang) when one run's injection or draining takes longer",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     for tool in ("smtp-source", "smtp-sink", "postfix"):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} not found: apt-get install postfix (see the docstring)")
+    configs = args.configs.split(",")
+    for config in configs:
+        if config not in CONFIGS:
+            raise SystemExit(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)}")
     relays = args.relays.split(",")
     if args.ferry_base is not None and "ferry-base" not in relays:
         relays.append("ferry-base")
+    counts = [int(n) for n in args.workers.split(",")] if args.workers else [None]
+    workers: dict[str, int | None] = {}
+    if len(counts) > 1:
+        at = relays.index("ferry")
+        relays[at : at + 1] = [f"ferry-w{n}" for n in counts]
+        workers = {f"ferry-w{n}": n for n in counts}
+    else:
+        workers = {r: counts[0] for r in relays}
     QUIET_TIMEOUT[0] = args.quiet_timeout
+    RUN_TIMEOUT[0] = args.run_timeout
     runs: list[Run] = []
     sink_port = free_port(SINK_HOST)
     sink = start_sink(sink_port)
     try:
         for rep in range(1, args.reps + 1):
-            for config in args.configs.split(","):
-                size, _ = CONFIGS[config]
+            for config in configs:
+                size = CONFIGS[config][0]
                 messages = args.messages_1k if size < 10000 else args.messages_100k
                 # Alternate which relay goes first, so neither always runs on a warmer machine.
                 order = relays if rep % 2 else list(reversed(relays))
@@ -428,8 +539,17 @@ def main() -> None:
                         if relay == "postfix":
                             run = run_postfix(Path(d), sink_port, config, rep, messages)
                         else:
-                            src = args.ferry_base if relay == "ferry-base" else None
-                            run = run_ferry(Path(d), sink_port, config, rep, messages, src)
+                            src = args.ferry_base if relay == "ferry-base" else args.ferry_src
+                            run = run_ferry(
+                                Path(d),
+                                sink_port,
+                                config,
+                                rep,
+                                messages,
+                                src,
+                                relay,
+                                workers.get(relay),
+                            )
                     runs.append(run)
                     print(json.dumps(asdict(run)), flush=True)
     finally:

@@ -25,6 +25,8 @@ def header_values(block: bytes, name: str) -> list[str]:
     """Unfolded values of every header called ``name`` (case-insensitive)."""
     out: list[str] = []
     want = name.lower().encode()
+    if want not in block.lower():
+        return out  # most names asked for are absent: no walk over every line
     current: list[bytes] | None = None
     for line in block.split(b"\n"):
         line = line.rstrip(b"\r")

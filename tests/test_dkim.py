@@ -673,3 +673,33 @@ def test_the_serving_store_looks_at_the_disk_at_most_once_per_interval(tmp_path:
     before = every_time.keys_for("example.com")
     KeyStore(tmp_path).rotate("example.com")
     assert every_time.keys_for("example.com") != before
+
+
+def test_no_key_at_all_is_counted_but_not_notable(tmp_path: Path) -> None:
+    # Issue 12: with DKIM enabled but no key anywhere (not set up), every message logged
+    # "info dkim_unsigned ... no key for ..." -- a third of the log. Still counted; only
+    # a message a key was expected for (keys exist, or its domain requires one) is notable.
+    now = [time.time_ns() + 10_000_000_000]
+    empty = KeyStore(tmp_path / "keys", clock_ns=lambda: now[0], recheck_ns=1_000_000_000)
+    signer = Signer(empty)
+    result = signer.sign(_NoBodyScan(MESSAGE), envelope_sender="x@example.com")
+    assert (result.reason_code, result.signed, result.notable) == ("no_key", False, False)
+    assert signer.counts == {"no_key": 1}
+    required = Signer(empty, required_domains=["example.com"]).sign(MESSAGE, envelope_sender="")
+    assert (required.reason_code, required.required, required.notable) == ("no_key", True, True)
+    assert not Signer(empty, enabled=False).sign(MESSAGE, envelope_sender="").notable
+    KeyStore(tmp_path / "keys").generate("other.example")  # a key beside the running relay
+    assert not signer.sign(MESSAGE, envelope_sender="").notable  # within the interval
+    now[0] += 1_000_000_000
+    assert empty.any_keys()
+    result = signer.sign(MESSAGE, envelope_sender="")
+    assert (result.reason_code, result.notable) == ("no_key", True)  # example.com has none
+    signed = Signer(empty).sign(b"From: a@other.example\r\n\r\nhi\r\n", envelope_sender="")
+    assert signed.signed and not signed.notable
+
+
+def test_a_key_named_in_configuration_counts_as_a_key(tmp_path: Path) -> None:
+    pem = KeyStore(tmp_path / "elsewhere").generate("example.org").path
+    store = KeyStore(tmp_path / "empty", extra_keys={"example.org": [pem]})
+    assert store.any_keys()
+    assert not KeyStore(tmp_path / "empty").any_keys()

@@ -247,6 +247,11 @@ def _buffered(reader: asyncio.StreamReader) -> int:
     return len(getattr(reader, "_buffer", b""))
 
 
+def _has_line(reader: asyncio.StreamReader) -> bool:
+    """A whole line is received and not yet read: reading it will not wait."""
+    return b"\n" in getattr(reader, "_buffer", b"")
+
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -729,6 +734,10 @@ class SmtpClient:
         seconds *without progress* (RFC 5321 §4.5.3.2.5 times each block, so a
         big message on a slow link is not cut off)."""
         transport = self._writer.transport
+        if not transport.get_write_buffer_size() and not transport.is_closing():
+            # The kernel took it all already (a small message, a fast peer): nothing to
+            # wait for, and no task to make. A lost connection shows at the next read.
+            return
         drain = asyncio.ensure_future(self._writer.drain())
         try:
             while True:
@@ -753,22 +762,31 @@ class SmtpClient:
         """Read one (multi-line) reply; a 421 closes the connection and raises."""
         code = ""
         texts: list[str] = []
+        reader = self._reader
+        deadline: float | None = None
         try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    raw = await self._reader.readuntil(b"\n")
-                    line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
-                    head, sep = line[:3], line[3:4]
-                    if not (head.isascii() and head.isdigit()) or sep not in ("", " ", "-"):
-                        raise self._protocol_error(stage, f"malformed reply line {line[:80]!r}")
-                    if code and head != code:
-                        raise self._protocol_error(stage, "reply code changed mid-reply")
-                    code = head
-                    texts.append(line[4:])
-                    if sep != "-":
-                        break
-                    if len(texts) >= _MAX_REPLY_LINES:
-                        raise self._protocol_error(stage, "endless multi-line reply")
+            while True:
+                if _has_line(reader):
+                    # Pipelined replies often arrive together: a line already here needs
+                    # no timer (one per reply was a measurable share of a transaction).
+                    raw = await reader.readuntil(b"\n")
+                else:
+                    if deadline is None:
+                        deadline = asyncio.get_running_loop().time() + timeout
+                    async with asyncio.timeout_at(deadline):
+                        raw = await reader.readuntil(b"\n")
+                line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+                head, sep = line[:3], line[3:4]
+                if not (head.isascii() and head.isdigit()) or sep not in ("", " ", "-"):
+                    raise self._protocol_error(stage, f"malformed reply line {line[:80]!r}")
+                if code and head != code:
+                    raise self._protocol_error(stage, "reply code changed mid-reply")
+                code = head
+                texts.append(line[4:])
+                if sep != "-":
+                    break
+                if len(texts) >= _MAX_REPLY_LINES:
+                    raise self._protocol_error(stage, "endless multi-line reply")
         except TimeoutError:
             self.close()
             detail = f"{self._label}: no reply at {stage} within {timeout:g} s"

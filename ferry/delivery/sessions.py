@@ -589,7 +589,7 @@ class Delivery:
             stats.dkim_unsigned += 1
             code = getattr(result, "reason_code", None) or "error"
             stats.dkim_unsigned_reasons[code] = stats.dkim_unsigned_reasons.get(code, 0) + 1
-            if code != "disabled":
+            if result.notable:  # not when DKIM is disabled or no key exists at all
                 emit(
                     DkimUnsigned(
                         result.unsigned_reason, queue_id=message.id, required=result.required

@@ -261,6 +261,7 @@ class KeyStore:
             normalize_domain(d): [Path(p) for p in paths] for d, paths in (extra_keys or {}).items()
         }
         self._cache: dict[str, _Cached] = {}
+        self._any: tuple[int, bool] | None = None  # (clock_ns when looked, any key found)
         self._parsed: dict[Path, tuple[tuple[int, int, int], DkimKey]] = {}
         self._lock = threading.RLock()
 
@@ -359,6 +360,29 @@ class KeyStore:
     def entries(self, domain: str) -> list[KeyEntry]:
         """Every key of ``domain``, active or not, in selector order."""
         return list(self._load(normalize_domain(domain)).entries)
+
+    def any_keys(self) -> bool:
+        """True when some domain has a key file, or a key is named in configuration.
+
+        Cached like a domain's entry (``recheck_ns``): a relay without DKIM set up asks
+        this per message and then has nothing to look up or report."""
+        if self._extra:
+            return True
+        now = self.clock_ns()
+        known = self._any
+        if known is not None and self.recheck_ns and 0 <= now - known[0] < self.recheck_ns:
+            return known[1]
+        found = False
+        try:
+            with os.scandir(self.keys_dir) as entries:
+                for entry in entries:
+                    if entry.is_dir() and any(Path(entry.path).glob("*.pem")):
+                        found = True
+                        break
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        self._any = (now, found)
+        return found
 
     def all_domains(self) -> list[str]:
         """Domains with at least one key file (or a key named in configuration)."""

@@ -294,11 +294,22 @@ class SignResult:
     required: bool = False
     reason_code: ReasonCode | None = None
     errors: list[str] = field(default_factory=list)
+    #: No key exists for any domain (DKIM is not set up): "no_key" says nothing new.
+    no_keys_at_all: bool = False
 
     @property
     def signed(self) -> bool:
         """True when at least one signature was made."""
         return bool(self.headers)
+
+    @property
+    def notable(self) -> bool:
+        """Unsigned where a signature was to be expected: worth a log line. Not when
+        DKIM is disabled, nor when no key exists at all and none is required (one line
+        per message saying so would be noise; the counters still count it)."""
+        if self.signed or self.reason_code == "disabled":
+            return False
+        return self.required or not self.no_keys_at_all
 
 
 def _from_domain(fields: Sequence[tuple[bytes, bytes]]) -> str | None:
@@ -373,6 +384,12 @@ class Signer:
         """
         if not self.enabled:
             return self._unsigned(None, "disabled", "disabled", False)
+        no_keys = not self.store.any_keys()
+        if no_keys and not self.required_domains:
+            # Nothing can sign and nothing must: no need to parse the header.
+            result = self._unsigned(None, "no DKIM key configured", "no_key", False)
+            result.no_keys_at_all = True
+            return result
         fields, body_of = split_lazily(message)
         author = _from_domain(fields)
         envelope = address_domain(envelope_sender) if envelope_sender else None
@@ -399,7 +416,9 @@ class Signer:
             if load_errors:
                 reason = f"signing error: {load_errors[0]}"
                 return self._unsigned(target, reason, "error", required, load_errors)
-            return self._unsigned(target, f"no key for {target}", "no_key", required)
+            result = self._unsigned(target, f"no key for {target}", "no_key", required)
+            result.no_keys_at_all = no_keys
+            return result
         names, header_data = select_headers(fields)
         bh = base64.b64encode(hashlib.sha256(relaxed_body(body_of())).digest()).decode("ascii")
         timestamp = int(self.clock())

@@ -104,6 +104,8 @@ def parse_path_arg(arg: str | None, keyword: str, *, smtputf8_offered: bool) -> 
 
 def _find_path_end(text: str) -> int:
     """Index of the '>' closing the path, honouring quoted local parts."""
+    if '"' not in text:
+        return text.find(">")  # nothing quoted (nearly every path): no loop per character
     in_quote = escaped = False
     for i, ch in enumerate(text):
         if escaped:

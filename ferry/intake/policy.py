@@ -9,6 +9,7 @@ and answers ``554 5.7.1 Relay access denied`` on :attr:`RcptDecision.DENIED`
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -112,17 +113,23 @@ def client_in_networks(policy: RelayPolicy, client_ip: str | None) -> bool:
     """
     if not client_ip:
         return False
+    # `in` is False across address families, so mixed lists are safe.
+    return any(a in net for a in _addresses(client_ip) for net in policy.relay_networks)
+
+
+@functools.lru_cache(maxsize=1024)
+def _addresses(client_ip: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+    """The address (and its IPv4 form when IPv4-mapped); none when unparseable. Cached:
+    asked at every RCPT, and a client sends many from one address."""
     try:
         # The zone index names a local interface; it does not change which
         # network the address belongs to.
         addr = ipaddress.ip_address(client_ip.strip().partition("%")[0])
     except ValueError:
-        return False
-    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [addr]
+        return ()
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        candidates.append(addr.ipv4_mapped)
-    # `in` is False across address families, so mixed lists are safe.
-    return any(a in net for a in candidates for net in policy.relay_networks)
+        return (addr, addr.ipv4_mapped)
+    return (addr,)
 
 
 def decide_rcpt(

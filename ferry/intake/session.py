@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import re
 import time
@@ -728,9 +729,13 @@ class Session:
         return out
 
 
+@functools.lru_cache(maxsize=256)
 def reply_bytes(reply: Reply) -> bytes:
     """A reply as sent: its lines, each ending in CRLF. Client text quoted in a reply
-    may carry bytes that were not UTF-8 (kept as surrogates): they go out as "?"."""
+    may carry bytes that were not UTF-8 (kept as surrogates): they go out as "?".
+
+    Cached: most replies are the same few values (``250 2.1.0 Ok``, ``354 ...``) sent
+    for every message; a reply is a frozen value, so its bytes never change."""
     return (str(reply) + "\r\n").encode("utf-8", "replace")
 
 
@@ -754,15 +759,37 @@ def check_body(raw: bytes, max_line_length: int, bare_lf: str) -> bytes | Reply:
                 554, "5.6.0", "Error: message contains a bare CR or LF; use CRLF line endings"
             )
         raw = _LINE_END.sub(b"\r\n", raw)
-    # RFC 5321 §4.5.3.1.6 (a text line's limit; ours is configurable). After the check
-    # above every LF ends a CRLF, so each piece between LFs is a line plus its CR;
-    # splitting at one byte is several times faster than at two (memchr).
-    if len(raw) > max_line_length and (
-        max(map(len, raw.split(b"\n"))) > max_line_length + 1
-        or len(raw) - raw.rfind(b"\n") - 1 > max_line_length  # a last line without CRLF
-    ):
+    # RFC 5321 §4.5.3.1.6 (a text line's limit; ours is configurable).
+    if has_long_line(raw, max_line_length):
         return Reply(554, "5.6.0", f"Error: a line is longer than {max_line_length} octets")
     return unstuff(raw)
+
+
+def has_long_line(raw: bytes, limit: int) -> bool:
+    """True when a line of ``raw`` is longer than ``limit`` octets, its CRLF not
+    counted (``raw`` has CRLF line ends only; a last line may lack its CRLF).
+
+    No list of lines: a line over the limit is a run of more than ``limit`` octets
+    without LF, and every such run holds a whole block of ``(limit + 1) // 2`` octets
+    starting at a multiple of that size. So one ``find`` (memchr) per block, stopping
+    at the block's first LF, rules a block out; only a block without LF is measured.
+    About 50 short searches for 100 KB at the default limit, where splitting into
+    lines made 1,300 objects (a regular expression is slower still: it retries the
+    run from every octet).
+    """
+    n = len(raw)
+    step = max(1, (limit + 1) // 2)
+    for pos in range(0, n - step + 1 if n > limit else 0, step):
+        if raw.find(b"\n", pos, pos + step) >= 0:
+            continue
+        start = raw.rfind(b"\n", 0, pos) + 1
+        end = raw.find(b"\n", pos + step)
+        if end < 0:  # the last line, without CRLF
+            if n - start > limit:
+                return True
+        elif end - start > limit + 1:  # the line and its CR
+            return True
+    return False
 
 
 def unstuff(raw: bytes) -> bytes:

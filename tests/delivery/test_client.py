@@ -559,3 +559,20 @@ async def test_starttls_injection_is_refused(world_ca: WorldCA) -> None:
         with pytest.raises(SmtpError) as info:
             await SmtpClient.connect("127.0.0.1", port, options())
     assert (info.value.kind, info.value.stage) == ("protocol", "starttls")
+
+
+async def test_half_a_multiline_reply_still_times_out() -> None:
+    """Lines already received are read without a timer; the deadline still holds for
+    the rest of the reply."""
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw ESMTP\r\n")
+        await reader.readuntil(b"\r\n")  # EHLO
+        writer.write(b"250-raw.test\r\n250-PIPELINING\r\n")  # ... and never the last line
+        await reader.read()  # until the client hangs up
+
+    async with raw_server(session) as server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(SmtpError) as info:
+            await SmtpClient.connect("127.0.0.1", port, options(command_timeout=0.3))
+    assert (info.value.kind, info.value.stage) == ("timeout", "ehlo")

@@ -105,3 +105,23 @@ def test_dsn_is_signed_with_the_bounce_domain_key(signed_world: Any) -> None:
     assert b"d=relay.ferry.test" in dsn.data
     assert verify_all(dsn.data, txt_lookup(world.dns)) == [True]
     wait_until(lambda: svc.service.scheduler.stats()["dkim_signed"] >= 1)
+
+
+def test_no_key_anywhere_is_counted_without_a_log_line(world: World) -> None:
+    # Issue 12: DKIM not set up (no key at all) logged one dkim_unsigned line per message.
+    from ferry import events
+
+    mx = world.mx("mx.dest.test").publish(world.dns, "dest.test")
+    seen: list[object] = []
+    unsubscribe = events.subscribe(seen.append)
+    try:
+        svc = world.relay(dkim={"keys_dir": str(world.tmp_path / "no-keys")})
+        send(world, svc, message(BODIES["ascii"]))
+        [got] = mx.wait_for_messages(1, 15)
+        wait_until(lambda: any(isinstance(e, events.RecipientOutcome) for e in seen), 15)
+        stats = svc.service.scheduler.stats()
+        assert stats["dkim_unsigned_reasons"] == {"no_key": 1}
+    finally:
+        unsubscribe()
+    assert signatures(got.data) == 0
+    assert not [e for e in seen if isinstance(e, events.DkimUnsigned)]

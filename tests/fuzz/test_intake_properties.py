@@ -203,13 +203,17 @@ def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 def read_body(wire: bytes, cuts: list[int], limit: int) -> tuple[bytes | None, int, bytes]:
-    """Feed ``wire`` to a DataReader in the given pieces; return its result and what
-    was left in the buffer (the next pipelined command)."""
+    """Feed ``wire`` to a DataReader in the given pieces, as the server does: ``feed``
+    only after a read that ``ready`` says has work; return its result and what was
+    left in the buffer (the next pipelined command)."""
     reader = DataReader(limit)
     buf = bytearray()
+    assert reader.feed(buf) is None
     pieces = chunked(wire, cuts)
     for i, piece in enumerate(pieces):
         buf += piece
+        if not reader.ready(buf):
+            continue
         done = reader.feed(buf)
         if done is not None:
             return done[0], done[1], bytes(buf) + b"".join(pieces[i + 1 :])
@@ -284,6 +288,26 @@ def test_data_reader_on_arbitrary_bytes(data: bytes, where: list[int]) -> None:
             assert size >= 0
             return
     assert b"\r\n.\r\n" not in data and not data.startswith(b".\r\n")
+
+
+@given(st.binary(max_size=400), cuts, st.integers(0, 300))
+def test_reading_only_when_ready_gives_what_reading_every_time_gives(
+    data: bytes, where: list[int], limit: int
+) -> None:
+    """The server wakes its reading task only when ``ready`` says so: that must never
+    miss a terminator or a trim (same body, same size, same buffer left)."""
+    every, gated = DataReader(limit), DataReader(limit)
+    buf_every, buf_gated = bytearray(), bytearray()
+    for piece in chunked(data, where):
+        buf_every += piece
+        buf_gated += piece
+        want = every.feed(buf_every)
+        got = gated.feed(buf_gated) if gated.ready(buf_gated) else None
+        assert got == want
+        assert gated.received(buf_gated) == every.received(buf_every)
+        if want is not None:
+            assert buf_gated == buf_every
+            return
 
 
 def reference_check(raw: bytes, max_line: int, bare_lf: str) -> bytes | None:

@@ -254,7 +254,7 @@ class QueueLink:
         transport, _p = await asyncio.get_running_loop().connect_accepted_socket(
             lambda: _ClientProtocol(self), self.sock
         )
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._transport = transport
         return self
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:

@@ -175,7 +175,7 @@ class Service:
             else:
                 # SQLite: this process is queue.db's one writer; workers send it their
                 # writes (ferry/queue/remote.py). PostgreSQL: every process writes.
-                writer = queue if isinstance(queue, SqliteQueue) else None
+                writer = queue.relaxed() if isinstance(queue, SqliteQueue) else None
                 for n in range(d.workers):
                     worker = DeliveryProcess(self.config, self._owner(n), writer)
                     await worker.start()

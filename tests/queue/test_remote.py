@@ -215,3 +215,51 @@ async def test_the_worker_gone_lets_the_writer_finish_what_it_received() -> None
     assert not closing.done()  # waits for the request it had received
     gate.gates["x"].set()
     await asyncio.wait_for(closing, 10)
+
+
+# -- the writer's side: a worker's bookkeeping does not wait for intake's fsync -------
+
+
+async def test_relaxed_writes_commit_apart_before_the_fsynced_ones(tmp_path: Path) -> None:
+    """In one group, a delivery worker's writes (``relaxed()``) are committed first with
+    synchronous=NORMAL and answered at once; intake's are committed after with FULL."""
+    import threading
+
+    q = SqliteQueue(tmp_path / "q")
+    try:
+        w = q._writer
+        assert w is not None
+        gate, running = threading.Event(), threading.Event()
+
+        def hold(_conn: Any) -> None:  # keeps the writer busy while the group forms
+            running.set()
+            gate.wait(10)
+
+        held = w.submit(hold)
+        assert running.wait(10)
+        seen: list[tuple[str, int]] = []
+
+        def job(name: str) -> Any:
+            def fn(conn: Any) -> None:
+                seen.append((name, conn.execute("PRAGMA synchronous").fetchone()[0]))
+
+            return fn
+
+        commits = w.commits
+        strict = w.submit(job("intake"))
+        relaxed = w.submit(job("outcome"), fsync=False)
+        gate.set()
+        for fut in (held, strict, relaxed):
+            fut.result(10)
+        assert seen == [("outcome", 1), ("intake", 2)]  # 1 = NORMAL, 2 = FULL
+        assert w.commits == commits + 3
+        # The view the parent serves its workers with submits relaxed jobs.
+        await q.relaxed().release_leases("w1")
+        assert (
+            await asyncio.to_thread(
+                q.run_sync, lambda c: c.execute("PRAGMA synchronous").fetchone()[0]
+            )
+            == 2
+        )
+    finally:
+        await q.close()

@@ -11,8 +11,8 @@ mail is picked up at once. A worker that dies is restarted and its leases handed
 
 With SQLite the parent is the only writer of queue.db (issue 12, one writer per
 database): the worker reads on read-only connections and sends its writes (claims,
-outcomes, leases) over a socket pair to the parent, which runs them in intake's group
-commits (ferry/queue/remote.py). With PostgreSQL every process writes directly.
+outcomes, leases) over a socket pair to the parent, which runs them on intake's writer
+thread (ferry/queue/remote.py). With PostgreSQL every process writes directly.
 """
 
 from __future__ import annotations

@@ -7,9 +7,11 @@ parent is the only writer of queue.db while serving. A worker reads through its 
 read-only connections (WAL lets readers run beside the writer: bodies, due times,
 suspensions) and sends every write -- claims, outcomes with the DSNs they call for,
 lease renewals and releases -- over a socket pair to the parent. There the same
-``SqliteQueue`` methods run, so they join intake's group commits (synchronous=FULL):
-an outcome is durable when its reply arrives, and sessions already wait for that
-reply before their connection's next transaction (issue 10.1).
+``SqliteQueue`` methods run on intake's writer thread (``SqliteQueue.relaxed``): each
+group of waiting writes commits the worker's part first, without an fsync of its own
+(as when the worker committed it: a process crash loses none of it), then intake's
+fsynced part. The reply comes after that commit, and sessions wait for it before
+their connection's next transaction (issue 10.1).
 
 Frames: a 4-byte big-endian length, then a pickle (both ends are the same Ferry,
 started by the same ``ferry serve``; nothing else can reach the socket pair). A request

@@ -1,6 +1,6 @@
 """One writer per SQLite database (issue 12): the delivery worker process never opens
 queue.db for writing; the `ferry serve` process writes for it, and an outcome it
-acknowledges is committed (synchronous=FULL) before the connection's next transaction."""
+acknowledges is committed before the connection's next transaction (issue 10.1)."""
 
 from __future__ import annotations
 

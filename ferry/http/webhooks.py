@@ -40,6 +40,9 @@ logger = logging.getLogger("ferry.webhooks")
 
 MAX_BACKOFF = 600.0
 IDLE_POLL = 0.5
+# At stop, how long a batch in flight may take to finish (its POST answered and the
+# endpoint's cursor written) before it is cancelled and sent again at the next start.
+STOP_GRACE = 5.0
 
 
 class SecretError(ValueError):
@@ -211,6 +214,8 @@ class WebhookSender:
 
     async def stop(self) -> None:
         self._stopping.set()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=STOP_GRACE)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

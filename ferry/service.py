@@ -173,8 +173,11 @@ class Service:
                 self.scheduler = Scheduler(self.config, self.queue, owner=self._owner(0))
                 await self.scheduler.start()
             else:
+                # SQLite: this process is queue.db's one writer; workers send it their
+                # writes (ferry/queue/remote.py). PostgreSQL: every process writes.
+                writer = queue.relaxed() if isinstance(queue, SqliteQueue) else None
                 for n in range(d.workers):
-                    worker = DeliveryProcess(self.config, self._owner(n))
+                    worker = DeliveryProcess(self.config, self._owner(n), writer)
                     await worker.start()
                     self.workers.append(worker)
             self.intake = IntakeServer(

@@ -8,6 +8,11 @@ the only state: the worker claims and records through it like any node would.
 The parent sends the validated configuration (secrets included) on the child's stdin --
 never on its command line -- and pokes a pipe whenever a message is accepted, so new
 mail is picked up at once. A worker that dies is restarted and its leases handed back.
+
+With SQLite the parent is the only writer of queue.db (issue 12, one writer per
+database): the worker reads on read-only connections and sends its writes (claims,
+outcomes, leases) over a socket pair to the parent, which runs them on intake's writer
+thread (ferry/queue/remote.py). With PostgreSQL every process writes directly.
 """
 
 from __future__ import annotations
@@ -19,17 +24,28 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
 from ferry.config import RelayConfig
 from ferry.events import DeliveryTotals, WorkerDied, WorkerStarted, emit
 
+if TYPE_CHECKING:
+    from ferry.delivery.scheduler import Scheduler
+    from ferry.queue.base import Queue
+    from ferry.queue.remote import QueueServer
+
 RESTART_DELAY = 1.0
+
+# The parent is gone: what the worker still tries to finish before it exits. Nothing
+# can be recorded any more (the writer is gone); the next `ferry serve` hands back
+# every lease this worker held and delivers again only what was in flight.
+PARENT_GONE_GRACE = 2.0
 
 
 def config_payload(config: RelayConfig) -> str:
@@ -50,32 +66,47 @@ def config_payload(config: RelayConfig) -> str:
 class DeliveryProcess:
     """The parent's handle on one delivery worker process."""
 
-    def __init__(self, config: RelayConfig, owner: str) -> None:
+    def __init__(self, config: RelayConfig, owner: str, queue: Queue | None = None) -> None:
+        """``queue``: the parent's SQLite queue, which runs the worker's writes (the
+        worker opens the database read-only); None: the worker writes its own queue
+        (PostgreSQL, made for many writers)."""
         self.config = config
         self.owner = owner
+        self.queue = queue
         self.proc: subprocess.Popen[bytes] | None = None
+        self.server: QueueServer | None = None
         self._wfd: int | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._stopping = False
         self.restarts = 0
 
-    def _spawn(self) -> None:
+    async def _spawn(self) -> None:
         rfd, wfd = os.pipe()
         os.set_blocking(wfd, False)
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ferry.delivery.process",
-                "--owner",
-                self.owner,
-                "--notify-fd",
-                str(rfd),
-            ],
-            stdin=subprocess.PIPE,
-            pass_fds=(rfd,),
-        )
-        os.close(rfd)
+        args = ["--owner", self.owner, "--notify-fd", str(rfd)]
+        fds = [rfd]
+        ours: socket.socket | None = None
+        theirs: socket.socket | None = None
+        if self.queue is not None:
+            ours, theirs = socket.socketpair()
+            args += ["--queue-fd", str(theirs.fileno())]
+            fds.append(theirs.fileno())
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ferry.delivery.process", *args],
+                stdin=subprocess.PIPE,
+                pass_fds=fds,
+            )
+        finally:
+            os.close(rfd)
+            if theirs is not None:
+                theirs.close()
+        if ours is not None:
+            from ferry.queue.remote import QueueServer
+
+            assert self.queue is not None
+            self.server = QueueServer(self.queue, ours)
+            await self.server.start()
         assert self.proc.stdin is not None
         self.proc.stdin.write(config_payload(self.config).encode())
         self.proc.stdin.close()
@@ -85,8 +116,14 @@ class DeliveryProcess:
         emit(WorkerStarted(self.proc.pid, self.owner))
 
     async def start(self) -> None:
-        self._spawn()
+        await self._spawn()
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _close_server(self) -> None:
+        """The worker is gone: finish the writes it asked for, then stop serving it."""
+        server, self.server = self.server, None
+        if server is not None:
+            await server.close()
 
     async def _watch(self) -> None:
         """Restart the worker if it dies; its leases go back to the queue first."""
@@ -97,11 +134,13 @@ class DeliveryProcess:
                 if self._stopping:
                     return
                 emit(WorkerDied(self.proc.pid, code))
+                # Its last claims commit before the release, or they would stay leased.
+                await self._close_server()
                 await self._release()
                 await asyncio.sleep(RESTART_DELAY)  # no hot restart loop on a crashing worker
                 if not self._stopping:
                     self.restarts += 1
-                    self._spawn()
+                    await self._spawn()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -111,10 +150,14 @@ class DeliveryProcess:
                 await asyncio.sleep(RESTART_DELAY)
                 if self.proc is None or self.proc.poll() is not None:
                     with contextlib.suppress(Exception):
-                        self._spawn()
+                        await self._close_server()
+                        await self._spawn()
 
     async def _release(self) -> None:
         """Hand this worker's leases back to the queue (it is gone)."""
+        if self.queue is not None:
+            await self.queue.release_leases(self.owner)
+            return
         from ferry.queue import open_queue
 
         queue = open_queue(self.config)
@@ -141,7 +184,9 @@ class DeliveryProcess:
                 await asyncio.to_thread(proc.wait)
                 # it could not release its own leases: do it for it
                 with contextlib.suppress(Exception):
+                    await self._close_server()
                     await self._release()
+        await self._close_server()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -151,11 +196,28 @@ class DeliveryProcess:
             self._wfd = None
 
 
-async def _worker(config: RelayConfig, owner: str, notify_fd: int) -> None:
-    from ferry.delivery.scheduler import Scheduler, flat_stats
+async def _open_queue(config: RelayConfig, queue_fd: int | None) -> tuple[Queue, asyncio.Event]:
+    """The worker's queue, and an event set when the process that writes it is gone."""
     from ferry.queue import open_queue
 
-    queue = open_queue(config, durable=False)
+    gone = asyncio.Event()
+    if queue_fd is None:
+        # PostgreSQL: this process writes the shared database itself (row locks, MVCC).
+        return open_queue(config, durable=False), gone
+    from ferry.queue.remote import ForwardingQueue, QueueLink
+    from ferry.queue.sqlite import SqliteQueue
+
+    # Read-only: this process never takes queue.db's write lock; its writes go to the
+    # parent, the database's one writer.
+    reader = SqliteQueue(config.queue.path, readonly=True)
+    link = await QueueLink(socket.socket(fileno=queue_fd)).open()
+    return ForwardingQueue(reader, link), link.lost
+
+
+async def _worker(config: RelayConfig, owner: str, notify_fd: int, queue_fd: int | None) -> None:
+    from ferry.delivery.scheduler import Scheduler, flat_stats
+
+    queue, parent_gone = await _open_queue(config, queue_fd)
     scheduler = Scheduler(config, queue, owner=owner)
     loop = asyncio.get_running_loop()
     os.set_blocking(notify_fd, False)
@@ -173,23 +235,46 @@ async def _worker(config: RelayConfig, owner: str, notify_fd: int) -> None:
         scheduler.notify()
 
     loop.add_reader(notify_fd, poked)
+    watch = loop.create_task(parent_gone.wait())
+    watch.add_done_callback(lambda _t: stop.set())
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await scheduler.start()
     try:
         await stop.wait()
     finally:
+        watch.cancel()
         with contextlib.suppress(Exception):
             loop.remove_reader(notify_fd)
-        await scheduler.stop()
+        await _stop_scheduler(scheduler, parent_gone)
         emit(DeliveryTotals(flat_stats(scheduler.stats())))
         await queue.close()
+
+
+async def _stop_scheduler(scheduler: Scheduler, parent_gone: asyncio.Event) -> None:
+    """Stop cleanly (outcomes written, leases handed back) -- unless the process that
+    writes the queue is gone: then nothing more can be written, so do not wait for it
+    (the sessions stop before their next transaction, as in a crash)."""
+    loop = asyncio.get_running_loop()
+    stopping = loop.create_task(scheduler.stop())
+    gone = loop.create_task(parent_gone.wait())
+    await asyncio.wait({stopping, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not stopping.done():
+        await asyncio.wait({stopping}, timeout=PARENT_GONE_GRACE)
+        stopping.cancel()
+    try:
+        await stopping
+    except (Exception, asyncio.CancelledError):
+        if not parent_gone.is_set():
+            raise
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="ferry-delivery", description=__doc__)
     ap.add_argument("--owner", required=True)
     ap.add_argument("--notify-fd", type=int, required=True)
+    ap.add_argument("--queue-fd", type=int, default=None)
     args = ap.parse_args(argv)
     config = RelayConfig.model_validate_json(sys.stdin.read())
     from ferry.events import setup_logging
@@ -201,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         from ferry.metrics import install
 
         install(Path(directory), fresh=False)
-    run_async(_worker(config, args.owner, args.notify_fd))
+    run_async(_worker(config, args.owner, args.notify_fd, args.queue_fd))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import asyncio
 import builtins
 import concurrent.futures
 import contextlib
+import copy
 import json
 import os
 import queue as _stdqueue
@@ -255,16 +256,18 @@ class _Writer(threading.Thread):
         self.path = path
         self.conn = connect(path, create=create)
         self.identity: dict[Path, tuple[int, int]] = {}
+        self.durable = durable
         if not durable:
-            # Delivery bookkeeping (claims, outcomes) in a worker process: WAL commits
-            # without fsync (NORMAL is still crash-safe; only a power loss can undo the
-            # last outcomes, and then a message is sent twice, never lost). Intake's
-            # connection stays FULL: a 250 is fsynced.
+            # Delivery bookkeeping (claims, outcomes) only: WAL commits without fsync
+            # (NORMAL is still crash-safe; only a power loss can undo the last outcomes,
+            # and then a message is sent twice, never lost).
             self.conn.execute("PRAGMA synchronous=NORMAL")
         self.batch = batch
+        # (job, its future, whether its commit must be fsynced before it is answered)
         self.jobs: _stdqueue.SimpleQueue[
-            tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future[Any]] | None
+            tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future[Any], bool] | None
         ] = _stdqueue.SimpleQueue()
+        self.stopped = False
         #: Commits, the jobs they carried and the seconds they took (metrics read these).
         self.commits = 0
         self.committed_jobs = 0
@@ -292,15 +295,28 @@ class _Writer(threading.Thread):
             if (st.st_dev, st.st_ino) != (dev, ino):
                 raise QueueStorageLost(f"{p}: replaced by another file while in use") from None
 
-    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
+    def submit(
+        self, fn: Callable[[sqlite3.Connection], T], *, fsync: bool = True
+    ) -> concurrent.futures.Future[T]:
+        """Queue a job; ``fsync=False``: its commit need not reach the disk before it is
+        answered (a delivery worker's bookkeeping, see ``SqliteQueue.relaxed``)."""
+        if self.stopped:
+            raise RuntimeError("the queue is closed")
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self.jobs.put((fn, fut))
+        self.jobs.put((fn, fut, fsync))
         return fut
 
     def stop(self) -> None:
+        self.stopped = True
         self.jobs.put(None)
         self.join()
         self.conn.close()
+        # A job queued beside the stop (a race with submit) is refused, not left waiting.
+        with contextlib.suppress(_stdqueue.Empty):
+            while True:
+                job = self.jobs.get_nowait()
+                if job is not None and job[1].set_running_or_notify_cancel():
+                    job[1].set_exception(RuntimeError("the queue is closed"))
 
     def run(self) -> None:
         while True:
@@ -318,7 +334,20 @@ class _Writer(threading.Thread):
                     stop = True
                     break
                 group.append(nxt)
-            self._run_group(group)
+            relaxed = [(fn, fut) for fn, fut, fsync in group if not fsync]
+            if relaxed and self.durable:
+                # Outcomes and claims first, in a commit of their own without an fsync:
+                # their sessions go on at once instead of waiting for intake's fsync
+                # (the guarantee a delivery worker had when it committed them itself).
+                # The fsync of the next commit covers them too: the WAL is sequential.
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    self._run_group(relaxed)
+                finally:
+                    self.conn.execute("PRAGMA synchronous=FULL")
+                group = [job for job in group if job[2]]
+            if group:
+                self._run_group([(fn, fut) for fn, fut, _fsync in group])
             if stop:
                 return
 
@@ -574,6 +603,7 @@ class SqliteQueue(OperatorMethods, Queue):
         self.db_path = self.database_path(directory)
         self.readonly = readonly
         self._writer: _Writer | None = None
+        self._fsync = True  # False in the view ``relaxed()`` returns
         self._storage_lost = False
         if readonly:
             if not self.db_path.is_file():
@@ -622,7 +652,7 @@ class SqliteQueue(OperatorMethods, Queue):
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
-            value = await asyncio.wrap_future(self._w.submit(fn))
+            value = await asyncio.wrap_future(self._w.submit(fn, fsync=self._fsync))
         except QueueStorageLost as exc:
             if not self._storage_lost:
                 # Once per loss, not once per refused message.
@@ -672,6 +702,20 @@ class SqliteQueue(OperatorMethods, Queue):
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
+
+    def relaxed(self) -> SqliteQueue:
+        """This queue, with writes answered once committed rather than once fsynced.
+
+        For a delivery worker's claims, outcomes and leases, which ``ferry serve``
+        writes for it (ferry/queue/remote.py): the same writer and group commits as
+        intake, but committed just before intake's fsynced part of each group
+        (synchronous=NORMAL): a process crash loses none of them, a power loss may undo
+        the last ones (a message is then sent twice, never lost) -- exactly what a worker
+        writing with ``durable=False`` had, without waiting for intake's fsyncs.
+        """
+        view = copy.copy(self)  # shares the writer and readers: close the original only
+        view._fsync = False
+        return view
 
     def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a job from a thread with no event loop (tools, tests)."""

@@ -16,7 +16,9 @@ absolute numbers are noisy and the medians over repetitions are what to compare)
   after the other, then one directory fsync, then the rows' commit;
 - ``spool-pool``: the same file writes from a thread pool, all at once (what
   concurrent SMTP sessions do; ext4's journal merges concurrent fsyncs), one shared
-  directory fsync (``spool.DirSync``), then the rows' commit.
+  directory fsync (``spool.DirSync``), then the rows' commit;
+- ``spool-direct``: as ``spool-pool`` but written under the final name, no rename
+  (the committed row, not the name, is what makes a body visible).
 
 The metadata rows are Ferry's own (``sqlite._insert_message`` on the real schema).
 Each run ends with ``PRAGMA wal_checkpoint(TRUNCATE)`` so the database pays its
@@ -63,7 +65,7 @@ from ferry.queue.sqlite import (  # noqa: E402
 )
 from ferry.queue.sqlite_schema import migrate  # noqa: E402
 
-VARIANTS = ("blob", "blob-secure", "spool-seq", "spool-pool")
+VARIANTS = ("blob", "blob-secure", "spool-seq", "spool-pool", "spool-direct")
 
 
 def device_of(path: Path) -> str:
@@ -131,6 +133,13 @@ def write_group(
         for qid, env in items:
             spool.write_file(store.spool, qid, env.data)
         spool.fsync_dir(store.spool)
+    elif variant == "spool-direct":
+
+        def direct(it: tuple[str, EnvelopeIn]) -> None:
+            spool.write_direct(store.spool, it[0], it[1].data)
+            store.dirsync.sync()
+
+        list(pool.map(direct, items))
     elif variant == "spool-pool":
         list(pool.map(lambda it: spool.store(store.spool, store.dirsync, it[0], it[1].data), items))
     begin_immediate(conn)

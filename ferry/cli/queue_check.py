@@ -1,4 +1,5 @@
-"""``ferry queue check``: SQLite's integrity check of the queue database, with a summary."""
+"""``ferry queue check``: SQLite's integrity check of the queue database, with a summary,
+and that every message whose body is a spool file still has it."""
 
 from __future__ import annotations
 
@@ -8,21 +9,22 @@ import json
 import click
 
 from ferry.config import ConfigError, RelayConfig
+from ferry.queue.spool import spool_dir
 from ferry.queue.sqlite import QueueDamaged, QueueNotFound, SqliteQueue, recovery_steps
 
 
-async def _check(path: str, quick: bool) -> tuple[list[str], dict[str, int]]:
+async def _check(path: str, quick: bool) -> tuple[list[str], list[str], dict[str, int]]:
     queue = SqliteQueue(path, create=False, readonly=True)
     try:
         problems = await queue.check(quick=quick)
         counts: dict[str, int] = {}
-        if not problems:
-            # A sound database can still name a body file that is gone (spool.py).
-            problems = await queue.check_bodies()
+        missing: list[str] = []
         if not problems:
             st = await queue.statistics(now=0)
             counts = {"messages": st.total_messages, "bytes": st.total_size}
-        return problems, counts
+            # A sound database can still name a body file that is gone (spool.py).
+            missing = await queue.check_bodies()
+        return problems, missing, counts
     finally:
         await queue.close()
 
@@ -32,8 +34,8 @@ async def _check(path: str, quick: bool) -> tuple[list[str], dict[str, int]]:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def check(ctx: click.Context, quick: bool, as_json: bool) -> None:
-    """Check the queue database for corruption, and that every message's body file is
-    there (exit 0: sound, 1: damaged or missing).
+    """Check the queue database for corruption and the spool for missing message bodies
+    (exit 0: sound, 1: damaged or missing).
 
     Read-only: safe while `ferry serve` runs.
     """
@@ -43,14 +45,31 @@ def check(ctx: click.Context, quick: bool, as_json: bool) -> None:
         raise click.ClickException(str(exc)) from None
     db = SqliteQueue.database_path(config.queue.path)
     try:
-        problems, counts = asyncio.run(_check(config.queue.path, quick))
+        problems, missing, counts = asyncio.run(_check(config.queue.path, quick))
     except QueueNotFound as exc:
         raise click.ClickException(str(exc)) from None
     except QueueDamaged as exc:
-        problems, counts = exc.problems, {}
+        problems, missing, counts = exc.problems, [], {}
     if as_json:
         click.echo(
-            json.dumps({"path": str(db), "ok": not problems, "problems": problems, **counts})
+            json.dumps(
+                {
+                    "path": str(db),
+                    "ok": not problems and not missing,
+                    "problems": problems + missing,
+                    **counts,
+                }
+            )
+        )
+    elif missing:
+        click.echo(f"{db}: {len(missing)} message(s) without their body file:")
+        for line in missing[:20]:
+            click.echo(f"  {line}")
+        if len(missing) > 20:
+            click.echo(f"  ... and {len(missing) - 20} more")
+        click.echo(
+            f"Restore the files into {spool_dir(config.queue.path)} from the backup"
+            " taken with the database, or remove those messages (ferry queue remove ID)."
         )
     elif problems:
         click.echo(f"{db}: damaged, {len(problems)} problem(s):")
@@ -61,4 +80,4 @@ def check(ctx: click.Context, quick: bool, as_json: bool) -> None:
         click.echo(recovery_steps(db))
     else:
         click.echo(f"{db}: ok ({counts['messages']} messages, {counts['bytes']} bytes of mail)")
-    ctx.exit(1 if problems else 0)
+    ctx.exit(1 if problems or missing else 0)

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
+from ferry.config import RelayConfig
 from ferry.envelope import EnvelopeIn, RecipientIn, Reply, Status
 from ferry.queue import spool
 from ferry.queue.base import AttemptResult, IdempotencyRecord, IdempotencyReplay
 from ferry.queue.selection import Selection
-from ferry.queue.sqlite import SCHEMA, SqliteQueue
+from ferry.queue.sqlite import SCHEMA, SPOOL_THRESHOLD, SqliteQueue
 from tests.harness import run_cli, write_toml
 
 CASES = Path(__file__).parent.parent / "cases" / "spool" / "orphans.toml"
@@ -34,6 +35,10 @@ def _cases() -> list[dict[str, Any]]:
 def test_sweep_and_check_rules(case: dict[str, Any]) -> None:
     assert spool.orphans(case["entries"], set(case["live"])) == case["orphans"]
     assert spool.missing(case["live"], set(case["entries"])) == case["missing"]
+
+
+def test_the_configured_default_is_the_queues() -> None:
+    assert RelayConfig().queue.spool_threshold == SPOOL_THRESHOLD
 
 
 def env(*rcpts: str, data: bytes = BIG) -> EnvelopeIn:

@@ -28,6 +28,11 @@ but also anything else the machine wrote meanwhile) and bytes this process sent 
 storage (/proc/self/io write_bytes: ours alone, without the journal); then the same
 for finishing the messages (body deleted; files unlinked after the commit).
 
+With ``--serve``: the same question end to end -- ``ferry serve`` (delivery held)
+accepting ``--serve-messages`` messages from Postfix's ``smtp-source`` over 50
+sessions, with ``queue.spool_threshold`` at its default and with every body a row,
+alternated; bytes written by the server and the final TRUNCATE checkpoint.
+
 Then the read cost per body: ``read_messages``' query over 10 ids at a time against
 a database with a long WAL (checkpoints held off, as a busy queue's readers do), the
 same after a TRUNCATE checkpoint, and spool files.
@@ -41,7 +46,10 @@ import json
 import os
 import random
 import shutil
+import socket
+import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -271,6 +279,79 @@ def read_costs(base: Path, size: int, n: int, reps: int) -> dict[str, float]:
     }
 
 
+def _serve(tmp: Path, port: int, threshold: int) -> subprocess.Popen[bytes]:
+    cfg = tmp / "ferry.toml"
+    cfg.write_text(
+        f'[server]\nhostname = "bench.ferry.test"\n'
+        f'listen = [{{ address = "127.0.0.1", port = {port}, mode = "mta" }}]\n'
+        f"max_connections_per_ip = 500\nmax_message_size = 10000000\n"
+        f'[queue]\npath = "{tmp}/data"\nspool_threshold = {threshold}\n'
+        f"[delivery]\nhold = true\n"  # accept only: nothing leaves this machine
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ferry.cli", "--config", str(cfg), "serve"],
+        stdout=open(tmp / "serve.log", "wb"),  # noqa: SIM115 -- the child owns it
+        stderr=subprocess.STDOUT,
+        cwd=tmp,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("ferry serve did not start")
+
+
+def _proc_written(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
+def serve_run(base: Path, device: str, size: int, n: int, threshold: int) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(dir=base))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    proc = _serve(tmp, port, threshold)
+    try:
+        os.sync()
+        d0, s0, w0 = disk_written(device), self_written(), _proc_written(proc.pid)
+        t0 = time.perf_counter()
+        subprocess.run(
+            [
+                *("smtp-source", "-s", "50", "-m", str(n), "-l", str(size), "-d"),
+                *("-f", "s@example.org", "-t", "r@example.net", f"127.0.0.1:{port}"),
+            ],
+            check=True,
+        )
+        secs = time.perf_counter() - t0
+        w1 = _proc_written(proc.pid)
+        db = sqlite3.connect(tmp / "data" / "queue.db")
+        stored = db.execute("SELECT COUNT(*), SUM(spool) FROM messages").fetchone()
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        db.close()
+        disk, own = disk_written(device) - d0, (w1 - w0) + (self_written() - s0)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert stored[0] == n, f"{stored[0]} of {n} messages stored"
+    return {
+        "size": size,
+        "threshold": threshold,
+        "spooled": stored[1],
+        "msgs_per_s": n / secs,
+        "disk_bytes_per_msg": disk / n,
+        "own_bytes_per_msg": own / n,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/var/tmp")
@@ -280,6 +361,9 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply message counts")
     ap.add_argument("--no-reads", action="store_true")
+    ap.add_argument("--no-writes", action="store_true")
+    ap.add_argument("--serve", action="store_true", help="also ferry serve + smtp-source")
+    ap.add_argument("--serve-messages", type=int, default=3000)
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="ferry-bodies-", dir=args.dir))
     device = device_of(base)
@@ -289,7 +373,7 @@ def main() -> None:
     print(f"# disk {device} under {base}; medians of {args.reps} alternated repetitions")
     results: list[dict[str, Any]] = []
     try:
-        for size in sizes:
+        for size in sizes if not args.no_writes else []:
             for group in groups:
                 # Enough messages for a few seconds per run, not more (shared machine).
                 n = int((300 if group == 1 else 2000 if size <= 8192 else 600) * args.scale)
@@ -314,6 +398,27 @@ def main() -> None:
                         f"  disk {row['finish_disk_bytes_per_msg'] / 1024:>6.1f} KiB/msg",
                         flush=True,
                     )
+        served: list[dict[str, Any]] = []
+        if args.serve:
+            for size in sizes:
+                # Every body a row (above any size here), the default, every body a file.
+                thresholds = [100_000_000, spool_default(), 0]
+                runs2: dict[int, list[dict[str, Any]]] = {t: [] for t in thresholds}
+                for _ in range(args.reps):
+                    for t in thresholds:
+                        runs2[t].append(serve_run(base, device, size, args.serve_messages, t))
+                for t in thresholds:
+                    row = {k: statistics.median(r[k] for r in runs2[t]) for k in runs2[t][0]}
+                    served.append(row)
+                    print(
+                        f"serve {size:>7} B  spool_threshold {t:>9}"
+                        f" ({int(row['spooled'])} spooled)"
+                        f" {row['msgs_per_s']:>7.0f} msg/s accepted"
+                        f"  disk {row['disk_bytes_per_msg'] / 1024:>7.1f} KiB/msg"
+                        f"  own {row['own_bytes_per_msg'] / 1024:>7.1f} KiB/msg"
+                        f" ({row['own_bytes_per_msg'] / size:4.1f}x)",
+                        flush=True,
+                    )
         reads = []
         if not args.no_reads:
             for size in sizes:
@@ -328,7 +433,13 @@ def main() -> None:
                 )
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    print(json.dumps({"writes": results, "reads": reads}))
+    print(json.dumps({"writes": results, "serve": served, "reads": reads}))
+
+
+def spool_default() -> int:
+    from ferry.queue.sqlite import SPOOL_THRESHOLD
+
+    return SPOOL_THRESHOLD
 
 
 if __name__ == "__main__":

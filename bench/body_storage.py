@@ -73,6 +73,24 @@ from ferry.queue.sqlite import (  # noqa: E402
 )
 from ferry.queue.sqlite_schema import migrate  # noqa: E402
 
+
+def write_direct(spool_dir: Path, message_id: str, data: bytes) -> Path:
+    """Write the body under its final name and fdatasync it (no temporary name).
+
+    A half-written file is harmless: no committed row names it (an orphan).
+    """
+    final = spool.body_path(spool_dir, message_id)
+    fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    return final
+
+
 VARIANTS = ("blob", "blob-secure", "spool-seq", "spool-pool", "spool-direct")
 
 
@@ -144,7 +162,7 @@ def write_group(
     elif variant == "spool-direct":
 
         def direct(it: tuple[str, EnvelopeIn]) -> None:
-            spool.write_direct(store.spool, it[0], it[1].data)
+            write_direct(store.spool, it[0], it[1].data)
             store.dirsync.sync()
 
         list(pool.map(direct, items))

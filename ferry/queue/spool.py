@@ -73,23 +73,6 @@ def write_file(spool: Path, message_id: str, data: bytes) -> Path:
     return final
 
 
-def write_direct(spool: Path, message_id: str, data: bytes) -> Path:
-    """Write the body under its final name and fdatasync it (no temporary name).
-
-    A half-written file is harmless: no committed row names it (an orphan).
-    """
-    final = body_path(spool, message_id)
-    fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    return final
-
-
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -149,6 +149,9 @@ SPOOL_THRESHOLD = 16 * 1024
 #: Threads writing and fsyncing spool files at once: concurrent fsyncs share journal
 #: commits (ext4), so sessions do not queue behind one another's fsync.
 SPOOL_WRITERS = 32
+#: A queue whose commits are not fsynced (a delivery worker's, synchronous=NORMAL)
+#: deletes body files in batches this often, after one fsync of the WAL.
+UNLINK_INTERVAL = 1.0
 
 
 class QueueNotFound(FileNotFoundError):
@@ -659,6 +662,10 @@ class SqliteQueue(OperatorMethods, Queue):
         self.spool_threshold = spool_threshold
         self._dirsync = spool.DirSync(self.spool)
         self._spool_writers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._durable = durable
+        self._unlink_later: builtins.list[str] = []
+        self._unlink_due = 0.0
+        self.unlink_interval = UNLINK_INTERVAL
         self.readonly = readonly
         self._writer: _Writer | None = None
         self._storage_lost = False
@@ -779,6 +786,8 @@ class SqliteQueue(OperatorMethods, Queue):
                 await asyncio.to_thread(self._spool_writers.shutdown)
             if self._writer is not None:
                 await asyncio.to_thread(self._writer.stop)
+            if self._unlink_later:
+                await asyncio.to_thread(self._unlink_durably, self._unlink_later)
             await asyncio.to_thread(self._close_readers)
 
     async def check(self, *, quick: bool = False) -> list[str]:
@@ -804,9 +813,28 @@ class SqliteQueue(OperatorMethods, Queue):
                 _drops.ids = None
 
         value = await self._run(job)
-        if dropped:
-            spool.unlink(self.spool, dropped)
+        if self._durable:
+            if dropped:
+                spool.unlink(self.spool, dropped)
+            return value
+        # Not fsynced: a power loss could undo the commit but not an unlink, leaving a
+        # pending message without its body. Unlink in batches, after an fsync of the WAL.
+        self._unlink_later.extend(dropped)
+        if self._unlink_later and time.monotonic() >= self._unlink_due:
+            ids, self._unlink_later = self._unlink_later, []
+            self._unlink_due = time.monotonic() + self.unlink_interval
+            await asyncio.to_thread(self._unlink_durably, ids)
         return value
+
+    def _unlink_durably(self, message_ids: builtins.list[str]) -> None:
+        """Make the commits that finished these messages durable, then delete the files."""
+        with contextlib.suppress(FileNotFoundError):  # no WAL: everything is in the file
+            fd = os.open(self.db_path.with_name(self.db_path.name + "-wal"), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        spool.unlink(self.spool, message_ids)
 
     async def _spool_body(self, qid: str, data: bytes) -> None:
         """Make the body durable as a spool file (file and directory fsynced)."""

@@ -100,6 +100,29 @@ async def test_body_file_goes_after_the_commit_that_finishes_its_message(tmp_pat
         await q.close()
 
 
+async def test_without_fsynced_commits_files_go_in_batches_after_a_wal_fsync(
+    tmp_path: Path,
+) -> None:
+    # A delivery worker's queue (synchronous=NORMAL): a power loss could undo the commit
+    # that finished a message but not the unlink of its body; so unlinks wait for an
+    # fsync of the WAL, done at most every unlink_interval (and at close).
+    q = SqliteQueue(tmp_path / "q", spool_threshold=0, durable=False)
+    q.unlink_interval = 3600
+    try:
+        first, second = await q.enqueue(env("a@x.test")), await q.enqueue(env("b@x.test"))
+        claimed = {
+            c.message.id: c.recipient.id for c in await q.claim("w", now=T0, limit=9, lease=60)
+        }
+        await q.record("w", [AttemptResult(claimed[first], Status.DELIVERED, OK)], now=T0)
+        assert files(q) == [second]  # the first batch goes at once
+        await q.record("w", [AttemptResult(claimed[second], Status.DELIVERED, OK)], now=T0)
+        assert files(q) == [second]  # the next waits for the interval
+        assert await q.read_message(second) is None  # finished: no longer readable
+    finally:
+        await q.close()
+    assert spool.names(tmp_path / "q" / "spool") == []  # close flushes
+
+
 async def test_remove_cancel_and_bulk_remove_delete_body_files(tmp_path: Path) -> None:
     q = SqliteQueue(tmp_path / "q", spool_threshold=0)
     try:

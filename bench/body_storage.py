@@ -12,13 +12,14 @@ absolute numbers are noisy and the medians over repetitions are what to compare)
   per group (``secure_delete=FAST``, as Ferry now sets it);
 - ``blob-secure``: the same with Debian's default ``secure_delete=ON`` (Ferry before
   issue 12): a deleted body is overwritten with zeros, through the WAL;
-- ``spool-seq``: each body written to ``<id>.tmp``, fdatasync-ed and renamed, one
-  after the other, then one directory fsync, then the rows' commit;
+- ``spool-seq``: each body written to ``<id>`` and fdatasync-ed (``spool.write_file``),
+  one after the other, then one directory fsync, then the rows' commit;
 - ``spool-pool``: the same file writes from a thread pool, all at once (what
   concurrent SMTP sessions do; ext4's journal merges concurrent fsyncs), one shared
-  directory fsync (``spool.DirSync``), then the rows' commit;
-- ``spool-direct``: as ``spool-pool`` but written under the final name, no rename
-  (the committed row, not the name, is what makes a body visible).
+  directory fsync (``spool.DirSync``), then the rows' commit (what Ferry does);
+- ``spool-rename``: as ``spool-pool`` but written to ``<id>.tmp`` and renamed after
+  the fdatasync (the committed row, not the name, is what makes a body visible, so
+  Ferry does without).
 
 The metadata rows are Ferry's own (``sqlite._insert_message`` on the real schema).
 Each run ends with ``PRAGMA wal_checkpoint(TRUNCATE)`` so the database pays its
@@ -74,13 +75,11 @@ from ferry.queue.sqlite import (  # noqa: E402
 from ferry.queue.sqlite_schema import migrate  # noqa: E402
 
 
-def write_direct(spool_dir: Path, message_id: str, data: bytes) -> Path:
-    """Write the body under its final name and fdatasync it (no temporary name).
-
-    A half-written file is harmless: no committed row names it (an orphan).
-    """
+def write_renamed(spool_dir: Path, message_id: str, data: bytes) -> Path:
+    """The body written to ``<id>.tmp``, fdatasync-ed and renamed to ``<id>``."""
     final = spool.body_path(spool_dir, message_id)
-    fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    tmp = final.with_name(final.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:
@@ -88,10 +87,11 @@ def write_direct(spool_dir: Path, message_id: str, data: bytes) -> Path:
         os.fdatasync(fd)
     finally:
         os.close(fd)
+    os.replace(tmp, final)
     return final
 
 
-VARIANTS = ("blob", "blob-secure", "spool-seq", "spool-pool", "spool-direct")
+VARIANTS = ("blob", "blob-secure", "spool-seq", "spool-pool", "spool-rename")
 
 
 def device_of(path: Path) -> str:
@@ -159,13 +159,13 @@ def write_group(
         for qid, env in items:
             spool.write_file(store.spool, qid, env.data)
         spool.fsync_dir(store.spool)
-    elif variant == "spool-direct":
+    elif variant == "spool-rename":
 
-        def direct(it: tuple[str, EnvelopeIn]) -> None:
-            write_direct(store.spool, it[0], it[1].data)
+        def renamed(it: tuple[str, EnvelopeIn]) -> None:
+            write_renamed(store.spool, it[0], it[1].data)
             store.dirsync.sync()
 
-        list(pool.map(direct, items))
+        list(pool.map(renamed, items))
     elif variant == "spool-pool":
         list(pool.map(lambda it: spool.store(store.spool, store.dirsync, it[0], it[1].data), items))
     begin_immediate(conn)

@@ -131,13 +131,13 @@ def test_kill_between_body_write_and_commit_leaves_nothing(
     t = threading.Thread(target=client)
     t.start()
     try:
-        written = wait_until(
-            lambda: [n for n in names(data / "spool") if not n.endswith(".tmp")],
-            30,
-            "the body file",
-        )
-        # Durable on disk, yet no message: delivery and the CLI see none.
-        assert (data / "spool" / written[0]).stat().st_size > BIG
+
+        def whole_file() -> list[str]:
+            spool = data / "spool"
+            return [n for n in names(spool) if (spool / n).stat().st_size > BIG]
+
+        wait_until(whole_file, 30, "the whole body file")
+        # On disk, yet no message: delivery and the CLI see none.
         assert cli_json(cfg, "queue", "list")["messages"] == []
         proc.kill()
     finally:

@@ -224,6 +224,11 @@ class QueueConfig(_Model):
     commit_batch: int = Field(256, ge=1)
     # Finished messages' history (envelope, recipients, attempts) is kept this long.
     history_retention: PositiveDuration = 7 * 86400.0
+    # SQLite: bodies of this many bytes or more are files in <path>/spool, smaller ones
+    # rows in the database (ferry/queue/spool.py; measured in bench/body_storage.py).
+    # 0: every body a file; above server.max_message_size: every body a row.
+    # (The same default as ferry.queue.sqlite.SPOOL_THRESHOLD; a test holds them equal.)
+    spool_threshold: int = Field(16384, ge=0)
 
 
 class DeliveryConfig(_Model):

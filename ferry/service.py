@@ -150,6 +150,9 @@ class Service:
             released = await queue.release_leases() if isinstance(queue, SqliteQueue) else 0
             if released:
                 emit(LeasesReleased(released))
+            if isinstance(queue, SqliteQueue):
+                # Before intake accepts: a body without its row is a crash's leftover.
+                await queue.sweep_spool()
             _clear_stats(self.config)
             # History purge in this process, the one that owns intake's writes.
             self.retention = Retention(self.queue, retention=self.config.queue.history_retention)

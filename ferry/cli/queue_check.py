@@ -1,4 +1,5 @@
-"""``ferry queue check``: SQLite's integrity check of the queue database, with a summary.
+"""``ferry queue check``: SQLite's integrity check of the queue database, with a summary,
+and that every message whose body is a spool file still has it.
 
 On PostgreSQL there are no pages of ours to check (the server keeps them whole): the
 check connects, verifies the schema version (``open``) and counts the mail."""
@@ -11,18 +12,22 @@ import json
 import click
 
 from ferry.config import ConfigError, RelayConfig
+from ferry.queue.spool import spool_dir
 from ferry.queue.sqlite import QueueDamaged, QueueNotFound, SqliteQueue, recovery_steps
 
 
-async def _check(path: str, quick: bool) -> tuple[list[str], dict[str, int]]:
+async def _check(path: str, quick: bool) -> tuple[list[str], list[str], dict[str, int]]:
     queue = SqliteQueue(path, create=False, readonly=True)
     try:
         problems = await queue.check(quick=quick)
         counts: dict[str, int] = {}
+        missing: list[str] = []
         if not problems:
             st = await queue.statistics(now=0)
             counts = {"messages": st.total_messages, "bytes": st.total_size}
-        return problems, counts
+            # A sound database can still name a body file that is gone (spool.py).
+            missing = await queue.check_bodies()
+        return problems, missing, counts
     finally:
         await queue.close()
 
@@ -61,7 +66,8 @@ def _check_postgres(config: RelayConfig, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def check(ctx: click.Context, quick: bool, as_json: bool) -> None:
-    """Check the queue database for corruption (exit 0: sound, 1: damaged or missing).
+    """Check the queue database for corruption and the spool for missing message bodies
+    (exit 0: sound, 1: damaged or missing).
 
     Read-only: safe while `ferry serve` runs.
     """
@@ -74,14 +80,31 @@ def check(ctx: click.Context, quick: bool, as_json: bool) -> None:
         return
     db = SqliteQueue.database_path(config.queue.path)
     try:
-        problems, counts = asyncio.run(_check(config.queue.path, quick))
+        problems, missing, counts = asyncio.run(_check(config.queue.path, quick))
     except QueueNotFound as exc:
         raise click.ClickException(str(exc)) from None
     except QueueDamaged as exc:
-        problems, counts = exc.problems, {}
+        problems, missing, counts = exc.problems, [], {}
     if as_json:
         click.echo(
-            json.dumps({"path": str(db), "ok": not problems, "problems": problems, **counts})
+            json.dumps(
+                {
+                    "path": str(db),
+                    "ok": not problems and not missing,
+                    "problems": problems + missing,
+                    **counts,
+                }
+            )
+        )
+    elif missing:
+        click.echo(f"{db}: {len(missing)} message(s) without their body file:")
+        for line in missing[:20]:
+            click.echo(f"  {line}")
+        if len(missing) > 20:
+            click.echo(f"  ... and {len(missing) - 20} more")
+        click.echo(
+            f"Restore the files into {spool_dir(config.queue.path)} from the backup"
+            " taken with the database, or remove those messages (ferry queue remove ID)."
         )
     elif problems:
         click.echo(f"{db}: damaged, {len(problems)} problem(s):")
@@ -92,4 +115,4 @@ def check(ctx: click.Context, quick: bool, as_json: bool) -> None:
         click.echo(recovery_steps(db))
     else:
         click.echo(f"{db}: ok ({counts['messages']} messages, {counts['bytes']} bytes of mail)")
-    ctx.exit(1 if problems else 0)
+    ctx.exit(1 if problems or missing else 0)

@@ -33,7 +33,14 @@ def open_queue(config: RelayConfig, *, durable: bool = True) -> SqliteQueue | Po
         )
     from ferry.queue.sqlite import SqliteQueue
 
-    return SqliteQueue(q.path, batch=q.commit_batch, durable=durable, event_log=event_log)
+    return SqliteQueue(
+        q.path,
+        batch=q.commit_batch,
+        durable=durable,
+        event_log=event_log,
+        spool_threshold=q.spool_threshold,
+    )
+
 
 
 def open_limits(config: RelayConfig, *, name: str = "") -> SharedLimits:

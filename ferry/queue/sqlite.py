@@ -6,7 +6,9 @@ failing job does not undo its neighbours) and commits them with one fsync. Concu
 SMTP sessions therefore share fsyncs: durability costs little throughput, and a 250 is
 only sent after the commit that holds the message has returned.
 
-Message bytes live in the database too, so one fsync covers message and metadata.
+Small message bodies live in the database too, so one fsync covers message and
+metadata; large ones are files in a spool beside it, durable before the commit of
+the row that makes them visible (ferry/queue/spool.py; issue 12 measured why).
 Other processes (the CLI while ``ferry serve`` runs) open their own connection; WAL
 lets them read freely and SQLite's lock serialises their short writes.
 """
@@ -40,7 +42,7 @@ from ferry.envelope import (
 )
 from ferry.events import QueueStorageLost as QueueStorageLostEvent
 from ferry.events import emit
-from ferry.queue import outbox, sqlite_ops
+from ferry.queue import outbox, spool, sqlite_ops
 from ferry.queue.base import (
     Attempt,
     AttemptResult,
@@ -141,6 +143,17 @@ PENDING_SQL = "('Queued', 'Deferred', 'InProgress')"
 
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
 
+#: Bodies of this many bytes or more are spool files, smaller ones rows in ``bodies``.
+#: Measured (bench/body_storage.py, README "Where message bodies live"): below it a
+#: file's own block, inode and journal cost more than the WAL's copy and checkpoint.
+SPOOL_THRESHOLD = 16 * 1024
+#: Threads writing and fsyncing spool files at once: concurrent fsyncs share journal
+#: commits (ext4), so sessions do not queue behind one another's fsync.
+SPOOL_WRITERS = 32
+#: A queue whose commits are not fsynced (a delivery worker's, synchronous=NORMAL)
+#: deletes body files in batches this often, after one fsync of the WAL.
+UNLINK_INTERVAL = 1.0
+
 
 class QueueNotFound(FileNotFoundError):
     """There is no queue database at the configured path (and none was to be created)."""
@@ -224,6 +237,10 @@ def connect(path: Path, *, create: bool = True, readonly: bool = False) -> sqlit
     # The WAL file keeps its high-water mark unless limited: truncate it to this after
     # a checkpoint, so a burst does not leave the disk usage high (retention, 11.2).
     conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+    # Debian builds SQLite with SECURE_DELETE: a deleted body would be overwritten with
+    # zeros, page by page -- written to the WAL and checkpointed again, as much I/O as
+    # storing it (bench/body_storage.py). FAST zeroes only what costs no extra I/O.
+    conn.execute("PRAGMA secure_delete=FAST")
     return conn
 
 
@@ -400,6 +417,66 @@ def _reply(code: int | None, enhanced: str | None, text: str | None) -> Reply | 
     return Reply(code, enhanced, text or "")
 
 
+# -- message bodies: rows in ``bodies`` or files in the spool (issue 12) ----------
+
+# The spool files to delete once the job being run commits (see SqliteQueue._write).
+_drops = threading.local()
+
+
+# Walks the partial index messages_spooled (sqlite_schema.py, version 5).
+_LIVE_SPOOLED = "SELECT id FROM messages WHERE spool = 1 AND finished IS NULL"
+
+
+def _spooled_live(conn: sqlite3.Connection, message_ids: list[str]) -> list[str]:
+    """Those of ``message_ids`` whose body is a spool file that is still needed."""
+    rows = _select_in(conn, _LIVE_SPOOLED + " AND id IN ({})", message_ids)
+    return [r[0] for r in rows]
+
+
+def _drop_bodies(conn: sqlite3.Connection, message_ids: list[str]) -> None:
+    """These messages are being finished or deleted: inline bodies go now, in this
+    transaction; spool files only after it commits (``SqliteQueue._write``). Call
+    before the rows change."""
+    sink: builtins.list[str] | None = getattr(_drops, "ids", None)
+    if sink is not None and message_ids:
+        sink.extend(_spooled_live(conn, message_ids))
+    # (A job run without a sink -- run_sync -- leaves its files to the start-up sweep.)
+    _exec_in(conn, "DELETE FROM bodies WHERE message_id IN ({})", message_ids)
+
+
+def _read_bodies(conn: sqlite3.Connection, spool_dir: Path, ids: list[str]) -> dict[str, bytes]:
+    """Bodies by message id, from rows or spool files; finished or unknown ids left out."""
+    out = {
+        mid: bytes(data)
+        for mid, data in _select_in(
+            conn, "SELECT message_id, data FROM bodies WHERE message_id IN ({})", ids
+        )
+    }
+    rest = [i for i in ids if i not in out]
+    if rest:
+        # Only a committed row names a spool file: a file alone is never a message.
+        for mid in _spooled_live(conn, rest):
+            data = spool.read(spool_dir, mid)
+            if data is not None:  # finished and deleted since this snapshot
+                out[mid] = data
+    return out
+
+
+def read_body(conn: sqlite3.Connection, db_path: Path, message_id: str) -> bytes | None:
+    """One message's body through ``conn`` (tools with their own connection)."""
+    return _read_bodies(conn, spool.spool_dir(db_path.parent), [message_id]).get(message_id)
+
+
+def _sweep_spool(conn: sqlite3.Connection, spool_dir: Path) -> int:
+    live = {r[0] for r in conn.execute(_LIVE_SPOOLED)}
+    return spool.remove_names(spool_dir, spool.orphans(spool.names(spool_dir), live))
+
+
+def _missing_bodies(conn: sqlite3.Connection, spool_dir: Path) -> list[str]:
+    live = [r[0] for r in conn.execute(_LIVE_SPOOLED)]
+    return spool.missing(live, set(spool.names(spool_dir)))
+
+
 # -- operator tools: selections, bulk changes, suspensions (see sqlite_ops) ---------
 
 
@@ -408,6 +485,8 @@ class OperatorMethods:
 
     _read: Callable[..., Any]
     _run: Callable[..., Any]
+    _write: Callable[..., Any]
+    spool: Path
 
     async def list_page(
         self, sel: Selection, *, now: float, limit: int = 100, after: str | None = None
@@ -464,6 +543,7 @@ class OperatorMethods:
             dsns = 0
             if action == "remove":
                 touched = len(ids)
+                _drop_bodies(conn, message_ids)
                 sqlite_ops.remove_messages(conn, message_ids)
             elif action == "retry":
                 touched = sqlite_ops.make_due(conn, ids, now)
@@ -473,7 +553,9 @@ class OperatorMethods:
                 done = set(sqlite_ops.cancel(conn, ids))
                 touched = len(done)
                 if make_dsn is not None and done:
-                    dsns = _cancel_dsns(conn, message_ids, done, make_dsn, now, dsn_lifetime)
+                    dsns = _cancel_dsns(
+                        conn, self.spool, message_ids, done, make_dsn, now, dsn_lifetime
+                    )
             if action != "remove":
                 _refresh_message_status(conn, message_ids)
             sqlite_ops.log_operator_event(
@@ -487,7 +569,7 @@ class OperatorMethods:
             )
             return BulkResult(action, len(message_ids), touched, dsns)
 
-        result: BulkResult = await self._run(job)
+        result: BulkResult = await self._write(job)
         return result
 
     async def suspend(
@@ -554,6 +636,7 @@ class OperatorMethods:
 
 def _cancel_dsns(
     conn: sqlite3.Connection,
+    spool_dir: Path,
     message_ids: list[str],
     cancelled: set[int],
     make_dsn: Callable[[MessageInfo, bytes], EnvelopeIn | None],
@@ -572,8 +655,8 @@ def _cancel_dsns(
         if not rids:
             continue
         message.recipients = _load_recipients(conn, rids)
-        row = conn.execute("SELECT data FROM bodies WHERE message_id=?", (message.id,)).fetchone()
-        envelope = make_dsn(message, bytes(row[0]) if row else b"")
+        data = _read_bodies(conn, spool_dir, [message.id]).get(message.id, b"")
+        envelope = make_dsn(message, data)
         if envelope is not None:
             _insert_message(conn, new_queue_id(now), envelope, now, now + lifetime)
             n += 1
@@ -592,15 +675,26 @@ class SqliteQueue(OperatorMethods, Queue):
         event_log: bool = False,
         create: bool = True,
         readonly: bool = False,
+        spool_threshold: int | None = SPOOL_THRESHOLD,
     ) -> None:
         """Open (``create=True``: or make) the queue in directory ``path``.
 
         ``create=False`` opens only an existing database (QueueNotFound otherwise);
         ``readonly=True`` also has no writer: for the CLI's listings, which must never
         make or change a database. A database SQLite cannot read raises QueueDamaged.
+        Bodies of ``spool_threshold`` bytes or more that ``enqueue`` stores are spool
+        files (None: every body a row).
         """
         directory = Path(path)
         self.db_path = self.database_path(directory)
+        self.spool = spool.spool_dir(directory)
+        self.spool_threshold = spool_threshold
+        self._dirsync = spool.DirSync(self.spool)
+        self._spool_writers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._durable = durable
+        self._unlink_later: builtins.list[str] = []
+        self._unlink_due = 0.0
+        self.unlink_interval = UNLINK_INTERVAL
         self.readonly = readonly
         self._writer: _Writer | None = None
         self._fsync = True  # False in the view ``relaxed()`` returns
@@ -626,6 +720,9 @@ class SqliteQueue(OperatorMethods, Queue):
             self._writer.conn.execute("PRAGMA busy_timeout=0")
             self._writer.remember_files()
             self._writer.start()
+            if not self.spool.is_dir():
+                self.spool.mkdir(exist_ok=True)
+                spool.fsync_dir(directory)  # the spool's own name is durable too
         #: Write the event log (webhooks, ``GET /v1/events``) with every state change.
         self.event_log = event_log
         self._closed = False
@@ -729,8 +826,12 @@ class SqliteQueue(OperatorMethods, Queue):
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._spool_writers is not None:
+                await asyncio.to_thread(self._spool_writers.shutdown)
             if self._writer is not None:
                 await asyncio.to_thread(self._writer.stop)
+            if self._unlink_later:
+                await asyncio.to_thread(self._unlink_durably, self._unlink_later)
             await asyncio.to_thread(self._close_readers)
 
     async def check(self, *, quick: bool = False) -> list[str]:
@@ -740,6 +841,79 @@ class SqliteQueue(OperatorMethods, Queue):
         cheap enough for every start.
         """
         return await asyncio.to_thread(_integrity, self.db_path, quick)
+
+    # -- message bodies (spool files: ferry/queue/spool.py) -------------------------
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``_run`` for jobs that may finish or delete messages: their spool files are
+        deleted here, after the commit (a crash before it leaves orphans, swept at start)."""
+        dropped: builtins.list[str] = []
+
+        def job(conn: sqlite3.Connection) -> T:
+            _drops.ids = dropped
+            try:
+                return fn(conn)
+            finally:
+                _drops.ids = None
+
+        value = await self._run(job)
+        if self._durable and self._fsync:
+            if dropped:
+                spool.unlink(self.spool, dropped)
+            return value
+        # Not fsynced (a worker's own queue, or the ``relaxed()`` view serve writes a
+        # worker's outcomes through): a power loss could undo the commit but not an
+        # unlink, leaving a pending message without its body. Unlink in batches, after
+        # an fsync of the WAL. The list is shared with the queue ``relaxed()`` copied,
+        # so ``close()`` of the original deletes what is still waiting.
+        self._unlink_later.extend(dropped)
+        if self._unlink_later and time.monotonic() >= self._unlink_due:
+            ids = self._unlink_later[:]
+            del self._unlink_later[:]
+            self._unlink_due = time.monotonic() + self.unlink_interval
+            await asyncio.to_thread(self._unlink_durably, ids)
+        return value
+
+    def _unlink_durably(self, message_ids: builtins.list[str]) -> None:
+        """Make the commits that finished these messages durable, then delete the files."""
+        with contextlib.suppress(FileNotFoundError):  # no WAL: everything is in the file
+            fd = os.open(self.db_path.with_name(self.db_path.name + "-wal"), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        spool.unlink(self.spool, message_ids)
+
+    async def _spool_body(self, qid: str, data: bytes) -> None:
+        """Make the body durable as a spool file (file and directory fsynced)."""
+        if self._spool_writers is None:
+            self._spool_writers = concurrent.futures.ThreadPoolExecutor(
+                SPOOL_WRITERS, thread_name_prefix="ferry-spool"
+            )
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            self._spool_writers, spool.store, self.spool, self._dirsync, qid, data
+        )
+
+    async def sweep_spool(self) -> int:
+        """Delete spool files no live message names (a crash between a body's write and
+        its row's commit, or between a commit and the deletion it allowed).
+
+        Only for ``ferry serve`` at start, before it accepts mail: a body another
+        process has written but not yet committed looks exactly like an orphan.
+        """
+        return await self._run(lambda conn: _sweep_spool(conn, self.spool))
+
+    async def check_bodies(self) -> builtins.list[str]:
+        """Problems with bodies: unfinished messages whose spool file is missing."""
+
+        def job(conn: sqlite3.Connection) -> builtins.list[str]:
+            return [
+                f"message {mid}: its body file {self.spool / mid} is missing"
+                for mid in _missing_bodies(conn, self.spool)
+            ]
+
+        return await self._read(job)
 
     # -- intake -----------------------------------------------------------------
 
@@ -755,36 +929,50 @@ class SqliteQueue(OperatorMethods, Queue):
         qid = queue_id or new_queue_id(now)
         exp = expires if expires is not None else now + 4 * 86400
         log = self.event_log
+        spooled = self.spool_threshold is not None and len(envelope.data) >= self.spool_threshold
+        if spooled:
+            # Durable before the row that makes it visible is committed (spool.py).
+            await self._spool_body(qid, envelope.data)
 
         def insert(conn: sqlite3.Connection) -> str:
-            _insert_message(conn, qid, envelope, now, exp)
+            _insert_message(conn, qid, envelope, now, exp, spooled)
             if log:
                 _received_event(conn, qid, envelope, now)
             return qid
 
-        if idempotency is None:
-            return await self._run(insert)
+        fn: Callable[[sqlite3.Connection], str] = insert
+        if idempotency is not None:
+            record = idempotency
 
-        def job(conn: sqlite3.Connection) -> str:
-            # The writer thread runs one job at a time inside its transaction: the
-            # look-up and the insert below cannot interleave with another request's.
-            existing = _idempotency_row(conn, idempotency.key, now)
-            if existing is not None:
-                raise IdempotencyReplay(existing)
-            conn.execute(
-                "INSERT OR REPLACE INTO idempotency(key, fingerprint, queue_id, response,"
-                " expires) VALUES (?,?,?,?,?)",
-                (
-                    idempotency.key,
-                    idempotency.fingerprint,
-                    qid,
-                    idempotency.response,
-                    idempotency.expires,
-                ),
-            )
-            return insert(conn)
+            def job(conn: sqlite3.Connection) -> str:
+                # The writer thread runs one job at a time inside its transaction: the
+                # look-up and the insert below cannot interleave with another request's.
+                existing = _idempotency_row(conn, record.key, now)
+                if existing is not None:
+                    raise IdempotencyReplay(existing)
+                conn.execute(
+                    "INSERT OR REPLACE INTO idempotency(key, fingerprint, queue_id, response,"
+                    " expires) VALUES (?,?,?,?,?)",
+                    (
+                        record.key,
+                        record.fingerprint,
+                        qid,
+                        record.response,
+                        record.expires,
+                    ),
+                )
+                return insert(conn)
 
-        return await self._run(job)
+            fn = job
+
+        try:
+            return await self._run(fn)
+        except asyncio.CancelledError:
+            raise  # the row may still commit: the file stays (an orphan at worst)
+        except BaseException:
+            if spooled:  # no row names it
+                spool.unlink(self.spool, [qid])
+            raise
 
     async def idempotency(self, key: str, *, now: float) -> IdempotencyRecord | None:
         return await self._read(lambda conn: _idempotency_row(conn, key, now))
@@ -951,25 +1139,17 @@ class SqliteQueue(OperatorMethods, Queue):
                     out.append(None)
             return out
 
-        return await self._run(job)
+        return await self._write(job)
 
     async def read_message(self, message_id: str) -> bytes | None:
         def job(conn: sqlite3.Connection) -> bytes | None:
-            row = conn.execute(
-                "SELECT data FROM bodies WHERE message_id=?", (message_id,)
-            ).fetchone()
-            return bytes(row[0]) if row else None
+            return _read_bodies(conn, self.spool, [message_id]).get(message_id)
 
         return await self._read(job)
 
     async def read_messages(self, message_ids: Sequence[str]) -> dict[str, bytes]:
         def job(conn: sqlite3.Connection) -> dict[str, bytes]:
-            rows = _select_in(
-                conn,
-                "SELECT message_id, data FROM bodies WHERE message_id IN ({})",
-                list(message_ids),
-            )
-            return {mid: bytes(data) for mid, data in rows}
+            return _read_bodies(conn, self.spool, list(message_ids))
 
         return await self._read(job)
 
@@ -1112,17 +1292,18 @@ class SqliteQueue(OperatorMethods, Queue):
             return cur.rowcount
 
         log = self.event_log
-        return await self._run(job)
+        return await self._write(job)
 
     async def remove(self, message_id: str) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
+            _drop_bodies(conn, [message_id])
             gone = conn.execute("DELETE FROM messages WHERE id=?", (message_id,)).rowcount > 0
             if log and gone:
                 _operator_event(conn, time.time(), message_id, "remove", 1)
             return gone
 
         log = self.event_log
-        return await self._run(job)
+        return await self._write(job)
 
     # -- the event log (webhooks, GET /v1/events) ----------------------------------
 
@@ -1176,13 +1357,18 @@ class SqliteQueue(OperatorMethods, Queue):
 
     async def clear_expired(self) -> int:
         def job(conn: sqlite3.Connection) -> int:
-            return conn.execute(
-                "DELETE FROM messages WHERE id IN (SELECT message_id FROM recipients"
-                " GROUP BY message_id HAVING SUM(status='Expired') > 0"
-                f" AND SUM(status IN {PENDING_SQL}) = 0)"
-            ).rowcount
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT message_id FROM recipients GROUP BY message_id"
+                    f" HAVING SUM(status='Expired') > 0 AND SUM(status IN {PENDING_SQL}) = 0"
+                )
+            ]
+            _drop_bodies(conn, ids)
+            _exec_in(conn, "DELETE FROM messages WHERE id IN ({})", ids)
+            return len(ids)
 
-        return await self._run(job)
+        return await self._write(job)
 
     async def statistics(self, *, now: float) -> QueueStats:
         # Counts come from counters kept by triggers (sqlite_schema.py) and ages from the
@@ -1381,13 +1567,20 @@ def _operator_event(
 
 
 def _insert_message(
-    conn: sqlite3.Connection, qid: str, envelope: EnvelopeIn, now: float, expires: float
+    conn: sqlite3.Connection,
+    qid: str,
+    envelope: EnvelopeIn,
+    now: float,
+    expires: float,
+    spooled: bool = False,
 ) -> str:
+    """The message's rows; its body inline in ``bodies``, or (``spooled``) already
+    durable in the spool file named after ``qid`` (ferry/queue/spool.py)."""
     prio = int(envelope.priority)
     conn.execute(
         "INSERT INTO messages(id, sender, size, priority, arrival, expires, status,"
         " client_address, client_helo, auth_user, envid, ret, smtputf8, body_8bit,"
-        " extra) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " extra, spool) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             qid,
             envelope.sender,
@@ -1404,9 +1597,11 @@ def _insert_message(
             int(envelope.smtputf8),
             int(envelope.body_8bit),
             json.dumps(envelope.extra) if envelope.extra else None,
+            int(spooled),
         ),
     )
-    conn.execute("INSERT INTO bodies(message_id, data) VALUES (?, ?)", (qid, envelope.data))
+    if not spooled:
+        conn.execute("INSERT INTO bodies(message_id, data) VALUES (?, ?)", (qid, envelope.data))
     conn.executemany(
         "INSERT INTO recipients(message_id, address, domain, orcpt, notify, status,"
         " priority, arrival, next_attempt) VALUES (?,?,?,?,?,?,?,?,?)",
@@ -1549,13 +1744,13 @@ def _finish(conn: sqlite3.Connection, message_ids: list[str], now: float | None)
     if not message_ids:
         return
     at = time.time() if now is None else now
+    _drop_bodies(conn, message_ids)
     _exec_in(
         conn,
         "UPDATE messages SET finished=? WHERE finished IS NULL AND id IN ({})",
         message_ids,
         prefix=(at,),
     )
-    _exec_in(conn, "DELETE FROM bodies WHERE message_id IN ({})", message_ids)
 
 
 def _purge(conn: sqlite3.Connection, before: float, limit: int) -> int:

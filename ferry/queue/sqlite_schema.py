@@ -217,7 +217,6 @@ CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency(expires);
 )
 
 
-#: MIGRATIONS[i] takes a database from version i + 1 to i + 2. Append only.
 def _v4(conn: sqlite3.Connection) -> None:
     # Version 4 (operator tools, issue 11.4): suspensions, operator events, the hosts
     # tried in an attempt, indexes over waiting recipients (ferry/queue/sqlite_ops.py).
@@ -225,7 +224,26 @@ def _v4(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE attempts ADD COLUMN tried TEXT")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_script(_V2), _script(_V3), _v4]
+def _v5(conn: sqlite3.Connection) -> None:
+    # Version 5 (message bodies in a spool of files, issue 12): ``messages.spool`` is 1
+    # when the body is the file spool/<id> (ferry/queue/spool.py), 0 when it is a row
+    # in ``bodies`` as before. Existing bodies stay where they are and are read there.
+    conn.execute("ALTER TABLE messages ADD COLUMN spool INTEGER NOT NULL DEFAULT 0")
+    # Unfinished spooled messages: the start-up orphan sweep and `ferry queue check`
+    # walk this index, not the history.
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS messages_spooled ON messages(id)"
+        " WHERE spool = 1 AND finished IS NULL"
+    )
+
+
+#: MIGRATIONS[i] takes a database from version i + 1 to i + 2. Append only.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _script(_V2),
+    _script(_V3),
+    _v4,
+    _v5,
+]
 LATEST = len(MIGRATIONS) + 1
 
 

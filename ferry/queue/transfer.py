@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.queue.postgres import PostgresQueue
-from ferry.queue.sqlite import connect
+from ferry.queue.sqlite import connect, read_body
 
 _MESSAGE = (
     "id, sender, size, priority, arrival, expires, status, client_address, client_helo,"
@@ -58,7 +58,7 @@ async def move_pending(
             )
         ]
         for mid in ids:
-            copy = _read(src, mid)
+            copy = _read(src, db_path, mid)
             if copy is None:
                 continue  # finished or removed since the listing
             if await target.import_message(*copy):
@@ -74,12 +74,12 @@ async def move_pending(
 
 
 def _read(
-    src: sqlite3.Connection, mid: str
+    src: sqlite3.Connection, db_path: Path, mid: str
 ) -> tuple[tuple[Any, ...], bytes, list[tuple[Any, ...]], list[tuple[Any, ...]]] | None:
     src.execute("BEGIN")  # one snapshot of the message
     try:
         msg = src.execute(f"SELECT {_MESSAGE} FROM messages WHERE id = ?", (mid,)).fetchone()
-        body = src.execute("SELECT data FROM bodies WHERE message_id = ?", (mid,)).fetchone()
+        body = read_body(src, db_path, mid)  # a row in bodies or a spool file
         if msg is None or body is None:
             return None
         rcpts = src.execute(
@@ -92,4 +92,4 @@ def _read(
         ).fetchall()
     finally:
         src.execute("COMMIT")
-    return tuple(msg), bytes(body[0]), [tuple(r) for r in rcpts], [tuple(a) for a in attempts]
+    return tuple(msg), body, [tuple(r) for r in rcpts], [tuple(a) for a in attempts]

@@ -15,7 +15,9 @@ from psycopg.conninfo import make_conninfo
 from ferry.queue.postgres import PostgresQueue
 from ferry.queue.sqlite import SqliteQueue
 
-BACKENDS = ["sqlite", "postgres"]
+# "sqlite-spool": the SQLite queue with every body a spool file (ferry/queue/spool.py),
+# so the contract holds for both places a body can live.
+BACKENDS = ["sqlite", "sqlite-spool", "postgres"]
 
 
 def fresh_schema(pg_dsn: str) -> str:
@@ -31,5 +33,7 @@ async def open_backend(
 ) -> SqliteQueue | PostgresQueue:
     if backend == "sqlite":
         return SqliteQueue(tmp_path / "q", **kwargs)  # type: ignore[arg-type]
+    if backend == "sqlite-spool":
+        return SqliteQueue(tmp_path / "q", spool_threshold=0, **kwargs)  # type: ignore[arg-type]
     assert pg_dsn is not None
     return await PostgresQueue(fresh_schema(pg_dsn), **kwargs).open()  # type: ignore[arg-type]

@@ -328,7 +328,8 @@ async def test_pending_statistics_and_listings_do_not_scan_the_history(tmp_path:
 
 
 async def test_purged_space_is_returned_to_the_file_system(tmp_path: Path) -> None:
-    q = SqliteQueue(tmp_path / "v")
+    # Every body a row (large ones would be spool files): pages to free and give back.
+    q = SqliteQueue(tmp_path / "v", spool_threshold=None)
     try:
         for i in range(40):
             await q.enqueue(env(f"r{i}@x.test", data=b"z" * 100_000))

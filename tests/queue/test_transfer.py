@@ -45,7 +45,9 @@ async def test_migrate_to_moves_pending_mail_whole_and_can_run_again(
     data = tmp_path / "data"
     sq = SqliteQueue(data)
     try:
-        mixed = await sq.enqueue(env("a@x.test", "b@y.test", data=b"mixed\r\n" * 100))
+        # Large enough to be a spool file (the others are rows): both kinds move.
+        mixed = await sq.enqueue(env("a@x.test", "b@y.test", data=b"mixed\r\n" * 3000))
+        assert (data / "spool" / mixed).is_file()
         claimed = await sq.claim("w", now=T0, limit=10, lease=60)
         by = {c.recipient.address: c.recipient.id for c in claimed}
         await sq.record(
@@ -82,7 +84,7 @@ async def test_migrate_to_moves_pending_mail_whole_and_can_run_again(
         m = await pq.get(mixed)
         assert m is not None
         assert (m.status, m.envid, m.finished) == (Status.PARTIALLY_DELIVERED, "ENV1", None)
-        assert await pq.read_message(mixed) == b"mixed\r\n" * 100
+        assert await pq.read_message(mixed) == b"mixed\r\n" * 3000
         a, b = m.recipients
         assert (a.address, a.status, a.attempts) == ("a@x.test", Status.DELIVERED, 1)
         assert a.history[0].next_hop == "mx.x.test"

@@ -42,7 +42,6 @@ def open_queue(config: RelayConfig, *, durable: bool = True) -> SqliteQueue | Po
     )
 
 
-
 def open_limits(config: RelayConfig, *, name: str = "") -> SharedLimits:
     """The delivery limits for the configured queue (``queue.limits``): shared by every
     node through PostgreSQL, or this process's own counts (SQLite). ``name``: who holds

@@ -52,6 +52,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import statistics
@@ -472,7 +473,18 @@ def report(runs: list[Run]) -> None:
     print(f"\nidle share before the runs: {min(idles):.0%}-{max(idles):.0%} (target >= 90 %)")
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a timeout, a kill) unwinds like Ctrl-C, so the ``finally`` blocks stop
+    the Postfix instance, Ferry and the sink this run started."""
+
+    def raise_interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, raise_interrupt)
+
+
 def main() -> None:
+    _stop_on_sigterm()
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--configs", default=DEFAULT_CONFIGS)

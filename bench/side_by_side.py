@@ -358,7 +358,12 @@ def run_ferry(
     proc = start_ferry(cfg, src)
     queued = -1
     try:
-        wait_port("127.0.0.1", port)
+        try:
+            wait_port("127.0.0.1", port)
+        except SystemExit:
+            # Say why (a missing module: run this script with the project's venv python).
+            log = (cfg.parent / "serve.log").read_text(errors="replace")
+            raise SystemExit(f"ferry serve did not start:\n{log[-2000:]}") from None
         idle = wait_quiet()
         db = sqlite3.connect(f"file:{tmp}/data/queue.db?mode=ro", uri=True)
 

@@ -268,3 +268,13 @@ async def test_queue_check_reports_a_missing_body_file(tmp_path: Path) -> None:
     assert kept not in problems[0]
     human = run_cli(cfg, "queue", "check")
     assert human.returncode == 1 and f"message {lost}" in human.stdout
+
+
+async def test_statement_journals_stay_in_memory(tmp_path: Path) -> None:
+    # Each job of a group commit is a SAVEPOINT whose statement journal was a temporary
+    # file: recording an outcome cost about 3x as much (bench/record_cost.py). 2: memory.
+    q = SqliteQueue(tmp_path / "q")
+    try:
+        assert q.run_sync(lambda c: c.execute("PRAGMA temp_store").fetchone()[0]) == 2
+    finally:
+        await q.close()

@@ -28,6 +28,7 @@ from ferry.events import (
     HostnameNotFqdn,
     LeasesReleased,
     OperatorBulkAction,
+    OutcomesReplayed,
     Started,
     Stopping,
     emit,
@@ -36,6 +37,7 @@ from ferry.intake.server import IntakeServer, run_hook
 from ferry.message import message_id
 from ferry.queue import open_queue
 from ferry.queue.base import IdempotencyRecord
+from ferry.queue.journal import journal_dir, replay
 from ferry.queue.retention import Retention
 from ferry.queue.selection import ALL_DESTINATIONS
 from ferry.queue.sqlite import QueueDamaged, SqliteQueue
@@ -147,6 +149,12 @@ class Service:
             # this node are ours to hand back at once instead of waiting for them to expire.
             # A PostgreSQL queue is shared by several nodes: the others' leases are theirs,
             # and a dead node's run out by themselves.
+            if isinstance(queue, SqliteQueue):
+                # First what a crashed run's workers journaled but never saw committed
+                # (ferry/queue/journal.py): their leases are still theirs until below.
+                replayed = await replay(queue, journal_dir(self.config.queue.path))
+                if replayed:
+                    emit(OutcomesReplayed(replayed, None))
             released = await queue.release_leases() if isinstance(queue, SqliteQueue) else 0
             if released:
                 emit(LeasesReleased(released))

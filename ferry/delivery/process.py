@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr
 
 from ferry.config import RelayConfig
-from ferry.events import DeliveryTotals, WorkerDied, WorkerStarted, emit
+from ferry.events import DeliveryTotals, OutcomesReplayed, WorkerDied, WorkerStarted, emit
+from ferry.queue.journal import OutcomeJournal, journal_dir, replay
 
 if TYPE_CHECKING:
     from ferry.delivery.scheduler import Scheduler
@@ -136,6 +137,7 @@ class DeliveryProcess:
                 emit(WorkerDied(self.proc.pid, code))
                 # Its last claims commit before the release, or they would stay leased.
                 await self._close_server()
+                await self._replay()
                 await self._release()
                 await asyncio.sleep(RESTART_DELAY)  # no hot restart loop on a crashing worker
                 if not self._stopping:
@@ -152,6 +154,15 @@ class DeliveryProcess:
                     with contextlib.suppress(Exception):
                         await self._close_server()
                         await self._spawn()
+
+    async def _replay(self) -> None:
+        """Record what the dead worker journaled but had not seen committed (before its
+        leases go back: a recipient no longer leased to it would be skipped)."""
+        if self.queue is None:
+            return  # PostgreSQL: workers commit their outcomes themselves, no journal
+        replayed = await replay(self.queue, journal_dir(self.config.queue.path), self.owner)
+        if replayed:
+            emit(OutcomesReplayed(replayed, self.owner))
 
     async def _release(self) -> None:
         """Hand this worker's leases back to the queue (it is gone)."""
@@ -185,6 +196,7 @@ class DeliveryProcess:
                 # it could not release its own leases: do it for it
                 with contextlib.suppress(Exception):
                     await self._close_server()
+                    await self._replay()
                     await self._release()
         await self._close_server()
         if self._monitor is not None:
@@ -218,7 +230,12 @@ async def _worker(config: RelayConfig, owner: str, notify_fd: int, queue_fd: int
     from ferry.delivery.scheduler import Scheduler, flat_stats
 
     queue, parent_gone = await _open_queue(config, queue_fd)
-    scheduler = Scheduler(config, queue, owner=owner)
+    # A worker of a SQLite queue: outcomes go to its journal before the next
+    # transaction, and are committed by the parent behind it (ferry/queue/journal.py).
+    journal = (
+        OutcomeJournal(journal_dir(config.queue.path), owner) if queue_fd is not None else None
+    )
+    scheduler = Scheduler(config, queue, owner=owner, journal=journal)
     loop = asyncio.get_running_loop()
     os.set_blocking(notify_fd, False)
 
@@ -248,6 +265,8 @@ async def _worker(config: RelayConfig, owner: str, notify_fd: int, queue_fd: int
             loop.remove_reader(notify_fd)
         await _stop_scheduler(scheduler, parent_gone)
         emit(DeliveryTotals(flat_stats(scheduler.stats())))
+        if journal is not None:
+            journal.close()  # deleted if every entry committed; else the parent replays it
         await queue.close()
 
 

@@ -1,10 +1,12 @@
 """From outcomes to the queue: retries, expiry, DSNs, statistics (Postfix's bounce/defer).
 
-Sessions hand every transaction's outcomes to ``Recorder.finish`` and wait until they
-are committed before their connection starts another transaction (issue 10.1: a crash
-may repeat only the transactions in flight, at most one per connection). Waiting costs
-little because it is shared: the queue's writer commits every write waiting at the same
-moment in one transaction (group commit across connections).
+Sessions hand every transaction's outcomes to ``Recorder.finish`` before their
+connection starts another transaction (issue 10.1: a crash may repeat only the
+transactions in flight, at most one per connection). ``finish`` returns once they are
+committed -- shared: the queue's writer commits every write waiting at the same moment
+in one transaction (group commit across connections) -- or, in a worker of a SQLite
+queue, once they are in the worker's outcome journal (ferry/queue/journal.py): the
+commit then happens behind the session, which goes on at once.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ferry.delivery.retry import (
 from ferry.envelope import EnvelopeIn, Reply, Status
 from ferry.events import DoubleBounce, DsnDropped, DsnQueued, GaveUp, emit, outcome_event
 from ferry.queue.base import AttemptResult, ClaimedRecipient, MessageInfo, Queue
+from ferry.queue.journal import OutcomeJournal
 
 
 @dataclass(slots=True)
@@ -81,16 +84,23 @@ class DeliveryStats:
     )
 
 
+#: (the DSN's envelope, when it was made, the message it reports on, its reports)
+Dsn = tuple[EnvelopeIn, float, MessageInfo, list[Report]]
+
+# With a journal: how many transactions' outcomes may wait for their commit at once
+# before sessions wait for it again (the writer is behind: do not run ahead of it).
+MAX_UNCOMMITTED = 1000
+
+
 @dataclass(slots=True)
 class _Entry:
     """One transaction's outcomes, waiting for the commit that records them."""
 
     message: MessageInfo
     results: list[AttemptResult]
-    failed: list[Report]
-    delayed: list[Report]
-    relayed: list[Report]
+    dsns: list[Dsn]
     now: float
+    seq: int | None = None  # its number in the outcome journal
 
 
 class Recorder:
@@ -106,7 +116,10 @@ class Recorder:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         on_enqueue: Callable[[], None] | None = None,
+        journal: OutcomeJournal | None = None,
     ) -> None:
+        """``journal``: write each transaction's outcomes there and go on without
+        waiting for their commit (a worker of a SQLite queue, ferry/queue/journal.py)."""
         d = config.delivery
         self.config = config
         self.queue = queue
@@ -115,6 +128,7 @@ class Recorder:
         self.clock = clock
         self.rng = rng or random.Random()
         self.on_enqueue = on_enqueue
+        self.journal = journal
         self.policy = policy_for(config)
         self.delay_warning_after = d.delay_warning_after  # seconds, parsed at load
         self.hostname = config.server.hostname
@@ -127,7 +141,8 @@ class Recorder:
         self._gather_task: asyncio.Task[None] | None = None
 
     async def finish(self, message: MessageInfo, outcomes: list[Outcome]) -> None:
-        """Record one transaction's outcomes; returns once they are committed.
+        """Record one transaction's outcomes; returns once they are committed, or with a
+        journal once they are written there (either survives a crash of this process).
 
         Retries are decided now; the write is shared with every other session's
         outcomes waiting at the same moment. Cancelling the caller does not cancel
@@ -232,7 +247,17 @@ class Recorder:
                     session=o.session,
                 )
             )
-        entry = _Entry(message, results, failed, delayed, relayed, now)
+        dsns: list[Dsn] = []
+        if self.config.delivery.bounces and (failed or delayed or relayed):
+            try:
+                dsns = await self._dsns(message, failed, delayed, relayed, now)
+            except Exception:  # a bug in a report must not stop the record
+                logging.getLogger("ferry.delivery").exception(
+                    "building a DSN for %s failed", message.id
+                )
+        entry = _Entry(message, results, dsns, now)
+        if self.journal is not None:
+            entry.seq = self.journal.append(results, now, self._new_messages(dsns))
         if self._gathering is None:
             # The first outcome of this turn of the event loop starts a write; the
             # other sessions finishing in the same turn join it (one queue job).
@@ -244,8 +269,21 @@ class Recorder:
             self._gather_task.add_done_callback(self._writing.discard)
         self._gathering.append(entry)
         assert self._gather_task is not None
+        if (
+            entry.seq is not None
+            and self.journal is not None
+            and self.journal.in_flight <= MAX_UNCOMMITTED
+        ):
+            return  # in the journal: the connection may start its next transaction
         # Shielded: a cancelled session (shutdown) must not cancel the write itself.
         await asyncio.shield(self._gather_task)
+
+    def _new_messages(self, dsns: list[Dsn]) -> list[tuple[EnvelopeIn, float, list[int]]]:
+        """The DSNs as ``Queue.record`` queues them: envelope, expiry, recipients reported."""
+        life = self.policy.message_lifetime
+        return [
+            (env, now + life, [r.recipient.id for r in reports]) for env, now, _m, reports in dsns
+        ]
 
     def drop(self, claims: list[ClaimedRecipient]) -> None:
         """Forget claims that need no record (their message was removed meanwhile)."""
@@ -259,17 +297,8 @@ class Recorder:
         await asyncio.sleep(0)  # let the sessions finishing in this turn join
         if self._gathering is batch:
             self._gathering, self._gather_task = None, None
-        dsns: list[tuple[EnvelopeIn, float, MessageInfo, list[Report]]] = []
-        if self.config.delivery.bounces:
-            for e in batch:
-                try:
-                    dsns += await self._dsns(e.message, e.failed, e.delayed, e.relayed, e.now)
-                except Exception:  # a bug in a report must not stop the record
-                    logging.getLogger("ferry.delivery").exception(
-                        "building a DSN for %s failed", e.message.id
-                    )
+        dsns = [d for e in batch for d in e.dsns]
         results = [r for e in batch for r in e.results]
-        life = self.policy.message_lifetime
         delay = 0.5
         while True:
             try:
@@ -277,10 +306,7 @@ class Recorder:
                     self.owner,
                     results,
                     now=max(e.now for e in batch),
-                    new_messages=[
-                        (env, now + life, [r.recipient.id for r in reports])
-                        for env, now, _m, reports in dsns
-                    ],
+                    new_messages=self._new_messages(dsns),
                 )
                 break
             except Exception:
@@ -290,6 +316,8 @@ class Recorder:
                 await asyncio.sleep(delay)  # back off, not a synchronisation point
                 delay = min(delay * 2, 30.0)
         self.held.difference_update(r.recipient_id for r in results)
+        if self.journal is not None:
+            self.journal.done([e.seq for e in batch if e.seq is not None])
         for qid, (env, _now, message, reports) in zip(ids, dsns, strict=True):
             if qid is None:
                 continue  # its outcomes were discarded (cancelled meanwhile)
@@ -322,7 +350,7 @@ class Recorder:
         delayed: list[Report],
         relayed: list[Report],
         now: float,
-    ) -> list[tuple[EnvelopeIn, float, MessageInfo, list[Report]]]:
+    ) -> list[Dsn]:
         """The DSN messages these reports call for; for a failed message from <> (a
         double bounce), the postmaster's notice."""
         if message.sender == "" and failed:

@@ -29,6 +29,7 @@ from ferry.delivery.mx import MxResolver
 from ferry.delivery.sessions import Delivery, Destination, WorkItem, make_shaper
 from ferry.queue import open_limits
 from ferry.queue.base import ClaimedRecipient, Queue
+from ferry.queue.journal import OutcomeJournal
 from ferry.queue.limits import SharedLimits
 from ferry.queue.selection import ALL_DESTINATIONS
 
@@ -146,7 +147,9 @@ class Scheduler:
         rng: random.Random | None = None,
         ca_file: str | None = None,
         limits: SharedLimits | None = None,
+        journal: OutcomeJournal | None = None,
     ) -> None:
+        """``journal``: the worker's outcome journal (SQLite queue, ferry/queue/journal.py)."""
         d = config.delivery
         self.config = config
         self.queue = queue
@@ -167,6 +170,7 @@ class Scheduler:
             ca_file=ca_file,
             on_enqueue=self.notify,
             limits=self.limits,
+            journal=journal,
         )
         self.max_concurrent = d.max_concurrent_deliveries
         # Work held in memory (claimed, not yet sent): enough to keep every session busy,

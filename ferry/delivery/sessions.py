@@ -81,6 +81,7 @@ from ferry.events import (
 )
 from ferry.message import MAX_HOPS, count_received, header_block
 from ferry.queue.base import ClaimedRecipient, MessageInfo, Queue
+from ferry.queue.journal import OutcomeJournal
 from ferry.queue.limits import LocalLimits, SharedLimits, Slot
 
 # How long a host whose TLS handshake failed is spoken to in plain text (opportunistic
@@ -176,6 +177,7 @@ class Delivery:
         ca_file: str | None = None,
         on_enqueue: Callable[[], None] | None = None,
         limits: SharedLimits | None = None,
+        journal: OutcomeJournal | None = None,
     ) -> None:
         d = config.delivery
         self.config = config
@@ -216,6 +218,7 @@ class Delivery:
             clock=clock,
             rng=rng,
             on_enqueue=on_enqueue,
+            journal=journal,
         )
 
     # The scheduler's view -----------------------------------------------------------
@@ -600,8 +603,9 @@ class Delivery:
         return None
 
     async def _finish(self, item: WorkItem, outcomes: list[Outcome]) -> None:
-        """Record outcomes; returns once they are committed (issue 10.1: the session's
-        connection starts no new transaction before its last one is recorded)."""
+        """Record outcomes; returns once they are committed or in the outcome journal
+        (issue 10.1: the session's connection starts no new transaction before its last
+        one is recorded)."""
         if outcomes:
             await self.recorder.finish(item.message, outcomes)
 

@@ -55,6 +55,16 @@ class LeasesReleased(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class OutcomesReplayed(Event):
+    """Outcomes a dead delivery worker had journaled but not seen committed were recorded
+    from its journal (``owner``: that worker; none: left by a crashed run, at start)."""
+
+    name = "outcomes_replayed"
+    count: int
+    owner: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class DeliveryTotals(Event):
     """A scheduler stopped: its statistics counters (as ``ferry stats`` shows them)."""
 

@@ -149,8 +149,17 @@ class OutcomeJournal:
         self.owner = owner
         self.segment_bytes = segment_bytes
         directory.mkdir(parents=True, exist_ok=True)
+        # Files of this owner not replayed yet (a replay that failed) stay as they are:
+        # numbering goes on after them, so no entry or ack is confused with theirs.
         self._seq = 0
         self._segment = -1
+        for path in directory.glob(f"{_safe(owner)}.*.journal"):
+            n = path.name[: -len(".journal")].rpartition(".")[2]
+            if n.isdigit():
+                self._segment = max(self._segment, int(n))
+                for frame in read_frames(path):
+                    if frame[0] == "o":
+                        self._seq = max(self._seq, int(frame[1]))
         self._fd = -1
         self._size = 0
         #: Unacknowledged entries per segment number; where each entry went.
@@ -166,10 +175,7 @@ class OutcomeJournal:
         if self._fd >= 0:
             os.close(self._fd)
         self._segment += 1
-        # O_TRUNC: a file of this name can only be an earlier run's, already replayed.
-        self._fd = os.open(
-            self._path(self._segment), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600
-        )
+        self._fd = os.open(self._path(self._segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._size = 0
         self._open_entries[self._segment] = 0
 

@@ -8,7 +8,9 @@ world that counts every copy; the worker is SIGKILLed three times while mail flo
 
 The second kill comes while another process holds the queue's write lock (as
 `ferry queue ...` or a slow fsync does): outcomes cannot be committed then, so a relay
-that went on delivering before recording them would send every one of them again.
+that went on delivering before recording them would send every one of them again. The
+worker does go on (its outcomes are in its journal, ferry/queue/journal.py): the parent
+must record them from the journal after the kill, or this test fails.
 """
 
 from __future__ import annotations

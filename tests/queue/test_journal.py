@@ -38,7 +38,7 @@ def test_acknowledged_entries_are_not_pending_and_a_clean_close_deletes_the_jour
     assert j.in_flight == 2
     j.done([one])
     assert j.in_flight == 1
-    [(paths, entries)] = pending(tmp_path)
+    [(_paths, entries)] = pending(tmp_path)
     assert [e.seq for e in entries] == [two]
     assert entries[0].owner == "relay.test:42:0" and entries[0].results == _delivered(2)
     j.done([two])
@@ -177,3 +177,19 @@ def test_only_the_named_owners_journal_is_replayed(tmp_path: Path) -> None:
     [(paths, _entries)] = pending(tmp_path, "w:1:1")
     assert [p.name for p in paths] == ["w_1_1.0.journal"]
     assert len(pending(tmp_path)) == 2
+
+
+def test_a_journal_left_unreplayed_is_kept_and_numbering_goes_on_after_it(
+    tmp_path: Path,
+) -> None:
+    old = OutcomeJournal(tmp_path, "w:1:0")
+    kept = old.append(_delivered(1), NOW, [])
+    old.close()
+    # The same worker restarted before its journal could be replayed.
+    new = OutcomeJournal(tmp_path, "w:1:0")
+    seq = new.append(_delivered(2), NOW, [])
+    assert kept is not None and seq is not None and seq > kept
+    new.done([seq])
+    new.close()
+    [(_paths, entries)] = pending(tmp_path)
+    assert [e.results[0].recipient_id for e in entries] == [1]

@@ -79,6 +79,7 @@ class DeliveryProcess:
         self._wfd: int | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._stopping = False
+        self._poke_due = False
         self.restarts = 0
 
     async def _spawn(self) -> None:
@@ -178,7 +179,20 @@ class DeliveryProcess:
             await queue.close()
 
     def notify(self) -> None:
-        """New mail: wake the worker (coalesced; a full pipe already means "wake")."""
+        """New mail: wake the worker. Coalesced: one write per turn of the event loop,
+        however many messages were accepted in it (a system call per message was 1.6 %
+        of the serve process at 1 KB); a full pipe already means "wake"."""
+        if self._poke_due:
+            return
+        try:
+            asyncio.get_running_loop().call_soon(self._poke)
+        except RuntimeError:  # no loop running (a caller outside it): poke at once
+            self._poke()
+            return
+        self._poke_due = True
+
+    def _poke(self) -> None:
+        self._poke_due = False
         if self._wfd is not None:
             with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
                 os.write(self._wfd, b"\0")

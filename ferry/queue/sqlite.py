@@ -65,7 +65,7 @@ from ferry.queue.selection import (
     Summary,
     Suspension,
 )
-from ferry.queue.sqlite_schema import migrate
+from ferry.queue.sqlite_schema import DUE_WHERE, migrate
 
 T = TypeVar("T")
 
@@ -1073,7 +1073,7 @@ class SqliteQueue(OperatorMethods, Queue):
                 skip = f" AND domain NOT IN ({','.join('?' * len(excluded))})"
             rows = conn.execute(
                 "SELECT id FROM recipients INDEXED BY recipients_order"
-                " WHERE status IN ('Queued','Deferred','InProgress')"
+                f" WHERE {sqlite_ops.PENDING_WHERE}"
                 " AND ((status != 'InProgress' AND next_attempt <= ?)"
                 f" OR (status = 'InProgress' AND lease_until <= ?)){skip}"
                 " ORDER BY priority DESC, arrival, id LIMIT ?",
@@ -1257,10 +1257,13 @@ class SqliteQueue(OperatorMethods, Queue):
         skip = f" AND domain NOT IN ({','.join('?' * len(excluded))})" if excluded else ""
 
         def job(conn: sqlite3.Connection) -> float | None:
+            # The due recipients' index (its first entry) and the pending one, not the
+            # history (the predicates, word for word, are the indexes').
             row = conn.execute(
                 "SELECT MIN(t) FROM (SELECT MIN(next_attempt) AS t FROM recipients"
-                f" WHERE status IN ('Queued','Deferred'){skip} UNION ALL"
-                f" SELECT MIN(lease_until) FROM recipients WHERE status='InProgress'{skip})",
+                f" INDEXED BY recipients_due WHERE {DUE_WHERE}{skip} UNION ALL"
+                " SELECT MIN(lease_until) FROM recipients"
+                f" WHERE {sqlite_ops.PENDING_WHERE} AND status='InProgress'{skip})",
                 (*excluded, *excluded),
             ).fetchone()
             return row[0] if row else None
@@ -1304,7 +1307,7 @@ class SqliteQueue(OperatorMethods, Queue):
                 # the cost follows the pending queue, not the history.
                 where.append(
                     "id IN (SELECT message_id FROM recipients"
-                    f" WHERE status IN {PENDING_SQL} AND status=?)"
+                    f" WHERE {sqlite_ops.PENDING_WHERE} AND status=?)"
                 )
                 args.append(status.value)
             elif status is not None:

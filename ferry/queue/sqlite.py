@@ -1,8 +1,9 @@
 """The SQLite queue: WAL, synchronous=FULL, one writer thread with group commit.
 
 Every operation is a function run on the writer thread's connection. The thread takes
-whatever jobs are waiting (up to ``batch``), runs each inside its own SAVEPOINT (so one
-failing job does not undo its neighbours) and commits them with one fsync. Concurrent
+whatever jobs are waiting (up to ``batch``), runs them in one transaction -- as if each
+were in its own SAVEPOINT, so one failing job undoes none of its neighbours (see
+``_Writer._run_group``) -- and commits them with one fsync. Concurrent
 SMTP sessions therefore share fsyncs: durability costs little throughput, and a 250 is
 only sent after the commit that holds the message has returned.
 
@@ -437,20 +438,45 @@ class _Writer(threading.Thread):
         started = time.perf_counter()
         try:
             begin_immediate(conn)
+            # Every job as if in a SAVEPOINT of its own, one failing job undoing none of
+            # its neighbours: first optimistically without them, since a savepoint makes
+            # SQLite copy every page a job touches that an earlier job of the group made
+            # dirty (the counter rows, the right edge of every index: each job, again);
+            # only if a job fails is the whole group rolled back and run once more, each
+            # job in its savepoint. Jobs are database work, so running one again over the
+            # same database does the same (``SqliteQueue._write`` resets what it collects).
+            failed = False
             for fn, fut in group:
-                if not _start(fut):
-                    continue
-                begun.add(id(fut))
-                conn.execute("SAVEPOINT job")
+                if id(fut) not in begun:
+                    if not _start(fut):
+                        continue
+                    begun.add(id(fut))
                 try:
                     value = fn(conn)
-                except BaseException as exc:  # the job's error is the caller's
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    results.append((fut, False, exc))
-                else:
-                    conn.execute("RELEASE job")
-                    results.append((fut, True, value))
+                except BaseException:
+                    failed = True
+                    break
+                results.append((fut, True, value))
+            if failed:
+                results = []
+                if conn.in_transaction:  # (some errors end the transaction themselves)
+                    conn.execute("ROLLBACK")
+                begin_immediate(conn)
+                for fn, fut in group:
+                    if id(fut) not in begun:
+                        if not _start(fut):
+                            continue
+                        begun.add(id(fut))
+                    conn.execute("SAVEPOINT job")
+                    try:
+                        value = fn(conn)
+                    except BaseException as exc:  # the job's error is the caller's
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
+                        results.append((fut, False, exc))
+                    else:
+                        conn.execute("RELEASE job")
+                        results.append((fut, True, value))
             self.check_files()
             conn.execute("COMMIT")
             self.commits += 1
@@ -924,6 +950,7 @@ class SqliteQueue(OperatorMethods, Queue):
         dropped: builtins.list[str] = []
 
         def job(conn: sqlite3.Connection) -> T:
+            dropped.clear()  # the writer may run a job twice: only the last run counts
             _drops.ids = dropped
             try:
                 return fn(conn)

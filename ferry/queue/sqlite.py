@@ -234,10 +234,11 @@ def connect(path: Path, *, create: bool = True, readonly: bool = False) -> sqlit
     # FULL: the WAL is fsynced at every commit -- a 250 must survive power loss.
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
-    # Every job of a group commit runs in a SAVEPOINT, and SQLite copies each page a job
-    # first changes into a statement journal -- by default a temporary *file*: measured,
-    # a delivered outcome's UPDATE took 258 us with it and 80 us in memory (a job touches
-    # a few dozen pages; the journal is dropped at RELEASE). Nothing durable lives there.
+    # In a SAVEPOINT (a group commit's jobs after one failed: _Writer._run_group) and in
+    # statements that change several rows, SQLite copies each page first changed into a
+    # statement journal -- by default a temporary *file*: measured, a delivered outcome's
+    # UPDATE in a savepoint took 258 us with it and 80 us in memory (a job touches a few
+    # dozen pages; the journal is dropped at RELEASE). Nothing durable lives there.
     conn.execute("PRAGMA temp_store=MEMORY")
     conn.execute("PRAGMA busy_timeout=30000")
     # The WAL file keeps its high-water mark unless limited: truncate it to this after

@@ -333,6 +333,8 @@ class _Writer(threading.Thread):
             # (NORMAL is still crash-safe; only a power loss can undo the last outcomes,
             # and then a message is sent twice, never lost).
             self.conn.execute("PRAGMA synchronous=NORMAL")
+        #: The connection's synchronous mode (connect() sets FULL).
+        self.sync_mode = "FULL" if durable else "NORMAL"
         self.batch = batch
         # (job, its future, whether its commit must be fsynced before it is answered)
         self.jobs: _stdqueue.SimpleQueue[_Job | None] = _stdqueue.SimpleQueue()
@@ -421,16 +423,22 @@ class _Writer(threading.Thread):
                 # their sessions go on at once instead of waiting for intake's fsync
                 # (the guarantee a delivery worker had when it committed them itself).
                 # The fsync of the next commit covers them too: the WAL is sequential.
-                self.conn.execute("PRAGMA synchronous=NORMAL")
-                try:
-                    self._run_group(relaxed)
-                finally:
-                    self.conn.execute("PRAGMA synchronous=FULL")
+                self._synchronous("NORMAL")
+                self._run_group(relaxed)
                 group = [job for job in group if job[2]]
             if group:
+                if self.durable:
+                    self._synchronous("FULL")
                 self._run_group([(fn, fut) for fn, fut, _fsync in group])
             if stop:
                 return
+
+    def _synchronous(self, mode: str) -> None:
+        """Commit with (FULL) or without (NORMAL) an fsync from now on; a durable writer
+        keeps the mode between groups, so a run of relaxed groups switches it once."""
+        if self.sync_mode != mode:
+            self.conn.execute(f"PRAGMA synchronous={mode}")
+            self.sync_mode = mode
 
     def _run_group(self, group: list[tuple[Callable[[sqlite3.Connection], Any], _Waiter]]) -> None:
         conn = self.conn

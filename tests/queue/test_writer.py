@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from ferry.queue.sqlite import SqliteQueue
 
 
-def _insert(key: str) -> object:
+def _insert(key: str) -> Callable[[sqlite3.Connection], str]:
     def job(conn: sqlite3.Connection) -> str:
         conn.execute("INSERT INTO meta(key, value) VALUES (?, 'x')", (key,))
         return key
@@ -39,15 +40,16 @@ async def test_a_job_failing_half_way_undoes_only_itself_in_its_group(tmp_path: 
         # they are then taken, and committed, as one group.
         held = writer.submit(hold)
         assert entered.wait(10)
-        jobs = [writer.submit(_insert("before")), writer.submit(_half_way)]  # type: ignore[arg-type]
-        jobs.append(writer.submit(_insert("after")))  # type: ignore[arg-type]
+        before = writer.submit(_insert("before"))
+        failing = writer.submit(_half_way)
+        after = writer.submit(_insert("after"))
         commits = q.commits
         gate.set()
         assert held.result(timeout=10) is True
-        assert jobs[0].result(timeout=10) == "before"
+        assert before.result(timeout=10) == "before"
         with pytest.raises(RuntimeError, match="half way"):
-            jobs[1].result(timeout=10)
-        assert jobs[2].result(timeout=10) == "after"
+            failing.result(timeout=10)
+        assert after.result(timeout=10) == "after"
         assert q.commits == commits + 2  # the held job's commit, then the group's
         rows = dict(q.run_sync(lambda c: c.execute("SELECT key, value FROM meta").fetchall()))
         assert rows["before"] == rows["after"] == "x"

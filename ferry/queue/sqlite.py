@@ -465,6 +465,9 @@ class _Writer(threading.Thread):
                 except BaseException:
                     failed = True
                     break
+                if not conn.in_transaction:  # an error SQLite rolled back itself, caught
+                    failed = True
+                    break
                 results.append((fut, True, value))
             if failed:
                 results = []

@@ -1,8 +1,9 @@
 """The SQLite queue: WAL, synchronous=FULL, one writer thread with group commit.
 
 Every operation is a function run on the writer thread's connection. The thread takes
-whatever jobs are waiting (up to ``batch``), runs each inside its own SAVEPOINT (so one
-failing job does not undo its neighbours) and commits them with one fsync. Concurrent
+whatever jobs are waiting (up to ``batch``), runs them in one transaction -- as if each
+were in its own SAVEPOINT, so one failing job undoes none of its neighbours (see
+``_Writer._run_group``) -- and commits them with one fsync. Concurrent
 SMTP sessions therefore share fsyncs: durability costs little throughput, and a 250 is
 only sent after the commit that holds the message has returned.
 
@@ -65,7 +66,7 @@ from ferry.queue.selection import (
     Summary,
     Suspension,
 )
-from ferry.queue.sqlite_schema import migrate
+from ferry.queue.sqlite_schema import DUE_WHERE, migrate
 
 T = TypeVar("T")
 
@@ -233,10 +234,11 @@ def connect(path: Path, *, create: bool = True, readonly: bool = False) -> sqlit
     # FULL: the WAL is fsynced at every commit -- a 250 must survive power loss.
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
-    # Every job of a group commit runs in a SAVEPOINT, and SQLite copies each page a job
-    # first changes into a statement journal -- by default a temporary *file*: measured,
-    # a delivered outcome's UPDATE took 258 us with it and 80 us in memory (a job touches
-    # a few dozen pages; the journal is dropped at RELEASE). Nothing durable lives there.
+    # In a SAVEPOINT (a group commit's jobs after one failed: _Writer._run_group) and in
+    # statements that change several rows, SQLite copies each page first changed into a
+    # statement journal -- by default a temporary *file*: measured, a delivered outcome's
+    # UPDATE in a savepoint took 258 us with it and 80 us in memory (a job touches a few
+    # dozen pages; the journal is dropped at RELEASE). Nothing durable lives there.
     conn.execute("PRAGMA temp_store=MEMORY")
     conn.execute("PRAGMA busy_timeout=30000")
     # The WAL file keeps its high-water mark unless limited: truncate it to this after
@@ -270,6 +272,53 @@ def begin_immediate(conn: sqlite3.Connection) -> None:
             time.sleep(LOCK_RETRY_SECONDS)
 
 
+# A job's caller waits on a concurrent future (a thread: ``run_sync``) or on an asyncio
+# future (a coroutine: ``SqliteQueue._run``).
+_Waiter = concurrent.futures.Future[Any] | asyncio.Future[Any]
+_Job = tuple[Callable[[sqlite3.Connection], Any], _Waiter, bool]
+
+
+def _start(fut: _Waiter) -> bool:
+    """Mark the job as started; False if its caller gave up (cancelled) first."""
+    if isinstance(fut, concurrent.futures.Future):
+        return fut.set_running_or_notify_cancel()
+    # Read from the writer thread: a cancellation that lands just after this check is
+    # like one that lands while the job runs -- the job commits, its result is dropped.
+    return not fut.cancelled()
+
+
+def _settle(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    """Answer a group's asyncio callers (run in their event loop)."""
+    for fut, ok, value in results:
+        if fut.done():  # cancelled meanwhile
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+def _answer(results: Sequence[tuple[_Waiter, bool, Any]]) -> None:
+    """Give every caller its job's result or exception.
+
+    Asyncio callers are answered in one call per event loop: waking a loop from another
+    thread is a system call, and each ``asyncio.wrap_future`` made one per job (measured:
+    7 % of the writer thread's time in a group of 50 enqueues).
+    """
+    loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+    for fut, ok, value in results:
+        if isinstance(fut, concurrent.futures.Future):
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+        else:
+            loops.setdefault(fut.get_loop(), []).append((fut, ok, value))
+    for loop, batch in loops.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(_settle, batch)
+
+
 class _Writer(threading.Thread):
     """The one thread that runs jobs against the database, committing in groups."""
 
@@ -284,11 +333,11 @@ class _Writer(threading.Thread):
             # (NORMAL is still crash-safe; only a power loss can undo the last outcomes,
             # and then a message is sent twice, never lost).
             self.conn.execute("PRAGMA synchronous=NORMAL")
+        #: The connection's synchronous mode (connect() sets FULL).
+        self.sync_mode = "FULL" if durable else "NORMAL"
         self.batch = batch
         # (job, its future, whether its commit must be fsynced before it is answered)
-        self.jobs: _stdqueue.SimpleQueue[
-            tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future[Any], bool] | None
-        ] = _stdqueue.SimpleQueue()
+        self.jobs: _stdqueue.SimpleQueue[_Job | None] = _stdqueue.SimpleQueue()
         self.stopped = False
         #: Commits, the jobs they carried and the seconds they took (metrics read these).
         self.commits = 0
@@ -328,17 +377,29 @@ class _Writer(threading.Thread):
         self.jobs.put((fn, fut, fsync))
         return fut
 
+    def submit_async(
+        self, fn: Callable[[sqlite3.Connection], T], *, fsync: bool = True
+    ) -> asyncio.Future[T]:
+        """``submit`` for a coroutine of the running event loop: await the future."""
+        if self.stopped:
+            raise RuntimeError("the queue is closed")
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self.jobs.put((fn, fut, fsync))
+        return fut
+
     def stop(self) -> None:
         self.stopped = True
         self.jobs.put(None)
         self.join()
         self.conn.close()
         # A job queued beside the stop (a race with submit) is refused, not left waiting.
+        refused: list[tuple[_Waiter, bool, Any]] = []
         with contextlib.suppress(_stdqueue.Empty):
             while True:
                 job = self.jobs.get_nowait()
-                if job is not None and job[1].set_running_or_notify_cancel():
-                    job[1].set_exception(RuntimeError("the queue is closed"))
+                if job is not None and _start(job[1]):
+                    refused.append((job[1], False, RuntimeError("the queue is closed")))
+        _answer(refused)
 
     def run(self) -> None:
         while True:
@@ -362,39 +423,72 @@ class _Writer(threading.Thread):
                 # their sessions go on at once instead of waiting for intake's fsync
                 # (the guarantee a delivery worker had when it committed them itself).
                 # The fsync of the next commit covers them too: the WAL is sequential.
-                self.conn.execute("PRAGMA synchronous=NORMAL")
-                try:
-                    self._run_group(relaxed)
-                finally:
-                    self.conn.execute("PRAGMA synchronous=FULL")
+                self._synchronous("NORMAL")
+                self._run_group(relaxed)
                 group = [job for job in group if job[2]]
             if group:
+                if self.durable:
+                    self._synchronous("FULL")
                 self._run_group([(fn, fut) for fn, fut, _fsync in group])
             if stop:
                 return
 
-    def _run_group(
-        self,
-        group: list[tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future[Any]]],
-    ) -> None:
+    def _synchronous(self, mode: str) -> None:
+        """Commit with (FULL) or without (NORMAL) an fsync from now on; a durable writer
+        keeps the mode between groups, so a run of relaxed groups switches it once."""
+        if self.sync_mode != mode:
+            self.conn.execute(f"PRAGMA synchronous={mode}")
+            self.sync_mode = mode
+
+    def _run_group(self, group: list[tuple[Callable[[sqlite3.Connection], Any], _Waiter]]) -> None:
         conn = self.conn
-        results: list[tuple[concurrent.futures.Future[Any], bool, Any]] = []
+        results: list[tuple[_Waiter, bool, Any]] = []
+        begun: set[int] = set()  # id() of the futures of jobs started
         started = time.perf_counter()
         try:
             begin_immediate(conn)
+            # Every job as if in a SAVEPOINT of its own, one failing job undoing none of
+            # its neighbours: first optimistically without them, since a savepoint makes
+            # SQLite copy every page a job touches that an earlier job of the group made
+            # dirty (the counter rows, the right edge of every index: each job, again);
+            # only if a job fails is the whole group rolled back and run once more, each
+            # job in its savepoint. Jobs are database work, so running one again over the
+            # same database does the same (``SqliteQueue._write`` resets what it collects).
+            failed = False
             for fn, fut in group:
-                if not fut.set_running_or_notify_cancel():
-                    continue
-                conn.execute("SAVEPOINT job")
+                if id(fut) not in begun:
+                    if not _start(fut):
+                        continue
+                    begun.add(id(fut))
                 try:
                     value = fn(conn)
-                except BaseException as exc:  # the job's error is the caller's
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    results.append((fut, False, exc))
-                else:
-                    conn.execute("RELEASE job")
-                    results.append((fut, True, value))
+                except BaseException:
+                    failed = True
+                    break
+                if not conn.in_transaction:  # an error SQLite rolled back itself, caught
+                    failed = True
+                    break
+                results.append((fut, True, value))
+            if failed:
+                results = []
+                if conn.in_transaction:  # (some errors end the transaction themselves)
+                    conn.execute("ROLLBACK")
+                begin_immediate(conn)
+                for fn, fut in group:
+                    if id(fut) not in begun:
+                        if not _start(fut):
+                            continue
+                        begun.add(id(fut))
+                    conn.execute("SAVEPOINT job")
+                    try:
+                        value = fn(conn)
+                    except BaseException as exc:  # the job's error is the caller's
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
+                        results.append((fut, False, exc))
+                    else:
+                        conn.execute("RELEASE job")
+                        results.append((fut, True, value))
             self.check_files()
             conn.execute("COMMIT")
             self.commits += 1
@@ -403,17 +497,17 @@ class _Writer(threading.Thread):
         except BaseException as exc:  # the commit itself failed: nobody succeeded
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            for _fn, fut in group:
-                # Not yet started (BEGIN failed) or started: every caller learns it.
-                if not fut.done() and (fut.running() or fut.set_running_or_notify_cancel()):
-                    fut.set_exception(exc)
+            # Started, or not yet started (BEGIN failed): every caller learns it.
+            _answer(
+                [
+                    (fut, False, exc)
+                    for _fn, fut in group
+                    if id(fut) in begun or (not fut.done() and _start(fut))
+                ]
+            )
             return
         # Only now, after the fsync, do callers learn their outcome.
-        for fut, ok, value in results:
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
+        _answer(results)
 
 
 def _reply(code: int | None, enhanced: str | None, text: str | None) -> Reply | None:
@@ -668,6 +762,19 @@ def _cancel_dsns(
     return n
 
 
+# An outcome, recorded only while the recipient is still in progress under our lease.
+_RECORD_SQL = (
+    "UPDATE recipients SET status=CASE WHEN ? AND attempts=0 THEN 'Queued' ELSE ? END,"
+    " next_attempt=?, lease_owner=NULL, lease_until=NULL, attempts=attempts+?,"
+    " last_code=COALESCE(?, last_code), last_enhanced=CASE WHEN ? IS NULL"
+    " THEN last_enhanced ELSE ? END, last_text=COALESCE(?, last_text),"
+    " route=COALESCE(?, route), delay_warned=MAX(delay_warned, ?),"
+    " expiry_reason=CASE WHEN ? IS NULL THEN expiry_reason ELSE ? END"
+    " WHERE id=? AND status='InProgress' AND lease_owner=?"
+    " RETURNING message_id, status, attempts, address"
+)
+
+
 class SqliteQueue(OperatorMethods, Queue):
     """The SQLite implementation of the queue contract."""
 
@@ -754,7 +861,7 @@ class SqliteQueue(OperatorMethods, Queue):
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
-            value = await asyncio.wrap_future(self._w.submit(fn, fsync=self._fsync))
+            value = await self._w.submit_async(fn, fsync=self._fsync)
         except QueueStorageLost as exc:
             if not self._storage_lost:
                 # Once per loss, not once per refused message.
@@ -855,6 +962,7 @@ class SqliteQueue(OperatorMethods, Queue):
         dropped: builtins.list[str] = []
 
         def job(conn: sqlite3.Connection) -> T:
+            dropped.clear()  # the writer may run a job twice: only the last run counts
             _drops.ids = dropped
             try:
                 return fn(conn)
@@ -1004,7 +1112,7 @@ class SqliteQueue(OperatorMethods, Queue):
                 skip = f" AND domain NOT IN ({','.join('?' * len(excluded))})"
             rows = conn.execute(
                 "SELECT id FROM recipients INDEXED BY recipients_order"
-                " WHERE status IN ('Queued','Deferred','InProgress')"
+                f" WHERE {sqlite_ops.PENDING_WHERE}"
                 " AND ((status != 'InProgress' AND next_attempt <= ?)"
                 f" OR (status = 'InProgress' AND lease_until <= ?)){skip}"
                 " ORDER BY priority DESC, arrival, id LIMIT ?",
@@ -1047,37 +1155,28 @@ class SqliteQueue(OperatorMethods, Queue):
             addresses: dict[int, tuple[str, str, Status]] = {}
             metadata: dict[str, Any] = {}
             for res in results:
-                row = conn.execute(
-                    "SELECT message_id, lease_owner, status, attempts, address FROM recipients"
-                    " WHERE id=?",
-                    (res.recipient_id,),
-                ).fetchone()
-                if row is None:
-                    continue  # removed by an operator meanwhile
-                message_id, lease_owner, status, attempts_before, address = row
-                if status != Status.IN_PROGRESS.value or lease_owner != owner:
-                    # Cancelled meanwhile, or our lease expired and another worker owns it.
-                    continue
                 reply = res.reply
                 code, enh, text = (
                     (reply.code, reply.enhanced, reply.text) if reply else (None, None, None)
                 )
+                fresh_queued = False  # Queued again if no attempt was ever made
                 if res.status == Status.DEFERRED or not res.status.is_final:
-                    new_status = Status.DEFERRED
-                    if not res.counts_as_attempt and attempts_before == 0:
-                        new_status = Status.QUEUED
+                    status = Status.DEFERRED
+                    fresh_queued = not res.counts_as_attempt
                     next_attempt = res.next_attempt if res.next_attempt is not None else now
                 else:
-                    new_status = res.status
+                    status = res.status
                     next_attempt = None
-                conn.execute(
-                    "UPDATE recipients SET status=?, next_attempt=?, lease_owner=NULL,"
-                    " lease_until=NULL, attempts=attempts+?,"
-                    " last_code=COALESCE(?, last_code), last_enhanced=CASE WHEN ? IS NULL"
-                    " THEN last_enhanced ELSE ? END, last_text=COALESCE(?, last_text),"
-                    " route=COALESCE(?, route), delay_warned=MAX(delay_warned, ?) WHERE id=?",
+                expiry = res.expiry_reason if status is Status.EXPIRED else None
+                # One statement per outcome: the guard (still ours, still in progress:
+                # not cancelled meanwhile, our lease not taken over by another worker)
+                # is in the WHERE, the values the rest needs come back with RETURNING.
+                # SET expressions see the row before the change (``attempts=0``).
+                row = conn.execute(
+                    _RECORD_SQL,
                     (
-                        new_status.value,
+                        fresh_queued,
+                        status.value,
                         next_attempt,
                         1 if res.counts_as_attempt else 0,
                         code,
@@ -1086,9 +1185,17 @@ class SqliteQueue(OperatorMethods, Queue):
                         text,
                         res.route,
                         int(res.delay_warned),
+                        expiry,
+                        expiry,
                         res.recipient_id,
+                        owner,
                     ),
-                )
+                ).fetchall()
+                if not row:
+                    continue  # removed, cancelled or taken over meanwhile
+                message_id, new_value, attempts_after, address = row[0]
+                new_status = Status(new_value)
+                attempts_before = attempts_after - (1 if res.counts_as_attempt else 0)
                 if res.counts_as_attempt:
                     conn.execute(
                         "INSERT INTO attempts(recipient_id, at, outcome, code, enhanced, text,"
@@ -1116,11 +1223,6 @@ class SqliteQueue(OperatorMethods, Queue):
                             attempts_before + 1,
                             metadata,
                         )
-                if res.expiry_reason is not None and new_status is Status.EXPIRED:
-                    conn.execute(
-                        "UPDATE recipients SET expiry_reason=? WHERE id=?",
-                        (res.expiry_reason, res.recipient_id),
-                    )
                 touched.add(message_id)
                 updated.add(res.recipient_id)
                 addresses[res.recipient_id] = (message_id, address, new_status)
@@ -1194,10 +1296,13 @@ class SqliteQueue(OperatorMethods, Queue):
         skip = f" AND domain NOT IN ({','.join('?' * len(excluded))})" if excluded else ""
 
         def job(conn: sqlite3.Connection) -> float | None:
+            # The due recipients' index (its first entry) and the pending one, not the
+            # history (the predicates, word for word, are the indexes').
             row = conn.execute(
                 "SELECT MIN(t) FROM (SELECT MIN(next_attempt) AS t FROM recipients"
-                f" WHERE status IN ('Queued','Deferred'){skip} UNION ALL"
-                f" SELECT MIN(lease_until) FROM recipients WHERE status='InProgress'{skip})",
+                f" INDEXED BY recipients_due WHERE {DUE_WHERE}{skip} UNION ALL"
+                " SELECT MIN(lease_until) FROM recipients"
+                f" WHERE {sqlite_ops.PENDING_WHERE} AND status='InProgress'{skip})",
                 (*excluded, *excluded),
             ).fetchone()
             return row[0] if row else None
@@ -1241,7 +1346,7 @@ class SqliteQueue(OperatorMethods, Queue):
                 # the cost follows the pending queue, not the history.
                 where.append(
                     "id IN (SELECT message_id FROM recipients"
-                    f" WHERE status IN {PENDING_SQL} AND status=?)"
+                    f" WHERE {sqlite_ops.PENDING_WHERE} AND status=?)"
                 )
                 args.append(status.value)
             elif status is not None:
@@ -1730,32 +1835,50 @@ def _refresh_message_status(
         conn, "SELECT message_id, status FROM recipients WHERE message_id IN ({})", message_ids
     ):
         statuses[mid].append(Status(status))
-    conn.executemany(
-        "UPDATE messages SET status=? WHERE id=?",
-        [(message_status(s).value, mid) for mid, s in statuses.items()],
-    )
-    _finish(conn, [m for m, s in statuses.items() if s and all(x.is_final for x in s)], now)
+    pending: list[tuple[str, str, str]] = []
+    final: list[tuple[str, str]] = []
+    for mid, s in statuses.items():
+        value = message_status(s).value
+        if s and all(x.is_final for x in s):
+            final.append((value, mid))
+        else:
+            pending.append((value, mid, value))
+    # A row whose status stays is not rewritten (its pages stay clean).
+    conn.executemany("UPDATE messages SET status=? WHERE id=? AND status IS NOT ?", pending)
+    _finish(conn, final, now)
 
 
 # -- retention (schema version 2: see sqlite_schema.py) --------------------------
 
 
-def _finish(conn: sqlite3.Connection, message_ids: list[str], now: float | None) -> None:
-    """Mark messages finished and drop their bodies: nothing will read them again.
+def _finish(conn: sqlite3.Connection, messages: list[tuple[str, str]], now: float | None) -> None:
+    """Give these messages their final status (status, id) and mark them finished, and
+    drop their bodies: nothing will read them again.
 
     Every DSN about them was built from the body before the outcome that finished
     them was recorded (``Recorder``), and is queued with its own copy.
     """
-    if not message_ids:
+    if not messages:
         return
     at = time.time() if now is None else now
-    _drop_bodies(conn, message_ids)
-    _exec_in(
-        conn,
-        "UPDATE messages SET finished=? WHERE finished IS NULL AND id IN ({})",
-        message_ids,
-        prefix=(at,),
-    )
+    sink: builtins.list[str] | None = getattr(_drops, "ids", None)
+    for value, mid in messages:
+        # Status and finish time in one statement; RETURNING says whether the message
+        # was unfinished until now (its spool file, if any, goes after the commit:
+        # ``SqliteQueue._write``) -- what ``_drop_bodies`` would have selected first.
+        row = conn.execute(
+            "UPDATE messages SET status=?, finished=? WHERE id=? AND finished IS NULL"
+            " RETURNING spool",
+            (value, at, mid),
+        ).fetchall()
+        if row:
+            if row[0][0] and sink is not None:
+                sink.append(mid)
+        else:  # finished before (or gone): its status may still change
+            conn.execute(
+                "UPDATE messages SET status=? WHERE id=? AND status IS NOT ?", (value, mid, value)
+            )
+        conn.execute("DELETE FROM bodies WHERE message_id=?", (mid,))
 
 
 def _purge(conn: sqlite3.Connection, before: float, limit: int) -> int:

@@ -26,7 +26,30 @@ from ferry.queue.selection import (
     normal_domain,
 )
 
+# The IN-list form, as the version 4 step (OPERATOR_SCHEMA) wrote its indexes: keep it
+# for that step only. Queries and indexes since version 6 use ``WAITING_WHERE``.
 WAITING_SQL = "(" + ",".join(f"'{s.value}'" for s in WAITING) + ")"
+
+
+def one_of(column: str, statuses: tuple[Status, ...]) -> str:
+    """``column`` is one of ``statuses``, as equalities joined by OR.
+
+    For partial-index predicates (and the queries that must repeat them, word for word,
+    for SQLite to use those indexes): SQLite evaluates a constant IN list of three or
+    more values through a temporary b-tree it builds for each statement run -- for a
+    partial index, at every insert and every update of its rows. Measured: recording a
+    delivered outcome's UPDATE took 59 us with six such indexes and 25 us with OR-ed
+    equalities. (As a search condition SQLite still turns the ORs into an IN.)
+    """
+    return "(" + " OR ".join(f"{column} = '{s.value}'" for s in statuses) + ")"
+
+
+#: Pending (due, or being delivered): the claim's and the queue listing's indexes.
+PENDING = (Status.QUEUED, Status.DEFERRED, Status.IN_PROGRESS)
+PENDING_WHERE = one_of("status", PENDING)
+#: Waiting (pending or held): the operator tools' indexes.
+WAITING_WHERE = one_of("status", WAITING)
+R_WAITING_WHERE = one_of("r.status", WAITING)
 
 # -- migration step: the operator tables and indexes (idempotent) ---------------------------
 
@@ -76,7 +99,7 @@ def _where(sel: Selection, now: float) -> tuple[list[str], list[Any], bool]:
     args: list[Any] = []
     need_message = False
     if sel.waiting_only:
-        where.append(f"r.status IN {WAITING_SQL}")
+        where.append(R_WAITING_WHERE)
     if sel.status is Status.PARTIALLY_DELIVERED:
         where.append("m.status = ?")
         args.append(sel.status.value)
@@ -204,7 +227,7 @@ def counts(conn: sqlite3.Connection) -> Counts:
     rows = dict(
         conn.execute(
             "SELECT status, COUNT(*) FROM recipients INDEXED BY recipients_waiting_by_reply"
-            f" WHERE status IN {WAITING_SQL} GROUP BY status"
+            f" WHERE {WAITING_WHERE} GROUP BY status"
         ).fetchall()
     )
     return Counts(
@@ -220,7 +243,7 @@ def summary(conn: sqlite3.Connection, sel: Selection, *, now: float) -> Summary:
         return _summary_by_counts(conn, sel, now)
     where, args, need_message = _where(sel, now)
     if not sel.waiting_only:
-        where.append(f"r.status IN {WAITING_SQL}")  # a shape of the waiting queue only
+        where.append(R_WAITING_WHERE)  # a shape of the waiting queue only
     cases = " ".join(
         f"WHEN r.arrival > {now - minutes * 60!r} THEN {i}" for i, minutes in enumerate(AGE_BUCKETS)
     )

@@ -323,3 +323,55 @@ async def test_bulk_cancel_queues_dsns_in_the_same_transaction(queue: Queue) -> 
     assert (again.recipients, again.dsns) == (0, 0) and len(seen) == 1
     events = await queue.operator_events(0)
     assert [e["action"] for e in events] == ["cancel with DSN", "cancel with DSN"]
+
+
+async def test_an_untouched_recipient_spends_no_attempt(queue: Queue) -> None:
+    """``counts_as_attempt=False`` (e.g. throttled): no attempt is recorded or spent; a
+    recipient never tried goes back Queued, one tried before stays Deferred."""
+    await queue.enqueue(env("fresh@x.test", "tried@x.test"))
+    claimed = {c.recipient.address: c for c in await queue.claim("w", now=9e9, limit=9, lease=60)}
+    tried = claimed["tried@x.test"].recipient.id
+    await queue.record(
+        "w", [AttemptResult(tried, Status.DEFERRED, TEMP, next_attempt=9e9)], now=9e9
+    )
+    [again] = await queue.claim("w", now=9e9, limit=9, lease=60)
+    assert again.recipient.id == tried
+    untouched = [
+        AttemptResult(
+            c.recipient.id, Status.DEFERRED, None, next_attempt=9e9 + 5, counts_as_attempt=False
+        )
+        for c in (claimed["fresh@x.test"], again)
+    ]
+    await queue.record("w", untouched, now=9e9 + 1)
+    m = await queue.get(claimed["fresh@x.test"].message.id)
+    assert m is not None
+    by = {r.address: r for r in m.recipients}
+    assert (by["fresh@x.test"].status, by["fresh@x.test"].attempts) == (Status.QUEUED, 0)
+    assert by["fresh@x.test"].history == [] and by["fresh@x.test"].next_attempt == 9e9 + 5
+    assert (by["tried@x.test"].status, by["tried@x.test"].attempts) == (Status.DEFERRED, 1)
+    assert len(by["tried@x.test"].history) == 1
+    assert by["tried@x.test"].last_reply == TEMP  # no reply leaves the last one as it was
+    st = await queue.statistics(now=9e9)
+    assert st.average_retry_count == 0
+
+
+async def test_expiry_reason_is_kept_for_expired_recipients_only(queue: Queue) -> None:
+    await queue.enqueue(env("a@x.test", "b@x.test"))
+    claimed = {c.recipient.address: c for c in await queue.claim("w", now=9e9, limit=9, lease=60)}
+    await queue.record(
+        "w",
+        [
+            AttemptResult(
+                claimed["a@x.test"].recipient.id, Status.EXPIRED, TEMP, expiry_reason="lifetime"
+            ),
+            AttemptResult(
+                claimed["b@x.test"].recipient.id, Status.FAILED, PERM, expiry_reason="lifetime"
+            ),
+        ],
+        now=9e9,
+    )
+    m = await queue.get(claimed["a@x.test"].message.id)
+    assert m is not None and m.status is Status.FAILED and m.finished == 9e9
+    by = {r.address: r for r in m.recipients}
+    assert by["a@x.test"].expiry_reason == "lifetime"
+    assert by["b@x.test"].expiry_reason is None

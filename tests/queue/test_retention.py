@@ -14,7 +14,8 @@ from ferry.envelope import EnvelopeIn, Priority, RecipientIn, Reply, Status
 from ferry.queue.base import AttemptResult, Queue
 from ferry.queue.retention import Retention, pages_to_reclaim, purge_history
 from ferry.queue.sqlite import SCHEMA, SqliteQueue, connect
-from ferry.queue.sqlite_schema import LATEST, SchemaTooNew
+from ferry.queue.sqlite_ops import PENDING_WHERE
+from ferry.queue.sqlite_schema import DUE_WHERE, LATEST, MIGRATIONS, SchemaTooNew
 from tests.queue.backends import BACKENDS, open_backend
 
 DAY = 86400.0
@@ -187,67 +188,78 @@ def _scan(db: Path) -> dict[str, object]:
         conn.close()
 
 
-async def test_counters_match_a_full_scan_after_random_operations(tmp_path: Path) -> None:
-    q = SqliteQueue(tmp_path / "c")
-    rng = random.Random(7)
-    now = T0
-    try:
-        for _ in range(300):
-            now += 1
-            op = rng.random()
-            if op < 0.4:
-                n = rng.randint(1, 3)
-                await q.enqueue(
-                    env(
-                        *(f"r{i}@d{rng.randint(0, 3)}.test" for i in range(n)),
-                        data=b"x" * rng.randint(1, 500),
-                        priority=Priority(rng.randint(0, 3)),
+async def _random_operations(q: SqliteQueue, rng: random.Random, now: float, n: int) -> float:
+    """``n`` random enqueues, claims, outcomes, cancels, removals and purges; the clock."""
+    for _ in range(n):
+        now += 1
+        op = rng.random()
+        if op < 0.4:
+            k = rng.randint(1, 3)
+            await q.enqueue(
+                env(
+                    *(f"r{i}@d{rng.randint(0, 3)}.test" for i in range(k)),
+                    data=b"x" * rng.randint(1, 500),
+                    priority=Priority(rng.randint(0, 3)),
+                )
+            )
+        elif op < 0.75:
+            claimed = await q.claim("w", now=now, limit=rng.randint(1, 5), lease=60)
+            results = []
+            for c in claimed:
+                status = rng.choice([Status.DELIVERED, Status.FAILED, Status.DEFERRED])
+                results.append(
+                    AttemptResult(
+                        c.recipient.id,
+                        status,
+                        OK if status is Status.DELIVERED else TEMP,
+                        next_attempt=now if status is Status.DEFERRED else None,
+                        route=rng.choice(["direct", "smarthost:a", "smarthost:b"]),
+                        counts_as_attempt=rng.random() < 0.9,
                     )
                 )
-            elif op < 0.75:
-                claimed = await q.claim("w", now=now, limit=rng.randint(1, 5), lease=60)
-                results = []
-                for c in claimed:
-                    status = rng.choice([Status.DELIVERED, Status.FAILED, Status.DEFERRED])
-                    results.append(
-                        AttemptResult(
-                            c.recipient.id,
-                            status,
-                            OK if status is Status.DELIVERED else TEMP,
-                            next_attempt=now if status is Status.DEFERRED else None,
-                            route=rng.choice(["direct", "smarthost:a", "smarthost:b"]),
-                        )
-                    )
-                await q.record("w", results, now=now)
-            elif op < 0.85:
-                ms = await q.list(limit=1000)
-                if ms:
-                    m = rng.choice(ms)
-                    await (q.cancel(m.id, now=now) if rng.random() < 0.5 else q.remove(m.id))
-            elif op < 0.95:
-                await q.purge(before=now - rng.randint(0, 50), limit=rng.randint(1, 5))
-            else:
-                await q.clear_expired()
-            if rng.random() < 0.1:
-                await q.release_leases()
-        st = await q.statistics(now=now)
-        scan = _scan(q.db_path)
-        counts = scan["counts"]
-        assert isinstance(counts, dict)
-        assert st.total_messages == sum(counts.values()) > 0
-        assert st.delivered_messages == counts.get("Delivered", 0)
-        assert st.queued_messages == counts.get("Queued", 0)
-        assert st.deferred_messages == counts.get("Deferred", 0)
-        assert st.partially_delivered_messages == counts.get("PartiallyDelivered", 0)
-        assert st.failed_messages == counts.get("Failed", 0)
-        assert st.cancelled_messages == counts.get("Cancelled", 0)
-        assert st.total_size == scan["size"]
-        assert st.messages_by_priority == scan["prio"]
-        assert st.average_retry_count == pytest.approx(scan["retries"])
-        assert st.messages_by_smart_host == scan["routes"]
-        assert st.oldest_pending_recipient_time == scan["oldest_pending"]
-        ages = await q.statistics(now=T0 + 10_000)
-        assert ages.average_queue_time == pytest.approx(scan["pending_age"], abs=1)
+            await q.record("w", results, now=now)
+        elif op < 0.85:
+            ms = await q.list(limit=1000)
+            if ms:
+                m = rng.choice(ms)
+                await (q.cancel(m.id, now=now) if rng.random() < 0.5 else q.remove(m.id))
+        elif op < 0.95:
+            await q.purge(before=now - rng.randint(0, 50), limit=rng.randint(1, 5))
+        else:
+            await q.clear_expired()
+        if rng.random() < 0.1:
+            await q.release_leases()
+    return now
+
+
+async def _assert_counters_exact(q: SqliteQueue, now: float) -> None:
+    """The statistics (from counters kept by triggers) equal a scan of every row."""
+    st = await q.statistics(now=now)
+    scan = _scan(q.db_path)
+    counts = scan["counts"]
+    assert isinstance(counts, dict)
+    assert st.total_messages == sum(counts.values()) > 0
+    assert st.delivered_messages == counts.get("Delivered", 0)
+    assert st.queued_messages == counts.get("Queued", 0)
+    assert st.in_progress_messages == counts.get("InProgress", 0)
+    assert st.deferred_messages == counts.get("Deferred", 0)
+    assert st.partially_delivered_messages == counts.get("PartiallyDelivered", 0)
+    assert st.failed_messages == counts.get("Failed", 0)
+    assert st.cancelled_messages == counts.get("Cancelled", 0)
+    assert st.total_size == scan["size"]
+    assert st.messages_by_priority == scan["prio"]
+    assert st.average_retry_count == pytest.approx(scan["retries"])
+    assert st.messages_by_smart_host == scan["routes"]
+    assert st.oldest_pending_recipient_time == scan["oldest_pending"]
+    ages = await q.statistics(now=T0 + 10_000)
+    assert ages.average_queue_time == pytest.approx(scan["pending_age"], abs=1)
+
+
+async def test_counters_match_a_full_scan_after_random_operations(tmp_path: Path) -> None:
+    q = SqliteQueue(tmp_path / "c")
+    try:
+        now = await _random_operations(q, random.Random(7), T0, 300)
+        await _assert_counters_exact(q, now)
     finally:
         await q.close()
 
@@ -282,8 +294,10 @@ async def test_pending_statistics_and_listings_do_not_scan_the_history(tmp_path:
             "age": "SELECT n, arrival_sum FROM pending_totals WHERE id=1",
             "oldest": "SELECT MIN(arrival) FROM messages",
             # the subquery of `queue list --status queued`
-            "list": "SELECT message_id FROM recipients"
-            " WHERE status IN ('Queued','Deferred','InProgress') AND status='Queued'",
+            "list": f"SELECT message_id FROM recipients WHERE {PENDING_WHERE} AND status='Queued'",
+            # `next_due`: the due recipients' first entry, the ones in progress
+            "due": f"SELECT MIN(next_attempt) FROM recipients INDEXED BY recipients_due"
+            f" WHERE {DUE_WHERE}",
         }
         before = {k: _vm_steps(db, sql) for k, sql in probes.items()}
         before_stats = await q.statistics(now=T0)
@@ -315,7 +329,7 @@ async def test_pending_statistics_and_listings_do_not_scan_the_history(tmp_path:
             row[3]
             for row in sqlite3.connect(db).execute(
                 "EXPLAIN QUERY PLAN SELECT message_id FROM recipients"
-                " WHERE status IN ('Queued','Deferred','InProgress') AND status='Queued'"
+                f" WHERE {PENDING_WHERE} AND status='Queued'"
             )
         )
         assert "recipients_pending" in plan
@@ -409,3 +423,112 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(SchemaTooNew):
         SqliteQueue(tmp_path / "n")
+
+
+def _v5_database(path: Path) -> None:
+    """A queue.db as Ferry wrote it at schema version 5 (partial indexes with IN lists,
+    the first counter triggers), holding mail in every state."""
+    path.mkdir(parents=True)
+    conn = connect(path / "queue.db")
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    conn.executescript(SCHEMA)
+    conn.execute("BEGIN")
+    for step in MIGRATIONS[:4]:  # versions 2 to 5
+        step(conn)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '5')")
+    # (message, its status, finished; recipients: status, attempts, route, lease)
+    rows: list[tuple[str, str, float | None, list[tuple[str, int, str | None, str | None]]]] = [
+        ("M1", "Queued", None, [("Queued", 0, None, None), ("Queued", 0, None, None)]),
+        ("M2", "InProgress", None, [("InProgress", 0, None, "old-worker")]),
+        ("M3", "Deferred", None, [("Deferred", 2, "smarthost:a", None)]),
+        ("M4", "Delivered", T0 - 5, [("Delivered", 1, "direct", None)]),
+        (
+            "M5",
+            "PartiallyDelivered",
+            None,
+            [("Delivered", 1, "smarthost:a", None), ("Deferred", 3, "smarthost:b", None)],
+        ),
+        ("M6", "Cancelled", T0 - 4, [("Cancelled", 0, None, None)]),
+    ]
+    for i, (mid, status, finished, recipients) in enumerate(rows):
+        conn.execute(
+            "INSERT INTO messages(id, sender, size, priority, arrival, expires, status,"
+            " finished) VALUES (?, 's@x', ?, ?, ?, ?, ?, ?)",
+            (mid, 10 * (i + 1), i % 3, T0 - 100 + i, T0 + DAY, status, finished),
+        )
+        if finished is None:
+            conn.execute("INSERT INTO bodies VALUES (?, ?)", (mid, b"x" * 10 * (i + 1)))
+        for j, (rstatus, attempts, route, owner) in enumerate(recipients):
+            conn.execute(
+                "INSERT INTO recipients(message_id, address, domain, status, priority,"
+                " arrival, attempts, next_attempt, route, lease_owner, lease_until)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    mid,
+                    f"r{j}@d{j}.test",
+                    f"d{j}.test",
+                    rstatus,
+                    i % 3,
+                    T0 - 100 + i,
+                    attempts,
+                    T0 - 50 if rstatus in ("Queued", "Deferred") else None,
+                    route,
+                    owner,
+                    T0 - 1 if owner else None,  # a lease that ran out
+                ),
+            )
+    conn.execute("COMMIT")
+    conn.close()
+
+
+def _shape(db: Path) -> dict[str, str]:
+    """The indexes and triggers of a database, as SQLite keeps their definitions."""
+    conn = sqlite3.connect(db)
+    try:
+        return dict(
+            conn.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type IN ('index', 'trigger')"
+                " AND sql IS NOT NULL"
+            ).fetchall()
+        )
+    finally:
+        conn.close()
+
+
+async def test_version_5_database_is_migrated_with_exact_counters(tmp_path: Path) -> None:
+    """Version 6 rebuilds the partial indexes and counter triggers (cheaper to keep):
+    an old queue comes out shaped like a new one, its counters still exact, and stays
+    exact through every kind of change afterwards."""
+    _v5_database(tmp_path / "old")
+    await SqliteQueue(tmp_path / "new").close()
+    q = SqliteQueue(tmp_path / "old")
+    try:
+        version = q.run_sync(
+            lambda c: c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        )
+        assert version == (str(LATEST),) and LATEST >= 6
+        shape = _shape(q.db_path)
+        assert shape == _shape(tmp_path / "new" / "queue.db")
+        assert not [name for name, sql in shape.items() if " IN (" in sql.upper()]
+        await _assert_counters_exact(q, T0)
+        st = await q.statistics(now=T0)
+        assert st.messages_by_smart_host == {"direct": 1, "smarthost:a": 2, "smarthost:b": 1}
+        # The queries that name the rebuilt indexes find the same mail as before.
+        assert await q.next_due() == T0 - 50
+        claimed = await q.claim("w", now=T0, limit=100, lease=60)
+        assert sorted(c.message.id for c in claimed) == ["M1", "M1", "M2", "M3", "M5"]
+        assert [m.id for m in await q.list(status=Status.IN_PROGRESS)] == ["M5", "M3", "M2", "M1"]
+        assert await q.next_due() == T0 + 60  # the new leases' end
+        await q.record(
+            "w",
+            [
+                AttemptResult(c.recipient.id, Status.DELIVERED, OK, route="smarthost:b")
+                for c in claimed
+            ],
+            now=T0,
+        )
+        await _assert_counters_exact(q, T0)
+        now = await _random_operations(q, random.Random(11), T0, 200)
+        await _assert_counters_exact(q, now)
+    finally:
+        await q.close()

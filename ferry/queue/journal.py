@@ -133,7 +133,14 @@ async def replay(queue: Queue, directory: Path, owner: str | None = None) -> int
     replayed = 0
     for paths, entries in pending(directory, owner):
         for e in entries:
-            await queue.record(e.owner, e.results, now=e.now, new_messages=e.new_messages)
+            try:
+                await queue.record(e.owner, e.results, now=e.now, new_messages=e.new_messages)
+            except Exception:
+                # An entry that cannot be recorded (say, written by another version of
+                # Ferry) must not keep `ferry serve` from starting: its recipients go
+                # back to the queue with the leases and are delivered again.
+                log.exception("outcome journal of %s: entry %d not recorded", e.owner, e.seq)
+                continue
             replayed += len(e.results)
         for path in paths:
             with contextlib.suppress(FileNotFoundError):

@@ -193,3 +193,20 @@ def test_a_journal_left_unreplayed_is_kept_and_numbering_goes_on_after_it(
     new.close()
     [(_paths, entries)] = pending(tmp_path)
     assert [e.results[0].recipient_id for e in entries] == [1]
+
+
+async def test_an_entry_that_cannot_be_recorded_does_not_stop_the_replay(tmp_path: Path) -> None:
+    q = SqliteQueue(tmp_path / "q")
+    try:
+        await q.enqueue(EnvelopeIn("s@a.test", [RecipientIn("r@b.test")], b"\r\nx\r\n"))
+        [c] = await q.claim("w:1:0", now=NOW, limit=10, lease=600)
+        d = journal_dir(tmp_path / "q")
+        j = OutcomeJournal(d, "w:1:0")
+        j.append(["not an outcome"], NOW, [])  # type: ignore[list-item]
+        j.append(_delivered(c.recipient.id), NOW, [])
+        j.close()
+        assert await replay(q, d) == 1
+        assert _status(tmp_path / "q" / "queue.db", c.recipient.id) == "Delivered"
+        assert _files(d) == []
+    finally:
+        await q.close()

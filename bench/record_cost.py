@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from ferry.envelope import EnvelopeIn, RecipientIn, Reply, Status
-from ferry.queue.base import AttemptResult
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from writer_cost import record_delivered
+
+from ferry.envelope import EnvelopeIn, RecipientIn
 from ferry.queue.sqlite import SqliteQueue
 
 
@@ -33,20 +37,10 @@ async def measure(directory: Path, n: int) -> tuple[float, float]:
             ]
         )
         claimed = await q.claim("bench", now=time.time(), limit=n, lease=600)
-        ok = Reply(250, "2.0.0", "ok")
         writer = q._w
         spent = writer.commit_seconds
         t0 = time.perf_counter()
-        await asyncio.gather(
-            *[
-                q.record(
-                    "bench",
-                    [AttemptResult(c.recipient.id, Status.DELIVERED, ok, route="smarthost:sink")],
-                    now=time.time(),
-                )
-                for c in claimed
-            ]
-        )
+        await record_delivered(q, claimed)
         wall = (time.perf_counter() - t0) / len(claimed)
         return wall, (writer.commit_seconds - spent) / len(claimed)
     finally:

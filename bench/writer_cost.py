@@ -55,9 +55,27 @@ def _thread_counters(tid: int) -> tuple[float, int, int]:
     return cpu, int(io["wchar"]), int(io["syscr"])
 
 
-async def measure(directory: Path, n: int, opcodes: bool = False) -> dict[str, dict[str, float]]:
-    from ferry.envelope import EnvelopeIn, RecipientIn, Reply, Status
+async def record_delivered(queue: Any, claimed: list[Any]) -> None:
+    """Record every claimed recipient as delivered, one outcome per call and all calls
+    waiting at once (as delivery sessions finishing together): the writer groups them."""
+    from ferry.envelope import Reply, Status
     from ferry.queue.base import AttemptResult
+
+    ok = Reply(250, "2.0.0", "ok")
+    await asyncio.gather(
+        *[
+            queue.record(
+                "bench",
+                [AttemptResult(c.recipient.id, Status.DELIVERED, ok, route="smarthost:sink")],
+                now=time.time(),
+            )
+            for c in claimed
+        ]
+    )
+
+
+async def measure(directory: Path, n: int, opcodes: bool = False) -> dict[str, dict[str, float]]:
+    from ferry.envelope import EnvelopeIn, RecipientIn
     from ferry.queue.sqlite import SqliteQueue
 
     q = SqliteQueue(directory)
@@ -113,18 +131,8 @@ async def measure(directory: Path, n: int, opcodes: bool = False) -> dict[str, d
             claimed += got
         stop("claim", began, len(claimed))
 
-        ok = Reply(250, "2.0.0", "ok")
         began = start()
-        await asyncio.gather(
-            *[
-                worker.record(
-                    "bench",
-                    [AttemptResult(c.recipient.id, Status.DELIVERED, ok, route="smarthost:sink")],
-                    now=time.time(),
-                )
-                for c in claimed
-            ]
-        )
+        await record_delivered(worker, claimed)
         stop("record", began, len(claimed))
         return out
     finally:

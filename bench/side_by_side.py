@@ -20,8 +20,9 @@ ends when ``smtp-source`` does, and the ratio printed is that of the accept rate
 
 For every configuration (message size x connection mode) and repetition, in one invocation:
 
-  1. wait for a quiet machine (at least 90 % of both cores idle over one second, for at most
-     a minute or ``--quiet-timeout`` seconds; the idle share found is printed with the run);
+  1. write back every dirty page (``sync``), then wait for a quiet machine (at least 90 % of
+     both cores idle over one second, for at most a minute or ``--quiet-timeout`` seconds;
+     the idle share found is printed with the run);
   2. start the relay on loopback: Postfix (a private instance, ``bench/postfix_instance.py``,
      fsync on, relayhost = the sink) or Ferry (``ferry serve``, fsync on, delivery mode
      ``relay`` to one smart host = the sink, 20 connections as Postfix's default
@@ -139,6 +140,9 @@ def wait_quiet(threshold: float = 0.9, timeout: float | None = None) -> float:
     """The idle share of the whole machine over the last second, once it reaches
     ``threshold`` (or when ``timeout`` passes: the run then says how busy it was)."""
     deadline = time.monotonic() + (QUIET_TIMEOUT[0] if timeout is None else timeout)
+    # Quiet disks too: the previous run's dirty pages (hundreds of MB of queue files at
+    # 100 KB) would otherwise be written back during this run and slow its fsyncs.
+    os.sync()
     while True:
         idle0, total0 = _cpu_times()
         time.sleep(1)

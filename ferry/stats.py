@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ferry.config import RelayConfig
-from ferry.delivery.scheduler import stats_dir
+from ferry.delivery.scheduler import COUNTERS, stats_dir
 
 if TYPE_CHECKING:
     from ferry.queue.postgres import NodeStats
@@ -29,30 +29,9 @@ if TYPE_CHECKING:
 #: How the nodes that have stopped are named in the per-node figures.
 STOPPED_NODES = "(stopped nodes)"
 
-_COUNTERS = (
-    "sent",
-    "failed",
-    "deferred",
-    "expired",
-    "bounced",
-    "dsn_dropped",
-    "double_bounces",
-    "connections",
-    "connections_reused",
-    "tls_fallbacks",
-    "direct_sent",
-    "direct_failed",
-    "relay_sent",
-    "relay_failed",
-    "fallbacks",
-    "mx_lookups",
-    "mx_cache_hits",
-    "mx_cache_size",
-    "dkim_signed",
-    "dkim_unsigned",
-    "active_sessions",
-    "backlog",
-)
+# What is added up across schedulers: their counters (one list, the scheduler's) and the
+# states that add up too (sessions open, work in hand, cached MX answers).
+_COUNTERS = (*COUNTERS, "mx_cache_size", "active_sessions", "backlog")
 
 
 def read_published(config: RelayConfig) -> list[dict[str, Any]]:
@@ -173,14 +152,9 @@ def combine_nodes(mode: str, nodes: Sequence[NodeStats]) -> dict[str, Any]:
 
 async def shared_relay_stats(config: RelayConfig, *, now: float | None = None) -> dict[str, Any]:
     """Every node's statistics from the PostgreSQL queue (``queue.backend = "postgres"``)."""
-    from ferry.queue.postgres import PostgresQueue
+    from ferry.queue import open_postgres_for_tool
 
-    queue = PostgresQueue(
-        config.queue.dsn.get_secret_value(),
-        password_file=config.queue.password_file,
-        create=False,
-        pool_size=1,
-    )
+    queue = open_postgres_for_tool(config)
     try:
         now = time.time() if now is None else now
         return combine_nodes(config.delivery.mode, await queue.delivery_stats(now=now))

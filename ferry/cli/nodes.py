@@ -36,15 +36,10 @@ def nodes(ctx: click.Context, as_json: bool) -> None:
             "a SQLite queue has one node, the `ferry serve` that owns it:"
             ' `ferry nodes` is for queue.backend = "postgres"'
         )
-    from ferry.queue.postgres import PostgresQueue
+    from ferry.queue import open_postgres_for_tool
 
     async def run() -> list[NodeInfo]:
-        queue = PostgresQueue(
-            config.queue.dsn.get_secret_value(),
-            password_file=config.queue.password_file,
-            create=False,
-            pool_size=1,
-        )
+        queue = open_postgres_for_tool(config)
         try:
             return list(await queue.nodes())
         except (OSError, LookupError, RuntimeError) as exc:

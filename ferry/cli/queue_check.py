@@ -33,17 +33,13 @@ async def _check(path: str, quick: bool) -> tuple[list[str], list[str], dict[str
 
 
 def _check_postgres(config: RelayConfig, as_json: bool) -> None:
-    from ferry.queue.postgres import PostgresQueue, describe_dsn
+    from ferry.queue import open_postgres_for_tool
+    from ferry.queue.postgres import describe_dsn
 
     where = describe_dsn(config.queue.dsn.get_secret_value())
 
     async def run() -> dict[str, int]:
-        queue = PostgresQueue(
-            config.queue.dsn.get_secret_value(),
-            password_file=config.queue.password_file,
-            create=False,
-            pool_size=1,
-        )
+        queue = open_postgres_for_tool(config)
         try:
             await queue.check()
             st = await queue.statistics(now=0)

@@ -42,6 +42,17 @@ def open_queue(config: RelayConfig, *, durable: bool = True) -> SqliteQueue | Po
     )
 
 
+def open_postgres_for_tool(config: RelayConfig) -> PostgresQueue:
+    """The configured PostgreSQL queue as a command-line tool reads it: one connection,
+    no schema created (a tool never sets up a database the relay has not)."""
+    from ferry.queue.postgres import PostgresQueue
+
+    q = config.queue
+    return PostgresQueue(
+        q.dsn.get_secret_value(), password_file=q.password_file, create=False, pool_size=1
+    )
+
+
 def open_limits(config: RelayConfig, *, name: str = "") -> SharedLimits:
     """The delivery limits for the configured queue (``queue.limits``): shared by every
     node through PostgreSQL, or this process's own counts (SQLite). ``name``: who holds

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -73,6 +74,75 @@ class ThreadedService:
     @property
     def queue(self) -> Any:
         return self.service.queue
+
+
+class AckingClients:
+    """SMTP clients sending to ``port`` until stopped or the server dies under them (a
+    crash test), each on a connection of its own: ``message(i)`` makes the i-th message;
+    ``sent`` holds every message tried by number, ``acked`` those that got 250 by the
+    queue ID the reply named."""
+
+    def __init__(self, port: int, message: Callable[[int], bytes], clients: int = 6) -> None:
+        self.port = port
+        self.message = message
+        self.sent: dict[int, bytes] = {}
+        self.acked: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._counter = iter(range(10**9))
+        self._threads = [threading.Thread(target=self._client) for _ in range(clients)]
+
+    def _client(self) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as c:
+                c.ehlo("client.test")  # server.require_helo (RFC 5321 §4.1.4)
+                while not self._stop.is_set():
+                    with self._lock:
+                        i = next(self._counter)
+                    msg = self.message(i)
+                    self.sent[i] = msg
+                    c.mail("s@example.org")
+                    c.rcpt("r@example.net")
+                    code, text = c.data(msg)
+                    if code == 250:
+                        with self._lock:
+                            self.acked[text.decode().rsplit(" ", 1)[1]] = msg
+        except (OSError, smtplib.SMTPException):
+            pass  # the server died under us: expected
+
+    def start(self) -> AckingClients:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(15)
+
+
+def delivery_worker_pid(parent: int) -> int | None:
+    """The delivery worker process of `ferry serve` ``parent`` (None while there is none)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"ferry.delivery.process" in cmdline:
+            return int(entry)
+    return None
+
+
+def process_running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for whoever adopts it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def wait_until(pred: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:

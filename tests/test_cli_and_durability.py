@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import smtplib
 import sqlite3
-import threading
 from pathlib import Path
 
 import pytest
 
-from tests.harness import cli_json, free_port, run_cli, write_toml
+from tests.harness import AckingClients, cli_json, free_port, run_cli, wait_until, write_toml
 
 
 def _config(tmp_path: Path, port: int) -> Path:
@@ -90,40 +89,11 @@ def test_sigkill_loses_nothing_that_got_250(tmp_path: Path, serve_factory) -> No
     port = free_port()
     cfg = _config(tmp_path, port)
     proc = serve_factory(cfg, port)
-    acked: dict[str, bytes] = {}  # queue id -> message bytes
-    sent: dict[bytes, bytes] = {}  # Message-ID -> bytes
-    lock = threading.Lock()
-    stop = threading.Event()
-    counter = iter(range(1_000_000))
-
-    def client() -> None:
-        try:
-            with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
-                c.ehlo("client.test")  # server.require_helo (RFC 5321 §4.1.4)
-                while not stop.is_set():
-                    with lock:
-                        i = next(counter)
-                    msg = _msg(i)
-                    sent[f"<{i}@t>".encode()] = msg
-                    c.mail("s@example.org")
-                    c.rcpt("r@example.net")
-                    code, text = c.data(msg)
-                    if code == 250:
-                        with lock:
-                            acked[text.decode().rsplit(" ", 1)[1]] = msg
-        except (OSError, smtplib.SMTPException):
-            pass  # the server died under us: expected
-
-    threads = [threading.Thread(target=client) for _ in range(6)]
-    for t in threads:
-        t.start()
-    from tests.harness import wait_until
-
+    clients = AckingClients(port, _msg).start()
+    acked = clients.acked  # queue id -> message bytes
     wait_until(lambda: len(acked) >= 200, 30, "200 accepted messages")
     proc.kill()
-    stop.set()
-    for t in threads:
-        t.join(15)
+    clients.stop()
     assert len(acked) >= 200
 
     # Every message that got 250 is there, byte-identical after our Received: header.
@@ -135,6 +105,7 @@ def test_sigkill_loses_nothing_that_got_250(tmp_path: Path, serve_factory) -> No
         assert qid in rows, f"{qid} got 250 but is not in the queue"
         assert bytes(rows[qid]).endswith(b"\r\n" + msg)
     # Nothing is half there: every stored message is one whole message we sent.
+    sent = {f"<{i}@t>".encode(): m for i, m in clients.sent.items()}  # by Message-ID
     for qid, data in rows.items():
         data = bytes(data)
         mid = data.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0]

@@ -21,13 +21,12 @@ import smtplib
 import sqlite3
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.delivery.relay_world import World
-from tests.harness import free_port, wait_until, write_toml
+from tests.harness import delivery_worker_pid, free_port, wait_until, write_toml
 
 DOMAINS = [f"d{i}.crash.test" for i in range(4)]
 KILLS = 3
@@ -35,22 +34,6 @@ CLIENTS = 4
 MESSAGES = 1500  # at most; about 3,000 recipients
 DELIVERIES_BETWEEN_KILLS = 250
 QUIET = 0.3  # seconds every connection must stay idle to count as stopped
-
-
-def _worker_pid(parent: int) -> int | None:
-    """The delivery worker process of `ferry serve` ``parent`` (None while there is none)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and b"ferry.delivery.process" in cmdline:
-            return int(entry)
-    return None
 
 
 def _message(i: int, rcpts: list[str]) -> bytes:
@@ -146,7 +129,7 @@ timeout = 2
     open_at_kill: list[int] = []
     try:
         for k in range(KILLS):
-            pid = wait_until(lambda: _worker_pid(parent), 20, "a delivery worker")
+            pid = wait_until(lambda: delivery_worker_pid(parent), 20, "a delivery worker")
             target = delivered_count() + DELIVERIES_BETWEEN_KILLS
             wait_until(lambda t=target: delivered_count() >= t, 60, f"deliveries before kill {k}")
             holder = None
@@ -168,7 +151,9 @@ timeout = 2
             if holder is not None:
                 holder.execute("ROLLBACK")
                 holder.close()
-            wait_until(lambda p=pid: _worker_pid(parent) not in (None, p), 20, "a new worker")
+            wait_until(
+                lambda p=pid: delivery_worker_pid(parent) not in (None, p), 20, "a new worker"
+            )
     finally:
         stop.set()
         for t in threads:

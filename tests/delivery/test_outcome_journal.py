@@ -13,8 +13,8 @@ from typing import Any
 
 from ferry.queue.journal import pending
 from tests.delivery.relay_world import SENDER, World, msg
-from tests.delivery.test_single_writer import _config, _running, _worker_pid
-from tests.harness import free_port, wait_until
+from tests.delivery.test_single_writer import _config
+from tests.harness import delivery_worker_pid, free_port, process_running, wait_until
 
 
 def _status(db_path: Any, address: str) -> str | None:
@@ -34,7 +34,7 @@ def test_an_outcome_the_queue_could_not_commit_is_recorded_from_the_journal_at_r
     data = world.tmp_path / "data"
     cfg = _config(world, data, port)
     proc = serve_factory(cfg, port)
-    worker = wait_until(lambda: _worker_pid(proc.proc.pid), 20, "a delivery worker")
+    worker = wait_until(lambda: delivery_worker_pid(proc.proc.pid), 20, "a delivery worker")
     mx1.on("mail", delay=1.0)  # A's transaction lasts at least a second
     with smtplib.SMTP("127.0.0.1", port) as c:
         c.sendmail(SENDER, ["a@journal.test"], msg("A"))
@@ -51,7 +51,7 @@ def test_an_outcome_the_queue_could_not_commit_is_recorded_from_the_journal_at_r
         )
         os.kill(worker, signal.SIGKILL)  # both processes die, nothing committed
         proc.kill()
-        wait_until(lambda: not _running(worker), 20, "the worker gone")
+        wait_until(lambda: not process_running(worker), 20, "the worker gone")
     finally:
         holder.execute("ROLLBACK")
         holder.close()

@@ -15,7 +15,13 @@ from typing import Any
 from ferry.envelope import Status
 from ferry.queue.journal import pending
 from tests.delivery.relay_world import SENDER, World, msg
-from tests.harness import free_port, wait_until, write_toml
+from tests.harness import (
+    delivery_worker_pid,
+    free_port,
+    process_running,
+    wait_until,
+    write_toml,
+)
 
 
 def _open_files(pid: int) -> list[tuple[str, int]]:
@@ -74,28 +80,6 @@ nameservers = ["{world.dns.address}"]
     )
 
 
-def _worker_pid(parent: int) -> int | None:
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"ferry.delivery" in cmdline:
-            return int(entry)
-    return None
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan's zombie waits for whoever adopts it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _a_delivered_then_b_in_flight(world: World, serve_factory: Any) -> tuple[Any, int, Path]:
     """`ferry serve` whose worker delivered message A and is in B's transaction on the
     same destination (one connection): so A's outcome was acknowledged (issue 10.1)."""
@@ -104,7 +88,7 @@ def _a_delivered_then_b_in_flight(world: World, serve_factory: Any) -> tuple[Any
     data = world.tmp_path / "data"
     proc = serve_factory(_config(world, data, port), port)
     parent = proc.proc.pid
-    worker = wait_until(lambda: _worker_pid(parent), 20, "a delivery worker")
+    worker = wait_until(lambda: delivery_worker_pid(parent), 20, "a delivery worker")
     with smtplib.SMTP("127.0.0.1", port) as c:
         c.sendmail(SENDER, ["a@ack.test"], msg("A"))
     assert mx1.wait_for_messages(1, 20)
@@ -149,7 +133,7 @@ def test_the_worker_stops_when_the_serve_process_is_sigkilled(
     proc, worker, _data = _a_delivered_then_b_in_flight(world, serve_factory)
     try:
         proc.kill()  # SIGKILL: no goodbye; the worker sees its socket's end-of-file
-        wait_until(lambda: not _running(worker), 20, "the orphaned worker to exit")
+        wait_until(lambda: not process_running(worker), 20, "the orphaned worker to exit")
     finally:
-        if _running(worker):
+        if process_running(worker):
             os.kill(worker, signal.SIGKILL)

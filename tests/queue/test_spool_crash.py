@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from ferry.queue.spool import names
-from tests.harness import cli_json, free_port, wait_until, write_toml
+from tests.harness import AckingClients, cli_json, free_port, wait_until, write_toml
 
 BIG = 40_000  # above ferry.queue.sqlite.SPOOL_THRESHOLD: these bodies are files
 
@@ -62,36 +62,12 @@ def test_sigkill_keeps_every_acked_spooled_body_and_restart_sweeps(
     port = free_port()
     cfg = _config(tmp_path, port)
     proc = serve_factory(cfg, port)
-    acked: dict[str, bytes] = {}
-    lock = threading.Lock()
-    stop = threading.Event()
-    counter = iter(range(1_000_000))
-
-    def client() -> None:
-        try:
-            with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
-                c.ehlo("client.test")
-                while not stop.is_set():
-                    with lock:
-                        i = next(counter)
-                    msg = _msg(i, BIG if i % 3 else 500)  # mostly files, some rows
-                    c.mail("s@example.org")
-                    c.rcpt("r@example.net")
-                    code, text = c.data(msg)
-                    if code == 250:
-                        with lock:
-                            acked[text.decode().rsplit(" ", 1)[1]] = msg
-        except (OSError, smtplib.SMTPException):
-            pass  # the server died under us: expected
-
-    threads = [threading.Thread(target=client) for _ in range(6)]
-    for t in threads:
-        t.start()
+    # Mostly files, some rows.
+    clients = AckingClients(port, lambda i: _msg(i, BIG if i % 3 else 500)).start()
+    acked = clients.acked
     wait_until(lambda: len(acked) >= 60, 60, "60 accepted messages")
     proc.kill()
-    stop.set()
-    for t in threads:
-        t.join(15)
+    clients.stop()
 
     data = tmp_path / "data"
     bodies, spooled = _stored(data)

@@ -37,7 +37,7 @@ from ferry.delivery.retry import (
 from ferry.envelope import EnvelopeIn, Reply, Status
 from ferry.events import DoubleBounce, DsnDropped, DsnQueued, GaveUp, emit, outcome_event
 from ferry.queue.base import AttemptResult, ClaimedRecipient, MessageInfo, Queue
-from ferry.queue.journal import OutcomeJournal
+from ferry.queue.journal import NewMessage, OutcomeJournal
 
 
 @dataclass(slots=True)
@@ -283,7 +283,7 @@ class Recorder:
         # Shielded: a cancelled session (shutdown) must not cancel the write itself.
         await asyncio.shield(self._gather_task)
 
-    def _new_messages(self, dsns: list[Dsn]) -> list[tuple[EnvelopeIn, float, list[int]]]:
+    def _new_messages(self, dsns: list[Dsn]) -> list[NewMessage]:
         """The DSNs as ``Queue.record`` queues them: envelope, expiry, recipients reported."""
         life = self.policy.message_lifetime
         return [

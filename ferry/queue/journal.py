@@ -48,7 +48,9 @@ SEGMENT_BYTES = 4 << 20
 #: A frame this long is not ours (a damaged file): stop reading it.
 MAX_FRAME = 1 << 30
 
-NewMessages = Sequence[tuple[EnvelopeIn, float, Sequence[int]]]
+#: A DSN an entry queues, as ``Queue.record`` takes it: envelope, expiry, the recipients
+#: it reports on.
+NewMessage = tuple[EnvelopeIn, float, list[int]]
 
 log = logging.getLogger("ferry.delivery")
 
@@ -60,6 +62,12 @@ def journal_dir(queue_path: str | Path) -> Path:
 
 def _safe(owner: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]", "_", owner)
+
+
+def _segment_of(path: Path) -> tuple[str, int] | None:
+    """``<owner>.<n>.journal`` -> (owner as in file names, n); None for another file."""
+    stem, _, n = path.name.removesuffix(".journal").rpartition(".")
+    return (stem, int(n)) if path.name.endswith(".journal") and n.isdigit() else None
 
 
 def _frame(obj: Any) -> bytes:
@@ -98,7 +106,7 @@ class Entry:
     owner: str
     results: list[AttemptResult]
     now: float
-    new_messages: list[tuple[EnvelopeIn, float, list[int]]] = field(default_factory=list)
+    new_messages: list[NewMessage] = field(default_factory=list)
 
 
 def pending(directory: Path, owner: str | None = None) -> list[tuple[list[Path], list[Entry]]]:
@@ -107,9 +115,9 @@ def pending(directory: Path, owner: str | None = None) -> list[tuple[list[Path],
     groups: dict[str, list[Path]] = {}
     pattern = f"{_safe(owner)}.*.journal" if owner is not None else "*.journal"
     for path in sorted(directory.glob(pattern)):
-        stem, _, n = path.name[: -len(".journal")].rpartition(".")
-        if n.isdigit() and (owner is None or stem == _safe(owner)):
-            groups.setdefault(stem, []).append(path)
+        seg = _segment_of(path)
+        if seg is not None and (owner is None or seg[0] == _safe(owner)):
+            groups.setdefault(seg[0], []).append(path)
     out: list[tuple[list[Path], list[Entry]]] = []
     for paths in groups.values():
         entries: dict[int, Entry] = {}
@@ -161,9 +169,9 @@ class OutcomeJournal:
         self._seq = 0
         self._segment = -1
         for path in directory.glob(f"{_safe(owner)}.*.journal"):
-            n = path.name[: -len(".journal")].rpartition(".")[2]
-            if n.isdigit():
-                self._segment = max(self._segment, int(n))
+            seg = _segment_of(path)
+            if seg is not None and seg[0] == _safe(owner):
+                self._segment = max(self._segment, seg[1])
                 for frame in read_frames(path):
                     if frame[0] == "o":
                         self._seq = max(self._seq, int(frame[1]))
@@ -201,7 +209,7 @@ class OutcomeJournal:
         self,
         results: list[AttemptResult],
         now: float,
-        new_messages: list[tuple[EnvelopeIn, float, list[int]]],
+        new_messages: list[NewMessage],
     ) -> int | None:
         """Write one transaction's record; its number, or None if it could not be written
         (the caller then waits for the commit instead, as without a journal)."""

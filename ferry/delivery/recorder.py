@@ -92,8 +92,9 @@ Dsn = tuple[EnvelopeIn, float, MessageInfo, list[Report]]
 MAX_UNCOMMITTED = 1000
 # With a journal: how long outcomes gather before they are sent to be committed. Larger
 # groups, fewer commits: at 1 KB end to end 1,465 -> 2,008 msgs/s with connection reuse
-# and 1,064 -> 1,304 with a new connection per message (0.02 s against one loop turn;
-# bench/side_by_side.py's set-up, one run each); no change at 100 KB.
+# (0.02 s against one loop turn) and 1,064 -> 1,304 with a new connection per message
+# (0.01 s); no change at 100 KB. Measured in bench/side_by_side.py's set-up
+# (smtp-source -> Ferry -> smtp-sink, quiet machine), Ferry alone, one run each.
 JOURNALED_GATHER_SECONDS = 0.02
 
 

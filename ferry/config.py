@@ -157,6 +157,11 @@ class ServerConfig(_Model):
     # RFC 5321 §4.1.4: MAIL/RCPT/DATA before HELO/EHLO get 503 (false: tolerated)
     require_helo: bool = True
     max_errors: int = Field(20, ge=1)
+    # Processes that run the SMTP sessions (ferry/intake/process.py): `ferry serve`
+    # accepts each connection (and applies the connection limits) and hands it to the
+    # least busy one, so intake uses more than the one core of the process that writes
+    # the queue. 0: sessions run in `ferry serve` itself (always with a before_queue hook).
+    workers: int = Field(1, ge=0, le=16)
 
     @field_validator("hostname")
     @classmethod
@@ -789,3 +794,18 @@ def _apply_ferry_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, 
         node[path[-1]] = value
         origins[".".join(path)] = name
     return origins
+
+
+def config_payload(config: RelayConfig) -> str:
+    """The configuration as JSON with secrets revealed (for a child process only)."""
+
+    def reveal(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return value.get_secret_value()
+        if isinstance(value, dict):
+            return {k: reveal(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [reveal(v) for v in value]
+        return value
+
+    return json.dumps(reveal(config.model_dump(mode="python")), default=str)

@@ -12,7 +12,6 @@ import fcntl
 import logging
 import os
 import signal
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -33,7 +32,8 @@ from ferry.events import (
     Stopping,
     emit,
 )
-from ferry.intake.server import IntakeServer, run_hook
+from ferry.intake.dispatch import IntakeDispatcher
+from ferry.intake.server import IntakeServer, load_tls, run_hook
 from ferry.message import message_id
 from ferry.queue import open_queue
 from ferry.queue.base import IdempotencyRecord
@@ -41,7 +41,6 @@ from ferry.queue.journal import journal_dir, replay
 from ferry.queue.retention import Retention
 from ferry.queue.selection import ALL_DESTINATIONS
 from ferry.queue.sqlite import QueueDamaged, SqliteQueue
-from ferry.tls import self_signed_context, server_context
 
 if TYPE_CHECKING:
     from ferry.http.server import Api
@@ -82,18 +81,6 @@ class AlreadyRunning(RuntimeError):
     """Another ``ferry serve`` holds this queue directory."""
 
 
-def load_tls(config: RelayConfig) -> ssl.SSLContext:
-    """The configured certificate, or the self-signed one made on first run.
-
-    An operator's certificate that cannot be used stops the start with
-    ``<path>: <reason>`` (TlsMaterialError); Ferry's own self-signed pair is remade.
-    """
-    s = config.server
-    if s.tls_cert and s.tls_key:
-        return server_context(s.tls_cert, s.tls_key)
-    return self_signed_context(config.data_dir, s.hostname)
-
-
 def _clear_stats(config: RelayConfig) -> None:
     """Statistics are per run: the previous run's files go when a new run starts."""
     d = stats_dir(config)
@@ -118,7 +105,7 @@ class Service:
         self.before_queue = before_queue
         self.use_lock = lock
         self.queue: SqliteQueue | PostgresQueue | None = None
-        self.intake: IntakeServer | None = None
+        self.intake: IntakeServer | IntakeDispatcher | None = None
         self.scheduler: Scheduler | None = None
         self.workers: list[DeliveryProcess] = []
         self.http: Api | None = None
@@ -191,14 +178,28 @@ class Service:
                     worker = DeliveryProcess(self.config, self._owner(n), writer)
                     await worker.start()
                     self.workers.append(worker)
-            self.intake = IntakeServer(
-                self.config,
-                self.queue,
-                # no listeners (a library embedding Ferry): no certificate to make
-                ssl_context=load_tls(self.config) if self.config.server.listen else None,
-                on_accept=self._accepted,
-                before_queue=self.before_queue,
-            )
+            # no listeners (a library embedding Ferry): no certificate to make
+            ssl_context = load_tls(self.config) if self.config.server.listen else None
+            processes = self.config.server.workers
+            if processes and self.config.server.listen and self.before_queue is None:
+                # Sessions in intake processes; this one accepts and writes the queue.
+                # (A before_queue hook is a Python callable of this process: with one,
+                # sessions stay here.)
+                self.intake = IntakeDispatcher(
+                    self.config,
+                    self.queue,
+                    ssl_context=ssl_context,
+                    on_accept=self._accepted,
+                    processes=processes,
+                )
+            else:
+                self.intake = IntakeServer(
+                    self.config,
+                    self.queue,
+                    ssl_context=ssl_context,
+                    on_accept=self._accepted,
+                    before_queue=self.before_queue,
+                )
             await self.intake.start()
             if not isinstance(queue, SqliteQueue):
                 # Mail another node accepted wakes this node's delivery at once.

@@ -10,8 +10,8 @@
         stats = relay.get_stats()                   # the SMTPy seed's shape
 
 :class:`Relay` runs Ferry's ``Service`` -- listeners, the queue and delivery -- on the
-caller's event loop. Delivery always runs in this process (``delivery.workers`` is
-forced to 0), so the hooks, :meth:`Relay.send` and :meth:`Relay.get_stats` see every
+caller's event loop. SMTP sessions and delivery always run in this process
+(``server.workers`` and ``delivery.workers`` are forced to 0), so the hooks, :meth:`Relay.send` and :meth:`Relay.get_stats` see every
 outcome as it happens.
 
 Hooks (Zetian's ``MessageReceived`` + ``QueueForRelayAsync``, and delivery callbacks):
@@ -574,8 +574,8 @@ class Relay:
 
     ``config`` is a :class:`RelayConfig` (the model behind ``ferry.toml``), a path to
     a TOML file, or None to load ``$FERRY_CONFIG`` and the environment. With
-    ``listen=False`` no SMTP listener is opened (pure library use). Delivery runs in
-    this process whatever ``delivery.workers`` says. ``cleanup_interval`` (seconds)
+    ``listen=False`` no SMTP listener is opened (pure library use). SMTP sessions and
+    delivery run in this process whatever ``server.workers`` and ``delivery.workers`` say. ``cleanup_interval`` (seconds)
     deletes expired messages periodically (Zetian's ``CleanupInterval``); None keeps
     them until :meth:`RelayQueue.clear_expired`.
 
@@ -601,6 +601,7 @@ class Relay:
             config = RelayConfig.from_file(config)
         effective = config.model_copy(deep=True)
         effective.delivery.workers = 0
+        effective.server.workers = 0
         if not listen:
             effective.server.listen = []
         self.config: RelayConfig = effective

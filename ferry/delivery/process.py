@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -28,11 +27,9 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from pydantic import SecretStr
-
-from ferry.config import RelayConfig
+from ferry.config import RelayConfig, config_payload
 from ferry.events import DeliveryTotals, OutcomesReplayed, WorkerDied, WorkerStarted, emit
 from ferry.queue.journal import OutcomeJournal, journal_dir, replay
 
@@ -47,21 +44,6 @@ RESTART_DELAY = 1.0
 # can be recorded any more (the writer is gone); the next `ferry serve` hands back
 # every lease this worker held and delivers again only what was in flight.
 PARENT_GONE_GRACE = 2.0
-
-
-def config_payload(config: RelayConfig) -> str:
-    """The configuration as JSON with secrets revealed (for a child process only)."""
-
-    def reveal(value: Any) -> Any:
-        if isinstance(value, SecretStr):
-            return value.get_secret_value()
-        if isinstance(value, dict):
-            return {k: reveal(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [reveal(v) for v in value]
-        return value
-
-    return json.dumps(reveal(config.model_dump(mode="python")), default=str)
 
 
 class DeliveryProcess:

@@ -95,6 +95,28 @@ class WorkerDied(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class IntakeWorkerStarted(Event):
+    """An intake process started: it runs SMTP sessions on the connections ``ferry serve``
+    accepts and hands it (``server.workers``)."""
+
+    name = "intake_worker"
+    pid: int
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeWorkerDied(Event):
+    """An intake process exited unasked: its ``connections`` are lost (their clients
+    retry; nothing they were told 250 for), and it is restarted."""
+
+    name = "intake_worker_died"
+    level = logging.ERROR
+    pid: int
+    code: int
+    connections: int
+
+
+@dataclass(frozen=True, slots=True)
 class HookFailed(Event):
     """A ``ferry.Relay`` hook raised; what it was called for goes on unchanged."""
 

@@ -15,12 +15,13 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Protocol, cast
 
-from ferry.config import Listener, RelayConfig
+from ferry.config import Listener, RelayConfig, ServerConfig
 from ferry.envelope import EnvelopeIn, Reply
 from ferry.events import (
     Connected,
@@ -44,8 +45,20 @@ from ferry.intake.session import (
 )
 from ferry.intake.throttle import AuthThrottle
 from ferry.intake.users import UserDB
-from ferry.queue.base import IdempotencyRecord, IdempotencyReplay, Queue, new_queue_id
-from ferry.tls import describe
+from ferry.queue.base import IdempotencyRecord, IdempotencyReplay, new_queue_id
+from ferry.tls import describe, self_signed_context, server_context
+
+
+def load_tls(config: RelayConfig) -> ssl.SSLContext:
+    """The configured certificate, or the self-signed one made on first run.
+
+    An operator's certificate that cannot be used stops the start with
+    ``<path>: <reason>`` (TlsMaterialError); Ferry's own self-signed pair is remade.
+    """
+    s = config.server
+    if s.tls_cert and s.tls_key:
+        return server_context(s.tls_cert, s.tls_key)
+    return self_signed_context(config.data_dir, s.hostname)
 
 
 async def run_hook(hook: Callable[[EnvelopeIn], Awaitable[None]], envelope: EnvelopeIn) -> None:
@@ -55,6 +68,64 @@ async def run_hook(hook: Callable[[EnvelopeIn], Awaitable[None]], envelope: Enve
         await hook(envelope)
     except Exception:
         logging.getLogger("ferry.intake").exception("before_queue hook failed; queuing as is")
+
+
+class QueueWriter(Protocol):
+    """What intake needs of the queue: ``enqueue`` (the queue itself, or in an intake
+    process the parent that writes it: ferry/intake/process.py)."""
+
+    async def enqueue(
+        self,
+        envelope: EnvelopeIn,
+        *,
+        queue_id: str | None = None,
+        expires: float | None = None,
+        idempotency: IdempotencyRecord | None = None,
+    ) -> str: ...
+
+
+class AuthGate(Protocol):
+    """Where failed AUTH attempts are counted: one place for every session of the relay,
+    whichever process runs it (else a guesser would gain by spreading connections)."""
+
+    async def delay(self, ip: str) -> float: ...
+
+    async def failed(self, ip: str) -> int: ...
+
+    async def succeeded(self, ip: str) -> None: ...
+
+
+class LocalAuthGate:
+    """The AUTH throttle of this process, on the monotonic clock."""
+
+    def __init__(self, throttle: AuthThrottle | None = None) -> None:
+        self.throttle = throttle or AuthThrottle()
+
+    async def delay(self, ip: str) -> float:
+        return self.throttle.delay_for(ip, time.monotonic())
+
+    async def failed(self, ip: str) -> int:
+        return self.throttle.record_failure(ip, time.monotonic())
+
+    async def succeeded(self, ip: str) -> None:
+        self.throttle.record_success(ip)
+
+
+# Why a connection is refused at once (max_connections, max_connections_per_ip).
+LIMIT_TEXT = {
+    "max_connections": "Too many connections, try later",
+    "max_connections_per_ip": "Too many connections from you",
+}
+
+
+def over_limit(total: int, from_ip: int, cfg: ServerConfig) -> str | None:
+    """The limit a new connection would pass, given the connections open now in all
+    and from its address; None when it may go on."""
+    if total >= cfg.max_connections:
+        return "max_connections"
+    if from_ip >= cfg.max_connections_per_ip:
+        return "max_connections_per_ip"
+    return None
 
 
 class _Closed(Exception):
@@ -67,12 +138,13 @@ class IntakeServer:
     def __init__(
         self,
         config: RelayConfig,
-        queue: Queue,
+        queue: QueueWriter,
         *,
         ssl_context: ssl.SSLContext | None,
         users: UserDB | None = None,
         on_accept: Callable[[str], None] | None = None,
         before_queue: Callable[[EnvelopeIn], Awaitable[None]] | None = None,
+        auth_gate: AuthGate | None = None,
     ) -> None:
         self.config = config
         self.queue = queue
@@ -81,7 +153,7 @@ class IntakeServer:
         s = config.server
         self.policy = RelayPolicy.build(s.local_domains, s.relay_domains, s.relay_networks)
         self.aliases = AliasTable(config.aliases, s.local_domains)
-        self.throttle = AuthThrottle()
+        self.auth_gate = auth_gate or LocalAuthGate()
         self.lifetime = config.delivery.message_lifetime  # seconds, parsed at load
         self.idempotency_ttl = config.http.idempotency_ttl  # seconds, parsed at load
         self.on_accept = on_accept
@@ -108,6 +180,44 @@ class IntakeServer:
             self.servers.append(server)
             for sock in server.sockets:
                 emit(Listening(sock.getsockname()[0], sock.getsockname()[1], listener.mode))
+
+    async def adopt(
+        self,
+        sock: socket.socket,
+        listener: Listener,
+        refused: str | None,
+        on_close: Callable[[], None],
+    ) -> None:
+        """Run a session on a connection another process accepted (ferry/intake/process.py).
+
+        ``refused``: the connection limit it passed there (it gets 421 and is closed);
+        ``on_close`` is called once, when the connection is over (or never started).
+        """
+        sock.setblocking(False)
+        ssl_ctx = self.ssl_context if listener.mode == "smtps" else None
+        conn = SmtpConnection(self, listener, refused=refused, on_close=on_close)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: conn, sock, ssl=ssl_ctx
+            )
+        except asyncio.CancelledError:
+            sock.close()
+            conn.closed()
+            raise
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            # A TLS handshake that failed (smtps) or a client already gone: no session.
+            peer = "unknown"
+            with contextlib.suppress(OSError):
+                peer = str(sock.getpeername()[0])
+            sock.close()
+            conn.closed()
+            if ssl_ctx is not None:
+                emit(TlsFailed(peer, str(exc)))
+
+    @property
+    def open_connections(self) -> int:
+        """Connections with a session running now."""
+        return len(self.connections)
 
     def bound(self) -> list[tuple[str, int, str]]:
         """(address, port, mode) actually bound -- useful when port 0 was configured."""
@@ -212,10 +322,22 @@ def _time_up(waiter: asyncio.Future[bool]) -> None:
 class SmtpConnection(asyncio.Protocol):
     """One client connection: a byte buffer, deadlines and TLS around a :class:`Session`."""
 
-    def __init__(self, server: IntakeServer, listener: Listener) -> None:
+    def __init__(
+        self,
+        server: IntakeServer,
+        listener: Listener,
+        *,
+        refused: str | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         self.server = server
         self.cfg = server.config.server
         self.listener = listener
+        # Adopted from the process that accepted it (ferry/intake/process.py): it
+        # decided the connection limits; tell it when the connection is over.
+        self.adopted = on_close is not None
+        self.refused = refused
+        self.on_close = on_close
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.out: list[bytes] = []
@@ -376,30 +498,27 @@ class SmtpConnection(asyncio.Protocol):
 
     # -- the dialogue ------------------------------------------------------------
 
+    def closed(self) -> None:
+        """The connection is over: tell the process that accepted it (once)."""
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
+
     async def _run(self, session: Session) -> None:
         srv = self.server
         count = srv.per_ip.get(self.peer_ip, 0)
         try:
-            if len(srv.connections) >= self.cfg.max_connections:
-                self.reply(421, "4.7.0", f"{self.cfg.hostname} Too many connections, try later")
-                emit(
-                    ConnectionRejected(
-                        self.peer_ip, 421, "max_connections", session=self.session_id
-                    )
-                )
-                self.close()
-                return
-            if count >= self.cfg.max_connections_per_ip:
-                self.reply(421, "4.7.0", f"{self.cfg.hostname} Too many connections from you")
-                emit(
-                    ConnectionRejected(
-                        self.peer_ip, 421, "max_connections_per_ip", session=self.session_id
-                    )
-                )
+            refused = (
+                self.refused if self.adopted else over_limit(len(srv.connections), count, self.cfg)
+            )
+            if refused is not None:
+                self.reply(421, "4.7.0", f"{self.cfg.hostname} {LIMIT_TEXT[refused]}")
+                emit(ConnectionRejected(self.peer_ip, 421, refused, session=self.session_id))
                 self.close()
                 return
             srv.connections.add(self)
-            srv.per_ip[self.peer_ip] = count + 1
+            if not self.adopted:
+                srv.per_ip[self.peer_ip] = count + 1
             emit(Connected(self.peer_ip, self.listener.mode, self.tls, session=self.session_id))
             await self._act(session, session.greet())
             while self.transport is not None:
@@ -414,7 +533,9 @@ class SmtpConnection(asyncio.Protocol):
             self.reply(421, "4.3.0", "Internal error, closing connection")
             self.close()
         finally:
-            if self in srv.connections:
+            if self in srv.connections and self.adopted:
+                srv.connections.discard(self)
+            elif self in srv.connections:
                 srv.connections.discard(self)
                 left = srv.per_ip.get(self.peer_ip, 1) - 1
                 if left <= 0:
@@ -425,6 +546,7 @@ class SmtpConnection(asyncio.Protocol):
                 self.flush()
                 self.transport.close()
             emit(Disconnected(self.peer_ip, session=self.session_id))
+            self.closed()
 
     async def _act(self, session: Session, actions: list[Action]) -> None:
         """Carry out the session's actions in order; each may yield more."""
@@ -476,14 +598,14 @@ class SmtpConnection(asyncio.Protocol):
         return session.tls_started(self.tls)
 
     async def _authenticate(self, session: Session, action: Authenticate) -> list[Action]:
-        throttle = self.server.throttle
-        delay = throttle.delay_for(self.peer_ip, time.monotonic())
+        gate = self.server.auth_gate
+        delay = await gate.delay(self.peer_ip)
         if delay > 0:
             await asyncio.sleep(delay)  # slow down password guessing, not a sync point
         record = await self.server.users.averify(action.username, action.password)
         if record is None:
-            return session.auth_failed(throttle.record_failure(self.peer_ip, time.monotonic()))
-        throttle.record_success(self.peer_ip)
+            return session.auth_failed(await gate.failed(self.peer_ip))
+        await gate.succeeded(self.peer_ip)
         return session.auth_succeeded(record.name, record.priority)
 
     async def _enqueue(self, session: Session, action: Enqueue) -> list[Action]:

@@ -80,6 +80,10 @@ class IdempotencyReplay(Exception):
         super().__init__(f"idempotency key already used for {record.queue_id}")
         self.record = record
 
+    def __reduce__(self) -> tuple[type[IdempotencyReplay], tuple[IdempotencyRecord]]:
+        # Raised in `ferry serve` for an intake process: it crosses as itself.
+        return (type(self), (self.record,))
+
 
 @dataclass(frozen=True, slots=True)
 class Attempt:

@@ -32,6 +32,7 @@ import asyncio
 import builtins
 import contextlib
 import itertools
+import logging
 import pickle
 import socket
 import struct
@@ -154,14 +155,17 @@ class _ServerProtocol(asyncio.Protocol):
 
 
 class QueueServer:
-    """The parent's end: runs each request on ``queue`` and sends the reply back.
+    """The parent's end: runs each request on ``target`` and sends the reply back.
 
+    ``target`` is the queue (a delivery worker's writes) or any object whose ``methods``
+    are coroutines (an intake process's calls: ferry/intake/process.py).
     Requests run concurrently (a claim does not wait behind an outcome): each is a
     task, and the queue's writer thread groups whatever is waiting into one commit.
+    A request with id 0 is a notification: it runs, and nothing is sent back.
     """
 
-    def __init__(self, queue: Queue, sock: socket.socket, methods: Collection[str] = FORWARDED):
-        self.queue = queue
+    def __init__(self, target: object, sock: socket.socket, methods: Collection[str] = FORWARDED):
+        self.target = target
         self.sock = sock
         self.methods = frozenset(methods)
         self._protocol: _ServerProtocol | None = None
@@ -187,10 +191,15 @@ class QueueServer:
         try:
             if name not in self.methods:
                 raise RemoteError(f"{name!r} is not a forwarded queue method")
-            value = await getattr(self.queue, name)(*args, **kwargs)
+            value = await getattr(self.target, name)(*args, **kwargs)
             frame = encode_frame((rid, True, value))
         except Exception as exc:
+            if not rid:
+                logging.getLogger("ferry").exception("notification %s from a child process", name)
+                return
             frame = encode_frame((rid, False, portable(exc)))
+        if not rid:
+            return  # a notification: nobody waits for an answer
         transport = self._protocol.transport if self._protocol is not None else None
         if transport is not None and not transport.is_closing():
             transport.write(frame)
@@ -246,7 +255,7 @@ class QueueLink:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(1)  # 0 is a notification's
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._transport: asyncio.Transport | None = None
         self.lost = asyncio.Event()
@@ -272,6 +281,13 @@ class QueueLink:
             return await fut
         finally:
             self._pending.pop(rid, None)
+
+    def notify(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Ask the parent to run ``method`` without waiting for (or getting) an answer;
+        dropped if the parent is gone."""
+        if self.lost.is_set() or self._transport is None or self._transport.is_closing():
+            return
+        self._transport.write(encode_frame((0, method, args, kwargs)))
 
     def _lose(self, exc: BaseException | None) -> None:
         if self.lost.is_set():

@@ -57,6 +57,7 @@ class World:
                     "hostname": "relay.ferry.test",
                     "listen": [{"address": "127.0.0.1", "port": 0, "mode": "mta"}],
                     "users_file": str(self.tmp_path / "users"),
+                    "workers": 0,  # sessions in this process too: tests see their events
                 },
                 "queue": {"path": str(self.tmp_path / "data"), "lease_seconds": 30},
                 "delivery": d,

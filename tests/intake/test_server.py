@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import os
+import signal
 import smtplib
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,10 @@ import pytest
 
 from ferry.config import RelayConfig
 from ferry.envelope import Priority, Status
+from ferry.intake.dispatch import IntakeDispatcher
+from ferry.intake.server import IntakeServer
 from ferry.intake.users import UserDB
-from tests.harness import ThreadedService, wait_until
+from tests.harness import ThreadedService, process_running, wait_until
 
 MSG = (
     b"From: Alice <alice@example.org>\r\n"
@@ -515,7 +520,7 @@ def test_disconnect_mid_data_queues_nothing(relay: ThreadedService) -> None:
     w.cmd("DATA")
     w.send(MSG + b"half a message")
     w.close()
-    assert wait_until(lambda: not relay.service.intake.connections, what="session end")
+    assert wait_until(lambda: not relay.service.intake.open_connections, what="session end")
     assert queued(relay) == []
 
 
@@ -726,3 +731,145 @@ def test_smtp_idempotency_key_from_an_authenticated_client(
     assert _send_with_key(port, tls_files, "order-8", "hello").startswith("250")
     assert _send_with_key(port, tls_files, None, "hello").startswith("250")
     assert len(queued(relay)) == 3
+
+
+# -- intake processes (server.workers; ferry/intake/dispatch.py) ----------------------
+
+
+def _dispatcher(svc: ThreadedService) -> IntakeDispatcher:
+    intake = svc.service.intake
+    assert isinstance(intake, IntakeDispatcher)
+    return intake
+
+
+def _send_one(port: int) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+        assert c.sendmail("alice@example.org", ["bob@example.net"], MSG) == {}
+
+
+def test_sessions_run_in_intake_processes_and_serve_commits(relay_factory: Any) -> None:
+    svc = relay_factory(workers=2)
+    d = _dispatcher(svc)
+    pids = {c.proc.pid for c in d.children if c.proc is not None}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert all(process_running(p) for p in pids)
+    # Two connections open at once go to two processes (the least busy one first).
+    a, b = Wire(svc.port()), Wire(svc.port())
+    assert a.greeting[0] == b.greeting[0] == 220
+    wait_until(lambda: sorted(c.connections for c in d.children) == [1, 1], what="1 and 1")
+    for w in (a, b):
+        w.close()
+    _send_one(svc.port())
+    assert [m.sender for m in queued(svc)] == ["alice@example.org"]
+    assert d.accepted == 1
+    wait_until(lambda: d.open == {} and d.counted == 0, what="connections reported over")
+
+
+def test_stopping_serve_stops_its_intake_processes(tmp_path: Path, tls_files: Any) -> None:
+    svc = ThreadedService(make_config(tmp_path, tls_files, workers=2)).__enter__()
+    try:
+        pids = [c.proc.pid for c in _dispatcher(svc).children if c.proc is not None]
+        port = svc.port()
+    finally:
+        svc.__exit__(None, None, None)
+    assert len(pids) == 2
+    assert not any(process_running(p) for p in pids)
+    with pytest.raises(OSError):  # nothing listens any more
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_connection_limits_count_the_whole_relay(relay_factory: Any, workers: int) -> None:
+    svc = relay_factory(workers=workers, max_connections_per_ip=2, max_connections=3)
+    a, b = Wire(svc.port()), Wire(svc.port())
+    assert a.greeting[0] == b.greeting[0] == 220  # in two processes when workers = 2
+    c = Wire(svc.port())
+    assert c.greeting == (421, "4.7.0 mx.ferry.test Too many connections from you")
+    c.close()
+    a.close()
+    # The one that ended no longer counts: a new one is let in.
+    d = wait_until(lambda: (w := Wire(svc.port())).greeting[0] == 220 and w, what="a free slot")
+    # A third from another address makes three; a fourth passes max_connections = 3.
+    e = Wire(svc.port(), source="127.0.0.2")
+    assert e.greeting[0] == 220
+    f = Wire(svc.port(), source="127.0.0.3")
+    assert f.greeting == (421, "4.7.0 mx.ferry.test Too many connections, try later")
+    for w in (b, d, e, f):
+        w.close()
+
+
+def test_auth_failures_are_counted_once_for_every_process(
+    relay_factory: Any, tls_files: Any
+) -> None:
+    svc = relay_factory(workers=2)
+    d = _dispatcher(svc)
+    clients = []
+    for _ in range(2):  # held open: the second goes to the other process
+        c = smtplib.SMTP("127.0.0.1", svc.port(), timeout=10)
+        c.starttls(context=tls_files.client_context())
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            c.login("alice", "wrong")
+        clients.append(c)
+    assert sorted(c.connections for c in d.children) == [1, 1]
+    # smtplib tries PLAIN, then LOGIN: two failures per connection, all four counted.
+    assert d.throttle.failures("127.0.0.1", time.monotonic()) == 4
+    clients[0].login("alice", PASSWORD)  # a success forgets the failures
+    assert d.throttle.failures("127.0.0.1", time.monotonic()) == 0
+    for c in clients:
+        c.quit()
+
+
+def test_smtps_through_an_intake_process(relay_factory: Any, tls_files: Any) -> None:
+    svc = relay_factory(workers=1)
+    with smtplib.SMTP_SSL("127.0.0.1", svc.port("smtps"), context=tls_files.client_context()) as c:
+        c.login("alice", PASSWORD)
+        c.sendmail("alice@example.org", ["x@elsewhere.example"], MSG)
+    # A client that fails the handshake is counted out again.
+    raw = socket.create_connection(("127.0.0.1", svc.port("smtps")), timeout=10)
+    raw.sendall(b"EHLO not-tls\r\n")
+    raw.recv(100)
+    raw.close()
+    d = _dispatcher(svc)
+    wait_until(lambda: d.open == {} and d.counted == 0, what="the failed handshake counted out")
+    [m] = queued(svc)
+    assert b"with ESMTPSA" in body_of(svc, m.id)
+
+
+def test_a_killed_intake_process_is_restarted_and_its_connections_counted_out(
+    relay_factory: Any,
+) -> None:
+    svc = relay_factory(workers=1, max_connections_per_ip=1)
+    d = _dispatcher(svc)
+    [child] = d.children
+    assert child.proc is not None
+    first = child.proc.pid
+    held = Wire(svc.port())
+    assert held.greeting[0] == 220
+    wait_until(lambda: d.counted == 1, what="the connection counted")
+    os.kill(first, signal.SIGKILL)
+    assert held.reply() == (0, "")  # its session went with it
+    held.close()
+    wait_until(
+        lambda: child.ready and child.proc is not None and child.proc.pid != first,
+        timeout=15,
+        what="a new intake process",
+    )
+    assert d.counted == 0 and d.per_ip == {}
+    _send_one(svc.port())  # max_connections_per_ip = 1: the dead one's slot is free
+    assert len(queued(svc)) == 1
+    assert not process_running(first)
+
+
+def test_a_before_queue_hook_keeps_sessions_in_serve(tmp_path: Path, tls_files: Any) -> None:
+    seen: list[str] = []
+
+    async def hook(envelope: Any) -> None:
+        seen.append(envelope.sender)
+
+    cfg = make_config(tmp_path, tls_files, workers=2)
+    svc = ThreadedService(cfg)
+    svc.service.before_queue = hook
+    with svc:
+        assert isinstance(svc.service.intake, IntakeServer)
+        _send_one(svc.port())
+    assert seen == ["alice@example.org"]

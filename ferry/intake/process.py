@@ -1,0 +1,316 @@
+"""An intake process: runs the SMTP sessions of the connections ``ferry serve`` hands it.
+
+The parent's side is :class:`IntakeProcess` (start, watch, restart, hand a connection
+over); the child's is :func:`main` (``python -m ferry.intake.process``). The child gets
+the validated configuration on stdin (secrets never on a command line), connections over
+a SEQPACKET socket pair (one message per connection: its header and its descriptor,
+ferry/intake/dispatch.py), and makes its calls to the parent over a second socket pair
+with the frames of ferry/queue/remote.py. It writes nothing itself: a message is queued
+by the parent, and the 250 is sent only after the parent's commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import functools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ferry.config import RelayConfig, config_payload
+from ferry.envelope import EnvelopeIn
+from ferry.events import IntakeWorkerDied, IntakeWorkerStarted, emit
+from ferry.queue.base import IdempotencyRecord
+
+if TYPE_CHECKING:
+    from ferry.intake.dispatch import IntakeDispatcher
+    from ferry.queue.remote import QueueLink, QueueServer
+
+RESTART_DELAY = 1.0  # no hot restart loop on a process that dies at once
+STOP_TIMEOUT = 10.0
+
+
+class IntakeProcess:
+    """The parent's handle on one intake process."""
+
+    def __init__(self, config: RelayConfig, index: int, dispatcher: IntakeDispatcher) -> None:
+        self.config = config
+        self.index = index
+        self.dispatcher = dispatcher
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.server: QueueServer | None = None
+        self.handover: socket.socket | None = None
+        self.connections = 0  # handed over and not reported over
+        self.restarts = 0
+        # Connections waiting for room in the hand-over socket (a busy child).
+        self._waiting: collections.deque[tuple[socket.socket, bytes]] = collections.deque()
+        self._monitor: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def ready(self) -> bool:
+        return self.handover is not None and not self._stopping
+
+    async def _spawn(self) -> None:
+        from ferry.intake.dispatch import CALLS
+        from ferry.queue.remote import QueueServer
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        calls_ours, calls_theirs = socket.socketpair()
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "ferry.intake.process",
+                    "--handover-fd",
+                    str(theirs.fileno()),
+                    "--calls-fd",
+                    str(calls_theirs.fileno()),
+                ],
+                stdin=subprocess.PIPE,
+                pass_fds=[theirs.fileno(), calls_theirs.fileno()],
+            )
+        except BaseException:
+            ours.close()
+            calls_ours.close()
+            raise
+        finally:
+            theirs.close()
+            calls_theirs.close()
+        self.server = QueueServer(self.dispatcher, calls_ours, methods=CALLS)
+        await self.server.start()
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(config_payload(self.config).encode())
+        self.proc.stdin.close()
+        ours.setblocking(False)
+        self.handover = ours
+        emit(IntakeWorkerStarted(self.proc.pid, self.index))
+        self.dispatcher.child_ready()
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._monitor = asyncio.get_running_loop().create_task(self._watch())
+
+    def hand_over(self, conn: socket.socket, header: bytes) -> None:
+        """Send ``conn`` to the process (then close it here); queued while its socket
+        buffer is full."""
+        if self._waiting:
+            self._waiting.append((conn, header))
+            return
+        if not self._send(conn, header):
+            self._waiting.append((conn, header))
+            assert self.handover is not None
+            asyncio.get_running_loop().add_writer(self.handover.fileno(), self._flush)
+
+    def _send(self, conn: socket.socket, header: bytes) -> bool:
+        """False: no room now. A connection that cannot be sent at all is closed."""
+        try:
+            if self.handover is None:
+                raise ConnectionError("intake process gone")
+            socket.send_fds(self.handover, [header], [conn.fileno()])
+        except BlockingIOError:
+            return False
+        except OSError:
+            # The process is gone: the client sees the connection close and retries.
+            cid = int.from_bytes(header[:8], "big")
+            self.dispatcher.forget([cid])
+        conn.close()
+        return True
+
+    def _flush(self) -> None:
+        while self._waiting:
+            conn, header = self._waiting[0]
+            if not self._send(conn, header):
+                return
+            self._waiting.popleft()
+        if self.handover is not None:
+            asyncio.get_running_loop().remove_writer(self.handover.fileno())
+
+    def _drop_handover(self) -> None:
+        handover, self.handover = self.handover, None
+        if handover is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_writer(handover.fileno())
+            handover.close()
+        while self._waiting:
+            conn, _header = self._waiting.popleft()
+            conn.close()
+
+    async def _close_server(self) -> None:
+        """The process is gone: finish the calls it made (a message it sent is
+        committed: its client got no 250 and sends it again -- a duplicate at worst)."""
+        server, self.server = self.server, None
+        if server is not None:
+            await server.close()
+
+    async def _watch(self) -> None:
+        while not self._stopping:
+            try:
+                assert self.proc is not None
+                code = await asyncio.to_thread(self.proc.wait)
+                if self._stopping:
+                    return
+                self._drop_handover()
+                lost = self.dispatcher.lost(self)
+                emit(IntakeWorkerDied(self.proc.pid, code, lost))
+                await self._close_server()
+                await asyncio.sleep(RESTART_DELAY)
+                if not self._stopping:
+                    self.restarts += 1
+                    await self._spawn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logging.getLogger("ferry.intake").exception("intake process monitor")
+                await asyncio.sleep(RESTART_DELAY)
+
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        self._stopping = True
+        self._drop_handover()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
+            except TimeoutError:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+        await self._close_server()
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+
+
+# -- the child --------------------------------------------------------------------
+
+
+class ParentCalls:
+    """The intake process's queue and AUTH throttle: both live in the parent."""
+
+    def __init__(self, link: QueueLink) -> None:
+        self.link = link
+        self._closed: list[int] = []
+
+    async def enqueue(
+        self,
+        envelope: EnvelopeIn,
+        *,
+        queue_id: str | None = None,
+        expires: float | None = None,
+        idempotency: IdempotencyRecord | None = None,
+    ) -> str:
+        qid: str = await self.link.call(
+            "enqueue", envelope, queue_id=queue_id, expires=expires, idempotency=idempotency
+        )
+        return qid
+
+    async def delay(self, ip: str) -> float:
+        seconds: float = await self.link.call("auth_delay", ip)
+        return seconds
+
+    async def failed(self, ip: str) -> int:
+        n: int = await self.link.call("auth_failed", ip)
+        return n
+
+    async def succeeded(self, ip: str) -> None:
+        await self.link.call("auth_succeeded", ip)
+
+    def closed(self, cid: int) -> None:
+        """Report a connection over; gathered into one notification per loop turn."""
+        if not self._closed:
+            asyncio.get_running_loop().call_soon(self._send_closed)
+        self._closed.append(cid)
+
+    def _send_closed(self) -> None:
+        cids, self._closed = self._closed, []
+        self.link.notify("closed", cids)
+
+
+async def _child(config: RelayConfig, handover_fd: int, calls_fd: int) -> None:
+    from ferry.intake.dispatch import HANDOVER, refusal
+    from ferry.intake.server import IntakeServer, load_tls
+    from ferry.queue.remote import QueueLink
+
+    link = await QueueLink(socket.socket(fileno=calls_fd)).open()
+    parent = ParentCalls(link)
+    # The parent made the certificate (or the self-signed pair) before starting us.
+    ssl_context = load_tls(config) if config.server.listen else None
+    server = IntakeServer(config, parent, ssl_context=ssl_context, auth_gate=parent)
+    listeners = config.server.listen
+    handover = socket.socket(fileno=handover_fd)
+    handover.setblocking(False)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def receive() -> None:
+        while True:
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(handover, 64, 4)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                msg, fds = b"", []
+            if not msg and not fds:
+                stop.set()  # the parent is gone (or stopping us)
+                loop.remove_reader(handover_fd)
+                return
+            for extra in fds[1:]:
+                os.close(extra)
+            if len(msg) != HANDOVER.size or not fds:
+                continue  # not the parent's message: nothing to run
+            cid, index, code = HANDOVER.unpack(msg)
+            sock = socket.socket(fileno=fds[0])
+            on_close = functools.partial(parent.closed, cid)
+            task = loop.create_task(server.adopt(sock, listeners[index], refusal(code), on_close))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    loop.add_reader(handover_fd, receive)
+    watch = loop.create_task(link.lost.wait())
+    watch.add_done_callback(lambda _t: stop.set())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        watch.cancel()
+        with contextlib.suppress(Exception):
+            loop.remove_reader(handover_fd)
+        handover.close()
+        for task in list(tasks):
+            task.cancel()
+        await server.stop()  # every session ends; nothing is queued after this
+        link.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="ferry-intake", description=__doc__)
+    ap.add_argument("--handover-fd", type=int, required=True)
+    ap.add_argument("--calls-fd", type=int, required=True)
+    args = ap.parse_args(argv)
+    config = RelayConfig.model_validate_json(sys.stdin.read())
+    from ferry.events import setup_logging
+    from ferry.runtime import run_async
+
+    setup_logging(config.log.level, config.log.format)
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if config.http.listen and directory:  # the parent serves /metrics: count here too
+        from ferry.metrics import install
+
+        install(Path(directory), fresh=False)
+    run_async(_child(config, args.handover_fd, args.calls_fd))
+
+
+if __name__ == "__main__":
+    main()

@@ -11,8 +11,9 @@
 
 :class:`Relay` runs Ferry's ``Service`` -- listeners, the queue and delivery -- on the
 caller's event loop. SMTP sessions and delivery always run in this process
-(``server.workers`` and ``delivery.workers`` are forced to 0), so the hooks, :meth:`Relay.send` and :meth:`Relay.get_stats` see every
-outcome as it happens.
+(``server.workers`` and ``delivery.workers`` are forced to 0), so the hooks,
+:meth:`Relay.send` and :meth:`Relay.get_stats` see every message and outcome as it
+happens.
 
 Hooks (Zetian's ``MessageReceived`` + ``QueueForRelayAsync``, and delivery callbacks):
 
@@ -575,9 +576,10 @@ class Relay:
     ``config`` is a :class:`RelayConfig` (the model behind ``ferry.toml``), a path to
     a TOML file, or None to load ``$FERRY_CONFIG`` and the environment. With
     ``listen=False`` no SMTP listener is opened (pure library use). SMTP sessions and
-    delivery run in this process whatever ``server.workers`` and ``delivery.workers`` say. ``cleanup_interval`` (seconds)
-    deletes expired messages periodically (Zetian's ``CleanupInterval``); None keeps
-    them until :meth:`RelayQueue.clear_expired`.
+    delivery run in this process whatever ``server.workers`` and ``delivery.workers``
+    say. ``cleanup_interval`` (seconds) deletes expired messages periodically
+    (Zetian's ``CleanupInterval``); None keeps them until
+    :meth:`RelayQueue.clear_expired`.
 
     Use ``async with Relay(config) as relay:``, or :meth:`start` and :meth:`stop`.
     """

@@ -24,39 +24,20 @@ import itertools
 import logging
 import socket
 import ssl
-import struct
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from ferry.config import Listener, RelayConfig
 from ferry.envelope import EnvelopeIn
 from ferry.events import Listening, emit
+from ferry.intake.handover import HANDOVER, refusal_code
+from ferry.intake.process import IntakeProcess
 from ferry.intake.server import QueueWriter, over_limit
 from ferry.intake.throttle import AuthThrottle
 from ferry.queue.base import IdempotencyRecord
 
-if TYPE_CHECKING:
-    from ferry.intake.process import IntakeProcess
-
-# What a connection is handed over with: its id, its listener's index, and the
-# connection limit it ran into (0: none; else 1 + the index in REFUSALS).
-HANDOVER = struct.Struct("!QHB")
-REFUSALS = ("max_connections", "max_connections_per_ip")
-
-# The calls an intake process may make here (ferry/queue/remote.py runs them).
-CALLS = frozenset({"enqueue", "auth_delay", "auth_failed", "auth_succeeded", "closed"})
-
 ACCEPT_BATCH = 64  # connections taken per wake-up: others' events are not starved
 EMFILE_PAUSE = 1.0  # out of file descriptors: stop accepting this long (as asyncio does)
-
-
-def refusal_code(refused: str | None) -> int:
-    return 0 if refused is None else 1 + REFUSALS.index(refused)
-
-
-def refusal(code: int) -> str | None:
-    return None if code == 0 else REFUSALS[code - 1]
 
 
 def bind(listener: Listener) -> socket.socket:
@@ -110,8 +91,6 @@ class IntakeDispatcher:
     # -- life ------------------------------------------------------------------
 
     async def start(self) -> None:
-        from ferry.intake.process import IntakeProcess
-
         for listener in self.config.server.listen:
             if listener.mode == "smtps" and self.ssl_context is None:
                 raise RuntimeError("smtps listener needs a TLS certificate")

@@ -22,18 +22,32 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ferry.config import RelayConfig, config_payload
 from ferry.envelope import EnvelopeIn
 from ferry.events import IntakeWorkerDied, IntakeWorkerStarted, emit
+from ferry.intake.handover import CALLS, HANDOVER, refusal
 from ferry.queue.base import IdempotencyRecord
 
 if TYPE_CHECKING:
-    from ferry.intake.dispatch import IntakeDispatcher
     from ferry.queue.remote import QueueLink, QueueServer
 
+
+class Dispatcher(Protocol):
+    """What an :class:`IntakeProcess` tells the dispatcher that owns it (and the object
+    that runs the process's calls: ferry/intake/dispatch.py)."""
+
+    def forget(self, cids: Sequence[int]) -> None: ...
+
+    def lost(self, child: IntakeProcess) -> int: ...
+
+    def child_ready(self) -> None: ...
+
+
+MAX_WAITING = 1024  # connections queued for one process whose socket buffer is full
 RESTART_DELAY = 1.0  # no hot restart loop on a process that dies at once
 STOP_TIMEOUT = 10.0
 
@@ -41,7 +55,7 @@ STOP_TIMEOUT = 10.0
 class IntakeProcess:
     """The parent's handle on one intake process."""
 
-    def __init__(self, config: RelayConfig, index: int, dispatcher: IntakeDispatcher) -> None:
+    def __init__(self, config: RelayConfig, index: int, dispatcher: Dispatcher) -> None:
         self.config = config
         self.index = index
         self.dispatcher = dispatcher
@@ -60,7 +74,6 @@ class IntakeProcess:
         return self.handover is not None and not self._stopping
 
     async def _spawn(self) -> None:
-        from ferry.intake.dispatch import CALLS
         from ferry.queue.remote import QueueServer
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -104,6 +117,12 @@ class IntakeProcess:
         """Send ``conn`` to the process (then close it here); queued while its socket
         buffer is full."""
         if self._waiting:
+            if len(self._waiting) >= MAX_WAITING:
+                # A process this far behind (hung, or a flood): do not hold descriptors
+                # for it without bound. The client sees the connection close.
+                conn.close()
+                self.dispatcher.forget([HANDOVER.unpack(header)[0]])
+                return
             self._waiting.append((conn, header))
             return
         if not self._send(conn, header):
@@ -121,8 +140,7 @@ class IntakeProcess:
             return False
         except OSError:
             # The process is gone: the client sees the connection close and retries.
-            cid = int.from_bytes(header[:8], "big")
-            self.dispatcher.forget([cid])
+            self.dispatcher.forget([HANDOVER.unpack(header)[0]])
         conn.close()
         return True
 
@@ -237,7 +255,6 @@ class ParentCalls:
 
 
 async def _child(config: RelayConfig, handover_fd: int, calls_fd: int) -> None:
-    from ferry.intake.dispatch import HANDOVER, refusal
     from ferry.intake.server import IntakeServer, load_tls
     from ferry.queue.remote import QueueLink
 

@@ -1,5 +1,5 @@
 """The connection limits (``over_limit``), case by case (tests/cases/connection_limits/),
-and the code a refusal crosses to an intake process with (ferry/intake/dispatch.py)."""
+and the code a refusal crosses to an intake process with (ferry/intake/handover.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from ferry.config import ServerConfig
-from ferry.intake.dispatch import HANDOVER, REFUSALS, refusal, refusal_code
+from ferry.intake.handover import HANDOVER, REFUSALS, refusal, refusal_code
 from ferry.intake.server import LIMIT_TEXT, over_limit
 
 CASES = Path(__file__).parent.parent / "cases" / "connection_limits" / "cases.jsonl"

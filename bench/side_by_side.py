@@ -4,7 +4,7 @@
                                  [--configs 1k-new,1k-reuse,100k-new,100k-reuse,1k-new-accept]
                                  [--messages-1k 20000] [--messages-100k 5000] [--json FILE]
                                  [--ferry-base DIR] [--ferry-src DIR] [--quiet-timeout 60]
-                                 [--run-timeout 900] [--workers N]
+                                 [--run-timeout 900] [--workers N] [--intake-workers N]
 
 ``--ferry-base DIR`` adds a third relay, ``ferry-base``: Ferry run from the source tree
 DIR (e.g. ``git archive <commit> | tar -x -C DIR``) with the same virtualenv, so the code
@@ -85,7 +85,8 @@ CONFIGS = {
 DEFAULT_CONFIGS = "1k-new,1k-reuse,100k-new,100k-reuse,1k-new-accept"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: Relays in report order: Postfix first, then each Ferry compared with it (``ferry-wN``:
-#: Ferry with ``delivery.workers = N``, from ``--workers`` with several counts).
+#: Ferry with ``delivery.workers = N``, from ``--workers`` with several counts;
+#: ``ferry-iN``: ``server.workers = N``, from ``--intake-workers``).
 RELAYS = ("postfix", "ferry-base", "ferry")
 
 
@@ -306,20 +307,30 @@ def run_postfix(tmp: Path, sink_port: int, config: str, rep: int, messages: int)
 
 
 def ferry_config(
-    tmp: Path, port: int, sink_port: int, *, hold: bool = False, workers: int | None = None
+    tmp: Path,
+    port: int,
+    sink_port: int,
+    *,
+    hold: bool = False,
+    workers: int | None = None,
+    intake_workers: int | None = None,
 ) -> Path:
     """Ferry's configuration for the run: relay mode to the sink, queue under ``tmp``;
-    ``hold``: accept only (``delivery.hold``); ``workers``: ``delivery.workers``."""
+    ``hold``: accept only (``delivery.hold``); ``workers``: ``delivery.workers``;
+    ``intake_workers``: ``server.workers``."""
     cfg = tmp / "ferry.toml"
     delivery = 'mode = "relay"\n'
     if hold:
         delivery += "hold = true\n"
     if workers is not None:
         delivery += f"workers = {workers}\n"
+    server = "max_connections_per_ip = 500\n"
+    if intake_workers is not None:
+        server += f"workers = {intake_workers}\n"
     cfg.write_text(
         f'[server]\nhostname = "ferry.bench.test"\n'
         f'listen = [{{ address = "127.0.0.1", port = {port}, mode = "mta" }}]\n'
-        f"max_connections_per_ip = 500\n"
+        f"{server}"
         f'[queue]\npath = "{tmp}/data"\n'
         f"[delivery]\n{delivery}"
         f"[[smart_hosts]]\n"
@@ -355,10 +366,13 @@ def run_ferry(
     src: Path | None = None,
     relay: str = "ferry",
     workers: int | None = None,
+    intake_workers: int | None = None,
 ) -> Run:
     size, reuse, accept_only = CONFIGS[config]
     port = free_port()
-    cfg = ferry_config(tmp, port, sink_port, hold=accept_only, workers=workers)
+    cfg = ferry_config(
+        tmp, port, sink_port, hold=accept_only, workers=workers, intake_workers=intake_workers
+    )
     proc = start_ferry(cfg, src)
     queued = -1
     try:
@@ -516,6 +530,11 @@ def main() -> None:
         help="Ferry's delivery.workers (default: Ferry's); several (1,2) run Ferry once per "
         "count, as relays ferry-w1, ferry-w2, ... alternated with the others",
     )
+    ap.add_argument(
+        "--intake-workers",
+        help="Ferry's server.workers (default: Ferry's); several (0,1,2) run Ferry once per "
+        "count, as relays ferry-i0, ferry-i1, ... alternated with the others",
+    )
     ap.add_argument("--quiet-timeout", type=float, default=60.0)
     ap.add_argument(
         "--run-timeout",
@@ -543,6 +562,13 @@ def main() -> None:
         workers = {f"ferry-w{n}": n for n in counts}
     else:
         workers = {r: counts[0] for r in relays}
+    icounts = [int(n) for n in args.intake_workers.split(",")] if args.intake_workers else [None]
+    intake: dict[str, int | None] = {r: icounts[0] for r in relays}
+    if len(icounts) > 1:
+        at = relays.index("ferry")
+        relays[at : at + 1] = [f"ferry-i{n}" for n in icounts]
+        intake = {f"ferry-i{n}": n for n in icounts}
+        workers.update({f"ferry-i{n}": workers.get("ferry") for n in icounts})
     QUIET_TIMEOUT[0] = args.quiet_timeout
     RUN_TIMEOUT[0] = args.run_timeout
     runs: list[Run] = []
@@ -570,6 +596,7 @@ def main() -> None:
                                 src,
                                 relay,
                                 workers.get(relay),
+                                intake.get(relay),
                             )
                     runs.append(run)
                     print(json.dumps(asdict(run)), flush=True)

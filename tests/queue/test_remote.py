@@ -59,11 +59,20 @@ def test_an_absurd_length_is_refused() -> None:
 def test_exceptions_keep_their_type_or_say_what_they_were() -> None:
     lost = portable(QueueStorageLost("queue.db: deleted while in use"))
     assert type(lost) is QueueStorageLost and "deleted" in str(lost)
-    # A custom constructor does not survive pickling as itself: it is named instead.
+    # An intake process's enqueue can raise IdempotencyReplay in serve: it crosses whole.
     record = IdempotencyRecord("k", "f", "Q1", "250 ok", 0.0)
-    odd = portable(IdempotencyReplay(record))
-    assert type(odd) is RemoteError and "IdempotencyReplay" in str(odd)
+    replay = portable(IdempotencyReplay(record))
+    assert type(replay) is IdempotencyReplay and replay.record == record
+    # A custom constructor does not survive pickling as itself: it is named instead.
+    odd = portable(_Odd(3))
+    assert type(odd) is RemoteError and "_Odd" in str(odd)
     assert pickle.loads(pickle.dumps(odd)).args == odd.args
+
+
+class _Odd(Exception):
+    def __init__(self, n: int) -> None:
+        super().__init__(f"odd {n}")
+        self.n = n
 
 
 # -- both ends over a real socket pair ----------------------------------------------

@@ -64,15 +64,14 @@ def test_exceptions_keep_their_type_or_say_what_they_were() -> None:
     replay = portable(IdempotencyReplay(record))
     assert type(replay) is IdempotencyReplay and replay.record == record
     # A custom constructor does not survive pickling as itself: it is named instead.
-    odd = portable(_Odd(3))
+    odd = portable(_Odd(3, 4))
     assert type(odd) is RemoteError and "_Odd" in str(odd)
     assert pickle.loads(pickle.dumps(odd)).args == odd.args
 
 
 class _Odd(Exception):
-    def __init__(self, n: int) -> None:
-        super().__init__(f"odd {n}")
-        self.n = n
+    def __init__(self, low: int, high: int) -> None:
+        super().__init__(f"between {low} and {high}")  # args cannot rebuild it
 
 
 # -- both ends over a real socket pair ----------------------------------------------

@@ -4,7 +4,7 @@
 
 Starts ``smtp-sink`` and ``ferry serve`` (relay mode to the sink, exactly as
 ``bench/side_by_side.py`` does), attaches ``py-spy record --subprocesses`` to the serve
-process (intake) and so to its delivery process, injects with ``smtp-source``, stops
+process and so to its intake and delivery processes, injects with ``smtp-source``, stops
 when every message reached the sink, and prints per process the functions with the most
 self time (the innermost frame of each sample) and the most total time (anywhere on the
 stack). py-spy samples only threads that run (``--idle`` adds waiting ones); samples of an
@@ -91,7 +91,14 @@ def summarise(raw: Path, top: int) -> str:
         frames = stack.split(";")
         proc = "?"
         while frames and (m := _PROCESS.match(frames[0])):  # parent;child;...: the last
-            role = "delivery" if "ferry.delivery" in m.group(2) else "intake (serve)"
+            cmd = m.group(2)
+            role = (
+                "delivery"
+                if "ferry.delivery" in cmd
+                else "intake process"
+                if "ferry.intake" in cmd
+                else "serve"
+            )
             proc = f"{role} pid {m.group(1)}"
             frames = frames[1:]
         frames = [f for f in frames if not f.startswith("thread (")]

@@ -49,7 +49,14 @@ def bind(listener: Listener) -> socket.socket:
         if family == socket.AF_INET6:
             # "::" means IPv6 only, as asyncio's create_server binds it.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((listener.address, listener.port))
+        try:
+            sock.bind((listener.address, listener.port))
+        except OSError as exc:
+            # Named as asyncio's create_server names it (workers = 0): which address.
+            where = (listener.address, listener.port)
+            raise OSError(
+                exc.errno, f"error while attempting to bind on address {where!r}: {exc.strerror}"
+            ) from None
         sock.listen(1024)
         sock.setblocking(False)
     except BaseException:

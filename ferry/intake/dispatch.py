@@ -35,6 +35,7 @@ from ferry.intake.process import IntakeProcess
 from ferry.intake.server import QueueWriter, over_limit
 from ferry.intake.throttle import AuthThrottle
 from ferry.queue.base import IdempotencyRecord
+from ferry.queue.sqlite import SqliteQueue
 
 ACCEPT_BATCH = 64  # connections taken per wake-up: others' events are not starved
 EMFILE_PAUSE = 1.0  # out of file descriptors: stop accepting this long (as asyncio does)
@@ -224,10 +225,20 @@ class IntakeDispatcher:
         queue_id: str | None = None,
         expires: float | None = None,
         idempotency: IdempotencyRecord | None = None,
+        spooled: int | None = None,
     ) -> str:
-        qid = await self.queue.enqueue(
-            envelope, queue_id=queue_id, expires=expires, idempotency=idempotency
-        )
+        """Queue a message an intake process received; ``spooled``: it already wrote the
+        body (of that many bytes) to the spool, and ``envelope.data`` is empty."""
+        if spooled is not None:
+            if not isinstance(self.queue, SqliteQueue) or queue_id is None:
+                raise RuntimeError("a spooled body for a queue without a spool")
+            qid = await self.queue.enqueue_spooled(
+                envelope, spooled, queue_id=queue_id, expires=expires, idempotency=idempotency
+            )
+        else:
+            qid = await self.queue.enqueue(
+                envelope, queue_id=queue_id, expires=expires, idempotency=idempotency
+            )
         self.accepted += 1
         if self.on_accept is not None:
             self.on_accept(qid)

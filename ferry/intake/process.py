@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -31,6 +32,7 @@ from ferry.envelope import EnvelopeIn
 from ferry.events import IntakeWorkerDied, IntakeWorkerStarted, emit
 from ferry.intake.handover import CALLS, HANDOVER, refusal
 from ferry.queue.base import IdempotencyRecord
+from ferry.queue.spool import Writer, spool_dir
 
 if TYPE_CHECKING:
     from ferry.queue.remote import QueueLink, QueueServer
@@ -213,10 +215,19 @@ class IntakeProcess:
 
 
 class ParentCalls:
-    """The intake process's queue and AUTH throttle: both live in the parent."""
+    """The intake process's queue and AUTH throttle: both live in the parent.
 
-    def __init__(self, link: QueueLink) -> None:
+    With ``spool`` (a SQLite queue), a body at or above ``spool_threshold`` bytes is
+    made durable here, in the spool (ferry/queue/spool.py), before its rows are sent to
+    be committed: the parent neither receives nor writes it.
+    """
+
+    def __init__(
+        self, link: QueueLink, spool: Writer | None = None, spool_threshold: int = 0
+    ) -> None:
         self.link = link
+        self.spool = spool
+        self.spool_threshold = spool_threshold
         self._closed: list[int] = []
 
     async def enqueue(
@@ -227,6 +238,20 @@ class ParentCalls:
         expires: float | None = None,
         idempotency: IdempotencyRecord | None = None,
     ) -> str:
+        size = len(envelope.data)
+        if self.spool is not None and queue_id is not None and size >= self.spool_threshold:
+            # The order of ferry/queue/spool.py: the body durable, then the row.
+            await self.spool.store(queue_id, envelope.data)
+            bare = dataclasses.replace(envelope, data=b"")
+            spooled: str = await self.link.call(
+                "enqueue",
+                bare,
+                queue_id=queue_id,
+                expires=expires,
+                idempotency=idempotency,
+                spooled=size,
+            )
+            return spooled
         qid: str = await self.link.call(
             "enqueue", envelope, queue_id=queue_id, expires=expires, idempotency=idempotency
         )
@@ -259,7 +284,9 @@ async def _child(config: RelayConfig, handover_fd: int, calls_fd: int) -> None:
     from ferry.queue.remote import QueueLink
 
     link = await QueueLink(socket.socket(fileno=calls_fd)).open()
-    parent = ParentCalls(link)
+    q = config.queue
+    writer = Writer(spool_dir(q.path)) if q.backend == "sqlite" else None
+    parent = ParentCalls(link, writer, q.spool_threshold)
     # The parent made the certificate (or the self-signed pair) before starting us.
     ssl_context = load_tls(config) if config.server.listen else None
     server = IntakeServer(config, parent, ssl_context=ssl_context, auth_gate=parent)
@@ -309,6 +336,8 @@ async def _child(config: RelayConfig, handover_fd: int, calls_fd: int) -> None:
             task.cancel()
         await server.stop()  # every session ends; nothing is queued after this
         link.close()
+        if writer is not None:
+            await writer.close()
 
 
 def main(argv: list[str] | None = None) -> None:

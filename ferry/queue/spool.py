@@ -24,6 +24,8 @@ running server looks exactly like an orphan).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import os
 import re
@@ -127,6 +129,38 @@ def store(spool: Path, dirsync: DirSync, message_id: str, data: bytes) -> Path:
     path = write_file(spool, message_id, data)
     dirsync.sync()
     return path
+
+
+class Writer:
+    """Bodies made durable from an event loop: :func:`store` on a pool of threads (the
+    write and fdatasync release the GIL), the directory fsyncs shared (``DirSync``).
+
+    ``ferry serve``'s queue has one; so has each intake process, which writes the bodies
+    of the messages it receives before it asks serve to commit their rows.
+    """
+
+    # Sessions whose fdatasync may run at once: concurrent fsyncs share journal commits
+    # (ext4), so sessions do not queue behind one another's fsync.
+    THREADS = 32
+
+    def __init__(self, spool: Path) -> None:
+        self.spool = spool
+        self.dirsync = DirSync(spool)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    async def store(self, message_id: str, data: bytes) -> None:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self.THREADS, thread_name_prefix="ferry-spool"
+            )
+        await asyncio.get_running_loop().run_in_executor(
+            self._pool, store, self.spool, self.dirsync, message_id, data
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await asyncio.to_thread(self._pool.shutdown)
+            self._pool = None
 
 
 def read(spool: Path, message_id: str) -> bytes | None:

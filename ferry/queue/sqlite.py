@@ -148,9 +148,6 @@ WAL_SIZE_LIMIT = 16 * 1024 * 1024
 #: Measured (bench/body_storage.py, README "Where message bodies live"): below it a
 #: file's own block, inode and journal cost more than the WAL's copy and checkpoint.
 SPOOL_THRESHOLD = 16 * 1024
-#: Threads writing and fsyncing spool files at once: concurrent fsyncs share journal
-#: commits (ext4), so sessions do not queue behind one another's fsync.
-SPOOL_WRITERS = 32
 #: A queue whose commits are not fsynced (a delivery worker's, synchronous=NORMAL)
 #: deletes body files in batches this often, after one fsync of the WAL.
 UNLINK_INTERVAL = 1.0
@@ -801,8 +798,7 @@ class SqliteQueue(OperatorMethods, Queue):
         self.db_path = self.database_path(directory)
         self.spool = spool.spool_dir(directory)
         self.spool_threshold = spool_threshold
-        self._dirsync = spool.DirSync(self.spool)
-        self._spool_writers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._spool_writer = spool.Writer(self.spool)
         self._durable = durable
         self._unlink_later: builtins.list[str] = []
         self._unlink_due = 0.0
@@ -938,8 +934,7 @@ class SqliteQueue(OperatorMethods, Queue):
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._spool_writers is not None:
-                await asyncio.to_thread(self._spool_writers.shutdown)
+            await self._spool_writer.close()
             if self._writer is not None:
                 await asyncio.to_thread(self._writer.stop)
             if self._unlink_later:
@@ -997,17 +992,6 @@ class SqliteQueue(OperatorMethods, Queue):
                 os.close(fd)
         spool.unlink(self.spool, message_ids)
 
-    async def _spool_body(self, qid: str, data: bytes) -> None:
-        """Make the body durable as a spool file (file and directory fsynced)."""
-        if self._spool_writers is None:
-            self._spool_writers = concurrent.futures.ThreadPoolExecutor(
-                SPOOL_WRITERS, thread_name_prefix="ferry-spool"
-            )
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            self._spool_writers, spool.store, self.spool, self._dirsync, qid, data
-        )
-
     async def sweep_spool(self) -> int:
         """Delete spool files no live message names (a crash between a body's write and
         its row's commit, or between a commit and the deletion it allowed).
@@ -1040,17 +1024,48 @@ class SqliteQueue(OperatorMethods, Queue):
     ) -> str:
         now = time.time()
         qid = queue_id or new_queue_id(now)
-        exp = expires if expires is not None else now + 4 * 86400
-        log = self.event_log
         spooled = self.spool_threshold is not None and len(envelope.data) >= self.spool_threshold
         if spooled:
             # Durable before the row that makes it visible is committed (spool.py).
-            await self._spool_body(qid, envelope.data)
+            await self._spool_writer.store(qid, envelope.data)
+        return await self._commit_new(
+            envelope, len(envelope.data), qid, now, expires, idempotency, spooled
+        )
+
+    async def enqueue_spooled(
+        self,
+        envelope: EnvelopeIn,
+        size: int,
+        *,
+        queue_id: str,
+        expires: float | None = None,
+        idempotency: IdempotencyRecord | None = None,
+    ) -> str:
+        """Commit the rows of a message whose body of ``size`` bytes is already durable
+        in the spool under ``queue_id`` (an intake process wrote it:
+        ferry/intake/process.py); ``envelope.data`` is not used. As :meth:`enqueue`,
+        the body file is removed if the rows cannot be committed."""
+        return await self._commit_new(
+            envelope, size, queue_id, time.time(), expires, idempotency, True
+        )
+
+    async def _commit_new(
+        self,
+        envelope: EnvelopeIn,
+        size: int,
+        qid: str,
+        now: float,
+        expires: float | None,
+        idempotency: IdempotencyRecord | None,
+        spooled: bool,
+    ) -> str:
+        exp = expires if expires is not None else now + 4 * 86400
+        log = self.event_log
 
         def insert(conn: sqlite3.Connection) -> str:
-            _insert_message(conn, qid, envelope, now, exp, spooled)
+            _insert_message(conn, qid, envelope, now, exp, spooled, size)
             if log:
-                _received_event(conn, qid, envelope, now)
+                _received_event(conn, qid, envelope, now, size)
             return qid
 
         fn: Callable[[sqlite3.Connection], str] = insert
@@ -1600,7 +1615,9 @@ def _reply_json(reply: Reply | None) -> dict[str, Any] | None:
     return {"code": reply.code, "enhanced": reply.enhanced, "text": reply.text}
 
 
-def _received_event(conn: sqlite3.Connection, qid: str, envelope: EnvelopeIn, now: float) -> None:
+def _received_event(
+    conn: sqlite3.Connection, qid: str, envelope: EnvelopeIn, now: float, size: int
+) -> None:
     meta = json.loads(envelope.extra["metadata"]) if "metadata" in envelope.extra else {}
     outbox.add(
         conn,
@@ -1610,7 +1627,7 @@ def _received_event(conn: sqlite3.Connection, qid: str, envelope: EnvelopeIn, no
         {
             "sender": envelope.sender,
             "recipients": [r.address for r in envelope.recipients],
-            "size": len(envelope.data),
+            "size": size,
             "priority": envelope.priority.name.lower(),
             "client": envelope.client_address or envelope.auth_user,
             "metadata": meta,
@@ -1683,9 +1700,11 @@ def _insert_message(
     now: float,
     expires: float,
     spooled: bool = False,
+    size: int | None = None,
 ) -> str:
     """The message's rows; its body inline in ``bodies``, or (``spooled``) already
-    durable in the spool file named after ``qid`` (ferry/queue/spool.py)."""
+    durable in the spool file named after ``qid`` (ferry/queue/spool.py), of ``size``
+    bytes (default: the envelope's)."""
     prio = int(envelope.priority)
     conn.execute(
         "INSERT INTO messages(id, sender, size, priority, arrival, expires, status,"
@@ -1694,7 +1713,7 @@ def _insert_message(
         (
             qid,
             envelope.sender,
-            len(envelope.data),
+            len(envelope.data) if size is None else size,
             prio,
             now,
             expires,

@@ -873,3 +873,17 @@ def test_a_before_queue_hook_keeps_sessions_in_serve(tmp_path: Path, tls_files: 
         assert isinstance(svc.service.intake, IntakeServer)
         _send_one(svc.port())
     assert seen == ["alice@example.org"]
+
+
+def test_an_intake_process_writes_a_large_body_to_the_spool_itself(relay_factory: Any) -> None:
+    svc = relay_factory(workers=1)
+    big = MSG + (b"z" * 70 + b"\r\n") * 240  # 17 KB: a spool file
+    assert svc.config.queue.spool_threshold <= len(big) < svc.config.server.max_message_size
+    with smtplib.SMTP("127.0.0.1", svc.port(), timeout=10) as c:
+        assert c.sendmail("alice@example.org", ["bob@example.net"], big) == {}
+    [m] = queued(svc)
+    assert (svc.queue.spool / m.id).is_file()
+    assert strip_received(body_of(svc, m.id)) == big
+    assert m.size == len(body_of(svc, m.id))
+    # serve committed the rows only: its own spool writer never ran.
+    assert svc.queue._spool_writer._pool is None

@@ -8,8 +8,9 @@ limits (``max_connections``, ``max_connections_per_ip``: one count for the whole
 and hands the socket to the intake process with the fewest connections (SCM_RIGHTS over a
 socket pair, Postfix's master hands its listening sockets to smtpd much the same way).
 The process runs the whole SMTP session and sends back only what needs this one: the
-message to queue (committed here, fsynced, before the 250 goes out), AUTH failures to
-count (one throttle for every session), and which connections are over.
+message to queue (committed here, fsynced, before the 250 goes out; a large body it has
+already written to the spool), AUTH failures to count (one throttle for every session),
+and which connections are over.
 
 A dead intake process loses its open connections (their clients retry: a 250 is only
 ever sent after the commit) and is restarted; while none is running, new connections

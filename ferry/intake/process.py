@@ -5,8 +5,9 @@ over); the child's is :func:`main` (``python -m ferry.intake.process``). The chi
 the validated configuration on stdin (secrets never on a command line), connections over
 a SEQPACKET socket pair (one message per connection: its header and its descriptor,
 ferry/intake/dispatch.py), and makes its calls to the parent over a second socket pair
-with the frames of ferry/queue/remote.py. It writes nothing itself: a message is queued
-by the parent, and the 250 is sent only after the parent's commit.
+with the frames of ferry/queue/remote.py. It commits nothing itself: a message is queued
+by the parent (a large body written to the spool here first, as ferry/queue/spool.py
+orders it), and the 250 is sent only after the parent's commit.
 """
 
 from __future__ import annotations

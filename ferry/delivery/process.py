@@ -20,23 +20,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ferry.config import RelayConfig, config_payload
 from ferry.events import DeliveryTotals, OutcomesReplayed, WorkerDied, WorkerStarted, emit
 from ferry.queue.journal import OutcomeJournal, journal_dir, replay
+from ferry.runtime import ChildProcess
 
 if TYPE_CHECKING:
     from ferry.delivery.scheduler import Scheduler
     from ferry.queue.base import Queue
-    from ferry.queue.remote import QueueServer
 
 RESTART_DELAY = 1.0
 
@@ -46,23 +44,22 @@ RESTART_DELAY = 1.0
 PARENT_GONE_GRACE = 2.0
 
 
-class DeliveryProcess:
+class DeliveryProcess(ChildProcess):
     """The parent's handle on one delivery worker process."""
+
+    RESTART_DELAY = RESTART_DELAY
+    LOGGER = "ferry.delivery"
 
     def __init__(self, config: RelayConfig, owner: str, queue: Queue | None = None) -> None:
         """``queue``: the parent's SQLite queue, which runs the worker's writes (the
         worker opens the database read-only); None: the worker writes its own queue
         (PostgreSQL, made for many writers)."""
+        super().__init__()
         self.config = config
         self.owner = owner
         self.queue = queue
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.server: QueueServer | None = None
         self._wfd: int | None = None
-        self._monitor: asyncio.Task[None] | None = None
-        self._stopping = False
         self._poke_due = False
-        self.restarts = 0
 
     async def _spawn(self) -> None:
         rfd, wfd = os.pipe()
@@ -89,8 +86,9 @@ class DeliveryProcess:
             from ferry.queue.remote import QueueServer
 
             assert self.queue is not None
-            self.server = QueueServer(self.queue, ours)
-            await self.server.start()
+            server = QueueServer(self.queue, ours)
+            await server.start()
+            self.server = server
         assert self.proc.stdin is not None
         self.proc.stdin.write(config_payload(self.config).encode())
         self.proc.stdin.close()
@@ -99,44 +97,14 @@ class DeliveryProcess:
         self._wfd = wfd
         emit(WorkerStarted(self.proc.pid, self.owner))
 
-    async def start(self) -> None:
-        await self._spawn()
-        self._monitor = asyncio.get_running_loop().create_task(self._watch())
-
-    async def _close_server(self) -> None:
-        """The worker is gone: finish the writes it asked for, then stop serving it."""
-        server, self.server = self.server, None
-        if server is not None:
-            await server.close()
-
-    async def _watch(self) -> None:
-        """Restart the worker if it dies; its leases go back to the queue first."""
-        while not self._stopping:
-            try:
-                assert self.proc is not None
-                code = await asyncio.to_thread(self.proc.wait)
-                if self._stopping:
-                    return
-                emit(WorkerDied(self.proc.pid, code))
-                # Its last claims commit before the release, or they would stay leased.
-                await self._close_server()
-                await self._replay()
-                await self._release()
-                await asyncio.sleep(RESTART_DELAY)  # no hot restart loop on a crashing worker
-                if not self._stopping:
-                    self.restarts += 1
-                    await self._spawn()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # The monitor must outlive any one failure, or intake would go on
-                # accepting mail that nothing delivers.
-                logging.getLogger("ferry.delivery").exception("delivery worker monitor")
-                await asyncio.sleep(RESTART_DELAY)
-                if self.proc is None or self.proc.poll() is not None:
-                    with contextlib.suppress(Exception):
-                        await self._close_server()
-                        await self._spawn()
+    async def _died(self, code: int) -> None:
+        """Its leases go back to the queue before the restart."""
+        assert self.proc is not None
+        emit(WorkerDied(self.proc.pid, code))
+        # Its last claims commit before the release, or they would stay leased.
+        await self._close_server()
+        await self._replay()
+        await self._release()
 
     async def _replay(self) -> None:
         """Record what the dead worker journaled but had not seen committed (before its
@@ -180,25 +148,14 @@ class DeliveryProcess:
                 os.write(self._wfd, b"\0")
 
     async def stop(self, timeout: float = 30.0) -> None:
-        self._stopping = True
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
-            except TimeoutError:
-                proc.kill()
-                await asyncio.to_thread(proc.wait)
-                # it could not release its own leases: do it for it
-                with contextlib.suppress(Exception):
-                    await self._close_server()
-                    await self._replay()
-                    await self._release()
+        if await self._terminate(timeout):
+            # it could not release its own leases: do it for it
+            with contextlib.suppress(Exception):
+                await self._close_server()
+                await self._replay()
+                await self._release()
         await self._close_server()
-        if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
+        await self._stop_watching()
         if self._wfd is not None:
             os.close(self._wfd)
             self._wfd = None
@@ -291,16 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--notify-fd", type=int, required=True)
     ap.add_argument("--queue-fd", type=int, default=None)
     args = ap.parse_args(argv)
-    config = RelayConfig.model_validate_json(sys.stdin.read())
-    from ferry.events import setup_logging
-    from ferry.runtime import run_async
+    from ferry.runtime import child_start, run_async
 
-    setup_logging(config.log.level, config.log.format)
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if config.http.listen and directory:  # the parent serves /metrics: count here too
-        from ferry.metrics import install
-
-        install(Path(directory), fresh=False)
+    config = child_start()
     run_async(_worker(config, args.owner, args.notify_fd, args.queue_fd))
 
 

@@ -25,7 +25,6 @@ import itertools
 import logging
 import socket
 import ssl
-import time
 from collections.abc import Callable, Sequence
 
 from ferry.config import Listener, RelayConfig
@@ -33,8 +32,7 @@ from ferry.envelope import EnvelopeIn
 from ferry.events import Listening, emit
 from ferry.intake.handover import HANDOVER, refusal_code
 from ferry.intake.process import IntakeProcess
-from ferry.intake.server import QueueWriter, over_limit
-from ferry.intake.throttle import AuthThrottle
+from ferry.intake.server import LocalAuthGate, QueueWriter, over_limit
 from ferry.queue.base import IdempotencyRecord
 from ferry.queue.sqlite import SqliteQueue
 
@@ -84,7 +82,9 @@ class IntakeDispatcher:
         self.ssl_context = ssl_context
         self.on_accept = on_accept
         self.processes = processes
-        self.throttle = AuthThrottle()
+        # One count of failed AUTH attempts for every intake process's sessions.
+        self.auth_gate = LocalAuthGate()
+        self.throttle = self.auth_gate.throttle
         self.children: list[IntakeProcess] = []
         self.sockets: list[tuple[socket.socket, Listener]] = []
         # Every connection handed over and not yet over: id -> (its process, the
@@ -246,13 +246,13 @@ class IntakeDispatcher:
         return qid
 
     async def auth_delay(self, ip: str) -> float:
-        return self.throttle.delay_for(ip, time.monotonic())
+        return await self.auth_gate.delay(ip)
 
     async def auth_failed(self, ip: str) -> int:
-        return self.throttle.record_failure(ip, time.monotonic())
+        return await self.auth_gate.failed(ip)
 
     async def auth_succeeded(self, ip: str) -> None:
-        self.throttle.record_success(ip)
+        await self.auth_gate.succeeded(ip)
 
     async def closed(self, cids: list[int]) -> None:
         self.forget(cids)

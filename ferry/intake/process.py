@@ -18,14 +18,12 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ferry.config import RelayConfig, config_payload
@@ -34,9 +32,10 @@ from ferry.events import IntakeWorkerDied, IntakeWorkerStarted, emit
 from ferry.intake.handover import CALLS, HANDOVER, refusal
 from ferry.queue.base import IdempotencyRecord
 from ferry.queue.spool import Writer, spool_dir
+from ferry.runtime import ChildProcess
 
 if TYPE_CHECKING:
-    from ferry.queue.remote import QueueLink, QueueServer
+    from ferry.queue.remote import QueueLink
 
 
 class Dispatcher(Protocol):
@@ -55,22 +54,21 @@ RESTART_DELAY = 1.0  # no hot restart loop on a process that dies at once
 STOP_TIMEOUT = 10.0
 
 
-class IntakeProcess:
+class IntakeProcess(ChildProcess):
     """The parent's handle on one intake process."""
 
+    RESTART_DELAY = RESTART_DELAY
+    LOGGER = "ferry.intake"
+
     def __init__(self, config: RelayConfig, index: int, dispatcher: Dispatcher) -> None:
+        super().__init__()
         self.config = config
         self.index = index
         self.dispatcher = dispatcher
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.server: QueueServer | None = None
         self.handover: socket.socket | None = None
         self.connections = 0  # handed over and not reported over
-        self.restarts = 0
         # Connections waiting for room in the hand-over socket (a busy child).
         self._waiting: collections.deque[tuple[socket.socket, bytes]] = collections.deque()
-        self._monitor: asyncio.Task[None] | None = None
-        self._stopping = False
 
     @property
     def ready(self) -> bool:
@@ -102,8 +100,9 @@ class IntakeProcess:
         finally:
             theirs.close()
             calls_theirs.close()
-        self.server = QueueServer(self.dispatcher, calls_ours, methods=CALLS)
-        await self.server.start()
+        server = QueueServer(self.dispatcher, calls_ours, methods=CALLS)
+        await server.start()
+        self.server = server
         assert self.proc.stdin is not None
         self.proc.stdin.write(config_payload(self.config).encode())
         self.proc.stdin.close()
@@ -111,10 +110,6 @@ class IntakeProcess:
         self.handover = ours
         emit(IntakeWorkerStarted(self.proc.pid, self.index))
         self.dispatcher.child_ready()
-
-    async def start(self) -> None:
-        await self._spawn()
-        self._monitor = asyncio.get_running_loop().create_task(self._watch())
 
     def hand_over(self, conn: socket.socket, header: bytes) -> None:
         """Send ``conn`` to the process (then close it here); queued while its socket
@@ -166,50 +161,21 @@ class IntakeProcess:
             conn, _header = self._waiting.popleft()
             conn.close()
 
-    async def _close_server(self) -> None:
-        """The process is gone: finish the calls it made (a message it sent is
-        committed: its client got no 250 and sends it again -- a duplicate at worst)."""
-        server, self.server = self.server, None
-        if server is not None:
-            await server.close()
-
-    async def _watch(self) -> None:
-        while not self._stopping:
-            try:
-                assert self.proc is not None
-                code = await asyncio.to_thread(self.proc.wait)
-                if self._stopping:
-                    return
-                self._drop_handover()
-                lost = self.dispatcher.lost(self)
-                emit(IntakeWorkerDied(self.proc.pid, code, lost))
-                await self._close_server()
-                await asyncio.sleep(RESTART_DELAY)
-                if not self._stopping:
-                    self.restarts += 1
-                    await self._spawn()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logging.getLogger("ferry.intake").exception("intake process monitor")
-                await asyncio.sleep(RESTART_DELAY)
+    async def _died(self, code: int) -> None:
+        """Its connections are lost; the calls it made are finished (a message it sent
+        is committed: its client got no 250 and sends it again -- a duplicate at worst)."""
+        assert self.proc is not None
+        self._drop_handover()
+        lost = self.dispatcher.lost(self)
+        emit(IntakeWorkerDied(self.proc.pid, code, lost))
+        await self._close_server()
 
     async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         self._stopping = True
         self._drop_handover()
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
-            except TimeoutError:
-                proc.kill()
-                await asyncio.to_thread(proc.wait)
+        await self._terminate(timeout)
         await self._close_server()
-        if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
+        await self._stop_watching()
 
 
 # -- the child --------------------------------------------------------------------
@@ -346,16 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--handover-fd", type=int, required=True)
     ap.add_argument("--calls-fd", type=int, required=True)
     args = ap.parse_args(argv)
-    config = RelayConfig.model_validate_json(sys.stdin.read())
-    from ferry.events import setup_logging
-    from ferry.runtime import run_async
+    from ferry.runtime import child_start, run_async
 
-    setup_logging(config.log.level, config.log.format)
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if config.http.listen and directory:  # the parent serves /metrics: count here too
-        from ferry.metrics import install
-
-        install(Path(directory), fresh=False)
+    config = child_start()
     run_async(_child(config, args.handover_fd, args.calls_fd))
 
 

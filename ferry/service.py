@@ -237,6 +237,9 @@ class Service:
                 version=__version__,
                 config=str(Path(self.config_file).resolve()) if self.config_file else "(defaults)",
                 listeners=listeners or "none",
+                intake_workers=(
+                    len(self.intake.children) if isinstance(self.intake, IntakeDispatcher) else 0
+                ),
                 workers=self.config.delivery.workers,
                 hold="all" if ALL_DESTINATIONS in held else "no",
                 suspended=",".join(d for d in held if d != ALL_DESTINATIONS) or None,

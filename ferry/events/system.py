@@ -24,6 +24,7 @@ class Started(Event):
     workers: int = 0
     hold: str = "no"
     suspended: str | None = None
+    intake_workers: int = 0  # processes running the SMTP sessions (0: in ferry serve)
 
     def log_fields(self) -> dict[str, Any]:
         return {
@@ -32,6 +33,7 @@ class Started(Event):
             "data_dir": self.queue,
             "hostname": self.hostname,
             "listeners": self.listeners or None,
+            "intake_workers": self.intake_workers,
             "mode": self.mode,
             "workers": self.workers,
             "hold": self.hold,

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Coroutine
@@ -93,6 +94,15 @@ class ChildProcess:
                 code = await asyncio.to_thread(self.proc.wait)
                 if self._stopping:
                     return
+                if code in (0, -signal.SIGTERM, -signal.SIGINT):
+                    # Asked to stop, and not by us: most often the whole service is
+                    # being stopped (systemd signals every process of the unit at
+                    # once), and our own stop is a moment behind. Give it that moment
+                    # before calling the death unexpected. A child that stops cleanly
+                    # has handed back its work itself.
+                    await asyncio.sleep(self.RESTART_DELAY)
+                    if self._stopping:
+                        return
                 await self._died(code)
                 await asyncio.sleep(self.RESTART_DELAY)
                 if not self._stopping:

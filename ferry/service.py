@@ -388,12 +388,14 @@ class Service:
 
     async def run_forever(self) -> None:
         """Start, then run until SIGINT/SIGTERM; stop cleanly."""
-        await self.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        # Before the start: a SIGTERM while starting (the children already run) is a
+        # clean stop once the start is done, not the end of this process alone.
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
+        await self.start()
         try:
             await stop.wait()
         finally:

@@ -1,0 +1,60 @@
+"""Stopping the whole service at once, as systemd does (every process of the unit gets
+SIGTERM at the same moment): a clean stop, not a child "dying"."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from tests.harness import free_port, process_running, wait_until, write_toml
+
+
+def _children(parent: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ferry_child = b"ferry.intake.process" in cmdline or b"ferry.delivery.process" in cmdline
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and ferry_child:
+            out.append(int(entry))
+    return out
+
+
+def test_sigterm_to_every_process_at_once_is_a_clean_stop(
+    tmp_path: Path, serve_factory: Any
+) -> None:
+    port = free_port()
+    cfg = write_toml(
+        tmp_path / "ferry.toml",
+        f"""
+[server]
+hostname = "mx.ferry.test"
+listen = [{{ address = "127.0.0.1", port = {port}, mode = "mta" }}]
+[queue]
+path = "{tmp_path / "data"}"
+[delivery]
+hold = true
+""",
+    )
+    serve = serve_factory(cfg, port)
+    assert serve.proc is not None
+    wait_until(lambda: " started " in serve.log_path.read_text(), 15, "the started line")
+    # An intake process and a delivery worker.
+    children = wait_until(lambda: len(kids := _children(serve.proc.pid)) == 2 and kids, 15)
+    for pid in (*children, serve.proc.pid):
+        with contextlib.suppress(ProcessLookupError):  # stopped by serve already
+            os.kill(pid, signal.SIGTERM)
+    code = serve.proc.wait(30)
+    log = serve.log_path.read_text()
+    assert code == 0, log
+    assert "stopping" in log
+    assert "_died" not in log, log  # neither delivery_worker_died nor intake_worker_died
+    assert not any(process_running(p) for p in children)

@@ -121,8 +121,10 @@ class AckingClients:
             t.join(15)
 
 
-def delivery_worker_pid(parent: int) -> int | None:
-    """The delivery worker process of `ferry serve` ``parent`` (None while there is none)."""
+def child_pids(parent: int, *modules: bytes) -> list[int]:
+    """The processes of `ferry serve` ``parent`` running one of ``modules`` (such as
+    ``b"ferry.delivery.process"``), from /proc."""
+    out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -132,9 +134,15 @@ def delivery_worker_pid(parent: int) -> int | None:
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and b"ferry.delivery.process" in cmdline:
-            return int(entry)
-    return None
+        if ppid == parent and any(m in cmdline for m in modules):
+            out.append(int(entry))
+    return out
+
+
+def delivery_worker_pid(parent: int) -> int | None:
+    """The delivery worker process of `ferry serve` ``parent`` (None while there is none)."""
+    pids = child_pids(parent, b"ferry.delivery.process")
+    return pids[0] if pids else None
 
 
 def process_running(pid: int) -> bool:

@@ -507,6 +507,7 @@ class SmtpConnection(asyncio.Protocol):
     async def _run(self, session: Session) -> None:
         srv = self.server
         count = srv.per_ip.get(self.peer_ip, 0)
+        counted = False
         try:
             refused = (
                 self.refused if self.adopted else over_limit(len(srv.connections), count, self.cfg)
@@ -519,6 +520,7 @@ class SmtpConnection(asyncio.Protocol):
             srv.connections.add(self)
             if not self.adopted:
                 srv.per_ip[self.peer_ip] = count + 1
+                counted = True
             emit(Connected(self.peer_ip, self.listener.mode, self.tls, session=self.session_id))
             await self._act(session, session.greet())
             while self.transport is not None:
@@ -533,10 +535,9 @@ class SmtpConnection(asyncio.Protocol):
             self.reply(421, "4.3.0", "Internal error, closing connection")
             self.close()
         finally:
-            if self in srv.connections and self.adopted:
+            if self in srv.connections:
                 srv.connections.discard(self)
-            elif self in srv.connections:
-                srv.connections.discard(self)
+            if counted:  # per-IP counts of an adopted connection are its acceptor's
                 left = srv.per_ip.get(self.peer_ip, 1) - 1
                 if left <= 0:
                     srv.per_ip.pop(self.peer_ip, None)

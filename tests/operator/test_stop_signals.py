@@ -9,23 +9,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from tests.harness import free_port, process_running, wait_until, write_toml
-
-
-def _children(parent: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        ferry_child = b"ferry.intake.process" in cmdline or b"ferry.delivery.process" in cmdline
-        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and ferry_child:
-            out.append(int(entry))
-    return out
+from tests.harness import child_pids, free_port, process_running, wait_until, write_toml
 
 
 def test_sigterm_to_every_process_at_once_is_a_clean_stop(
@@ -48,7 +32,10 @@ hold = true
     assert serve.proc is not None
     wait_until(lambda: " started " in serve.log_path.read_text(), 15, "the started line")
     # An intake process and a delivery worker.
-    children = wait_until(lambda: len(kids := _children(serve.proc.pid)) == 2 and kids, 15)
+    modules = (b"ferry.intake.process", b"ferry.delivery.process")
+    children = wait_until(
+        lambda: len(kids := child_pids(serve.proc.pid, *modules)) == 2 and kids, 15
+    )
     for pid in (*children, serve.proc.pid):
         with contextlib.suppress(ProcessLookupError):  # stopped by serve already
             os.kill(pid, signal.SIGTERM)

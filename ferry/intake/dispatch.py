@@ -226,15 +226,22 @@ class IntakeDispatcher:
         queue_id: str | None = None,
         expires: float | None = None,
         idempotency: IdempotencyRecord | None = None,
-        spooled: int | None = None,
+        spooled: tuple[str, int, int] | None = None,
     ) -> str:
         """Queue a message an intake process received; ``spooled``: it already wrote the
-        body (of that many bytes) to the spool, and ``envelope.data`` is empty."""
+        body to the spool, as (segment, offset, size), and ``envelope.data`` is empty."""
         if spooled is not None:
             if not isinstance(self.queue, SqliteQueue) or queue_id is None:
                 raise RuntimeError("a spooled body for a queue without a spool")
+            segment, offset, size = spooled
             qid = await self.queue.enqueue_spooled(
-                envelope, spooled, queue_id=queue_id, expires=expires, idempotency=idempotency
+                envelope,
+                size,
+                queue_id=queue_id,
+                segment=segment,
+                offset=offset,
+                expires=expires,
+                idempotency=idempotency,
             )
         else:
             qid = await self.queue.enqueue(
@@ -256,3 +263,13 @@ class IntakeDispatcher:
 
     async def closed(self, cids: list[int]) -> None:
         self.forget(cids)
+
+    async def segment_sealed(self, segment: str) -> None:
+        """An intake process has moved on from a spool segment (ferry/queue/spool.py)."""
+        if isinstance(self.queue, SqliteQueue):
+            await self.queue.seal_segment(segment)
+
+    async def writer_gone(self, tag: str) -> None:
+        """An intake process is gone and its calls are over: its segments are sealed."""
+        if isinstance(self.queue, SqliteQueue):
+            await self.queue.seal_writer(tag)

@@ -13,7 +13,9 @@ HANDOVER = struct.Struct("!QHB")
 REFUSALS = ("max_connections", "max_connections_per_ip")
 
 # The calls an intake process may make in `ferry serve` (ferry/queue/remote.py runs them).
-CALLS = frozenset({"enqueue", "auth_delay", "auth_failed", "auth_succeeded", "closed"})
+CALLS = frozenset(
+    {"enqueue", "auth_delay", "auth_failed", "auth_succeeded", "closed", "segment_sealed"}
+)
 
 
 def refusal_code(refused: str | None) -> int:

@@ -31,7 +31,7 @@ from ferry.envelope import EnvelopeIn
 from ferry.events import IntakeWorkerDied, IntakeWorkerStarted, emit
 from ferry.intake.handover import CALLS, HANDOVER, refusal
 from ferry.queue.base import IdempotencyRecord
-from ferry.queue.spool import Writer, spool_dir
+from ferry.queue.spool import Writer, new_tag, spool_dir
 from ferry.runtime import ChildProcess
 
 if TYPE_CHECKING:
@@ -43,6 +43,8 @@ class Dispatcher(Protocol):
     that runs the process's calls: ferry/intake/dispatch.py)."""
 
     def forget(self, cids: Sequence[int]) -> None: ...
+
+    async def writer_gone(self, tag: str) -> None: ...
 
     def lost(self, child: IntakeProcess) -> int: ...
 
@@ -67,6 +69,7 @@ class IntakeProcess(ChildProcess):
         self.dispatcher = dispatcher
         self.handover: socket.socket | None = None
         self.connections = 0  # handed over and not reported over
+        self.spool_tag = ""  # its spool segments' tag, new for every start
         # Connections waiting for room in the hand-over socket (a busy child).
         self._waiting: collections.deque[tuple[socket.socket, bytes]] = collections.deque()
 
@@ -79,6 +82,8 @@ class IntakeProcess(ChildProcess):
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         calls_ours, calls_theirs = socket.socketpair()
+        # The tag of the process's spool segments: sealed by us once it is gone.
+        self.spool_tag = new_tag()
         try:
             self.proc = subprocess.Popen(
                 [
@@ -89,6 +94,8 @@ class IntakeProcess(ChildProcess):
                     str(theirs.fileno()),
                     "--calls-fd",
                     str(calls_theirs.fileno()),
+                    "--spool-tag",
+                    self.spool_tag,
                 ],
                 stdin=subprocess.PIPE,
                 pass_fds=[theirs.fileno(), calls_theirs.fileno()],
@@ -169,6 +176,7 @@ class IntakeProcess(ChildProcess):
         lost = self.dispatcher.lost(self)
         emit(IntakeWorkerDied(self.proc.pid, code, lost))
         await self._close_server()
+        await self.dispatcher.writer_gone(self.spool_tag)
 
     async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         self._stopping = True
@@ -208,17 +216,17 @@ class ParentCalls:
         size = len(envelope.data)
         if self.spool is not None and queue_id is not None and size >= self.spool_threshold:
             # The order of ferry/queue/spool.py: the body durable, then the row.
-            await self.spool.store(queue_id, envelope.data)
-            bare = dataclasses.replace(envelope, data=b"")
-            spooled: str = await self.link.call(
-                "enqueue",
-                bare,
-                queue_id=queue_id,
-                expires=expires,
-                idempotency=idempotency,
-                spooled=size,
-            )
-            return spooled
+            async with self.spool.append(envelope.data) as (segment, offset):
+                bare = dataclasses.replace(envelope, data=b"")
+                spooled: str = await self.link.call(
+                    "enqueue",
+                    bare,
+                    queue_id=queue_id,
+                    expires=expires,
+                    idempotency=idempotency,
+                    spooled=(segment, offset, size),
+                )
+                return spooled
         qid: str = await self.link.call(
             "enqueue", envelope, queue_id=queue_id, expires=expires, idempotency=idempotency
         )
@@ -246,13 +254,19 @@ class ParentCalls:
         self.link.notify("closed", cids)
 
 
-async def _child(config: RelayConfig, handover_fd: int, calls_fd: int) -> None:
+async def _child(config: RelayConfig, handover_fd: int, calls_fd: int, spool_tag: str) -> None:
     from ferry.intake.server import IntakeServer, load_tls
     from ferry.queue.remote import QueueLink
 
     link = await QueueLink(socket.socket(fileno=calls_fd)).open()
     q = config.queue
-    writer = Writer(spool_dir(q.path)) if q.backend == "sqlite" else None
+    writer = None
+    if q.backend == "sqlite":
+        writer = Writer(
+            spool_dir(q.path),
+            spool_tag,
+            on_sealed=lambda segment: link.notify("segment_sealed", segment),
+        )
     parent = ParentCalls(link, writer, q.spool_threshold)
     # The parent made the certificate (or the self-signed pair) before starting us.
     ssl_context = load_tls(config) if config.server.listen else None
@@ -311,11 +325,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="ferry-intake", description=__doc__)
     ap.add_argument("--handover-fd", type=int, required=True)
     ap.add_argument("--calls-fd", type=int, required=True)
+    ap.add_argument("--spool-tag", required=True)
     args = ap.parse_args(argv)
     from ferry.runtime import child_start, run_async
 
     config = child_start()
-    run_async(_child(config, args.handover_fd, args.calls_fd))
+    run_async(_child(config, args.handover_fd, args.calls_fd, args.spool_tag))
 
 
 if __name__ == "__main__":

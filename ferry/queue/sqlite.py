@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -515,33 +515,41 @@ def _reply(code: int | None, enhanced: str | None, text: str | None) -> Reply | 
 
 # -- message bodies: rows in ``bodies`` or files in the spool (issue 12) ----------
 
-# The spool files to delete once the job being run commits (see SqliteQueue._write).
+# What the job being run frees once it commits (see SqliteQueue._write): ``ids``, the
+# messages whose body is a file of its own (an older queue), and ``segments``.
 _drops = threading.local()
 
 
 # Walks the partial index messages_spooled (sqlite_schema.py, version 5).
 _LIVE_SPOOLED = "SELECT id FROM messages WHERE spool = 1 AND finished IS NULL"
-
-
-def _spooled_live(conn: sqlite3.Connection, message_ids: list[str]) -> list[str]:
-    """Those of ``message_ids`` whose body is a spool file that is still needed."""
-    rows = _select_in(conn, _LIVE_SPOOLED + " AND id IN ({})", message_ids)
-    return [r[0] for r in rows]
+# Walks the partial index messages_segment (sqlite_schema.py, version 7).
+_LIVE_SEGMENTS = "SELECT DISTINCT segment FROM messages WHERE spool = 2 AND finished IS NULL"
 
 
 def _drop_bodies(conn: sqlite3.Connection, message_ids: list[str]) -> None:
     """These messages are being finished or deleted: inline bodies go now, in this
-    transaction; spool files only after it commits (``SqliteQueue._write``). Call
-    before the rows change."""
-    sink: builtins.list[str] | None = getattr(_drops, "ids", None)
-    if sink is not None and message_ids:
-        sink.extend(_spooled_live(conn, message_ids))
+    transaction; spool files and segments only after it commits
+    (``SqliteQueue._write``). Call before the rows change."""
+    ids: builtins.list[str] | None = getattr(_drops, "ids", None)
+    segments: set[str] | None = getattr(_drops, "segments", None)
+    if ids is not None and segments is not None and message_ids:
+        rows = _select_in(
+            conn,
+            "SELECT id, spool, segment FROM messages"
+            " WHERE spool != 0 AND finished IS NULL AND id IN ({})",
+            message_ids,
+        )
+        for mid, kind, segment in rows:
+            if kind == 1:
+                ids.append(mid)
+            elif segment is not None:
+                segments.add(segment)
     # (A job run without a sink -- run_sync -- leaves its files to the start-up sweep.)
     _exec_in(conn, "DELETE FROM bodies WHERE message_id IN ({})", message_ids)
 
 
 def _read_bodies(conn: sqlite3.Connection, spool_dir: Path, ids: list[str]) -> dict[str, bytes]:
-    """Bodies by message id, from rows or spool files; finished or unknown ids left out."""
+    """Bodies by message id, from rows or the spool; finished or unknown ids left out."""
     out = {
         mid: bytes(data)
         for mid, data in _select_in(
@@ -550,9 +558,18 @@ def _read_bodies(conn: sqlite3.Connection, spool_dir: Path, ids: list[str]) -> d
     }
     rest = [i for i in ids if i not in out]
     if rest:
-        # Only a committed row names a spool file: a file alone is never a message.
-        for mid in _spooled_live(conn, rest):
-            data = spool.read(spool_dir, mid)
+        # Only a committed row names a spool body: bytes alone are never a message.
+        rows = _select_in(
+            conn,
+            "SELECT id, spool, segment, body_offset, size FROM messages"
+            " WHERE spool != 0 AND finished IS NULL AND id IN ({})",
+            rest,
+        )
+        for mid, kind, segment, offset, size in rows:
+            if kind == 1:
+                data = spool.read(spool_dir, mid)
+            else:
+                data = spool.read_at(spool_dir, segment, offset, size)
             if data is not None:  # finished and deleted since this snapshot
                 out[mid] = data
     return out
@@ -563,14 +580,49 @@ def read_body(conn: sqlite3.Connection, db_path: Path, message_id: str) -> bytes
     return _read_bodies(conn, spool.spool_dir(db_path.parent), [message_id]).get(message_id)
 
 
-def _sweep_spool(conn: sqlite3.Connection, spool_dir: Path) -> int:
-    live = {r[0] for r in conn.execute(_LIVE_SPOOLED)}
-    return spool.remove_names(spool_dir, spool.orphans(spool.names(spool_dir), live))
+def _sweep_spool(conn: sqlite3.Connection, spool_dir: Path) -> tuple[int, set[str]]:
+    """(entries removed, the segments live messages still need)."""
+    segments = {r[0] for r in conn.execute(_LIVE_SEGMENTS)}
+    live = {r[0] for r in conn.execute(_LIVE_SPOOLED)} | segments
+    removed = spool.remove_names(spool_dir, spool.orphans(spool.names(spool_dir), live))
+    return removed, segments
 
 
 def _missing_bodies(conn: sqlite3.Connection, spool_dir: Path) -> list[str]:
+    """Live messages whose spool body is not there: its file or segment missing, or a
+    segment too short to hold it."""
     live = [r[0] for r in conn.execute(_LIVE_SPOOLED)]
-    return spool.missing(live, set(spool.names(spool_dir)))
+    problems = [
+        f"message {mid}: its body file {spool_dir / mid} is missing"
+        for mid in spool.missing(live, set(spool.names(spool_dir)))
+    ]
+    sizes: dict[str, int | None] = {}
+    rows = conn.execute(
+        "SELECT id, segment, body_offset, size FROM messages"
+        " WHERE spool = 2 AND finished IS NULL ORDER BY segment, body_offset"
+    )
+    for mid, segment, offset, size in rows:
+        path = spool_dir / segment
+        if segment not in sizes:
+            try:
+                sizes[segment] = path.stat().st_size
+            except FileNotFoundError:
+                sizes[segment] = None
+        have = sizes[segment]
+        if have is None:
+            problems.append(f"message {mid}: its body's segment {path} is missing")
+        elif have < offset + size:
+            problems.append(
+                f"message {mid}: its body's segment {path} ends at {have} bytes, before"
+                f" the body does ({offset + size})"
+            )
+    return problems
+
+
+def _live_in(conn: sqlite3.Connection, segments: list[str]) -> set[str]:
+    """Those of ``segments`` that some live message's body is in."""
+    sql = _LIVE_SEGMENTS + " AND segment IN ({})"
+    return {r[0] for r in _select_in(conn, sql, segments)}
 
 
 # -- operator tools: selections, bulk changes, suspensions (see sqlite_ops) ---------
@@ -785,22 +837,30 @@ class SqliteQueue(OperatorMethods, Queue):
         create: bool = True,
         readonly: bool = False,
         spool_threshold: int | None = SPOOL_THRESHOLD,
+        segment_bytes: int = spool.SEGMENT_BYTES,
     ) -> None:
         """Open (``create=True``: or make) the queue in directory ``path``.
 
         ``create=False`` opens only an existing database (QueueNotFound otherwise);
         ``readonly=True`` also has no writer: for the CLI's listings, which must never
         make or change a database. A database SQLite cannot read raises QueueDamaged.
-        Bodies of ``spool_threshold`` bytes or more that ``enqueue`` stores are spool
-        files (None: every body a row).
+        Bodies of ``spool_threshold`` bytes or more that ``enqueue`` stores go to the
+        spool (None: every body a row), in segments of up to ``segment_bytes``.
         """
         directory = Path(path)
         self.db_path = self.database_path(directory)
         self.spool = spool.spool_dir(directory)
         self.spool_threshold = spool_threshold
-        self._spool_writer = spool.Writer(self.spool)
+        self._spool_writer = spool.Writer(
+            self.spool, on_sealed=self._sealed_by_writer, segment_bytes=segment_bytes
+        )
+        # Segments no writer appends to any more (spool.py, step 3): deleted once no
+        # live message needs them. Shared with the ``relaxed()`` view, as are the next.
+        self._sealed: set[str] = set()
+        self._seal_tasks: set[asyncio.Task[int]] = set()
         self._durable = durable
         self._unlink_later: builtins.list[str] = []
+        self._release_later: set[str] = set()
         self._unlink_due = 0.0
         self.unlink_interval = UNLINK_INTERVAL
         self.readonly = readonly
@@ -877,9 +937,11 @@ class SqliteQueue(OperatorMethods, Queue):
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.to_thread(self._read_sync, fn)
 
-    def _read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _read_sync(self, fn: Callable[[sqlite3.Connection], T], *, closing: bool = False) -> T:
+        """``fn`` on this thread's reader connection; ``closing``: also while ``close()``
+        runs (its own last reads, before it closes the readers)."""
         with self._readers_lock:
-            if self._closed:
+            if self._closed and not closing:
                 raise RuntimeError("the queue is closed")
             self._reads_active += 1
         try:
@@ -935,9 +997,10 @@ class SqliteQueue(OperatorMethods, Queue):
         if not self._closed:
             self._closed = True
             await self._spool_writer.close()
+            await self.settle_spool()
             if self._writer is not None:
                 await asyncio.to_thread(self._writer.stop)
-            if self._unlink_later:
+            if self._unlink_later or self._release_later:
                 await asyncio.to_thread(self._unlink_durably, self._unlink_later)
             await asyncio.to_thread(self._close_readers)
 
@@ -952,22 +1015,28 @@ class SqliteQueue(OperatorMethods, Queue):
     # -- message bodies (spool files: ferry/queue/spool.py) -------------------------
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """``_run`` for jobs that may finish or delete messages: their spool files are
-        deleted here, after the commit (a crash before it leaves orphans, swept at start)."""
+        """``_run`` for jobs that may finish or delete messages: their spool files and
+        segments are freed here, after the commit (a crash before it leaves orphans,
+        swept at start)."""
         dropped: builtins.list[str] = []
+        segments: set[str] = set()
 
         def job(conn: sqlite3.Connection) -> T:
-            dropped.clear()  # the writer may run a job twice: only the last run counts
-            _drops.ids = dropped
+            # The writer may run a job twice: only the last run counts.
+            dropped.clear()
+            segments.clear()
+            _drops.ids, _drops.segments = dropped, segments
             try:
                 return fn(conn)
             finally:
-                _drops.ids = None
+                _drops.ids = _drops.segments = None
 
         value = await self._run(job)
         if self._durable and self._fsync:
             if dropped:
                 spool.unlink(self.spool, dropped)
+            if segments & self._sealed:
+                await asyncio.to_thread(self._release, segments, fsynced=True)
             return value
         # Not fsynced (a worker's own queue, or the ``relaxed()`` view serve writes a
         # worker's outcomes through): a power loss could undo the commit but not an
@@ -975,42 +1044,98 @@ class SqliteQueue(OperatorMethods, Queue):
         # an fsync of the WAL. The list is shared with the queue ``relaxed()`` copied,
         # so ``close()`` of the original deletes what is still waiting.
         self._unlink_later.extend(dropped)
-        if self._unlink_later and time.monotonic() >= self._unlink_due:
+        self._release_later.update(segments & self._sealed)
+        pending = self._unlink_later or self._release_later
+        if pending and time.monotonic() >= self._unlink_due:
             ids = self._unlink_later[:]
             del self._unlink_later[:]
             self._unlink_due = time.monotonic() + self.unlink_interval
             await asyncio.to_thread(self._unlink_durably, ids)
         return value
 
-    def _unlink_durably(self, message_ids: builtins.list[str]) -> None:
-        """Make the commits that finished these messages durable, then delete the files."""
+    def _fsync_wal(self) -> None:
+        """Make every commit so far durable (those made without an fsync, too)."""
         with contextlib.suppress(FileNotFoundError):  # no WAL: everything is in the file
             fd = os.open(self.db_path.with_name(self.db_path.name + "-wal"), os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def _unlink_durably(self, message_ids: builtins.list[str]) -> None:
+        """Make the commits that finished these messages durable, then delete the files
+        and the sealed segments they left without a live message."""
+        self._fsync_wal()
         spool.unlink(self.spool, message_ids)
+        segments = set(self._release_later)
+        self._release_later.difference_update(segments)
+        if segments:
+            self._release(segments, fsynced=True)
+
+    def _release(self, segments: Iterable[str], *, fsynced: bool = False) -> int:
+        """Delete those of ``segments`` that are sealed and that no live message needs
+        (spool.py, step 4); returns how many. ``fsynced``: every commit that finished
+        their messages is durable already (otherwise the WAL is fsynced first)."""
+        candidates = [name for name in segments if name in self._sealed]
+        if not candidates:
+            return 0
+        live = self._read_sync(lambda conn: _live_in(conn, candidates), closing=True)
+        done = [name for name in candidates if name not in live]
+        if done and not fsynced:
+            self._fsync_wal()
+        for name in done:
+            self._sealed.discard(name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spool.segment_path(self.spool, name))
+        return len(done)
+
+    def _sealed_by_writer(self, segment: str) -> None:
+        """Our own spool writer sealed ``segment`` (called on the event loop)."""
+        self._sealed.add(segment)  # at once: a finish committed next must see it
+        task = asyncio.get_running_loop().create_task(self.seal_segment(segment))
+        self._seal_tasks.add(task)
+        task.add_done_callback(self._seal_tasks.discard)
+
+    async def settle_spool(self) -> None:
+        """Wait until the segments our own writer sealed are deleted if unneeded."""
+        while self._seal_tasks:
+            await asyncio.gather(*self._seal_tasks, return_exceptions=True)
+
+    async def seal_segment(self, segment: str) -> int:
+        """No writer appends to ``segment`` any more and every commit naming it is over
+        (an intake process tells ``ferry serve`` so): delete it when no live message
+        needs it, now or once the last one finishes. Returns 1 if deleted now."""
+        spool.segment_path(self.spool, segment)  # refuses a name that is no segment
+        self._sealed.add(segment)
+        return await asyncio.to_thread(self._release, [segment])
+
+    async def seal_writer(self, tag: str) -> int:
+        """The writer ``tag`` (an intake process) is gone and every call it made is
+        over: each of its segments is sealed. Returns how many were deleted now."""
+        names = [
+            n
+            for n in spool.names(self.spool)
+            if spool.is_segment(n) and spool.segment_tag(n) == tag
+        ]
+        self._sealed.update(names)
+        return await asyncio.to_thread(self._release, names)
 
     async def sweep_spool(self) -> int:
-        """Delete spool files no live message names (a crash between a body's write and
-        its row's commit, or between a commit and the deletion it allowed).
+        """Delete spool files and segments no live message names (a crash between a
+        body's write and its row's commit, or between a commit and the deletion it
+        allowed); every segment left is sealed (no writer runs yet).
 
         Only for ``ferry serve`` at start, before it accepts mail: a body another
         process has written but not yet committed looks exactly like an orphan.
         """
-        return await self._run(lambda conn: _sweep_spool(conn, self.spool))
+        removed, segments = await self._run(lambda conn: _sweep_spool(conn, self.spool))
+        self._sealed.update(segments)
+        return removed
 
     async def check_bodies(self) -> builtins.list[str]:
-        """Problems with bodies: unfinished messages whose spool file is missing."""
-
-        def job(conn: sqlite3.Connection) -> builtins.list[str]:
-            return [
-                f"message {mid}: its body file {self.spool / mid} is missing"
-                for mid in _missing_bodies(conn, self.spool)
-            ]
-
-        return await self._read(job)
+        """Problems with bodies: spool files or segments live messages need, missing
+        or too short."""
+        return await self._read(lambda conn: _missing_bodies(conn, self.spool))
 
     # -- intake -----------------------------------------------------------------
 
@@ -1024,13 +1149,14 @@ class SqliteQueue(OperatorMethods, Queue):
     ) -> str:
         now = time.time()
         qid = queue_id or new_queue_id(now)
-        spooled = self.spool_threshold is not None and len(envelope.data) >= self.spool_threshold
-        if spooled:
+        size = len(envelope.data)
+        if self.spool_threshold is not None and size >= self.spool_threshold:
             # Durable before the row that makes it visible is committed (spool.py).
-            await self._spool_writer.store(qid, envelope.data)
-        return await self._commit_new(
-            envelope, len(envelope.data), qid, now, expires, idempotency, spooled
-        )
+            async with self._spool_writer.append(envelope.data) as segment:
+                return await self._commit_new(
+                    envelope, size, qid, now, expires, idempotency, segment
+                )
+        return await self._commit_new(envelope, size, qid, now, expires, idempotency, None)
 
     async def enqueue_spooled(
         self,
@@ -1038,15 +1164,17 @@ class SqliteQueue(OperatorMethods, Queue):
         size: int,
         *,
         queue_id: str,
+        segment: str,
+        offset: int,
         expires: float | None = None,
         idempotency: IdempotencyRecord | None = None,
     ) -> str:
         """Commit the rows of a message whose body of ``size`` bytes is already durable
-        in the spool under ``queue_id`` (an intake process wrote it:
-        ferry/intake/process.py); ``envelope.data`` is not used. As :meth:`enqueue`,
-        the body file is removed if the rows cannot be committed."""
+        at ``offset`` of the spool segment ``segment`` (an intake process wrote it:
+        ferry/intake/process.py); ``envelope.data`` is not used."""
+        spool.segment_path(self.spool, segment)  # refuses a name that is no segment
         return await self._commit_new(
-            envelope, size, queue_id, time.time(), expires, idempotency, True
+            envelope, size, queue_id, time.time(), expires, idempotency, (segment, offset)
         )
 
     async def _commit_new(
@@ -1057,13 +1185,13 @@ class SqliteQueue(OperatorMethods, Queue):
         now: float,
         expires: float | None,
         idempotency: IdempotencyRecord | None,
-        spooled: bool,
+        segment: tuple[str, int] | None,
     ) -> str:
         exp = expires if expires is not None else now + 4 * 86400
         log = self.event_log
 
         def insert(conn: sqlite3.Connection) -> str:
-            _insert_message(conn, qid, envelope, now, exp, spooled, size)
+            _insert_message(conn, qid, envelope, now, exp, segment, size)
             if log:
                 _received_event(conn, qid, envelope, now, size)
             return qid
@@ -1093,14 +1221,9 @@ class SqliteQueue(OperatorMethods, Queue):
 
             fn = job
 
-        try:
-            return await self._run(fn)
-        except asyncio.CancelledError:
-            raise  # the row may still commit: the file stays (an orphan at worst)
-        except BaseException:
-            if spooled:  # no row names it
-                spool.unlink(self.spool, [qid])
-            raise
+        # A body whose row is not committed is bytes no row names in its segment: freed
+        # with the segment.
+        return await self._run(fn)
 
     async def idempotency(self, key: str, *, now: float) -> IdempotencyRecord | None:
         return await self._read(lambda conn: _idempotency_row(conn, key, now))
@@ -1699,17 +1822,17 @@ def _insert_message(
     envelope: EnvelopeIn,
     now: float,
     expires: float,
-    spooled: bool = False,
+    segment: tuple[str, int] | None = None,
     size: int | None = None,
 ) -> str:
-    """The message's rows; its body inline in ``bodies``, or (``spooled``) already
-    durable in the spool file named after ``qid`` (ferry/queue/spool.py), of ``size``
-    bytes (default: the envelope's)."""
+    """The message's rows; its body inline in ``bodies``, or (``segment``: name and
+    offset) already durable in a spool segment (ferry/queue/spool.py), ``size`` bytes
+    (default: the envelope's)."""
     prio = int(envelope.priority)
     conn.execute(
         "INSERT INTO messages(id, sender, size, priority, arrival, expires, status,"
         " client_address, client_helo, auth_user, envid, ret, smtputf8, body_8bit,"
-        " extra, spool) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " extra, spool, segment, body_offset) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             qid,
             envelope.sender,
@@ -1726,10 +1849,12 @@ def _insert_message(
             int(envelope.smtputf8),
             int(envelope.body_8bit),
             json.dumps(envelope.extra) if envelope.extra else None,
-            int(spooled),
+            0 if segment is None else 2,
+            None if segment is None else segment[0],
+            None if segment is None else segment[1],
         ),
     )
-    if not spooled:
+    if segment is None:
         conn.execute("INSERT INTO bodies(message_id, data) VALUES (?, ?)", (qid, envelope.data))
     conn.executemany(
         "INSERT INTO recipients(message_id, address, domain, orcpt, notify, status,"
@@ -1881,18 +2006,23 @@ def _finish(conn: sqlite3.Connection, messages: list[tuple[str, str]], now: floa
         return
     at = time.time() if now is None else now
     sink: builtins.list[str] | None = getattr(_drops, "ids", None)
+    segments: set[str] | None = getattr(_drops, "segments", None)
     for value, mid in messages:
         # Status and finish time in one statement; RETURNING says whether the message
-        # was unfinished until now (its spool file, if any, goes after the commit:
-        # ``SqliteQueue._write``) -- what ``_drop_bodies`` would have selected first.
+        # was unfinished until now (its spool file or segment, if any, is freed after
+        # the commit: ``SqliteQueue._write``) -- what ``_drop_bodies`` would have
+        # selected first.
         row = conn.execute(
             "UPDATE messages SET status=?, finished=? WHERE id=? AND finished IS NULL"
-            " RETURNING spool",
+            " RETURNING spool, segment",
             (value, at, mid),
         ).fetchall()
         if row:
-            if row[0][0] and sink is not None:
+            kind, segment = row[0]
+            if kind == 1 and sink is not None:
                 sink.append(mid)
+            elif kind == 2 and segments is not None:
+                segments.add(segment)
         else:  # finished before (or gone): its status may still change
             conn.execute(
                 "UPDATE messages SET status=? WHERE id=? AND status IS NOT ?", (value, mid, value)

@@ -313,6 +313,20 @@ BEGIN
 END;
 """
 
+
+def _v7(conn: sqlite3.Connection) -> None:
+    # Version 7 (spool segments, issue 12): ``messages.spool`` 2 says the body is
+    # ``size`` bytes at ``body_offset`` of the spool segment ``segment``
+    # (ferry/queue/spool.py). Bodies stored before stay rows (0) or files (1).
+    conn.execute("ALTER TABLE messages ADD COLUMN segment TEXT")
+    conn.execute("ALTER TABLE messages ADD COLUMN body_offset INTEGER")
+    # The live messages of a segment: whether it may be deleted, what compaction moves.
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS messages_segment ON messages(segment)"
+        " WHERE spool = 2 AND finished IS NULL"
+    )
+
+
 #: MIGRATIONS[i] takes a database from version i + 1 to i + 2. Append only.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _script(_V2),
@@ -320,6 +334,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _v4,
     _v5,
     _script(_V6),
+    _v7,
 ]
 LATEST = len(MIGRATIONS) + 1
 

@@ -21,6 +21,7 @@ from ferry.envelope import Priority, Status
 from ferry.intake.dispatch import IntakeDispatcher
 from ferry.intake.server import IntakeServer
 from ferry.intake.users import UserDB
+from ferry.queue import spool
 from tests.harness import ThreadedService, process_running, wait_until
 
 MSG = (
@@ -877,12 +878,17 @@ def test_a_before_queue_hook_keeps_sessions_in_serve(tmp_path: Path, tls_files: 
 
 def test_an_intake_process_writes_a_large_body_to_the_spool_itself(relay_factory: Any) -> None:
     svc = relay_factory(workers=1)
-    big = MSG + (b"z" * 70 + b"\r\n") * 240  # 17 KB: a spool file
+    big = MSG + (b"z" * 70 + b"\r\n") * 240  # 17 KB: in the spool
     assert svc.config.queue.spool_threshold <= len(big) < svc.config.server.max_message_size
     with smtplib.SMTP("127.0.0.1", svc.port(), timeout=10) as c:
         assert c.sendmail("alice@example.org", ["bob@example.net"], big) == {}
     [m] = queued(svc)
-    assert (svc.queue.spool / m.id).is_file()
+    [(segment,)] = svc.queue.run_sync(
+        lambda c: c.execute("SELECT segment FROM messages WHERE id=?", (m.id,)).fetchall()
+    )
+    # A segment of the intake process's own (tag), not of serve's writer.
+    assert (svc.queue.spool / segment).is_file()
+    assert spool.segment_tag(segment) != svc.queue._spool_writer.tag
     assert strip_received(body_of(svc, m.id)) == big
     assert m.size == len(body_of(svc, m.id))
     # serve committed the rows only: its own spool writer never ran.

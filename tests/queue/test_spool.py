@@ -1,4 +1,4 @@
-"""Message bodies as spool files beside the SQLite queue (ferry/queue/spool.py, issue 12)."""
+"""Message bodies in spool segments beside the SQLite queue (ferry/queue/spool.py, issue 12)."""
 
 from __future__ import annotations
 
@@ -59,91 +59,166 @@ def files(q: SqliteQueue) -> list[str]:
     return sorted(spool.names(q.spool))
 
 
-async def test_large_bodies_are_files_small_ones_rows(tmp_path: Path) -> None:
-    q = SqliteQueue(tmp_path / "q")  # the default threshold
+def segment_of(q: SqliteQueue, qid: str) -> str:
+    row = q.run_sync(
+        lambda c: c.execute("SELECT spool, segment FROM messages WHERE id = ?", (qid,)).fetchone()
+    )
+    assert row[0] == 2, row
+    return str(row[1])
+
+
+def one_per_body(path: Path, **kwargs: Any) -> SqliteQueue:
+    """Every spooled body in a segment of its own, sealed once its row is committed:
+    what a segment goes through, one message at a time."""
+    return SqliteQueue(path, spool_threshold=0, segment_bytes=1, **kwargs)
+
+
+async def test_large_bodies_go_to_a_segment_small_ones_are_rows(tmp_path: Path) -> None:
+    q = SqliteQueue(tmp_path / "q")  # the default threshold and segment size
     try:
         small = await q.enqueue(env("a@x.test", data=b"Subject: s\r\n\r\nsmall\r\n"))
         big = await q.enqueue(env("b@x.test"))
-        assert files(q) == [big]
-        assert (q.spool / big).read_bytes() == BIG
-        assert await q.read_messages([small, big, "NOSUCH"]) == {
+        big2 = await q.enqueue(env("c@x.test", data=BIG + b"more\r\n"))
+        seg = segment_of(q, big)
+        assert segment_of(q, big2) == seg  # one segment, one after the other
+        assert files(q) == [seg] and spool.is_segment(seg)
+        assert (q.spool / seg).read_bytes() == BIG + BIG + b"more\r\n"
+        assert await q.read_messages([small, big, big2, "NOSUCH"]) == {
             small: b"Subject: s\r\n\r\nsmall\r\n",
             big: BIG,
+            big2: BIG + b"more\r\n",
         }
         assert await q.read_message(big) == BIG
     finally:
         await q.close()
+    # Closed: the segment is sealed, and kept (its messages are pending).
+    assert spool.names(tmp_path / "q" / "spool") == [seg]
 
 
-async def test_a_body_file_without_its_row_is_no_message(tmp_path: Path) -> None:
+async def test_a_body_without_its_row_is_no_message(tmp_path: Path) -> None:
     q = SqliteQueue(tmp_path / "q", spool_threshold=0)
     try:
-        # What a crash between the body's write and its row's commit leaves behind.
+        # What a crash between the body's write and its row's commit leaves behind:
+        # a whole segment no row names, a body file of an older queue, a stray file.
+        (q.spool / "seg.dead.1").write_bytes(BIG)
         spool.write_file(q.spool, "0190A1B2C3D00000001", BIG)
         (q.spool / "0190A1B2C3D00000002.tmp").write_bytes(b"half")
         assert await q.read_message("0190A1B2C3D00000001") is None
         assert await q.list() == []
         kept = await q.enqueue(env("a@x.test"))
-        assert await q.sweep_spool() == 2
-        assert files(q) == [kept]  # the live body stays
+        assert await q.sweep_spool() == 3
+        assert files(q) == [segment_of(q, kept)]  # the live body stays
         assert await q.read_message(kept) == BIG
     finally:
         await q.close()
 
 
-async def test_body_file_goes_after_the_commit_that_finishes_its_message(tmp_path: Path) -> None:
+async def test_a_segment_goes_after_the_commit_that_finishes_its_last_message(
+    tmp_path: Path,
+) -> None:
     q = SqliteQueue(tmp_path / "q", spool_threshold=0)
     try:
-        qid = await q.enqueue(env("a@x.test", "b@x.test"))
-        claimed = await q.claim("w", now=T0, limit=10, lease=60)
-        a, b = (c.recipient.id for c in claimed)
-        await q.record("w", [AttemptResult(a, Status.DELIVERED, OK)], now=T0)
-        assert files(q) == [qid]  # b is still pending: the body is needed
-        await q.record("w", [AttemptResult(b, Status.DELIVERED, OK)], now=T0)
+        first = await q.enqueue(env("a@x.test", "b@x.test"))
+        second = await q.enqueue(env("c@x.test"))
+        seg = segment_of(q, first)
+        claimed = {
+            c.recipient.address: c.recipient.id
+            for c in await q.claim("w", now=T0, limit=10, lease=60)
+        }
+        done = [AttemptResult(claimed[a], Status.DELIVERED, OK) for a in ("a@x.test", "c@x.test")]
+        await q.record("w", done, now=T0)
+        assert await q.read_message(second) is None  # finished
+        assert await q.read_message(first) == BIG  # b is still pending
+        await q.record("w", [AttemptResult(claimed["b@x.test"], Status.DELIVERED, OK)], now=T0)
+        # Every message in it is finished, but the writer still appends to it.
+        assert files(q) == [seg]
+        assert await q.seal_segment(seg) == 1
         assert files(q) == []
-        assert await q.read_message(qid) is None
+        assert await q.read_message(first) is None
         # Nothing left to sweep: the history stays, the body is gone.
         assert await q.sweep_spool() == 0
-        info = await q.get(qid)
+        info = await q.get(first)
         assert info is not None and info.finished == T0
     finally:
         await q.close()
 
 
-@pytest.mark.parametrize("relaxed", [False, True], ids=["worker-queue", "relaxed-view"])
-async def test_without_fsynced_commits_files_go_in_batches_after_a_wal_fsync(
-    tmp_path: Path, relaxed: bool
-) -> None:
-    # A delivery worker's queue (synchronous=NORMAL), or serve's relaxed() view that
-    # writes a worker's outcomes: a power loss could undo the commit that finished a
-    # message but not the unlink of its body; so unlinks wait for an fsync of the WAL,
-    # done at most every unlink_interval (and at close). The relaxed view failed before:
-    # it unlinked at once, after a commit that was not fsynced.
-    base = SqliteQueue(tmp_path / "q", spool_threshold=0, durable=relaxed)
-    base.unlink_interval = 3600
-    q = base.relaxed() if relaxed else base
+async def test_a_sealed_segment_stays_while_a_message_in_it_is_pending(tmp_path: Path) -> None:
+    q = SqliteQueue(tmp_path / "q", spool_threshold=0)
     try:
         first, second = await q.enqueue(env("a@x.test")), await q.enqueue(env("b@x.test"))
+        seg = segment_of(q, first)
+        assert await q.seal_segment(seg) == 0  # both pending
         claimed = {
             c.message.id: c.recipient.id for c in await q.claim("w", now=T0, limit=9, lease=60)
         }
         await q.record("w", [AttemptResult(claimed[first], Status.DELIVERED, OK)], now=T0)
-        assert files(q) == [second]  # the first batch goes at once
+        assert files(q) == [seg]
         await q.record("w", [AttemptResult(claimed[second], Status.DELIVERED, OK)], now=T0)
-        assert files(q) == [second]  # the next waits for the interval
+        assert files(q) == []  # the last one's commit freed it
+    finally:
+        await q.close()
+
+
+async def test_a_gone_writers_segments_are_sealed(tmp_path: Path) -> None:
+    q = SqliteQueue(tmp_path / "q", spool_threshold=0)
+    try:
+        # An intake process ("w1") wrote two segments and died; another ("w2") runs.
+        (q.spool / "seg.w1.1").write_bytes(BIG)
+        (q.spool / "seg.w1.2").write_bytes(BIG)
+        (q.spool / "seg.w2.1").write_bytes(BIG)
+        live = await q.enqueue_spooled(
+            env("a@x.test"),
+            len(BIG),
+            queue_id="0190A1B2C3D00000009",
+            segment="seg.w1.2",
+            offset=0,
+        )
+        assert await q.seal_writer("w1") == 1  # seg.w1.1: no row names it
+        assert files(q) == ["seg.w1.2", "seg.w2.1"]
+        assert await q.read_message(live) == BIG
+        with pytest.raises(ValueError):
+            await q.seal_segment("../queue.db")
+    finally:
+        await q.close()
+
+
+@pytest.mark.parametrize("relaxed", [False, True], ids=["worker-queue", "relaxed-view"])
+async def test_without_fsynced_commits_segments_go_in_batches_after_a_wal_fsync(
+    tmp_path: Path, relaxed: bool
+) -> None:
+    # A delivery worker's queue (synchronous=NORMAL), or serve's relaxed() view that
+    # writes a worker's outcomes: a power loss could undo the commit that finished a
+    # message but not the deletion of its body; so deletions wait for an fsync of the
+    # WAL, done at most every unlink_interval (and at close). The relaxed view failed
+    # before: it unlinked at once, after a commit that was not fsynced.
+    base = one_per_body(tmp_path / "q", durable=relaxed)
+    base.unlink_interval = 3600
+    q = base.relaxed() if relaxed else base
+    try:
+        first, second = await q.enqueue(env("a@x.test")), await q.enqueue(env("b@x.test"))
+        await base.settle_spool()
+        claimed = {
+            c.message.id: c.recipient.id for c in await q.claim("w", now=T0, limit=9, lease=60)
+        }
+        await q.record("w", [AttemptResult(claimed[first], Status.DELIVERED, OK)], now=T0)
+        assert files(q) == [segment_of(q, second)]  # the first batch goes at once
+        await q.record("w", [AttemptResult(claimed[second], Status.DELIVERED, OK)], now=T0)
+        assert files(q) == [segment_of(q, second)]  # the next waits for the interval
         assert await q.read_message(second) is None  # finished: no longer readable
     finally:
         await base.close()
     assert spool.names(tmp_path / "q" / "spool") == []  # close flushes
 
 
-async def test_remove_cancel_and_bulk_remove_delete_body_files(tmp_path: Path) -> None:
-    q = SqliteQueue(tmp_path / "q", spool_threshold=0)
+async def test_remove_cancel_and_bulk_remove_free_their_segments(tmp_path: Path) -> None:
+    q = one_per_body(tmp_path / "q")
     try:
         one, two, three = [await q.enqueue(env(f"{n}@x.test")) for n in "abc"]
+        await q.settle_spool()
         assert await q.remove(one)
         assert await q.cancel(two, now=T0) == 1
-        assert files(q) == [three]
+        assert files(q) == [segment_of(q, three)]
         result = await q.bulk("remove", Selection(), now=T0, by="test")
         assert result.messages >= 1
         assert files(q) == []
@@ -152,7 +227,7 @@ async def test_remove_cancel_and_bulk_remove_delete_body_files(tmp_path: Path) -
 
 
 async def test_cancel_with_dsn_reads_the_spooled_body(tmp_path: Path) -> None:
-    q = SqliteQueue(tmp_path / "q", spool_threshold=0)
+    q = one_per_body(tmp_path / "q")
     seen: list[bytes] = []
 
     def make_dsn(message: Any, data: bytes) -> EnvelopeIn:
@@ -161,29 +236,83 @@ async def test_cancel_with_dsn_reads_the_spooled_body(tmp_path: Path) -> None:
 
     try:
         qid = await q.enqueue(env("a@x.test"))
+        await q.settle_spool()
         result = await q.bulk("cancel", Selection(), now=T0, by="test", make_dsn=make_dsn)
         assert result.dsns == 1 and seen == [BIG]
-        # The cancelled message's file went after the commit; the DSN is a row (it was
-        # queued inside the transaction, not through enqueue).
+        # The cancelled message's segment went after the commit; the DSN is a row (it
+        # was queued inside the transaction, not through enqueue).
         assert files(q) == []
         assert await q.read_message(qid) is None
     finally:
         await q.close()
 
 
-async def test_a_refused_enqueue_leaves_no_file(tmp_path: Path) -> None:
-    q = SqliteQueue(tmp_path / "q", spool_threshold=0)
+async def test_a_refused_enqueue_leaves_no_segment(tmp_path: Path) -> None:
+    q = one_per_body(tmp_path / "q")
     try:
         key = IdempotencyRecord("token:t:k", "fp", "", "250 ok", expires=T0 * 2)
         first = await q.enqueue(env("a@x.test"), idempotency=key)
         with pytest.raises(IdempotencyReplay):
             await q.enqueue(env("a@x.test"), idempotency=key)
-        assert files(q) == [first]
+        await q.settle_spool()
+        assert files(q) == [segment_of(q, first)]
     finally:
         await q.close()
 
 
-def test_directory_fsyncs_are_shared_by_concurrent_writers(tmp_path: Path) -> None:
+async def test_an_older_queues_body_files_stay_readable(tmp_path: Path) -> None:
+    # Version 5 and 6 queues kept each large body in a file of its own, spool/<id>.
+    q = SqliteQueue(tmp_path / "q", spool_threshold=None)
+    try:
+        old = await q.enqueue(env("a@x.test"))
+        q.run_sync(lambda c: c.execute("DELETE FROM bodies WHERE message_id = ?", (old,)))
+        q.run_sync(lambda c: c.execute("UPDATE messages SET spool = 1 WHERE id = ?", (old,)))
+        spool.write_file(q.spool, old, BIG)
+        assert await q.read_message(old) == BIG
+        assert await q.sweep_spool() == 0
+        assert await q.check_bodies() == []
+        claimed = await q.claim("w", now=T0, limit=10, lease=60)
+        await q.record(
+            "w", [AttemptResult(c.recipient.id, Status.DELIVERED, OK) for c in claimed], now=T0
+        )
+        assert files(q) == []
+    finally:
+        await q.close()
+
+
+def test_segment_names_never_become_other_paths(tmp_path: Path) -> None:
+    for bad in ("../queue.db", "seg..1", "seg.a/b.1", "seg.a.x", "0190A1B2C3D00000001"):
+        assert not spool.is_segment(bad)
+        with pytest.raises(ValueError):
+            spool.segment_path(tmp_path, bad)
+    assert spool.segment_tag("seg.abc.12") == "abc"
+
+
+async def test_a_writer_moves_to_a_new_segment_when_full_and_seals_the_old(
+    tmp_path: Path,
+) -> None:
+    sealed: list[str] = []
+    w = spool.Writer(tmp_path, "t", on_sealed=sealed.append, segment_bytes=100)
+    try:
+        async with w.append(b"a" * 60) as first:
+            async with w.append(b"b" * 60) as second:
+                assert first == ("seg.t.1", 0) and second == ("seg.t.2", 0)
+                # seg.t.1 is retired, but its first body's commit is still in flight.
+                assert sealed == []
+            assert sealed == []
+        assert sealed == ["seg.t.1"]
+        async with w.append(b"c" * 40) as third:
+            assert third == ("seg.t.2", 60)
+        assert sealed == ["seg.t.1", "seg.t.2"]  # full: sealed at once
+    finally:
+        await w.close()
+    assert (tmp_path / "seg.t.2").read_bytes() == b"b" * 60 + b"c" * 40
+    assert spool.read_at(tmp_path, "seg.t.2", 60, 40) == b"c" * 40
+    assert spool.read_at(tmp_path, "seg.t.2", 60, 41) is None  # too short: damaged
+    assert spool.read_at(tmp_path, "seg.t.9", 0, 1) is None  # gone
+
+
+def test_fsyncs_are_shared_by_concurrent_writers(tmp_path: Path) -> None:
     d = spool.DirSync(tmp_path)
     d.sync()
     d.sync()
@@ -232,7 +361,7 @@ async def test_old_blob_bodies_stay_readable_beside_spooled_ones(tmp_path: Path)
     try:
         new = await q.enqueue(env("b@x.test"))
         assert await q.read_messages(["OLD", new]) == {"OLD": b"hello", new: BIG}
-        assert files(q) == [new]
+        assert files(q) == [segment_of(q, new)]
         assert await q.sweep_spool() == 0  # an inline body has no file to miss
         assert await q.check_bodies() == []
         # Delivering the old message drops its row body as before.
@@ -241,6 +370,7 @@ async def test_old_blob_bodies_stay_readable_beside_spooled_ones(tmp_path: Path)
             "w", [AttemptResult(c.recipient.id, Status.DELIVERED, OK) for c in claimed], now=T0
         )
         assert await q.read_messages(["OLD", new]) == {}
+        assert await q.seal_segment(segment_of(q, new)) == 1
         assert files(q) == []
     finally:
         await q.close()
@@ -251,16 +381,17 @@ async def test_queue_check_reports_a_missing_body_file(tmp_path: Path) -> None:
         tmp_path / "ferry.toml",
         f'[queue]\npath = "{tmp_path}/data"\n',
     )
-    q = SqliteQueue(tmp_path / "data", spool_threshold=0)
+    q = one_per_body(tmp_path / "data")
     try:
         kept = await q.enqueue(env("a@x.test"))
         lost = await q.enqueue(env("b@x.test"))
+        lost_segment = segment_of(q, lost)
     finally:
         await q.close()
     ok = run_cli(cfg, "queue", "check", "--json")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert json.loads(ok.stdout)["ok"] is True
-    (tmp_path / "data" / "spool" / lost).unlink()
+    (tmp_path / "data" / "spool" / lost_segment).unlink()
     bad = run_cli(cfg, "queue", "check", "--json")
     assert bad.returncode == 1
     problems = json.loads(bad.stdout)["problems"]

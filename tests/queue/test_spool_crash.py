@@ -1,7 +1,8 @@
 """Spooled bodies and SIGKILL: `ferry serve` as a real process (issue 12).
 
-A body file is durable before the row that makes it visible is committed; a kill in
-between leaves a file no row names, which the next start removes before accepting.
+A body is durable in its spool segment before the row that makes it visible is
+committed; a kill in between leaves bytes no row names, in a segment the next start
+removes before accepting (when no live message needs it).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from ferry.queue.spool import names
+from ferry.queue.spool import names, read_at
 from tests.harness import AckingClients, cli_json, free_port, wait_until, write_toml
 
-BIG = 40_000  # above ferry.queue.sqlite.SPOOL_THRESHOLD: these bodies are files
+BIG = 40_000  # above ferry.queue.sqlite.SPOOL_THRESHOLD: these bodies are in the spool
 
 
 def _config(tmp_path: Path, port: int) -> Path:
@@ -39,20 +40,21 @@ def _msg(i: int, size: int) -> bytes:
 
 
 def _stored(data: Path) -> tuple[dict[str, bytes], set[str]]:
-    """Every live message's body (row or file) and the ids whose body is a file."""
+    """Every live message's body (row or spool) and the segments live bodies are in."""
     db = sqlite3.connect(data / "queue.db")
     try:
         rows = {m: bytes(d) for m, d in db.execute("SELECT message_id, data FROM bodies")}
-        spooled = {
-            r[0] for r in db.execute("SELECT id FROM messages WHERE spool=1 AND finished IS NULL")
-        }
+        spooled = db.execute(
+            "SELECT id, segment, body_offset, size FROM messages"
+            " WHERE spool = 2 AND finished IS NULL"
+        ).fetchall()
     finally:
         db.close()
-    for mid in spooled:
-        path = data / "spool" / mid
-        if path.exists():
-            rows[mid] = path.read_bytes()
-    return rows, spooled
+    for mid, segment, offset, size in spooled:
+        body = read_at(data / "spool", segment, offset, size)
+        if body is not None:
+            rows[mid] = body
+    return rows, {segment for _mid, segment, _o, _s in spooled}
 
 
 def test_sigkill_keeps_every_acked_spooled_body_and_restart_sweeps(
@@ -108,11 +110,11 @@ def test_kill_between_body_write_and_commit_leaves_nothing(
     t.start()
     try:
 
-        def whole_file() -> list[str]:
+        def whole_body() -> list[str]:
             spool = data / "spool"
             return [n for n in names(spool) if (spool / n).stat().st_size > BIG]
 
-        wait_until(whole_file, 30, "the whole body file")
+        wait_until(whole_body, 30, "the whole body in a segment")
         # On disk, yet no message: delivery and the CLI see none.
         assert cli_json(cfg, "queue", "list")["messages"] == []
         proc.kill()

@@ -45,9 +45,12 @@ async def test_migrate_to_moves_pending_mail_whole_and_can_run_again(
     data = tmp_path / "data"
     sq = SqliteQueue(data)
     try:
-        # Large enough to be a spool file (the others are rows): both kinds move.
+        # Large enough to be in the spool (the others are rows): both kinds move.
         mixed = await sq.enqueue(env("a@x.test", "b@y.test", data=b"mixed\r\n" * 3000))
-        assert (data / "spool" / mixed).is_file()
+        spooled = sq.run_sync(
+            lambda c: c.execute("SELECT spool FROM messages WHERE id=?", (mixed,)).fetchone()
+        )
+        assert spooled == (2,)
         claimed = await sq.claim("w", now=T0, limit=10, lease=60)
         by = {c.recipient.address: c.recipient.id for c in claimed}
         await sq.record(

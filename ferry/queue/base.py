@@ -339,6 +339,12 @@ class Queue(abc.ABC):
         """(free pages, total pages) of the store, for deciding when to reclaim."""
         return (0, 0)
 
+    async def compact_spool(self) -> int:
+        """Free the disk that finished mail holds in shared body storage (SQLite's spool
+        segments); returns how many segments were emptied. A backend without such
+        storage keeps this default."""
+        return 0
+
     async def checkpoint(self) -> None:
         """Let the file system see what ``reclaim_space`` gave back (SQLite: a WAL
         checkpoint, without waiting for anyone); a no-op where nothing is needed."""

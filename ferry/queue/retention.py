@@ -95,6 +95,8 @@ async def purge_history(
         if pause:
             await asyncio.sleep(pause)  # pacing: let other writers in between batches
     pages = await reclaim(queue, pause=pause)
+    # Finished mail's bodies in shared segments: copied out of and freed with them.
+    await queue.compact_spool()
     return PurgeResult(total, pages)
 
 

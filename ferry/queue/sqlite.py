@@ -151,6 +151,14 @@ SPOOL_THRESHOLD = 16 * 1024
 #: A queue whose commits are not fsynced (a delivery worker's, synchronous=NORMAL)
 #: deletes body files in batches this often, after one fsync of the WAL.
 UNLINK_INTERVAL = 1.0
+#: Spool compaction (``SqliteQueue.compact_spool``): a sealed segment this many seconds
+#: untouched, whose live bodies fill less than this share of it, has them copied to a
+#: new segment, so one deferred message does not hold a whole segment's disk for days.
+COMPACT_AGE = 600.0
+COMPACT_SHARE = 0.5
+#: A segment emptied by compaction is deleted this many seconds later: a reader that
+#: looked up a moved body's old place just before the move can still read it there.
+COMPACT_GRACE = 60.0
 
 
 class QueueNotFound(FileNotFoundError):
@@ -858,6 +866,7 @@ class SqliteQueue(OperatorMethods, Queue):
         # live message needs them. Shared with the ``relaxed()`` view, as are the next.
         self._sealed: set[str] = set()
         self._seal_tasks: set[asyncio.Task[int]] = set()
+        self._emptied: dict[str, float] = {}  # by compaction: segment -> when (monotonic)
         self._durable = durable
         self._unlink_later: builtins.list[str] = []
         self._release_later: set[str] = set()
@@ -1119,6 +1128,76 @@ class SqliteQueue(OperatorMethods, Queue):
         ]
         self._sealed.update(names)
         return await asyncio.to_thread(self._release, names)
+
+    async def compact_spool(
+        self,
+        *,
+        min_age: float = COMPACT_AGE,
+        max_share: float = COMPACT_SHARE,
+        grace: float = COMPACT_GRACE,
+    ) -> int:
+        """Copy the live bodies out of sealed segments that are mostly finished mail,
+        and delete segments nothing needs any more; returns how many segments were
+        emptied. ``ferry serve`` runs it with the history purge (``Retention``).
+
+        A body moves the way it was written: appended to our writer's segment and made
+        durable, then its row is pointed there in a commit (a crash in between leaves a
+        copy no row names). The old segment goes ``grace`` seconds after it is empty.
+        """
+        now = time.monotonic()
+        for segment, when in list(self._emptied.items()):
+            if now - when >= grace:
+                del self._emptied[segment]
+                await asyncio.to_thread(self._release, [segment])
+        live = await self._read(
+            lambda conn: conn.execute(
+                "SELECT segment, SUM(size) FROM messages"
+                " WHERE spool = 2 AND finished IS NULL GROUP BY segment"
+            ).fetchall()
+        )
+        in_use = {segment for segment, _size in live}
+        # Sealed, and no live message at all (a seal whose deletion failed): delete.
+        idle = [s for s in self._sealed if s not in in_use and s not in self._emptied]
+        if idle:
+            await asyncio.to_thread(self._release, idle)
+        emptied = 0
+        for segment, live_bytes in live:
+            if segment not in self._sealed or segment in self._emptied:
+                continue
+            try:
+                st = os.stat(spool.segment_path(self.spool, segment))
+            except FileNotFoundError:
+                continue
+            if time.time() - st.st_mtime < min_age or live_bytes >= max_share * st.st_size:
+                continue
+            await self._move_bodies(segment)
+            self._emptied[segment] = time.monotonic()
+            emptied += 1
+        return emptied
+
+    async def _move_bodies(self, segment: str) -> None:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT id, body_offset, size FROM messages"
+                " WHERE spool = 2 AND finished IS NULL AND segment = ?",
+                (segment,),
+            ).fetchall()
+        )
+        for mid, offset, size in rows:
+            data = await asyncio.to_thread(spool.read_at, self.spool, segment, offset, size)
+            if data is None:
+                continue
+            async with self._spool_writer.append(data) as (new_segment, new_offset):
+
+                def move(conn: sqlite3.Connection, mid: str = mid) -> None:
+                    # Finished meanwhile: the copy is bytes no row names.
+                    conn.execute(
+                        "UPDATE messages SET segment = ?, body_offset = ? WHERE id = ?"
+                        " AND spool = 2 AND segment = ? AND finished IS NULL",
+                        (new_segment, new_offset, mid, segment),
+                    )
+
+                await self._run(move)
 
     async def sweep_spool(self) -> int:
         """Delete spool files and segments no live message names (a crash between a

@@ -409,3 +409,32 @@ async def test_statement_journals_stay_in_memory(tmp_path: Path) -> None:
         assert q.run_sync(lambda c: c.execute("PRAGMA temp_store").fetchone()[0]) == 2
     finally:
         await q.close()
+
+
+async def test_compaction_moves_the_few_live_bodies_out_of_a_finished_segment(
+    tmp_path: Path,
+) -> None:
+    # Room for exactly four bodies: the writer seals the segment after the fourth.
+    q = SqliteQueue(tmp_path / "q", spool_threshold=0, segment_bytes=4 * (len(BIG) + 1))
+    try:
+        ids = [await q.enqueue(env(f"{n}@x.test", data=BIG + n.encode())) for n in "abcd"]
+        old = segment_of(q, ids[0])
+        assert {segment_of(q, m) for m in ids} == {old}
+        await q.settle_spool()
+        claimed = {
+            c.message.id: c.recipient.id for c in await q.claim("w", now=T0, limit=9, lease=60)
+        }
+        done = [AttemptResult(claimed[m], Status.DELIVERED, OK) for m in ids[:3]]
+        await q.record("w", done, now=T0)
+        # Too recent (the default age) or still mostly live: nothing moves.
+        assert await q.compact_spool() == 0
+        assert await q.compact_spool(min_age=0, max_share=0.2) == 0
+        assert await q.compact_spool(min_age=0, grace=3600) == 1
+        moved = segment_of(q, ids[3])
+        assert moved != old and await q.read_message(ids[3]) == BIG + b"d"
+        assert files(q) == sorted([old, moved])  # kept for readers of the old row a while
+        assert await q.compact_spool(min_age=0, grace=0) == 0
+        assert files(q) == [moved]
+        assert await q.check_bodies() == []
+    finally:
+        await q.close()

@@ -861,6 +861,29 @@ def test_a_killed_intake_process_is_restarted_and_its_connections_counted_out(
     assert not process_running(first)
 
 
+def test_a_dead_intake_processs_segments_are_sealed(relay_factory: Any) -> None:
+    svc = relay_factory(workers=1)
+    d = _dispatcher(svc)
+    [child] = d.children
+    assert child.proc is not None
+    first, tag = child.proc.pid, child.spool_tag
+    big = MSG + (b"z" * 70 + b"\r\n") * 240  # 17 KB: in the spool
+    with smtplib.SMTP("127.0.0.1", svc.port(), timeout=10) as c:
+        assert c.sendmail("alice@example.org", ["bob@example.net"], big) == {}
+    [m] = queued(svc)
+    [(live,)] = svc.queue.run_sync(
+        lambda c: c.execute("SELECT segment FROM messages WHERE id=?", (m.id,)).fetchall()
+    )
+    assert spool.segment_tag(live) == tag
+    # What a body written but never committed leaves: a segment no row names.
+    stray = svc.queue.spool / f"seg.{tag}.99"
+    stray.write_bytes(b"x" * 100)
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: not stray.exists(), timeout=15, what="the dead writer's stray segment gone")
+    assert (svc.queue.spool / live).is_file()  # a pending message's body is in it
+    assert strip_received(body_of(svc, m.id)) == big
+
+
 def test_a_before_queue_hook_keeps_sessions_in_serve(tmp_path: Path, tls_files: Any) -> None:
     seen: list[str] = []
 

@@ -534,6 +534,25 @@ _LIVE_SPOOLED = "SELECT id FROM messages WHERE spool = 1 AND finished IS NULL"
 _LIVE_SEGMENTS = "SELECT DISTINCT segment FROM messages WHERE spool = 2 AND finished IS NULL"
 
 
+def _select_spooled(conn: sqlite3.Connection, sql: str, ids: list[str] | None = None) -> list[Any]:
+    """``sql`` (with ``{cols}`` for ``segment, body_offset``), run over ``ids`` if given.
+
+    In a queue not yet at schema version 7 the columns are two NULLs: a read-only tool
+    (``ferry queue show``, ``check``) may open a queue that an upgraded ``ferry serve``
+    has not started on yet, and must not migrate it.
+    """
+    for cols in ("segment, body_offset", "NULL, NULL"):
+        text = sql.replace("{cols}", cols)
+        try:
+            if ids is None:
+                return conn.execute(text).fetchall()
+            return _select_in(conn, text, ids)
+        except sqlite3.OperationalError as exc:
+            if "no such column" not in str(exc) or cols == "NULL, NULL":
+                raise
+    raise AssertionError("unreachable")
+
+
 def _drop_bodies(conn: sqlite3.Connection, message_ids: list[str]) -> None:
     """These messages are being finished or deleted: inline bodies go now, in this
     transaction; spool files and segments only after it commits
@@ -567,12 +586,11 @@ def _read_bodies(conn: sqlite3.Connection, spool_dir: Path, ids: list[str]) -> d
     rest = [i for i in ids if i not in out]
     if rest:
         # Only a committed row names a spool body: bytes alone are never a message.
-        rows = _select_in(
-            conn,
-            "SELECT id, spool, segment, body_offset, size FROM messages"
-            " WHERE spool != 0 AND finished IS NULL AND id IN ({})",
-            rest,
+        sql = (
+            "SELECT id, spool, {cols}, size FROM messages"
+            " WHERE spool != 0 AND finished IS NULL AND id IN ({})"
         )
+        rows = _select_spooled(conn, sql, rest)
         for mid, kind, segment, offset, size in rows:
             if kind == 1:
                 data = spool.read(spool_dir, mid)
@@ -605,9 +623,8 @@ def _missing_bodies(conn: sqlite3.Connection, spool_dir: Path) -> list[str]:
         for mid in spool.missing(live, set(spool.names(spool_dir)))
     ]
     sizes: dict[str, int | None] = {}
-    rows = conn.execute(
-        "SELECT id, segment, body_offset, size FROM messages"
-        " WHERE spool = 2 AND finished IS NULL ORDER BY segment, body_offset"
+    rows = _select_spooled(
+        conn, "SELECT id, {cols}, size FROM messages WHERE spool = 2 AND finished IS NULL"
     )
     for mid, segment, offset, size in rows:
         path = spool_dir / segment

@@ -17,6 +17,7 @@ from ferry.queue import spool
 from ferry.queue.base import AttemptResult, IdempotencyRecord, IdempotencyReplay
 from ferry.queue.selection import Selection
 from ferry.queue.sqlite import SCHEMA, SPOOL_THRESHOLD, SqliteQueue
+from ferry.queue.sqlite_schema import MIGRATIONS
 from tests.harness import run_cli, write_toml
 
 CASES = Path(__file__).parent.parent / "cases" / "spool" / "orphans.toml"
@@ -435,6 +436,32 @@ async def test_compaction_moves_the_few_live_bodies_out_of_a_finished_segment(
         assert files(q) == sorted([old, moved])  # kept for readers of the old row a while
         assert await q.compact_spool(min_age=0, grace=0) == 0
         assert files(q) == [moved]
+        assert await q.check_bodies() == []
+    finally:
+        await q.close()
+
+
+async def test_a_read_only_tool_reads_a_queue_serve_has_not_upgraded_yet(tmp_path: Path) -> None:
+    # A version 6 queue (bodies of their own files) that an upgraded Ferry's `queue
+    # show` or `queue check` opens before `ferry serve` has started on it: read-only
+    # tools never migrate, and failed here on the missing `segment` column.
+    (tmp_path / "q").mkdir()
+    conn = sqlite3.connect(tmp_path / "q" / "queue.db", isolation_level=None)
+    conn.executescript(SCHEMA)
+    conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', '6')")
+    for step in MIGRATIONS[:5]:
+        step(conn)
+    conn.execute(
+        "INSERT INTO messages(id, sender, size, priority, arrival, expires, status, spool)"
+        " VALUES ('0190A1B2C3D00000001', 's@x.test', ?, 1, ?, ?, 'Queued', 1)",
+        (len(BIG), T0, T0 + 86400),
+    )
+    conn.close()
+    (tmp_path / "q" / "spool").mkdir()
+    spool.write_file(tmp_path / "q" / "spool", "0190A1B2C3D00000001", BIG)
+    q = SqliteQueue(tmp_path / "q", create=False, readonly=True)
+    try:
+        assert await q.read_message("0190A1B2C3D00000001") == BIG
         assert await q.check_bodies() == []
     finally:
         await q.close()

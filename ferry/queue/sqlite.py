@@ -1174,7 +1174,8 @@ class SqliteQueue(OperatorMethods, Queue):
         )
         in_use = {segment for segment, _size in live}
         # Sealed, and no live message at all (a seal whose deletion failed): delete.
-        idle = [s for s in self._sealed if s not in in_use and s not in self._emptied]
+        # (A copy first: threads deleting segments change the set.)
+        idle = [s for s in list(self._sealed) if s not in in_use and s not in self._emptied]
         if idle:
             await asyncio.to_thread(self._release, idle)
         emptied = 0

@@ -12,11 +12,12 @@ absolute numbers are noisy and the medians over repetitions are what to compare)
   per group (``secure_delete=FAST``, as Ferry now sets it);
 - ``blob-secure``: the same with Debian's default ``secure_delete=ON`` (Ferry before
   issue 12): a deleted body is overwritten with zeros, through the WAL;
-- ``spool-seq``: each body written to ``<id>`` and fdatasync-ed (``spool.write_file``),
-  one after the other, then one directory fsync, then the rows' commit;
+- ``spool-seq``: each body written to ``<id>`` and fdatasync-ed (``bench/file_spool.py``,
+  the layout before schema version 7), one after the other, then one directory fsync,
+  then the rows' commit;
 - ``spool-pool``: the same file writes from a thread pool, all at once (what
   concurrent SMTP sessions do; ext4's journal merges concurrent fsyncs), one shared
-  directory fsync (``spool.DirSync``), then the rows' commit (what Ferry does);
+  directory fsync, then the rows' commit (what Ferry did before its segments);
 - ``spool-rename``: as ``spool-pool`` but written to ``<id>.tmp`` and renamed after
   the fdatasync (the committed row, not the name, is what makes a body visible, so
   Ferry does without).
@@ -63,6 +64,10 @@ sys.path.insert(0, str(REPO))
 
 from ferry.envelope import EnvelopeIn, RecipientIn  # noqa: E402
 from ferry.queue import spool  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+import file_spool  # noqa: E402
+
 from ferry.queue.base import new_queue_id  # noqa: E402
 from ferry.queue.sqlite import (  # noqa: E402
     SCHEMA,
@@ -140,7 +145,7 @@ class Store:
         self.spool = spool.spool_dir(root)
         self.spool.mkdir()
         spool.fsync_dir(root)
-        self.dirsync = spool.DirSync(self.spool)
+        self.dirsync = file_spool.DirSync(self.spool)
 
     def close(self) -> None:
         self.conn.close()
@@ -157,7 +162,7 @@ def write_group(
     spooled = variant.startswith("spool")
     if variant == "spool-seq":
         for qid, env in items:
-            spool.write_file(store.spool, qid, env.data)
+            file_spool.write_file(store.spool, qid, env.data)
         spool.fsync_dir(store.spool)
     elif variant == "spool-rename":
 
@@ -167,17 +172,24 @@ def write_group(
 
         list(pool.map(renamed, items))
     elif variant == "spool-pool":
-        list(pool.map(lambda it: spool.store(store.spool, store.dirsync, it[0], it[1].data), items))
+        list(
+            pool.map(
+                lambda it: file_spool.store(store.spool, store.dirsync, it[0], it[1].data), items
+            )
+        )
     begin_immediate(conn)
+    # A spooled body's row names where the body is instead of holding it: the same
+    # columns whether that is a file or a segment (the row is all that is measured).
+    elsewhere = ("seg.bench.1", 0) if spooled else None
     for qid, env in items:
-        _insert_message(conn, qid, env, now, now + 86400, spooled=spooled)
+        _insert_message(conn, qid, env, now, now + 86400, elsewhere)
     conn.execute("COMMIT")
 
 
 def finish_group(store: Store, variant: str, ids: list[str]) -> None:
     conn = store.conn
     begin_immediate(conn)
-    _finish(conn, ids, time.time())
+    _finish(conn, [("Delivered", q) for q in ids], time.time())
     conn.execute("COMMIT")
     if variant.startswith("spool"):
         spool.unlink(store.spool, ids)
@@ -251,7 +263,9 @@ def read_costs(base: Path, size: int, n: int, reps: int) -> dict[str, float]:
                 ids.append(qid)
                 env = EnvelopeIn("s@bench.test", [RecipientIn(f"r{i}@d.test")], data)
                 _insert_message(conn, qid, env, now, now + 86400)
-                spool.write_file(store.spool, qid, data)  # same bodies as files (no fsync needed)
+                file_spool.write_file(
+                    store.spool, qid, data
+                )  # same bodies as files (no fsync needed)
             conn.execute("COMMIT")
         wal = (store.root / "queue.db-wal").stat().st_size
         reader = connect(store.root / "queue.db", create=False, readonly=True)

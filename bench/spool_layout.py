@@ -7,8 +7,8 @@ Writes ``--bodies`` bodies of ``--size`` bytes from ``--sessions`` concurrent wr
 each layout alternately, ``--rounds`` times:
 
 - ``files``: what Ferry did before schema version 7 -- each body a file of its own
-  (``spool.write_file``: create, write, fdatasync), the directory fsync shared by the
-  writers waiting (``spool.DirSync``), and every file deleted afterwards (as delivery
+  (``bench/file_spool.py``: create, write, fdatasync), the directory fsync shared by
+  the writers waiting, and every file deleted afterwards (as delivery
   does, one by one);
 - ``segments``: ``spool.Writer`` as ``ferry serve`` and its intake processes use it --
   bodies appended to 16 MiB segments, one fdatasync shared by the writers waiting, and
@@ -36,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ferry.queue import spool
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import file_spool
+
 
 def _cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -43,11 +46,10 @@ def _cpu() -> float:
 
 
 def files(directory: Path, body: bytes, bodies: int, sessions: int) -> None:
-    dirsync = spool.DirSync(directory)
+    dirsync = file_spool.DirSync(directory)
 
     def one(i: int) -> None:
-        spool.write_file(directory, f"{i:019X}", body)
-        dirsync.sync()
+        file_spool.store(directory, dirsync, f"{i:019X}", body)
 
     with concurrent.futures.ThreadPoolExecutor(sessions) as pool:
         list(pool.map(one, range(bodies)))

@@ -115,32 +115,6 @@ def read_at(spool: Path, segment: str, offset: int, size: int) -> bytes | None:
     return data if len(data) == size else None
 
 
-def write_file(spool: Path, message_id: str, data: bytes) -> Path:
-    """Write the body under its final name and fdatasync it.
-
-    No temporary name and rename: what makes a body visible is the committed row that
-    names it, not the file's name, so a half-written file is an orphan like any other
-    (and one metadata operation less lets the fdatasync's journal commit also carry
-    the directory entry, making the directory fsync that follows cheap on ext4).
-    The file's name is durable once the directory is fsynced (``DirSync.sync``).
-    """
-    final = body_path(spool, message_id)
-    fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        # fdatasync also writes the size and block map (needed to read the data back).
-        os.fdatasync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(final)
-        raise
-    os.close(fd)
-    return final
-
-
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -187,14 +161,6 @@ class GroupSync:
                 # caller; the waiters then try their own fsync).
                 self.fsyncs += 1
                 self._done = max(self._done, covers)
-
-
-class DirSync(GroupSync):
-    """Group commit for the fsyncs of a directory (new names in it made durable)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        super().__init__(lambda: fsync_dir(path))
 
 
 class _Segment:

@@ -102,7 +102,7 @@ async def test_a_body_without_its_row_is_no_message(tmp_path: Path) -> None:
         # What a crash between the body's write and its row's commit leaves behind:
         # a whole segment no row names, a body file of an older queue, a stray file.
         (q.spool / "seg.dead.1").write_bytes(BIG)
-        spool.write_file(q.spool, "0190A1B2C3D00000001", BIG)
+        (q.spool / "0190A1B2C3D00000001").write_bytes(BIG)  # an older queue's file
         (q.spool / "0190A1B2C3D00000002.tmp").write_bytes(b"half")
         assert await q.read_message("0190A1B2C3D00000001") is None
         assert await q.list() == []
@@ -268,7 +268,7 @@ async def test_an_older_queues_body_files_stay_readable(tmp_path: Path) -> None:
         old = await q.enqueue(env("a@x.test"))
         q.run_sync(lambda c: c.execute("DELETE FROM bodies WHERE message_id = ?", (old,)))
         q.run_sync(lambda c: c.execute("UPDATE messages SET spool = 1 WHERE id = ?", (old,)))
-        spool.write_file(q.spool, old, BIG)
+        (q.spool / old).write_bytes(BIG)
         assert await q.read_message(old) == BIG
         assert await q.sweep_spool() == 0
         assert await q.check_bodies() == []
@@ -314,7 +314,7 @@ async def test_a_writer_moves_to_a_new_segment_when_full_and_seals_the_old(
 
 
 def test_fsyncs_are_shared_by_concurrent_writers(tmp_path: Path) -> None:
-    d = spool.DirSync(tmp_path)
+    d = spool.GroupSync(lambda: spool.fsync_dir(tmp_path))
     d.sync()
     d.sync()
     assert d.fsyncs == 2  # one after the other: one each
@@ -458,7 +458,7 @@ async def test_a_read_only_tool_reads_a_queue_serve_has_not_upgraded_yet(tmp_pat
     )
     conn.close()
     (tmp_path / "q" / "spool").mkdir()
-    spool.write_file(tmp_path / "q" / "spool", "0190A1B2C3D00000001", BIG)
+    (tmp_path / "q" / "spool" / "0190A1B2C3D00000001").write_bytes(BIG)
     q = SqliteQueue(tmp_path / "q", create=False, readonly=True)
     try:
         assert await q.read_message("0190A1B2C3D00000001") == BIG

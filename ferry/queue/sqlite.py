@@ -541,25 +541,38 @@ def _select_spooled(conn: sqlite3.Connection, sql: str, ids: list[str] | None = 
     (``ferry queue show``, ``check``) may open a queue that an upgraded ``ferry serve``
     has not started on yet, and must not migrate it.
     """
-    for cols in ("segment, body_offset", "NULL, NULL"):
+
+    def run(cols: str) -> list[Any]:
         text = sql.replace("{cols}", cols)
-        try:
-            if ids is None:
-                return conn.execute(text).fetchall()
-            return _select_in(conn, text, ids)
-        except sqlite3.OperationalError as exc:
-            if "no such column" not in str(exc) or cols == "NULL, NULL":
-                raise
-    raise AssertionError("unreachable")
+        return conn.execute(text).fetchall() if ids is None else _select_in(conn, text, ids)
+
+    try:
+        return run("segment, body_offset")
+    except sqlite3.OperationalError as exc:
+        if "no such column" not in str(exc):
+            raise
+        return run("NULL, NULL")
+
+
+def _freed_after_commit(mid: str, kind: int, segment: str | None) -> None:
+    """Note what the job being run frees once it commits (``SqliteQueue._write``): a
+    body file of its own (``spool`` 1) or a segment (2). A job run without a sink --
+    ``run_sync`` -- leaves them to the start-up sweep."""
+    if kind == 1:
+        ids: builtins.list[str] | None = getattr(_drops, "ids", None)
+        if ids is not None:
+            ids.append(mid)
+    elif kind == 2 and segment is not None:
+        segments: set[str] | None = getattr(_drops, "segments", None)
+        if segments is not None:
+            segments.add(segment)
 
 
 def _drop_bodies(conn: sqlite3.Connection, message_ids: list[str]) -> None:
     """These messages are being finished or deleted: inline bodies go now, in this
     transaction; spool files and segments only after it commits
     (``SqliteQueue._write``). Call before the rows change."""
-    ids: builtins.list[str] | None = getattr(_drops, "ids", None)
-    segments: set[str] | None = getattr(_drops, "segments", None)
-    if ids is not None and segments is not None and message_ids:
+    if getattr(_drops, "ids", None) is not None and message_ids:
         rows = _select_in(
             conn,
             "SELECT id, spool, segment FROM messages"
@@ -567,11 +580,7 @@ def _drop_bodies(conn: sqlite3.Connection, message_ids: list[str]) -> None:
             message_ids,
         )
         for mid, kind, segment in rows:
-            if kind == 1:
-                ids.append(mid)
-            elif segment is not None:
-                segments.add(segment)
-    # (A job run without a sink -- run_sync -- leaves its files to the start-up sweep.)
+            _freed_after_commit(mid, kind, segment)
     _exec_in(conn, "DELETE FROM bodies WHERE message_id IN ({})", message_ids)
 
 
@@ -2102,8 +2111,6 @@ def _finish(conn: sqlite3.Connection, messages: list[tuple[str, str]], now: floa
     if not messages:
         return
     at = time.time() if now is None else now
-    sink: builtins.list[str] | None = getattr(_drops, "ids", None)
-    segments: set[str] | None = getattr(_drops, "segments", None)
     for value, mid in messages:
         # Status and finish time in one statement; RETURNING says whether the message
         # was unfinished until now (its spool file or segment, if any, is freed after
@@ -2115,11 +2122,7 @@ def _finish(conn: sqlite3.Connection, messages: list[tuple[str, str]], now: floa
             (value, at, mid),
         ).fetchall()
         if row:
-            kind, segment = row[0]
-            if kind == 1 and sink is not None:
-                sink.append(mid)
-            elif kind == 2 and segments is not None:
-                segments.add(segment)
+            _freed_after_commit(mid, *row[0])
         else:  # finished before (or gone): its status may still change
             conn.execute(
                 "UPDATE messages SET status=? WHERE id=? AND status IS NOT ?", (value, mid, value)

@@ -79,23 +79,6 @@ from ferry.queue.sqlite import (  # noqa: E402
 )
 from ferry.queue.sqlite_schema import migrate  # noqa: E402
 
-
-def write_renamed(spool_dir: Path, message_id: str, data: bytes) -> Path:
-    """The body written to ``<id>.tmp``, fdatasync-ed and renamed to ``<id>``."""
-    final = spool.body_path(spool_dir, message_id)
-    tmp = final.with_name(final.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    return final
-
-
 VARIANTS = ("blob", "blob-secure", "spool-seq", "spool-pool", "spool-rename")
 
 
@@ -167,7 +150,7 @@ def write_group(
     elif variant == "spool-rename":
 
         def renamed(it: tuple[str, EnvelopeIn]) -> None:
-            write_renamed(store.spool, it[0], it[1].data)
+            file_spool.write_renamed(store.spool, it[0], it[1].data)
             store.dirsync.sync()
 
         list(pool.map(renamed, items))

@@ -16,10 +16,9 @@ from pathlib import Path
 from ferry.queue.spool import GroupSync, body_path, fsync_dir
 
 
-def write_file(spool: Path, message_id: str, data: bytes) -> Path:
-    """The body under its final name, fdatasync-ed."""
-    final = body_path(spool, message_id)
-    fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+def _write_synced(path: Path, data: bytes) -> None:
+    """``data`` written to a new ``path`` and fdatasync-ed (nothing left on failure)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:
@@ -28,9 +27,24 @@ def write_file(spool: Path, message_id: str, data: bytes) -> Path:
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
-            os.unlink(final)
+            os.unlink(path)
         raise
     os.close(fd)
+
+
+def write_file(spool: Path, message_id: str, data: bytes) -> Path:
+    """The body under its final name, fdatasync-ed."""
+    final = body_path(spool, message_id)
+    _write_synced(final, data)
+    return final
+
+
+def write_renamed(spool: Path, message_id: str, data: bytes) -> Path:
+    """The body written to ``<id>.tmp``, fdatasync-ed and renamed to ``<id>``."""
+    final = body_path(spool, message_id)
+    tmp = final.with_name(final.name + ".tmp")
+    _write_synced(tmp, data)
+    os.replace(tmp, final)
     return final
 
 
